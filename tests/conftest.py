@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny checkpoints built in-process (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub; loading code must work from local folders alone.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny CLIP checkpoint (both towers, tokenizer, image processor) saved with save_pretrained."""
+    from moderation.testing import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checker_dir(tmp_path_factory):
+    """A tiny StableDiffusionSafetyChecker checkpoint (17 + 3 concepts) in the current key layout."""
+    from moderation.testing import make_safety_checker
+
+    return make_safety_checker(tmp_path_factory.mktemp("tiny-checker"))
