@@ -61,11 +61,11 @@ class Decision:
 
     @property
     def concept_scores(self) -> dict[str, float]:
-        return dict(zip(self.policy.concept_names, self.scores.tolist()))
+        return dict(zip(self.policy.concept_names, self.scores.tolist(), strict=True))
 
     @property
     def special_care_scores(self) -> dict[str, float]:
-        return dict(zip(self.policy.special_names, self.special_scores.tolist()))
+        return dict(zip(self.policy.special_names, self.special_scores.tolist(), strict=True))
 
     def explain(self, top: int | None = None) -> list[dict[str, Any]]:
         """Per-concept rows (name, category, action, cosine, threshold, score, fired), best first."""
@@ -76,15 +76,17 @@ class Decision:
         rows = []
         for i in order.tolist():
             name = self.policy.concept_names[i]
-            rows.append({
-                "concept": name,
-                "category": self.policy.categories[i],
-                "action": self.policy.actions[i],
-                "cosine": float(self.cosines[i]),
-                "threshold": float(thresholds[i]),
-                "score": float(self.scores[i]),
-                "fired": name in self.fired,
-            })
+            rows.append(
+                {
+                    "concept": name,
+                    "category": self.policy.categories[i],
+                    "action": self.policy.actions[i],
+                    "cosine": float(self.cosines[i]),
+                    "threshold": float(thresholds[i]),
+                    "score": float(self.scores[i]),
+                    "fired": name in self.fired,
+                }
+            )
         return rows
 
     def to_dict(self, *, top: int | None = 5) -> dict[str, Any]:
@@ -101,7 +103,11 @@ class Decision:
             "top_concept": self.top_concept,
             "error": self.error,
             "image_sha256": self.image_sha256,
-            "policy": {"name": self.policy.name, "version": self.policy.version, "digest": self.policy.digest},
+            "policy": {
+                "name": self.policy.name,
+                "version": self.policy.version,
+                "digest": self.policy.digest,
+            },
             "model": self.policy.model,
             "concepts": self.explain(top=top),
             "metadata": self.metadata,

@@ -12,17 +12,31 @@ from pathlib import Path
 import torch
 
 # Widths of the tiny models (~1.5 MB): enough to exercise every code path in milliseconds.
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 TINY_PROJECTION = 32
 # openai/clip-vit-large-patch14's vision tower, the one the Stable Diffusion safety checker uses.
-VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+VIT_L14 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+}
 VIT_L14_PATCH = 14
 VIT_L14_PROJECTION = 768
 
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP's (GPT-2's) reversible map from the 256 byte values to printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -46,25 +60,42 @@ def write_char_tokenizer(folder: str | Path):
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     # model_max_length must be set: without it padding/truncation overflow.
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
 def clip_config(
-    *, vision: dict | None = None, text: dict | None = None, patch_size: int = 32,
-    projection_dim: int = TINY_PROJECTION, vocab_size: int = 514,
+    *,
+    vision: dict | None = None,
+    text: dict | None = None,
+    patch_size: int = 32,
+    projection_dim: int = TINY_PROJECTION,
+    vocab_size: int = 514,
 ):
     """A CLIPConfig with tiny widths unless vision/text widths are given."""
     from transformers import CLIPConfig
 
-    text_config = {**TINY, **(text or {}), "vocab_size": vocab_size, "max_position_embeddings": 77,
-                   "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1}
+    text_config = {
+        **TINY,
+        **(text or {}),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
     vision_config = {**TINY, **(vision or {}), "patch_size": patch_size, "image_size": 224}
-    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+    return CLIPConfig(
+        text_config=text_config, vision_config=vision_config, projection_dim=projection_dim
+    )
 
 
-def make_tiny_clip(folder: str | Path, *, seed: int = 0, projection_dim: int = TINY_PROJECTION) -> Path:
+def make_tiny_clip(
+    folder: str | Path, *, seed: int = 0, projection_dim: int = TINY_PROJECTION
+) -> Path:
     """Save a random tiny CLIPModel with its tokenizer and image processor; return the folder."""
     from transformers import CLIPImageProcessor, CLIPModel
 
@@ -78,7 +109,11 @@ def make_tiny_clip(folder: str | Path, *, seed: int = 0, projection_dim: int = T
 
 
 def build_safety_checker(
-    *, seed: int = 0, size: str = "tiny", n_concepts: int = 17, n_special: int = 3,
+    *,
+    seed: int = 0,
+    size: str = "tiny",
+    n_concepts: int = 17,
+    n_special: int = 3,
 ):
     """A StableDiffusionSafetyChecker with random weights, concept embeddings and thresholds.
 
@@ -90,7 +125,9 @@ def build_safety_checker(
     if size == "tiny":
         config = clip_config()
     elif size == "vit-l":
-        config = clip_config(vision=VIT_L14, patch_size=VIT_L14_PATCH, projection_dim=VIT_L14_PROJECTION)
+        config = clip_config(
+            vision=VIT_L14, patch_size=VIT_L14_PATCH, projection_dim=VIT_L14_PROJECTION
+        )
     else:
         raise ValueError(f"size must be 'tiny' or 'vit-l', not {size!r}")
     # diffusers' checker refuses SDPA; the published checkpoint runs with eager attention.
@@ -100,9 +137,15 @@ def build_safety_checker(
     dim = config.projection_dim
     # diffusers hard-codes 17 and 3 rows at init; a checkpoint may carry any number.
     checker.concept_embeds = torch.nn.Parameter(torch.randn(n_concepts, dim), requires_grad=False)
-    checker.special_care_embeds = torch.nn.Parameter(torch.randn(n_special, dim), requires_grad=False)
-    checker.concept_embeds_weights = torch.nn.Parameter(0.05 * torch.randn(n_concepts), requires_grad=False)
-    checker.special_care_embeds_weights = torch.nn.Parameter(0.05 * torch.randn(n_special), requires_grad=False)
+    checker.special_care_embeds = torch.nn.Parameter(
+        torch.randn(n_special, dim), requires_grad=False
+    )
+    checker.concept_embeds_weights = torch.nn.Parameter(
+        0.05 * torch.randn(n_concepts), requires_grad=False
+    )
+    checker.special_care_embeds_weights = torch.nn.Parameter(
+        0.05 * torch.randn(n_special), requires_grad=False
+    )
     return checker
 
 
@@ -117,28 +160,52 @@ def make_tiny_pipeline(safety_checker=None, feature_extractor=None):
     """A tiny StableDiffusionPipeline (64x64, runs on a CPU in well under a second)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_char_tokenizer(tmp)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
     )
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        **TINY, vocab_size=len(tokenizer), max_position_embeddings=77,
-        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **TINY,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=len(tokenizer) - 2,
+            eos_token_id=len(tokenizer) - 1,
+            pad_token_id=len(tokenizer) - 1,
+        )
+    )
     return StableDiffusionPipeline(
-        unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        safety_checker=safety_checker, feature_extractor=feature_extractor or CLIPImageProcessor(),
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor or CLIPImageProcessor(),
         requires_safety_checker=False,
     )

@@ -92,7 +92,9 @@ class CompiledPolicy:
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CompiledPolicy:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> CompiledPolicy:
         """A copy with its tensors on device (thresholds stay float32; the digest is kept)."""
         moved = {}
         for name in _TENSORS:
@@ -107,8 +109,14 @@ class CompiledPolicy:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {n: getattr(self, n).detach().to("cpu", torch.float32).contiguous() for n in _TENSORS}
-        meta = {"format": str(FORMAT_VERSION), "digest": self.digest, "policy": json.dumps(self._metadata())}
+        tensors = {
+            n: getattr(self, n).detach().to("cpu", torch.float32).contiguous() for n in _TENSORS
+        }
+        meta = {
+            "format": str(FORMAT_VERSION),
+            "digest": self.digest,
+            "policy": json.dumps(self._metadata()),
+        }
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -130,5 +138,7 @@ class CompiledPolicy:
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         compiled = cls(**data, **tensors)
         if compiled.digest != meta.get("digest"):
-            raise PolicyError.single(str(path), "digest mismatch: the artifact was modified or is corrupt")
+            raise PolicyError.single(
+                str(path), "digest mismatch: the artifact was modified or is corrupt"
+            )
         return compiled.to(device) if device is not None else compiled
