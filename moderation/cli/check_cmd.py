@@ -1,0 +1,170 @@
+"""`moderation check`: moderate image files with a policy, log the decisions, write the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moderation.cli import main
+from moderation.cli.output import echo_json, echo_table, fmt_float
+from moderation.errors import ModerationError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, and the image files found under directories (sorted, recursive)."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            found.append(p)
+    return found
+
+
+@main.command("check")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--policy",
+    "-p",
+    "policy_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Policy YAML, or a compiled .safetensors artifact.",
+)
+@click.option(
+    "--model",
+    "-m",
+    help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
+)
+@click.option(
+    "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
+)
+@click.option("--device", help="torch device (default: cuda when available, else cpu).")
+@click.option(
+    "--db",
+    "db_url",
+    help="Database URL (default: $MODERATION_DB_URL, else sqlite:///moderation.db).",
+)
+@click.option("--no-log", is_flag=True, help="Do not log decisions to the database.")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the moderated images (PNG) into this folder.",
+)
+@click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--prompt", help="Caller metadata: the prompt that made the images.")
+@click.option("--user", help="Caller metadata: user or app id.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, as a list.")
+def check_command(
+    images,
+    policy_path,
+    model,
+    text_model,
+    device,
+    db_url,
+    no_log,
+    out_dir,
+    batch_size,
+    prompt,
+    user,
+    as_json,
+):
+    """Check image files (or folders of them) against a policy."""
+    from tqdm import tqdm
+
+    from moderation.engine import Moderator
+    from moderation.images import load_image_file
+    from policy import PolicyError
+
+    files = collect_images(list(images))
+    if not files:
+        raise click.ClickException("no image files found in " + ", ".join(map(str, images)))
+    db = None
+    if not no_log:
+        from moderation.storage import resolve_db_url
+
+        db = resolve_db_url(db_url)
+    try:
+        moderator = Moderator.from_policy(
+            policy_path, model=model, device=device, text_model=text_model, db=db
+        )
+    except (PolicyError, ModerationError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    caller = {k: v for k, v in {"prompt": prompt, "user": user}.items() if v is not None}
+    results: list[tuple[Path, object]] = []
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    with (
+        moderator,
+        tqdm(total=len(files), unit="img", disable=len(batches) < 2, leave=False) as bar,
+    ):
+        for chunk in batches:
+            results += _check_chunk(moderator, chunk, caller, out_dir, load_image_file)
+            bar.update(len(chunk))
+    errors = sum(d.verdict == "error" for _, d in results)
+    if as_json:
+        echo_json([{"file": str(f), **d.to_dict()} for f, d in results])
+    else:
+        _print_table(results)
+        counts = {
+            v: sum(d.verdict == v for _, d in results) for v in ("allow", "flag", "review", "error")
+        }
+        summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        logged = f"; logged to {db}" if db else ""
+        click.echo(f"\n{len(results)} images: {summary}{logged}")
+    if errors:
+        raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
+
+
+def _check_chunk(moderator, chunk, caller, out_dir, load_image_file):
+    """Moderate one chunk of files; unreadable files become error decisions (fail closed)."""
+    from moderation.images import encode_png
+
+    good, tensors, bad, messages = [], [], [], []
+    for f in chunk:
+        try:
+            tensors.append(load_image_file(f))
+            good.append(f)
+        except ModerationError as exc:
+            bad.append(f)
+            messages.append(str(exc))
+    decided = {}
+    if good:
+        result = moderator.moderate(tensors, metadata=[{**caller, "file": str(f)} for f in good])
+        for f, image, d in zip(good, result.images, result.decisions, strict=True):
+            decided[f] = d
+            if out_dir:
+                (out_dir / (f.stem + ".png")).write_bytes(encode_png(image))
+    if bad:
+        failed = moderator.fail(messages, metadata=[{**caller, "file": str(f)} for f in bad])
+        decided.update(zip(bad, failed, strict=True))
+    return [(f, decided[f]) for f in chunk]
+
+
+def _print_table(results) -> None:
+    rows = []
+    for f, d in results:
+        top = d.explain(top=1)
+        if d.verdict == "error" or not top:
+            rows.append((f, d.verdict, d.action, "-", "-", d.error or ""))
+            continue
+        t = top[0]
+        rows.append(
+            (
+                f,
+                d.verdict,
+                d.action,
+                t["concept"],
+                f"{fmt_float(t['cosine'])} / {fmt_float(t['threshold'])}",
+                ", ".join(d.special_hits) and f"special care: {', '.join(d.special_hits)}",
+            )
+        )
+    echo_table(["image", "verdict", "action", "top concept", "cosine / threshold", "note"], rows)
