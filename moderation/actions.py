@@ -75,7 +75,7 @@ def _separable_gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def pixelate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean colour over `block` x `block` squares, upsampled by repetition; edge blocks may be smaller."""
+    """Mean colour per `block` x `block` square, repeated back; edge blocks may be smaller."""
     block = int(block)
     if block <= 1:
         return x.clone()
