@@ -191,3 +191,16 @@ def test_bad_actions(call, message):
     with pytest.raises(ActionError) as info:
         call(torch.rand(2, 3, 4, 4))
     assert str(info.value) == message and isinstance(info.value, ModerationError)
+
+
+def test_hot_path_never_reads_tensor_values_on_the_host():
+    # Meta tensors carry no data: any .item(), bool(tensor) or .tolist() would raise.
+    x = torch.empty(4, 3, 512, 768, device="meta")
+    for actions in (["allow", "review", "pixelate", "blackout"], ["blur"] * 4):
+        assert apply_actions(x, actions).shape == x.shape
+    assert apply_actions(x, ["blur"] * 4, blur_radius=3).device.type == "meta"
+    images = [torch.empty(3, 10, 20, device="meta"), torch.empty(3, 7, 7, device="meta")]
+    assert [o.shape for o in apply_actions(images, ["blur", "pixelate"])] == [
+        (3, 10, 20),
+        (3, 7, 7),
+    ]

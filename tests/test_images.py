@@ -387,3 +387,19 @@ def test_load_image_file_jpeg_and_palette(tmp_path):
         t = load_image_file(tmp_path / name)
         assert t.shape == (3, 16, 24) and t.dtype == torch.float32
         assert 0 <= float(t.min()) and float(t.max()) <= 1
+
+
+@pytest.mark.parametrize("value_range", ["auto", "-1,1"])
+def test_hot_path_never_reads_tensor_values_on_the_host(value_range):
+    # Meta tensors carry no data: any .item(), bool(tensor) or .tolist() would raise, so this
+    # proves conversion and preprocessing need no host sync on a GPU.
+    x = torch.empty(3, 3, 512, 768, device="meta")
+    batch = to_image_batch(x, value_range=value_range)
+    assert batch.images.device.type == "meta" and batch.invalid.shape == (3,)
+    assert clip_preprocess(batch).shape == (3, 3, 224, 224)
+    mixed = [torch.empty(3, 100, 200, device="meta"), torch.empty(3, 50, 60, device="meta")]
+    assert clip_preprocess(to_image_batch(mixed)).shape == (2, 3, 224, 224)
+    u8 = torch.empty(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    assert to_image_batch(u8).to_caller().dtype == torch.uint8
+    keep = torch.ones(3, dtype=torch.bool, device="meta")
+    assert batch.to_caller(keep=keep).device.type == "meta"
