@@ -139,8 +139,6 @@ class ReviewItem(Base):
     __tablename__ = "review_items"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'claimed', 'approved', 'rejected')", name="status"),
-        # Queue order: priority DESC, margin DESC, created_at ASC, id ASC, per status.
-        Index("ix_review_items_queue", "status", "priority", "margin", "created_at", "id"),
         Index("ix_review_items_decision_id", "decision_id"),
         Index("ix_review_items_created_at", "created_at"),
         Index("ix_review_items_claim_expires_at", "claim_expires_at"),
@@ -161,6 +159,17 @@ class ReviewItem(Base):
     reopened_from: Mapped[int | None] = mapped_column(Integer, ForeignKey("review_items.id"))
 
     decision: Mapped[DecisionRow] = relationship(back_populates="review_items")
+
+
+# Queue order per status: priority DESC, margin DESC, created_at ASC, id ASC (one index scan).
+Index(
+    "ix_review_items_queue",
+    ReviewItem.status,
+    ReviewItem.priority.desc(),
+    ReviewItem.margin.desc(),
+    ReviewItem.created_at,
+    ReviewItem.id,
+)
 
 
 class ReviewEvent(Base):
