@@ -1,0 +1,240 @@
+"""`moderation bench`: our GPU-resident moderation path measured against diffusers' safety checker.
+
+One run, one device, one set of weights:
+  a. the bare vision forward on ready pixel values (the floor);
+  b. end to end from the VAE's decoded [B,3,512,512] tensor in [-1,1]: diffusers' path as its
+     pipeline runs it (tensor -> PIL -> CLIPImageProcessor -> checker) against our Moderator;
+  c. the work after the encoder for N concepts: diffusers' loops against score + decide;
+  d. decision logging throughput through BackgroundDecisionLog to SQLite and PostgreSQL.
+Times are medians of repeats after warm-up, with the device synchronised around each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moderation.bench_models import BenchError, resolve_device, resolve_dtype
+
+SCHEMA_VERSION = 1
+SECTIONS = ("e2e", "concepts", "logging")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure; `quick()` gives small sizes for tests and CPUs."""
+
+    model: str | None = None  # None: random weights built in-process
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str | None = None  # default: float16 on cuda, float32 on cpu
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    concepts: tuple[int, ...] = (17, 1_000, 10_000, 100_000)
+    concept_batch: int = 8
+    repeats: int = 5
+    e2e_repeats: int | None = None  # repeats of the forward/end-to-end rows (default: repeats)
+    warmup: int = 1  # warm-up iterations per path and batch size
+    db_urls: tuple[str, ...] = ("sqlite",)  # "sqlite": a temporary file
+    decisions: int = 20_000
+    write_size: int = 8  # decisions per write(): one moderated batch
+    attention: str = "sdpa"  # our tower's attention; diffusers' checker always runs eager
+    compile: bool = False
+    sections: tuple[str, ...] = SECTIONS
+    size: str = "vit-l"  # widths of the random model: "vit-l" or "tiny" (tests)
+    loop_budget: int = 200_000  # images x concepts of diffusers' loops timed before scaling
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """Small batches, repeats and decision counts: minutes on a CPU, seconds with tiny widths."""
+        base = {
+            "batch_sizes": (1, 4),
+            "concepts": (17, 1_000, 10_000),
+            "concept_batch": 4,
+            "repeats": 2,
+            "decisions": 2_000,
+            "loop_budget": 20_000,
+        }
+        return cls(**{**base, **overrides})
+
+    def check(self) -> None:
+        """Reject settings the bench cannot run, with a message naming the option."""
+        for name, values in (("--batch-sizes", self.batch_sizes), ("--concepts", self.concepts)):
+            if not values or any(v < 1 for v in values):
+                raise BenchError(f"{name}: expected positive integers, got {list(values)}")
+        if self.repeats < 1 or (self.e2e_repeats is not None and self.e2e_repeats < 1):
+            raise BenchError("--repeats: expected at least 1")
+        if self.warmup < 0 or self.decisions < 1 or self.write_size < 1 or self.concept_batch < 1:
+            raise BenchError("--warmup, --decisions and batch sizes must be positive")
+        unknown = set(self.sections) - set(SECTIONS)
+        if unknown:
+            raise BenchError(
+                f"--sections: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})"
+            )
+
+
+@dataclass
+class Timing:
+    """Milliseconds of the repeats of one measurement."""
+
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "median_ms": self.median_ms,
+            "min_ms": min(self.samples_ms),
+            "max_ms": max(self.samples_ms),
+            "repeats": len(self.samples_ms),
+        }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[Any], Any],
+    *,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    setup: Callable[[], Any] | None = None,
+) -> tuple[Timing, Any]:
+    """Time fn(setup()) `repeats` times after `warmup` calls; setup is not timed."""
+    result = None
+    for _ in range(warmup):
+        result = fn(setup() if setup else None)
+    synchronize(device)
+    timing = Timing()
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn(arg)
+        synchronize(device)
+        timing.samples_ms.append((time.perf_counter() - start) * 1000)
+    return timing, result
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Device name and library versions, as printed above the tables."""
+    import diffusers
+    import numpy
+    import sqlalchemy
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU: {cpu_name()}"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": numpy.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every requested section and return the JSON-able result (see BENCHMARKS.md)."""
+    from moderation.bench_models import load_models
+    from moderation.bench_report import evaluate_targets
+
+    config.check()
+    say = progress or (lambda _message: None)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    result: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "environment": environment(device, dtype),
+        "config": {**dataclasses.asdict(config), "device": str(device)},
+        "model": None,
+        "forward": [],
+        "end_to_end": [],
+        "concepts": [],
+        "logging": [],
+    }
+    started = time.perf_counter()
+    needs_model = config.model is not None or {"e2e", "logging"} & set(config.sections)
+    models = None
+    if needs_model:
+        say(f"loading models ({config.model or config.size}) on {device} in {dtype}")
+        models = load_models(
+            model=config.model,
+            size=config.size,
+            device=device,
+            dtype=dtype,
+            attention=config.attention,
+            compile=config.compile,
+            seed=config.seed,
+        )
+        result["model"] = {
+            "id": models.model_id,
+            "description": models.description,
+            "embed_dim": models.encoder.embed_dim,
+            "image_size": models.encoder.image_size,
+            "ours_attention": models.attention,
+            "diffusers_attention": "eager",
+            "compiled": models.compiled,
+            "feature_extractor": type(models.feature_extractor).__name__,
+        }
+    with torch.inference_mode():
+        if "e2e" in config.sections:
+            from moderation.bench_sections import run_end_to_end
+
+            result["forward"], result["end_to_end"] = run_end_to_end(
+                models, config, device, dtype, say
+            )
+        if "concepts" in config.sections:
+            from moderation.bench_sections import run_concepts
+
+            dim = models.encoder.embed_dim if models else _default_dim(config)
+            result["concepts"] = run_concepts(config, device, dtype, dim, result["forward"], say)
+    if "logging" in config.sections:
+        from moderation.bench_logging import run_logging
+
+        result["logging"] = run_logging(models.policy, config, say)
+    result["targets"] = evaluate_targets(result)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _default_dim(config: BenchConfig) -> int:
+    """Embedding width when no model was loaded: the random model's projection."""
+    from moderation.testing import TINY_PROJECTION, VIT_L14_PROJECTION
+
+    return VIT_L14_PROJECTION if config.size == "vit-l" else TINY_PROJECTION

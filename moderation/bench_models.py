@@ -1,0 +1,302 @@
+"""The models `moderation bench` compares: diffusers' safety checker and our Moderator, same weights.
+
+By default both come from one random checker with ViT-L/14 widths built in-process (no download):
+diffusers' `StableDiffusionSafetyChecker` object is timed as its pipeline runs it, and our
+`ClipEncoder` loads the very same weights from a temporary save of it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moderation.errors import ModerationError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = ("sdpa", "eager")
+
+
+class BenchError(ModerationError):
+    """The benchmark cannot run as configured (device, dtype, model, database)."""
+
+
+@dataclass
+class BenchModels:
+    """Everything the forward and end-to-end rows need, on one device in one dtype."""
+
+    checker: nn.Module  # diffusers' StableDiffusionSafetyChecker, eager attention as it ships
+    feature_extractor: Any  # the CLIPImageProcessor its pipeline runs
+    encoder: Any  # our ClipEncoder over the same weights
+    policy: Any  # CompiledPolicy of the checker's concepts, compat diffusers
+    model_id: str
+    description: str  # where the weights came from, for the report
+    attention: str  # our tower's attention implementation
+    compiled: bool
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The requested torch device (default cuda when available), checked to exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise BenchError(f"--device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: CUDA is not available in this torch build/machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """float16 on a GPU and float32 on a CPU unless asked otherwise."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BenchError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def set_attention(module: nn.Module, implementation: str) -> None:
+    """Switch a CLIP tower between SDPA and eager attention (both read the config at call time)."""
+    if implementation not in ATTENTION:
+        raise BenchError(f"attention {implementation!r}: expected one of {', '.join(ATTENTION)}")
+    setter = getattr(module, "set_attn_implementation", None)
+    if setter is not None:
+        setter(implementation)
+        return
+    for config in {
+        id(c): c for m in module.modules() if (c := getattr(m, "config", None))
+    }.values():
+        config._attn_implementation = implementation
+
+
+def attention_of(module: nn.Module) -> str:
+    config = getattr(module, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "unknown")
+
+
+def load_models(
+    *,
+    model: str | None,
+    size: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str = "sdpa",
+    compile: bool = False,
+    seed: int = 0,
+) -> BenchModels:
+    """diffusers' checker and our encoder + policy over the same weights, on device in dtype."""
+    from moderation.encoder import ClipEncoder
+
+    if model is None:
+        from moderation.testing import build_safety_checker
+
+        checker = build_safety_checker(size=size, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="moderation-bench-") as folder:
+            checker.save_pretrained(folder)
+            encoder = ClipEncoder.from_pretrained(folder, device=device, dtype=dtype)
+        model_id = f"random-{size}"
+        widths = checker.config.vision_config
+        description = (
+            f"random weights, {'ViT-L/14' if size == 'vit-l' else 'tiny'} widths "
+            f"(hidden {widths.hidden_size}, {widths.num_hidden_layers} layers, patch "
+            f"{widths.patch_size}, projection {checker.config.projection_dim}), seed {seed}"
+        )
+        feature_extractor = _default_feature_extractor()
+    else:
+        checker, feature_extractor = _load_checker(model)
+        encoder = ClipEncoder.from_pretrained(model, device=device, dtype=dtype)
+        model_id, description = str(model), f"checkpoint {model}"
+    checker = checker.to(device=device, dtype=dtype).eval()
+    set_attention(encoder.vision_model, attention)
+    if compile:
+        # Compiled once per batch size during warm-up; dynamic=False keeps each shape's best kernels.
+        encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False)
+    policy = policy_from_checker(checker, model_id)
+    return BenchModels(
+        checker=checker,
+        feature_extractor=feature_extractor,
+        encoder=encoder,
+        policy=policy,
+        model_id=model_id,
+        description=description,
+        attention=attention,
+        compiled=compile,
+    )
+
+
+def _default_feature_extractor():
+    """The feature extractor Stable Diffusion pipelines ship (CLIP's 224 preprocessing)."""
+    import transformers
+    from transformers import CLIPImageProcessor
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "falls back to the PIL backend" notice
+    try:
+        return CLIPImageProcessor()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _config_of(model: str) -> tuple[Path | None, dict]:
+    """(local folder or None, config.json) of a checkpoint folder, pipeline folder or hub id."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists() and (folder / "model_index.json").exists():
+            folder = folder / "safety_checker"
+        path = folder / "config.json"
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise BenchError(f"--model {model}: no such folder")
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            path = Path(cached_file(model, "config.json"))
+        except (OSError, ValueError) as exc:
+            raise BenchError(
+                f"--model {model}: no such folder, and not in the hub cache: {exc}"
+            ) from None
+        folder = None
+    try:
+        return folder, json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"--model {model}: cannot read {path}: {exc}") from None
+
+
+def _load_checker(model: str) -> tuple[nn.Module, Any]:
+    """diffusers' checker for a checker checkpoint, or one built around a CLIP's vision tower."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    folder, config = _config_of(model)
+    source = str(folder) if folder is not None else model
+    architectures = config.get("architectures") or []
+    if "StableDiffusionSafetyChecker" in architectures:
+        checker = StableDiffusionSafetyChecker.from_pretrained(source, attn_implementation="eager")
+    elif "CLIPModel" in architectures:
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(source, attn_implementation="eager")
+        torch.manual_seed(0)
+        checker = StableDiffusionSafetyChecker(clip.config)  # random concepts, CLIP's weights
+        checker.vision_model.load_state_dict(clip.vision_model.state_dict())
+        checker.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        _random_concepts(checker)
+    else:
+        raise BenchError(
+            f"--model {model}: {', '.join(architectures) or 'no architectures'} is neither a "
+            "StableDiffusionSafetyChecker nor a CLIPModel checkpoint"
+        )
+    extractor_dirs = [folder, folder.parent / "feature_extractor"] if folder is not None else []
+    for candidate in extractor_dirs:
+        if (candidate / "preprocessor_config.json").is_file():
+            return checker.eval(), CLIPImageProcessor.from_pretrained(candidate)
+    return checker.eval(), _default_feature_extractor()
+
+
+def _random_concepts(checker: nn.Module, n_concepts: int = 17, n_special: int = 3) -> None:
+    dim = checker.visual_projection.weight.shape[0]
+    checker.concept_embeds = nn.Parameter(torch.randn(n_concepts, dim), requires_grad=False)
+    checker.special_care_embeds = nn.Parameter(torch.randn(n_special, dim), requires_grad=False)
+    checker.concept_embeds_weights = nn.Parameter(
+        0.05 * torch.randn(n_concepts), requires_grad=False
+    )
+    checker.special_care_embeds_weights = nn.Parameter(
+        0.05 * torch.randn(n_special), requires_grad=False
+    )
+
+
+def sparse_thresholds(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """[n] thresholds at which ~1% of random images fire each concept, as in real traffic.
+
+    The cosine of two random directions in `dim` dimensions has a standard deviation of
+    1/sqrt(dim) (0.036 for ViT-L's 768); 2.5 of those, +-0.3, leaves ~0.6% above threshold.
+    """
+    return (2.5 + 0.3 * torch.randn(n, generator=generator)) / dim**0.5
+
+
+def policy_from_checker(checker: nn.Module, model_id: str, *, name: str = "bench"):
+    """A CompiledPolicy with the checker's concepts and thresholds and diffusers' semantics."""
+    return concept_policy(
+        checker.concept_embeds.detach(),
+        checker.concept_embeds_weights.detach(),
+        checker.special_care_embeds.detach(),
+        checker.special_care_embeds_weights.detach(),
+        model_id=model_id,
+        name=name,
+    )
+
+
+def concept_policy(
+    concepts: torch.Tensor,  # [C, D]
+    thresholds: torch.Tensor,  # [C]
+    special: torch.Tensor,  # [S, D]
+    special_thresholds: torch.Tensor,  # [S]
+    *,
+    model_id: str,
+    name: str = "bench",
+):
+    """`compat: diffusers` policy (blackout on any hit, +0.01 after a special-care hit)."""
+    from policy.compiled import CompiledPolicy
+
+    n, s = concepts.shape[0], special.shape[0]
+    return CompiledPolicy(
+        name=name,
+        version="1",
+        model=model_id,
+        concept_names=tuple(f"concept-{i}" for i in range(n)),
+        categories=(None,) * n,
+        severities=("medium",) * n,
+        actions=("blackout",) * n,
+        concept_matrix=F.normalize(concepts.float().cpu(), dim=1),
+        thresholds=thresholds.float().cpu(),
+        special_names=tuple(f"special-{i}" for i in range(s)),
+        special_matrix=F.normalize(special.float().cpu(), dim=1),
+        special_thresholds=special_thresholds.float().cpu(),
+        adjustment=0.01,
+        escalate=None,
+        compat="diffusers",
+    )
+
+
+class _PooledIdentity(nn.Module):
+    """Stands in for the vision tower: returns the given embeddings as its pooled output."""
+
+    def forward(self, embeddings: torch.Tensor):
+        return (None, embeddings)
+
+
+def loops_checker(
+    concepts: torch.Tensor,  # [N, D]
+    thresholds: torch.Tensor,  # [N]
+    special: torch.Tensor,  # [S, D]
+    special_thresholds: torch.Tensor,  # [S]
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """diffusers' checker with N concept rows and no tower: its forward then runs only the work
+    after `image_embeds` (cosines, host copy, per-image per-concept loops, blackout)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from moderation.testing import clip_config
+
+    config = clip_config(projection_dim=concepts.shape[1])
+    config._attn_implementation = "eager"
+    checker = StableDiffusionSafetyChecker(config).eval()
+    checker.vision_model = _PooledIdentity()
+    checker.visual_projection = nn.Identity()
+    checker.concept_embeds = nn.Parameter(concepts.clone(), requires_grad=False)
+    checker.concept_embeds_weights = nn.Parameter(thresholds.clone(), requires_grad=False)
+    checker.special_care_embeds = nn.Parameter(special.clone(), requires_grad=False)
+    checker.special_care_embeds_weights = nn.Parameter(
+        special_thresholds.clone(), requires_grad=False
+    )
+    return checker.to(device=device, dtype=dtype)

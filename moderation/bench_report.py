@@ -1,0 +1,258 @@
+"""The tables `moderation bench` prints, and the issue's targets checked against its numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# The issue's targets (knobs: change them here and in BENCHMARKS.md together).
+CONCEPTS_TARGET_N = 10_000
+CONCEPTS_MIN_SPEEDUP = 50.0
+CONCEPTS_MAX_PCT_OF_FORWARD = 5.0
+E2E_MAX_X_FORWARD = 1.10
+LOG_MIN_PER_SECOND = 5_000.0
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target with the measured value and whether it is met."""
+    targets: list[dict[str, Any]] = []
+    for row in result["concepts"]:
+        if row["concepts"] != CONCEPTS_TARGET_N:
+            continue
+        targets.append(
+            {
+                "target": f"after the encoder, {row['concepts']:,} concepts, batch {row['batch']}: "
+                f"ours >= {CONCEPTS_MIN_SPEEDUP:.0f}x faster than diffusers' loops",
+                "measured": f"{row['speedup']:.0f}x",
+                "met": row["speedup"] >= CONCEPTS_MIN_SPEEDUP,
+            }
+        )
+        pct = row["ours_pct_of_forward"]
+        targets.append(
+            {
+                "target": f"after the encoder, {row['concepts']:,} concepts, batch {row['batch']}: "
+                f"ours <= {CONCEPTS_MAX_PCT_OF_FORWARD:.0f}% of the bare forward",
+                "measured": "not measured (no forward row at this batch)"
+                if pct is None
+                else f"{pct:.2f}%",
+                "met": None if pct is None else pct <= CONCEPTS_MAX_PCT_OF_FORWARD,
+            }
+        )
+    for row in result["end_to_end"]:
+        targets.append(
+            {
+                "target": f"end to end, batch {row['batch']}: ours <= {E2E_MAX_X_FORWARD:.2f}x "
+                "the bare forward",
+                "measured": f"{row['ours_x_forward']:.3f}x",
+                "met": row["ours_x_forward"] <= E2E_MAX_X_FORWARD,
+            }
+        )
+    for row in result["logging"]:
+        targets.append(
+            {
+                "target": f"logging to {row['database'].split(' (')[0]}: "
+                f">= {LOG_MIN_PER_SECOND:,.0f} decisions/s, 0 lost",
+                "measured": f"{row['per_second']:,.0f}/s, {row['lost']} lost",
+                "met": row["per_second"] >= LOG_MIN_PER_SECOND and row["lost"] == 0,
+            }
+        )
+    return targets
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns separated by two spaces, numbers right-aligned, a dashed rule under the headers."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str], numeric: bool) -> str:
+        parts = []
+        for i, (cell, width) in enumerate(zip(row, widths, strict=True)):
+            right = numeric and i > 0 and _looks_numeric(cell)
+            parts.append(cell.rjust(width) if right else cell.ljust(width))
+        return "  ".join(parts).rstrip()
+
+    out = [line(cells[0], False), "  ".join("-" * w for w in widths)]
+    out += [line(r, True) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _looks_numeric(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell[0] == "-" and cell[1:2].isdigit())
+
+
+def ms(value: float | None) -> str:
+    """Milliseconds with 3-4 significant digits and no exponent."""
+    if value is None:
+        return "-"
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if value >= limit:
+            return f"{value:.{digits}f}"
+    return f"{value:.3f}"
+
+
+def times(value: float) -> str:
+    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The whole report as printed: environment, tables a-d, targets."""
+    env, cfg, model = result["environment"], result["config"], result["model"]
+    threads = f"{env['cpu_count']} cores, {env['torch_threads']} torch threads"
+    lines = [
+        f"moderation bench: {env['device_name']} ({threads}) | dtype {env['dtype']} | "
+        f"torch {env['torch']} | transformers {env['transformers']} | "
+        f"diffusers {env['diffusers']} | python {env['python']}",
+    ]
+    if env["device"].startswith("cpu"):
+        lines.append("These are CPU numbers (no GPU in this run).")
+    if model:
+        lines.append(
+            f"model: {model['description']}; ours: ClipEncoder with {model['ours_attention']} "
+            f"attention{', torch.compile' if model['compiled'] else ''}; diffusers: "
+            f"StableDiffusionSafetyChecker with eager attention, {model['feature_extractor']}"
+        )
+    e2e_repeats = cfg["e2e_repeats"] or cfg["repeats"]
+    lines.append(
+        f"timing: median of {e2e_repeats} repeats (forward and end to end) / {cfg['repeats']} "
+        f"(section c) after {cfg['warmup']} warm-up call(s) per row; device synchronised "
+        "around every call"
+    )
+    if result["end_to_end"]:
+        lines += ["", _e2e_table(result["end_to_end"])]
+    if result["end_to_end"] and result["end_to_end"][0].get("ours_stages_ms"):
+        lines += ["", _stages_table(result["end_to_end"])]
+    if result["concepts"]:
+        lines += ["", _concepts_table(result["concepts"])]
+    if result["logging"]:
+        lines += ["", _logging_table(result["logging"], cfg)]
+    if result.get("targets"):
+        rows = [
+            (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])
+            for t in result["targets"]
+        ]
+        lines += ["", "Targets", table(("target", "measured", "met"), rows)]
+    return "\n".join(lines)
+
+
+def _e2e_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "a+b. Bare vision forward (the floor) and end to end from the VAE's [B,3,512,512] "
+        "tensor in [-1,1], ms"
+    )
+    body = [
+        (
+            r["batch"],
+            ms(r["forward_ms"]),
+            ms(r["diffusers_ms"]),
+            ms(r["diffusers_preprocess_ms"]),
+            times(r["diffusers_x_forward"]),
+            ms(r["ours_ms"]),
+            times(r["ours_x_forward"]),
+            times(r["speedup"]),
+            r["flags_agree"],
+        )
+        for r in rows
+    ]
+    headers = (
+        "batch",
+        "forward",
+        "diffusers",
+        "of which PIL+processor",
+        "x forward",
+        "ours",
+        "x forward",
+        "diffusers/ours",
+        "flags agree",
+    )
+    return head + "\n" + table(headers, body)
+
+
+def _stages_table(rows: list[dict[str, Any]]) -> str:
+    head = "b, ours by step (each timed on its own; the encoder's share is the forward above), ms"
+    names = ("to_image_batch", "clip_preprocess", "score_decide", "apply_actions", "to_caller")
+    body = []
+    for r in rows:
+        stages = r["ours_stages_ms"]
+        outside = sum(stages[n] for n in names)
+        body.append(
+            (
+                r["batch"],
+                *(ms(stages[n]) for n in names),
+                ms(outside),
+                f"{100 * outside / r['forward_ms']:.1f}%",
+            )
+        )
+    headers = ("batch", *names, "all but the encoder", "% of forward")
+    return head + "\n" + table(headers, body)
+
+
+def _concepts_table(rows: list[dict[str, Any]]) -> str:
+    batch = rows[0]["batch"]
+    head = (
+        f"c. After the encoder, batch {batch}: diffusers' forward after image_embeds vs ours "
+        "(score + decide + host transfer, until Decision objects exist), ms"
+    )
+    body = []
+    for r in rows:
+        note = ""
+        if r["diffusers_scaled"]:
+            note = (
+                f"diffusers timed on {r['diffusers_timed_images']} of {r['batch']} images, "
+                f"scaled x{r['batch'] / r['diffusers_timed_images']:g}"
+            )
+        pct = r["ours_pct_of_forward"]
+        body.append(
+            (
+                f"{r['concepts']:,}",
+                ms(r["diffusers_ms"]),
+                ms(r["ours_ms"]),
+                times(r["speedup"]),
+                "-" if pct is None else f"{pct:.3f}%",
+                f"{r['fired_per_image']:.1f}",
+                r["flags_agree"],
+                note,
+            )
+        )
+    headers = (
+        "concepts",
+        "diffusers",
+        "ours",
+        "speed-up",
+        "ours % of forward",
+        "fired/image",
+        "flags agree",
+        "note",
+    )
+    return head + "\n" + table(headers, body)
+
+
+def _logging_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
+    head = (
+        f"d. Decision logging through BackgroundDecisionLog: {rows[0]['decisions']:,} decisions "
+        f"in writes of {cfg['write_size']}, float16 embeddings [{rows[0]['embedding_dim']}], "
+        f"{rows[0]['review_items']:,} review items"
+    )
+    body = [
+        (
+            r["database"],
+            f"{r['seconds']:.2f}",
+            f"{r['per_second']:,.0f}",
+            f"{r['rows']:,}",
+            r["spooled"],
+            r["lost"],
+            f"{r['rows_per_transaction']:.0f}",
+            f"{r['write_ms_mean']:.3f}",
+        )
+        for r in rows
+    ]
+    headers = (
+        "database",
+        "seconds",
+        "decisions/s",
+        "rows",
+        "spooled",
+        "lost",
+        "rows/transaction",
+        "write() mean ms",
+    )
+    return head + "\n" + table(headers, body)

@@ -1,0 +1,138 @@
+"""`moderation bench`: our moderation path against diffusers' safety checker, on one device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moderation.cli import main
+from moderation.errors import ModerationError
+
+
+def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
+    """'1,8,32' -> (1, 8, 32); None stays None (the default of --quick or of the bench)."""
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v.replace("_", "")) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+@main.command("bench")
+@click.option(
+    "--model", "-m", help="Checkpoint folder or hub id (default: random ViT-L/14 weights)."
+)
+@click.option("--device", help="torch device (default: cuda when available, else cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Model dtype for both paths (default: float16 on cuda, float32 on cpu).",
+)
+@click.option("--batch-sizes", callback=_int_list, help="End-to-end batch sizes [1,8,32].")
+@click.option(
+    "--concepts",
+    callback=_int_list,
+    help="Concept counts after the encoder [17,1000,10000,100000].",
+)
+@click.option("--concept-batch", type=click.IntRange(min=1), help="Batch of section c [8].")
+@click.option("--repeats", type=click.IntRange(min=1), help="Timed repeats per row [5].")
+@click.option(
+    "--e2e-repeats",
+    type=click.IntRange(min=1),
+    help="Repeats of the forward/end-to-end rows (seconds each on a CPU) [--repeats].",
+)
+@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up calls per row [1].")
+@click.option(
+    "--db-url",
+    "db_urls",
+    multiple=True,
+    help="Database to log to, repeatable: 'sqlite' (a temp file, default), a sqlite:/// URL, or "
+    "a PostgreSQL server URL (a scratch database is created there and dropped).",
+)
+@click.option("--decisions", type=click.IntRange(min=1), help="Decisions to log [20000].")
+@click.option("--write-size", type=click.IntRange(min=1), help="Decisions per write() [8].")
+@click.option(
+    "--attention",
+    type=click.Choice(["sdpa", "eager"]),
+    help="Attention of our CLIP tower [sdpa]; diffusers' checker always runs eager.",
+)
+@click.option(
+    "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
+)
+@click.option("--sections", help="Comma-separated subset of e2e,concepts,logging [all].")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results as JSON to this file ('-': stdout, tables to stderr).",
+)
+@click.option("--quick", is_flag=True, help="Small batches, repeats and counts (tests, CPUs).")
+@click.option("--size", type=click.Choice(["vit-l", "tiny"]), hidden=True)
+def bench_cmd(
+    model,
+    device,
+    dtype,
+    batch_sizes,
+    concepts,
+    concept_batch,
+    repeats,
+    e2e_repeats,
+    warmup,
+    db_urls,
+    decisions,
+    write_size,
+    attention,
+    compile_,
+    sections,
+    json_path,
+    quick,
+    size,
+):
+    """Time our moderation path against diffusers' safety checker (see BENCHMARKS.md)."""
+    from moderation.bench import BenchConfig, run_bench
+    from moderation.bench_report import format_report
+
+    options = {
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "batch_sizes": batch_sizes,
+        "concepts": concepts,
+        "concept_batch": concept_batch,
+        "repeats": repeats,
+        "e2e_repeats": e2e_repeats,
+        "warmup": warmup,
+        "db_urls": tuple(db_urls) or None,
+        "decisions": decisions,
+        "write_size": write_size,
+        "attention": attention,
+        "compile": compile_,
+        "sections": tuple(s.strip() for s in sections.split(",") if s.strip())
+        if sections
+        else None,
+        "size": size,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    config = BenchConfig.quick(**given) if quick else BenchConfig(**given)
+    to_stdout = json_path is not None and str(json_path) == "-"
+
+    def progress(message: str) -> None:
+        click.echo(f"... {message}", err=True)
+
+    try:
+        result = run_bench(config, progress=progress)
+    except ModerationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_report(result), err=to_stdout)
+    if json_path is not None:
+        text = json.dumps(result, indent=2, default=str)
+        if to_stdout:
+            click.echo(text)
+        else:
+            json_path.write_text(text + "\n", encoding="utf-8")
