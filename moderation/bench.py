@@ -113,19 +113,56 @@ def measure(
     setup: Callable[[], Any] | None = None,
 ) -> tuple[Timing, Any]:
     """Time fn(setup()) `repeats` times after `warmup` calls; setup is not timed."""
-    result = None
+    timings, results = measure_interleaved(
+        {"fn": (fn, setup)}, device=device, repeats=repeats, warmup=warmup
+    )
+    return timings["fn"], results.get("fn")
+
+
+def measure_interleaved(
+    calls: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]],
+    *,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """Time several calls round-robin, so that a busy machine slows each of them alike.
+
+    calls maps a name to (fn, setup): fn(setup()) is timed, setup() is not. Returns the timings
+    and each fn's last result.
+    """
+    results: dict[str, Any] = {}
     for _ in range(warmup):
-        result = fn(setup() if setup else None)
+        for name, (fn, setup) in calls.items():
+            results[name] = fn(setup() if setup else None)
     synchronize(device)
-    timing = Timing()
+    timings = {name: Timing() for name in calls}
     for _ in range(repeats):
-        arg = setup() if setup else None
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn(arg)
-        synchronize(device)
-        timing.samples_ms.append((time.perf_counter() - start) * 1000)
-    return timing, result
+        for name, (fn, setup) in calls.items():
+            arg = setup() if setup else None
+            synchronize(device)
+            start = time.perf_counter()
+            results[name] = fn(arg)
+            synchronize(device)
+            timings[name].samples_ms.append((time.perf_counter() - start) * 1000)
+    return timings, results
+
+
+def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many times fn makes the host wait for the GPU (CUDA's sync debug mode); None on CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def cpu_name() -> str:

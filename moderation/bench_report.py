@@ -183,6 +183,12 @@ def _stages_table(rows: list[dict[str, Any]]) -> str:
             )
         )
     headers = ("batch", *names, "all but the encoder", "% of forward")
+    if rows[0].get("host_syncs", {}).get("ours") is not None:
+        headers += ("host syncs: diffusers", "ours")
+        body = [
+            (*line, r["host_syncs"]["diffusers"], r["host_syncs"]["ours"])
+            for line, r in zip(body, rows, strict=True)
+        ]
     return head + "\n" + table(headers, body)
 
 

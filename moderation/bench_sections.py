@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderation.bench import measure
+from moderation.bench import count_host_syncs, measure, measure_interleaved
 
 if TYPE_CHECKING:
     from moderation.bench import BenchConfig
@@ -84,12 +84,25 @@ def run_end_to_end(
             images = decoded(batch)
             pixels = _ready_pixels(images, encoder, dtype)
             timed = {"repeats": repeats, "warmup": config.warmup, "device": device}
-            forward, _ = measure(floor, setup=functools.partial(_same, pixels), **timed)
-            pre, _ = measure(diffusers_preprocess, setup=functools.partial(_same, images), **timed)
-            # The checker blacks out flagged images in place: each call gets a fresh copy.
-            theirs, their_flags = measure(diffusers_path, setup=images.clone, **timed)
-            ours, our_flags = measure(ours_path, setup=images.clone, **timed)
+            timings, results = measure_interleaved(
+                {
+                    "forward": (floor, functools.partial(_same, pixels)),
+                    "pre": (diffusers_preprocess, functools.partial(_same, images)),
+                    # The checker blacks out flagged images in place: each call gets a copy.
+                    "diffusers": (diffusers_path, images.clone),
+                    "ours": (ours_path, images.clone),
+                },
+                **timed,
+            )
+            forward, pre, theirs, ours = (
+                timings[k] for k in ("forward", "pre", "diffusers", "ours")
+            )
+            their_flags, our_flags = results["diffusers"], results["ours"]
             stages = ours_stages(moderator, images, timed)
+            syncs = {
+                name: count_host_syncs(functools.partial(path, images.clone()), device)
+                for name, path in (("diffusers", diffusers_path), ("ours", ours_path))
+            }
             floor_ms = forward.median_ms
             forward_rows.append({"batch": batch, "ms": floor_ms, "timing": forward.to_dict()})
             e2e_rows.append(
@@ -104,6 +117,7 @@ def run_end_to_end(
                     "speedup": theirs.median_ms / ours.median_ms,
                     "flags_agree": _agreement(their_flags, our_flags),
                     "ours_stages_ms": stages,
+                    "host_syncs": syncs,  # CUDA only: times the host waited for the GPU
                     "timing": {
                         "forward": forward.to_dict(),
                         "diffusers": theirs.to_dict(),
@@ -208,15 +222,19 @@ def run_concepts(
             timed_images = min(batch, max(1, math.ceil(config.loop_budget / n)))
             clip_input = embeddings[:timed_images]
             say(f"after the encoder, {n} concepts (diffusers on {timed_images}/{batch} images)")
-            theirs, their_flags = measure(
-                functools.partial(_run_checker, checker, clip_input),
-                # Placeholder images: the time is the loops, not a copy of full-size images.
-                setup=functools.partial(np.zeros, (timed_images, 1, 1, 3), np.float32),
+            timings, results = measure_interleaved(
+                {
+                    "diffusers": (
+                        functools.partial(_run_checker, checker, clip_input),
+                        # Placeholder images: the time is the loops, not copying full images.
+                        functools.partial(np.zeros, (timed_images, 1, 1, 3), np.float32),
+                    ),
+                    "ours": (functools.partial(_run_moderator, moderator, embeddings), None),
+                },
                 **timed,
             )
-            ours, decisions = measure(
-                functools.partial(_run_moderator, moderator, embeddings), **timed
-            )
+            theirs, ours = timings["diffusers"], timings["ours"]
+            their_flags, decisions = results["diffusers"], results["ours"]
             diffusers_ms = theirs.median_ms * batch / timed_images
             fired = sum(len(d.fired) for d in decisions) / len(decisions)
             rows.append(

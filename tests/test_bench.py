@@ -45,6 +45,7 @@ E2E_KEYS = {
     "speedup",
     "flags_agree",
     "ours_stages_ms",
+    "host_syncs",
     "timing",
 }
 CONCEPT_KEYS = {
@@ -139,6 +140,7 @@ def test_bench_json_has_the_documented_shape(tiny_result):
             "apply_actions",
             "to_caller",
         }
+        assert row["host_syncs"] == {"diffusers": None, "ours": None}  # counted on CUDA only
         # Same weights, same semantics: both paths flag the same images.
         assert row["flags_agree"] == f"{row['batch']}/{row['batch']}"
     assert [r["concepts"] for r in data["concepts"]] == [17, 300]
