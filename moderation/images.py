@@ -97,12 +97,8 @@ class ImageBatch:
         if s.kind == "tensor":
             if s.dtype == torch.uint8:
                 out = _to_uint8(part)
-            else:
-                out = (
-                    torch.where(self.signed, part * 2 - 1, part)
-                    if self.signed is not None
-                    else part
-                )
+            else:  # a float input always comes with a range decision
+                out = torch.where(self.signed, part * 2 - 1, part)
             out = out.to(device=s.device, dtype=s.dtype)
             if kept is not None:
                 original = s.original if s.batched else s.original.unsqueeze(0)
