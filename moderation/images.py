@@ -20,6 +20,9 @@ from moderation.errors import ModerationError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Above this height/crop ratio, resample tall images vertically first (memory, see below).
+TALL_CROPS = 16
+
 ValueRange = Literal["auto", "-1,1", "0,1"]
 ImageItem = torch.Tensor | np.ndarray | Image.Image | str | Path
 Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0,1]
@@ -94,12 +97,8 @@ class ImageBatch:
         if s.kind == "tensor":
             if s.dtype == torch.uint8:
                 out = _to_uint8(part)
-            else:
-                out = (
-                    torch.where(self.signed, part * 2 - 1, part)
-                    if self.signed is not None
-                    else part
-                )
+            else:  # a float input always comes with a range decision
+                out = torch.where(self.signed, part * 2 - 1, part)
             out = out.to(device=s.device, dtype=s.dtype)
             if kept is not None:
                 original = s.original if s.batched else s.original.unsqueeze(0)
@@ -355,17 +354,29 @@ def _clip_same_size(
         return x.new_empty(0, 3, size, size)
     height, width = x.shape[-2:]
     new_h, new_w = clip_resize_size(height, width, size)
-    # PIL resamples horizontally, then vertically, clipping to 0..255 in between; clamping
-    # between the two passes reproduces it (a single 2-D pass differs by up to 14/255 on edges).
-    if new_w != width:
-        x = F.interpolate(x, size=(height, new_w), mode="bicubic", antialias=True).clamp_(0, 1)
-    if new_h != height:
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True).clamp_(0, 1)
     top, left = (new_h - size) // 2, (new_w - size) // 2  # floor, like transformers' center_crop
-    x = x[..., top : top + size, left : left + size]
+    # PIL resamples horizontally, then vertically, clipping to 0..255 in between; so do we (one
+    # 2-D pass differs by up to 14/255 at edges). Cropping between the passes is exact, as each
+    # pass treats rows (columns) independently, and it bounds memory by size x long side. A tall
+    # image whose vertical output would exceed TALL_CROPS crops goes vertical-first for the same
+    # reason; that only moves where overshoot is clipped (Pillow 13 picks the order per image too).
+    if new_h > TALL_CROPS * size:
+        x = _resize_axis(x, new_h, axis=-2)[..., top : top + size, :]
+        x = _resize_axis(x, new_w, axis=-1)[..., left : left + size]
+    else:
+        x = _resize_axis(x, new_w, axis=-1)[..., left : left + size]
+        x = _resize_axis(x, new_h, axis=-2)[..., top : top + size, :]
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
+
+
+def _resize_axis(x: torch.Tensor, length: int, *, axis: int) -> torch.Tensor:
+    """Bicubic antialiased resize of one axis of [B,3,H,W] (PIL's filter), clamped to [0,1]."""
+    if x.shape[axis] == length:
+        return x
+    target = (length, x.shape[-1]) if axis == -2 else (x.shape[-2], length)
+    return F.interpolate(x, size=target, mode="bicubic", antialias=True).clamp_(0, 1)
 
 
 # --- hashing and PNG ----------------------------------------------------------------------------

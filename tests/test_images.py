@@ -253,7 +253,17 @@ def test_bad_value_range():
 
 # --- CLIP preprocessing -------------------------------------------------------------------------
 
-SIZES = [(64, 64), (512, 512), (768, 512), (300, 1000), (225, 224), (1000, 223), (31, 17)]
+SIZES = [
+    (64, 64),
+    (512, 512),
+    (768, 512),
+    (300, 1000),
+    (225, 224),
+    (1000, 223),
+    (31, 17),
+    (1000, 300),  # Pillow 13 resamples this one vertically first
+    (2000, 8),  # taller than 16 crops: we go vertical-first
+]
 
 
 @pytest.fixture(scope="module")
@@ -276,15 +286,19 @@ def test_clip_resize_size_matches_transformers_rounding():
 
 
 def test_clip_preprocess_pixels_match_transformers(reference_and_ours):
-    # Bound: the reference rounds to uint8 twice (our float input, its output): a uniform
-    # rounding error alone gives a mean of 0.25/255 / std ~= 0.0037 (measured exactly that with
-    # no resize); resized sizes measured 0.0036-0.0054, max 0.0225 (1.5 uint8 steps). A single
-    # bicubic pass without antialias measures 0.0095-0.080 on resized sizes, so 0.0075 separates.
+    # Mean bound: the reference rounds to uint8 twice (our float input, its output); a uniform
+    # rounding error alone gives 0.25/255 / std ~= 0.0037 (measured exactly that with no resize).
+    # Measured on these sizes 0.0036-0.0054; a single bicubic pass without antialias measures
+    # 0.0095-0.080 on resized sizes, so 0.0075 separates the two.
+    # Per pixel: within 2 uint8 steps (measured max 1.5), except where PIL and we resample the two
+    # axes in a different order and so clip bicubic overshoot at different places (Pillow 13
+    # chooses the order per image): measured <= 0.23% of values, so allow 0.5%.
+    two_steps = 2 / 255 / min(CLIP_STD)
     for (ref, ours), size in zip(reference_and_ours, SIZES, strict=True):
         assert ours.shape == ref.shape == (1, 3, 224, 224), size
         diff = (ours - ref).abs()
         assert diff.mean() < 0.0075, (size, float(diff.mean()))
-        assert diff.max() < 2 / 255 / min(CLIP_STD), (size, float(diff.max()))
+        assert (diff > two_steps).float().mean() < 0.005, size
 
 
 def test_pixel_bound_rejects_a_resize_without_antialias():
