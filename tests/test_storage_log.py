@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -228,3 +229,31 @@ def test_a_poisoned_spool_does_not_block_new_decisions(url, tmp_path):
         with pytest.raises(StorageError, match="is the policy of every decision registered"):
             up.replay()
     assert len(list(spool.glob("*.spool"))) == 1  # kept for a human
+
+
+def test_optional_fields_may_all_be_empty(log):
+    policy = example_policy()
+    log.register_policy(policy)
+    records = example_decisions(3, policy)
+    for r in records:
+        r.embedding = r.image_sha256 = r.top_concept = r.margin = None
+        r.fired, r.meta = [], {}
+        r.special_cosines = r.special_scores = np.zeros(0, np.float32)  # a policy with S = 0
+    records[0].margin = float("nan")  # stored as "no margin" on every backend
+    log.write(records)
+    got = log.get(records[0].id)
+    assert got.embedding is None and got.margin is None and got.fired == [] and got.meta == {}
+    assert got.special_scores.shape == (0,)
+
+
+def test_concurrent_writers_share_one_log(log, url):
+    policy = example_policy()
+    log.register_policy(policy)
+    batches = [example_decisions(100, policy, seed=k, dim=16, review_every=9) for k in range(8)]
+    threads = [threading.Thread(target=log.write, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count(url, DecisionRow) == 800
+    assert count(url, ReviewItem) == count(url, ReviewEvent) == 8 * 12
