@@ -22,6 +22,7 @@ from moderation.storage import (
     upgrade,
 )
 from moderation.storage import db as storage_db
+from moderation.storage import log as log_module
 from moderation.storage.examples import example_decisions, example_policy
 from moderation.storage.testing import pg_test_url, temporary_pg_database
 
@@ -257,3 +258,19 @@ def test_concurrent_writers_share_one_log(log, url):
         t.join()
     assert count(url, DecisionRow) == 800
     assert count(url, ReviewItem) == count(url, ReviewEvent) == 8 * 12
+
+
+def test_one_log_recovers_when_the_database_comes_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(log_module, "RETRY_MIN_S", 0.0)  # retry the database on every batch
+    folder = tmp_path / "later"
+    url = f"sqlite:///{folder / 'x.db'}"
+    policy = example_policy()
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+        log.register_policy(policy)
+        log.write(example_decisions(10, policy, seed=1))  # folder missing: spooled
+        folder.mkdir()
+        log.write(example_decisions(10, policy, seed=2))  # replays the spool, then writes
+        assert count(url, DecisionRow) == 20
+        assert count(url, PolicyRow) == 1
+    assert list((tmp_path / "spool").glob("*.spool")) == []
+    storage_db.dispose(url)
