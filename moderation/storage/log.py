@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Table, exc, select
+from sqlalchemy import Connection, Engine, Table, exc, select
 
 from moderation.storage import codec, db, writer
 from moderation.storage.errors import (
@@ -79,6 +79,9 @@ class DecisionLog:
                     return
                 except DatabaseUnavailableError as err:
                     self._failed(err)
+                except SchemaVersionError:
+                    self._spool_policies([record.digest])
+                    raise
             self._spool_policies([record.digest])
 
     def write(self, records: list[DecisionRecord]) -> None:
@@ -129,7 +132,7 @@ class DecisionLog:
     def release(self, decision_id: str) -> bytes:
         """The held original of a decision, only once its latest review item is approved."""
         with self._lock, self._reading() as conn:
-            held_path = conn.execute(
+            decision = conn.execute(
                 select(_DECISIONS.c.held_path).where(_DECISIONS.c.id == decision_id)
             ).first()
             item = conn.execute(
@@ -138,9 +141,9 @@ class DecisionLog:
                 .order_by(_ITEMS.c.id.desc())
                 .limit(1)
             ).first()
-        if held_path is None:
+        if decision is None:
             raise StorageError(f"no decision {decision_id} in {db.display_url(self.url)}")
-        if held_path.held_path is None:
+        if decision.held_path is None:
             raise StorageError(f"decision {decision_id} has no held image")
         if item is None:
             raise StorageError(
@@ -158,7 +161,7 @@ class DecisionLog:
                 f"decision {decision_id} is still awaiting review (review item {item.id} is "
                 f"{item.status}); its original is released only once approved"
             )
-        return self.held.get(held_path.held_path)
+        return self.held.get(decision.held_path)
 
     def close(self) -> None:
         """Release the spool file locks; the shared engine stays cached for other users."""
@@ -175,7 +178,7 @@ class DecisionLog:
 
     # -- database --------------------------------------------------------------------------
 
-    def _engine(self):
+    def _engine(self) -> Engine:
         engine = db.engine_for(self.url)
         if not self._ready:
             db.ensure_schema(self.url)
@@ -249,7 +252,7 @@ class DecisionLog:
                 return
         try:
             added = self._replay()
-        except DatabaseUnavailableError:
+        except (DatabaseUnavailableError, SchemaVersionError):
             raise
         except StorageError as err:
             # A poisoned spool must not block new decisions, nor be retried on every batch;
