@@ -19,6 +19,7 @@ from moderation.storage import (
     ReviewEvent,
     ReviewItem,
     StorageError,
+    codec,
     upgrade,
 )
 from moderation.storage import db as storage_db
@@ -274,3 +275,24 @@ def test_one_log_recovers_when_the_database_comes_back(tmp_path, monkeypatch):
         assert count(url, PolicyRow) == 1
     assert list((tmp_path / "spool").glob("*.spool")) == []
     storage_db.dispose(url)
+
+
+def test_sqlite_fast_path_stores_what_sqlalchemy_would(tmp_path):
+    policy = example_policy()
+    fast, orm = (f"sqlite:///{tmp_path / name}" for name in ("fast.db", "orm.db"))
+    records = example_decisions(3, policy)
+    records[1].created_at = datetime(2025, 3, 1, 9, 30, 15, 7, tzinfo=timezone(timedelta(hours=-5)))
+    records[2].meta = {"prompt": "café ✓", "tags": ["a"]}
+    with DecisionLog(fast, spool_dir=tmp_path / "s") as log:
+        log.register_policy(policy)
+        log.write(records)
+    with storage_db.get_engine(orm).begin() as conn:
+        conn.execute(PolicyRow.__table__.insert(), [codec.policy_row(policy)])
+        conn.execute(DecisionRow.__table__.insert(), [codec.decision_row(r, None) for r in records])
+    query = "SELECT * FROM decisions ORDER BY id"
+    stored = []
+    for url in (fast, orm):
+        with storage_db.engine_for(url).connect() as conn:
+            stored.append(conn.exec_driver_sql(query).all())  # raw column text and bytes
+        storage_db.dispose(url)
+    assert stored[0] == stored[1]
