@@ -18,6 +18,7 @@ F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")
 _BINARY_COLUMNS = ("cosines", "scores", "special_cosines", "special_scores", "embedding")
 _DATETIME_COLUMNS = ("created_at",)
+_JSON_COLUMNS = ("fired", "special_hits", "meta")
 
 
 def encode_array(values: np.ndarray | None, dtype: np.dtype, what: str) -> bytes | None:
@@ -57,11 +58,6 @@ def policy_row(record: PolicyRecord) -> dict[str, Any]:
 def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any]:
     """Column values of `decisions` for a DecisionRecord (arrays encoded, time in UTC)."""
     where = f"decision {record.id}"
-    meta = dict(record.meta or {})
-    try:
-        json_dumps(meta)
-    except (TypeError, ValueError) as err:
-        raise StorageError(f"{where}: meta cannot be stored as JSON: {err}") from err
     return {
         "id": str(record.id),
         "created_at": utc(record.created_at),
@@ -80,7 +76,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "special_cosines": encode_array(record.special_cosines, F32, f"{where}: special_cosines"),
         "special_scores": encode_array(record.special_scores, F32, f"{where}: special_scores"),
         "embedding": encode_array(record.embedding, F16, f"{where}: embedding"),
-        "meta": meta,
+        "meta": dict(record.meta or {}),
         "error": record.error,
         "held_path": held_path,
     }
@@ -113,9 +109,21 @@ def decision_record(row: Any) -> DecisionRecord:
     return DecisionRecord(**values)
 
 
+def json_column(row: dict[str, Any], column: str) -> str:
+    """JSON text of a JSON column of a decisions row; StorageError names the decision."""
+    try:
+        return json_dumps(row[column])
+    except (TypeError, ValueError) as err:
+        raise StorageError(
+            f"decision {row['id']}: {column} cannot be stored as JSON: {err}"
+        ) from err
+
+
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     """A decisions row as JSON-safe values (bytes -> base64, datetime -> ISO text)."""
     out = dict(row)
+    for name in _JSON_COLUMNS:
+        json_column(row, name)  # fail here, naming the decision, not later in the spool
     for name in _BINARY_COLUMNS:
         if out[name] is not None:
             out[name] = base64.b64encode(out[name]).decode("ascii")

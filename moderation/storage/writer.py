@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Insert, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from moderation.storage.db import json_dumps
+from moderation.storage.codec import json_column
 from moderation.storage.errors import StorageError
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 
@@ -107,7 +107,7 @@ def _insert_new_decisions(conn: Connection, rows: list[dict]) -> set[str]:
         # and RETURNING tells which ids are new even with concurrent writers.
         columns = [list(col) for col in zip(*map(_values_of, rows), strict=True)]
         for at in _JSON_AT:
-            columns[at] = [json_dumps(v) for v in columns[at]]
+            columns[at] = [json_column(row, _COLUMNS[at]) for row in rows]
         return set(conn.exec_driver_sql(_PG_INSERT, tuple(columns)).scalars())
     if conn.dialect.name != "sqlite":
         stmt = dialect_insert(conn, _DECISIONS).on_conflict_do_nothing(index_elements=["id"])
@@ -135,7 +135,8 @@ def _sqlite_values(row: dict) -> tuple:
     values = list(_values_of(row))
     values[_TIME_AT] = sqlite_time(values[_TIME_AT])
     for at in _JSON_AT:
-        values[at] = json_dumps(values[at]) if values[at] else _EMPTY_JSON[type(values[at])]
+        value = values[at]
+        values[at] = _EMPTY_JSON[type(value)] if not value else json_column(row, _COLUMNS[at])
     return tuple(values)
 
 
