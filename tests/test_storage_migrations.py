@@ -14,6 +14,7 @@ from sqlalchemy import inspect
 from moderation.cli import main
 from moderation.storage import (
     Base,
+    DecisionLog,
     SchemaVersionError,
     StorageError,
     current,
@@ -21,9 +22,11 @@ from moderation.storage import (
     get_engine,
     head_revision,
     immediate_transaction,
+    migrate,
     upgrade,
 )
 from moderation.storage import db as storage_db
+from moderation.storage.examples import example_decisions, example_policy
 from moderation.storage.testing import pg_test_url, temporary_pg_database
 
 TABLES = {"policies", "decisions", "review_items", "review_events"}
@@ -165,4 +168,37 @@ def test_immediate_transaction_takes_the_write_lock(tmp_path):
     other.execute("BEGIN IMMEDIATE")  # free again once committed
     other.execute("ROLLBACK")
     other.close()
+    storage_db.dispose(url)
+
+
+@pytest.fixture
+def newer_code(monkeypatch):
+    """Pretend this version of the code ships a revision 0002 the database does not have."""
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+    monkeypatch.setattr(migrate, "known_revisions", lambda: {"0001", "0002"})
+
+
+def test_database_behind_the_code_asks_for_upgrade(tmp_path, newer_code):
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    upgrade(url)
+    message = (
+        f"database {url} is at revision 0001, this version needs 0002; "
+        "run `moderation db upgrade --db URL` first"
+    )
+    with pytest.raises(SchemaVersionError) as caught:
+        get_engine(url)
+    assert str(caught.value) == message
+    storage_db.dispose(url)
+
+
+def test_writes_to_an_old_schema_are_kept_and_reported(tmp_path, newer_code):
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    upgrade(url)
+    policy = example_policy()
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+        with pytest.raises(SchemaVersionError):
+            log.register_policy(policy)
+        with pytest.raises(StorageError, match="3 decisions were kept in the spool"):
+            log.write(example_decisions(3, policy))
+    assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
     storage_db.dispose(url)
