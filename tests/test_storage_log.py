@@ -211,11 +211,15 @@ def test_closed_log_refuses_writes(tmp_path):
     assert not os.path.exists(tmp_path / "s")
 
 
-def test_meta_that_is_not_json_is_named(log):
-    records = example_decisions(1, example_policy())
-    records[0].meta = {"image": object()}
-    with pytest.raises(StorageError, match=f"decision {records[0].id}: meta cannot be stored"):
+@pytest.mark.parametrize("bad", [object(), float("nan")], ids=["object", "nan"])
+def test_meta_that_is_not_json_is_named(log, bad):
+    policy = example_policy()
+    log.register_policy(policy)
+    records = example_decisions(2, policy)
+    records[1].meta = {"value": bad}
+    with pytest.raises(StorageError, match=f"decision {records[1].id}: meta cannot be stored"):
         log.write(records)
+    assert log.get(records[0].id) is None  # the batch is one transaction
 
 
 def test_a_poisoned_spool_does_not_block_new_decisions(url, tmp_path):
