@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
 from moderation.storage.records import DecisionRecord, PolicyRecord
 
@@ -16,6 +18,7 @@ F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")
 _BINARY_COLUMNS = ("cosines", "scores", "special_cosines", "special_scores", "embedding")
 _DATETIME_COLUMNS = ("created_at",)
+_JSON_COLUMNS = ("fired", "special_hits", "meta")
 
 
 def encode_array(values: np.ndarray | None, dtype: np.dtype, what: str) -> bytes | None:
@@ -64,7 +67,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "verdict": record.verdict,
         "action": record.action,
         "top_concept": record.top_concept,
-        "margin": None if record.margin is None else float(record.margin),
+        "margin": _finite_or_none(record.margin),
         "fired": list(record.fired),
         "special_hits": list(record.special_hits),
         "adjustment": float(record.adjustment),
@@ -84,8 +87,14 @@ def review_of(record: DecisionRecord) -> dict[str, Any] | None:
     if not record.needs_review:
         return None
     # Errors have no margin: queue them as borderline (0.0) rather than first or last.
-    margin = 0.0 if record.margin is None else float(record.margin)
+    margin = _finite_or_none(record.margin)
+    margin = 0.0 if margin is None else margin
     return {"priority": int(record.priority), "margin": margin}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # SQLite silently turns NaN into NULL; make that explicit and the same on every backend.
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def decision_record(row: Any) -> DecisionRecord:
@@ -100,9 +109,21 @@ def decision_record(row: Any) -> DecisionRecord:
     return DecisionRecord(**values)
 
 
+def json_column(row: dict[str, Any], column: str) -> str:
+    """JSON text of a JSON column of a decisions row; StorageError names the decision."""
+    try:
+        return json_dumps(row[column])
+    except (TypeError, ValueError) as err:
+        raise StorageError(
+            f"decision {row['id']}: {column} cannot be stored as JSON: {err}"
+        ) from err
+
+
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     """A decisions row as JSON-safe values (bytes -> base64, datetime -> ISO text)."""
     out = dict(row)
+    for name in _JSON_COLUMNS:
+        json_column(row, name)  # fail here, naming the decision, not later in the spool
     for name in _BINARY_COLUMNS:
         if out[name] is not None:
             out[name] = base64.b64encode(out[name]).decode("ascii")

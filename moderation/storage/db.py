@@ -57,7 +57,10 @@ def _json_default(value: Any) -> Any:
 
 
 # One encoder, built once: json.dumps(default=...) would build a new one per value (hot path).
-_encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"), ensure_ascii=False)
+# NaN/Infinity are refused: PostgreSQL's jsonb rejects them, so SQLite must not accept them either.
+_encoder = json.JSONEncoder(
+    default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def json_dumps(value: Any) -> str:

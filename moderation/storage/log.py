@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Table, exc, select
+from sqlalchemy import Connection, Engine, Table, exc, select
 
 from moderation.storage import codec, db, writer
 from moderation.storage.errors import (
@@ -56,10 +56,12 @@ class DecisionLog:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._closed = False
+        self._auto_replay = True  # off once a replay fails on bad data, until replay() works
         # digest -> row of every policy registered here, to make each spool file self-contained
         self._policies: dict[str, dict[str, Any]] = {}
         self._spooled_policies: tuple[Path | None, set[str]] = (None, set())
-        self.spool.recover()  # cut torn tails left by crashed processes (reported in .discarded)
+        with self._spool_io():
+            self.spool.recover()  # cut torn tails left by crashed processes (in .discarded)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -77,6 +79,9 @@ class DecisionLog:
                     return
                 except DatabaseUnavailableError as err:
                     self._failed(err)
+                except SchemaVersionError:
+                    self._spool_policies([record.digest])
+                    raise
             self._spool_policies([record.digest])
 
     def write(self, records: list[DecisionRecord]) -> None:
@@ -115,6 +120,7 @@ class DecisionLog:
             self._check_open()
             added = self._replay()
             self._succeeded()
+            self._auto_replay = True
             return added
 
     def get(self, decision_id: str) -> DecisionRecord | None:
@@ -126,7 +132,7 @@ class DecisionLog:
     def release(self, decision_id: str) -> bytes:
         """The held original of a decision, only once its latest review item is approved."""
         with self._lock, self._reading() as conn:
-            held_path = conn.execute(
+            decision = conn.execute(
                 select(_DECISIONS.c.held_path).where(_DECISIONS.c.id == decision_id)
             ).first()
             item = conn.execute(
@@ -135,9 +141,9 @@ class DecisionLog:
                 .order_by(_ITEMS.c.id.desc())
                 .limit(1)
             ).first()
-        if held_path is None:
+        if decision is None:
             raise StorageError(f"no decision {decision_id} in {db.display_url(self.url)}")
-        if held_path.held_path is None:
+        if decision.held_path is None:
             raise StorageError(f"decision {decision_id} has no held image")
         if item is None:
             raise StorageError(
@@ -155,7 +161,7 @@ class DecisionLog:
                 f"decision {decision_id} is still awaiting review (review item {item.id} is "
                 f"{item.status}); its original is released only once approved"
             )
-        return self.held.get(held_path.held_path)
+        return self.held.get(decision.held_path)
 
     def close(self) -> None:
         """Release the spool file locks; the shared engine stays cached for other users."""
@@ -172,7 +178,7 @@ class DecisionLog:
 
     # -- database --------------------------------------------------------------------------
 
-    def _engine(self):
+    def _engine(self) -> Engine:
         engine = db.engine_for(self.url)
         if not self._ready:
             db.ensure_schema(self.url)
@@ -241,21 +247,27 @@ class DecisionLog:
         self.spool.append("decisions", payload)
 
     def _replay_before_write(self) -> None:
-        if not self.spool.has_pending():
-            return
+        with self._spool_io():
+            if not self._auto_replay or not self.spool.has_pending():
+                return
         try:
             added = self._replay()
-        except DatabaseUnavailableError:
+        except (DatabaseUnavailableError, SchemaVersionError):
             raise
         except StorageError as err:
-            # A poisoned spool must not block new decisions; `moderation db replay` shows it.
+            # A poisoned spool must not block new decisions, nor be retried on every batch;
+            # an explicit replay (`moderation db replay`) shows the error.
             log.warning("spool replay failed, keeping the spool: %s", err)
+            self._auto_replay = False
             return
         if added:
             log.warning("replayed %d spooled decisions into %s", added, db.display_url(self.url))
 
     def _replay(self) -> int:
-        paths = self.spool.claim()
+        with self._spool_io():
+            return self._replay_claimed(self.spool.claim())
+
+    def _replay_claimed(self, paths: list[Path]) -> int:
         try:
             if not paths:
                 return 0
@@ -279,6 +291,13 @@ class DecisionLog:
             return added
         finally:
             self.spool.release_all()
+
+    @contextlib.contextmanager
+    def _spool_io(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(f"cannot read the spool folder {self.spool.folder}: {err}") from err
 
     def _commit_chunk(self, rows: list[dict], reviews: list[dict | None]) -> int:
         if not rows:

@@ -17,7 +17,6 @@ Not thread-safe by itself: DecisionLog serializes calls under its lock.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,6 +31,11 @@ from typing import Any
 
 from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; then use one writing process per spool folder
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("moderation.storage")
 
@@ -105,7 +109,7 @@ class Spool:
         tmp = self.folder / (name + ".tmp")
         path = self.folder / (name + SUFFIX)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(fd)
         os.rename(tmp, path)
         _fsync_dir(self.folder)
         self._own = (os.getpid(), path, fd)
@@ -201,7 +205,7 @@ class Spool:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             os.close(fd)  # a live process still writes it
             return False
@@ -257,6 +261,12 @@ def _is_torn_tail(fd: int, start: int, size: int) -> bool:
     if magic == MAGIC:
         return start + HEADER.size + length >= size
     return not os.pread(fd, size - start, start).strip(b"\0")
+
+
+def _lock(fd: int) -> None:
+    """Take the file's exclusive lock or raise BlockingIOError (held until the fd closes)."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _fsync_dir(folder: Path) -> None:
