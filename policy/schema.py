@@ -186,6 +186,7 @@ class Policy(_Model):
     concepts: list[Concept] = Field(default_factory=list)
     special_care: SpecialCare | None = None
 
+    _source_file: str | None = PrivateAttr(default=None)  # the path exactly as the caller gave it
     _source_path: Path | None = PrivateAttr(default=None)
     _source_text: str | None = PrivateAttr(default=None)
     _resolved_model: str | None = PrivateAttr(default=None)
@@ -220,16 +221,16 @@ class Policy(_Model):
     def effective_threshold(self, concept: Concept) -> float:
         return self.defaults.threshold if concept.threshold is None else concept.threshold
 
-    def effective_action(self, concept: Concept) -> str:
+    def effective_action(self, concept: Concept) -> Action:
         return concept.action or self.defaults.action
 
-    def effective_severity(self, concept: Concept) -> str:
+    def effective_severity(self, concept: Concept) -> Severity:
         return concept.severity or self.defaults.severity
 
     def issue(self, path: KeyPath, message: str, *, key: bool = False) -> PolicyIssue:
         """A PolicyIssue at `path` in the source file, so later stages report like the loader."""
         line, col = self._yaml.locate(path, key=key) if self._yaml else (None, None)
-        file = str(self._source_path) if self._source_path else f"<policy {self.policy}>"
+        file = self._source_file or f"<policy {self.policy}>"
         return PolicyIssue(file, line, col, format_path(path), message)
 
     def rule_violations(self) -> list[tuple[KeyPath, str]]:
