@@ -145,18 +145,26 @@ class Defaults(_Model):
 
 
 class BlurSettings(_Model):
+    """Gaussian blur strength for the `blur` action."""
+
     radius: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 24.0
 
 
 class PixelateSettings(_Model):
+    """Block size in pixels for the `pixelate` action."""
+
     block: Annotated[int, Field(ge=2)] = 16
 
 
 class ReviewSettings(_Model):
+    """What the caller gets for an image held for review."""
+
     placeholder: Literal["blur", "pixelate", "blackout"] = "blur"  # shown until a human decides
 
 
 class ActionSettings(_Model):
+    """Settings of the actions that change pixels."""
+
     blur: BlurSettings = Field(default_factory=BlurSettings)
     pixelate: PixelateSettings = Field(default_factory=PixelateSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
