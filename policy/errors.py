@@ -25,6 +25,13 @@ def format_path(path: KeyPath) -> str:
     return text or "<root>"
 
 
+def _printable(text: str) -> str:
+    """Escape control characters so that one issue stays one harmless terminal line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 class PolicyIssue(NamedTuple):
     """One problem: where it is (line and col are 1-based, None when unknown) and what is wrong."""
 
@@ -36,8 +43,8 @@ class PolicyIssue(NamedTuple):
 
     def __str__(self) -> str:
         if self.line is None:
-            return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}:{self.col} {self.path}: {self.message}"
+            return _printable(f"{self.file}: {self.message}")
+        return _printable(f"{self.file}:{self.line}:{self.col} {self.path}: {self.message}")
 
 
 class PolicyError(Exception):

@@ -43,14 +43,14 @@ def load_policy(path: str | os.PathLike[str], *, embed_dim: int | None = None) -
     text = _read_text(file)
     loaded = load_yaml(text, file)
     policy = _validate(loaded, file)
+    policy._source_file = file
     policy._source_path = Path(file)
     policy._source_text = text
     policy._yaml = loaded
     folder = Path(file).absolute().parent
     policy._resolved_model = _resolve_model(policy.model, folder)
-    issues = _resolve_embeddings(policy, folder)
-    if not issues:
-        issues = _width_issues(policy, embed_dim)
+    # Widths are compared among the embeddings that could be read, so both kinds show at once.
+    issues = _resolve_embeddings(policy, folder) + _width_issues(policy, embed_dim)
     if issues:
         raise PolicyError(sorted(issues, key=_file_order))
     return policy
@@ -237,6 +237,10 @@ def _resolve_embeddings(policy: Policy, folder: Path) -> list[PolicyIssue]:
     return issues
 
 
+def _values(count: int) -> str:
+    return "1 value" if count == 1 else f"{count} values"
+
+
 def _width_issues(policy: Policy, embed_dim: int | None) -> list[PolicyIssue]:
     """Every raw embedding must have the model's width, or else all the same width."""
     issues = []
@@ -246,10 +250,10 @@ def _width_issues(policy: Policy, embed_dim: int | None) -> list[PolicyIssue]:
             continue
         at, width = (*path, "embedding"), concept.vector.shape[0]
         if embed_dim is not None and width != embed_dim:
-            message = f"embedding has {width} values, the model's projection width is {embed_dim}"
+            message = f"embedding has {_values(width)}, the model's projection width is {embed_dim}"
             issues.append(policy.issue(at, message))
         elif embed_dim is None and first is not None and width != first[1]:
-            message = f"embedding has {width} values, but {format_path(first[0])} has {first[1]}"
+            message = f"embedding has {_values(width)}, but {format_path(first[0])} has {first[1]}"
             issues.append(policy.issue(at, message))
         first = first or (at, width)
     return issues
@@ -266,7 +270,7 @@ class _EmbeddingProblem(Exception):
 def _read_embedding(embedding: list[float] | EmbeddingRef, folder: Path) -> np.ndarray:
     """The raw embedding as float32 [D], from the policy or a file inside its folder."""
     if isinstance(embedding, list):
-        return np.asarray(embedding, dtype=np.float32)
+        return _float32(embedding)
     path = _inside(folder, embedding.file)
     if path.suffix.lower() == ".npy":
         if embedding.tensor is not None:
@@ -282,15 +286,25 @@ def _read_embedding(embedding: list[float] | EmbeddingRef, folder: Path) -> np.n
     return vector
 
 
+def _float32(values: Any) -> np.ndarray:
+    """A float32 copy; values too large for float32 become inf, reported as not finite."""
+    with np.errstate(over="ignore"):
+        return np.array(values, dtype=np.float32)
+
+
 def _inside(folder: Path, name: str) -> Path:
     """The file `name` relative to the policy's folder, refusing anything that leads out of it."""
     if Path(name).is_absolute():
         message = f"'{name}' must be a path relative to the policy's folder"
         raise _EmbeddingProblem(message, "file")
-    path = (folder / name).resolve()  # follows symlinks, so a link pointing out is caught too
-    if not path.is_relative_to(folder.resolve()):
+    try:
+        path = (folder / name).resolve()  # follows symlinks, so a link pointing out is caught too
+        inside, found = path.is_relative_to(folder.resolve()), path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
+        raise _EmbeddingProblem(f"'{name}' is not a usable file name ({exc})", "file") from None
+    if not inside:
         raise _EmbeddingProblem(f"'{name}' is outside the policy's folder", "file")
-    if not path.is_file():
+    if not found:
         raise _EmbeddingProblem(f"file '{name}' not found", "file")
     return path
 
@@ -323,7 +337,7 @@ def _read_npy(path: Path, name: str, row: int | None) -> np.ndarray:
     if array.dtype.kind not in "fiu":
         raise _EmbeddingProblem(f"'{name}' holds {array.dtype} values, not numbers", "file")
     index = _pick_row(array.shape, row, f"'{name}'")
-    return np.array(array if index is None else array[index], dtype=np.float32)
+    return _float32(array if index is None else array[index])
 
 
 def _read_safetensors(path: Path, ref: EmbeddingRef) -> np.ndarray:
@@ -349,4 +363,4 @@ def _read_safetensors(path: Path, ref: EmbeddingRef) -> np.ndarray:
         raise
     except Exception as exc:  # safetensors reports bad headers and dtypes with its own types
         raise _EmbeddingProblem(f"cannot read '{ref.file}': {exc}", "file") from None
-    return np.asarray(vector, dtype=np.float32)
+    return _float32(vector)

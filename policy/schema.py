@@ -145,18 +145,26 @@ class Defaults(_Model):
 
 
 class BlurSettings(_Model):
+    """Gaussian blur strength for the `blur` action."""
+
     radius: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 24.0
 
 
 class PixelateSettings(_Model):
+    """Block size in pixels for the `pixelate` action."""
+
     block: Annotated[int, Field(ge=2)] = 16
 
 
 class ReviewSettings(_Model):
+    """What the caller gets for an image held for review."""
+
     placeholder: Literal["blur", "pixelate", "blackout"] = "blur"  # shown until a human decides
 
 
 class ActionSettings(_Model):
+    """Settings of the actions that change pixels."""
+
     blur: BlurSettings = Field(default_factory=BlurSettings)
     pixelate: PixelateSettings = Field(default_factory=PixelateSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
@@ -186,6 +194,7 @@ class Policy(_Model):
     concepts: list[Concept] = Field(default_factory=list)
     special_care: SpecialCare | None = None
 
+    _source_file: str | None = PrivateAttr(default=None)  # the path exactly as the caller gave it
     _source_path: Path | None = PrivateAttr(default=None)
     _source_text: str | None = PrivateAttr(default=None)
     _resolved_model: str | None = PrivateAttr(default=None)
@@ -220,16 +229,16 @@ class Policy(_Model):
     def effective_threshold(self, concept: Concept) -> float:
         return self.defaults.threshold if concept.threshold is None else concept.threshold
 
-    def effective_action(self, concept: Concept) -> str:
+    def effective_action(self, concept: Concept) -> Action:
         return concept.action or self.defaults.action
 
-    def effective_severity(self, concept: Concept) -> str:
+    def effective_severity(self, concept: Concept) -> Severity:
         return concept.severity or self.defaults.severity
 
     def issue(self, path: KeyPath, message: str, *, key: bool = False) -> PolicyIssue:
         """A PolicyIssue at `path` in the source file, so later stages report like the loader."""
         line, col = self._yaml.locate(path, key=key) if self._yaml else (None, None)
-        file = str(self._source_path) if self._source_path else f"<policy {self.policy}>"
+        file = self._source_file or f"<policy {self.policy}>"
         return PolicyIssue(file, line, col, format_path(path), message)
 
     def rule_violations(self) -> list[tuple[KeyPath, str]]:

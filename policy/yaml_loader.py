@@ -114,10 +114,10 @@ class _Builder:
             if not isinstance(key_node, ScalarNode):
                 self.fail(key_node, path, "a key must be a plain name, not a list or mapping")
                 continue
-            self.build_scalar(key_node, path)  # rejects tags on keys
             # The key as written: `yes:` and `1:` stay the names "yes" and "1".
             key = key_node.value
             key_path = (*path, key)
+            self.build_scalar(key_node, key_path)  # rejects tags on keys
             if key in mapping:
                 line, _ = self.result.keys[key_path]
                 self.fail(key_node, key_path, f"duplicate key '{key}' (first given on line {line})")
@@ -138,7 +138,7 @@ class _Builder:
             if tag == "float":
                 return self.loader.construct_yaml_float(node)
         except (ValueError, KeyError):
-            return self.fail(node, path, f"cannot read {node.value!r} as !!{tag}")
+            return self.fail(node, path, f"cannot read {node.value[:40]!r} as !!{tag}")
         if tag in ("str", "merge", "value"):  # `<<` and `=` are plain text here
             return node.value
         return self.fail(node, path, f"unsupported YAML tag {_short_tag(node.tag)}")

@@ -169,6 +169,11 @@ def test_policy_error_carries_structured_issues(tmp_path):
     assert issue.file == path and issue.line == 2 and issue.col == 36
 
 
+def test_issue_lines_escape_control_characters():
+    issue = PolicyIssue("p.yaml", 1, 2, "a", "bad '\x1b[31m'\nnext")
+    assert str(issue) == "p.yaml:1:2 a: bad '\\x1b[31m'\\nnext"
+
+
 @pytest.mark.parametrize(
     ("path", "text"),
     [
@@ -310,6 +315,7 @@ def test_npy_rows(tmp_path):
         ("[0, 0, 0]", "4:16 concepts[0].embedding: embedding is all zeros"),
         ("[1e39, 1]", "4:16 concepts[0].embedding: embedding value 0 is not finite (inf)"),
         ("[]", "4:16 concepts[0].embedding: must not be empty"),
+        ('{file: "a\\0b.npy"}', "4:23 concepts[0].embedding.file: 'a\\x00b.npy' is not a usable file name (embedded null byte)"),
     ],
 )  # fmt: skip
 def test_bad_embedding_files(tmp_path, concept_file, embedding, line):
@@ -354,6 +360,14 @@ def test_widths_must_agree_and_match_the_model(tmp_path):
     check_embed_dim(single, 31)
     with pytest.raises(PolicyError, match="has 31 values, the model's projection width is 32"):
         check_embed_dim(single, 32)
+
+
+def test_later_issues_name_the_file_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, one_concept("[1, 2]") + "  - {name: b, embedding: [1]}\n")
+    assert errors_of("./p.yaml") == [
+        "./p.yaml:5:26 concepts[1].embedding: embedding has 1 value, but concepts[0].embedding has 2"
+    ]
 
 
 def test_nan_in_npy_names_the_concept(tmp_path):
