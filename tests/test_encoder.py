@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -248,21 +246,34 @@ def test_encode_image_rejects_unprocessed_input(checker_encoder):
         checker_encoder.encode_image(torch.zeros(224, 224, 3))
 
 
-def test_embed_images_preprocesses_then_encodes(checker_encoder, monkeypatch, pixels):
-    """moderation.images is the imaging branch's; a stand-in records what it is asked for."""
-    calls = []
+def test_embed_images_is_clip_preprocess_then_encode_image(checker_encoder):
+    from moderation.images import clip_preprocess
 
-    def clip_preprocess(images, *, size, mean, std, value_range):
-        calls.append((images, size, mean, std, value_range))
-        return pixels
+    torch.manual_seed(2)
+    images = torch.rand(2, 3, 80, 96)  # [0, 1]
+    expected = checker_encoder.encode_image(clip_preprocess(images))
+    assert torch.equal(checker_encoder.embed_images(images), expected)
+    assert torch.equal(checker_encoder.embed_images(images * 2 - 1, value_range="-1,1"), expected)
+    assert checker_encoder.embed_images(images).shape == (2, 32)
 
-    monkeypatch.setitem(
-        sys.modules, "moderation.images", types.SimpleNamespace(clip_preprocess=clip_preprocess)
-    )
+
+def test_embed_images_uses_the_checkpoint_preprocessing(tmp_path):
+    from moderation.images import clip_preprocess
+
+    folder = make_safety_checker(tmp_path / "checker")
+    config = {"crop_size": 224, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    enc = ClipEncoder.from_pretrained(folder)
+    images = torch.rand(1, 3, 64, 64)
+    pixels = clip_preprocess(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert torch.equal(enc.embed_images(images), enc.encode_image(pixels))
+
+
+def test_embed_images_non_finite_input_gives_nan_rows(checker_encoder):
     images = torch.rand(2, 3, 64, 64)
-    got = checker_encoder.embed_images(images, value_range="0,1")
-    assert calls == [(images, 224, CLIP_MEAN, CLIP_STD, "0,1")]
-    assert torch.equal(got, checker_encoder.encode_image(pixels))
+    images[1, 0, 3, 3] = float("nan")
+    embeds = checker_encoder.embed_images(images)
+    assert bool(torch.isfinite(embeds[0]).all()) and bool(torch.isnan(embeds[1]).all())
 
 
 def write_config(folder, architectures):
