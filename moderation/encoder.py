@@ -18,10 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from moderation.errors import ModerationError
+from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
-# openai/clip-vit-* preprocessing, used when a checkpoint has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAFETY_CHECKER_TENSORS = (
     "concept_embeds",
     "concept_embeds_weights",

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,15 +310,70 @@ def test_bad_model_folders_are_named(tmp_path, make, message):
     assert str(info.value).startswith(message.format(folder, folder))
 
 
-def test_offline_hub_id_without_cache_is_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+def test_offline_hub_id_without_cache_is_named():
     with pytest.raises(EncoderError) as info:
-        ClipEncoder.from_pretrained("nobody/no-such-clip")
+        ClipEncoder.from_pretrained("nobody/no-such-clip")  # conftest sets HF_HUB_OFFLINE=1
     message = str(info.value)
     assert message.startswith("model nobody/no-such-clip: not a local folder, and not found")
     assert "cache" in message
     assert isinstance(info.value.__cause__, OSError)
+
+
+HUB_SCRIPT = """
+import json, sys
+from moderation.encoder import ClipEncoder, EncoderError
+first = ClipEncoder.from_pretrained("org/tiny-clip")
+again = ClipEncoder.from_pretrained("org/tiny-clip")
+checker = ClipEncoder.from_pretrained("org/tiny-checker")
+open(sys.argv[1] + "/refs/main", "w").write(sys.argv[2])  # a new revision of org/tiny-clip
+updated = ClipEncoder.from_pretrained("org/tiny-clip")
+try:
+    ClipEncoder.from_pretrained("org/not-cached")
+    error = None
+except EncoderError as exc:
+    error = str(exc)
+print(json.dumps({
+    "kinds": [first.kind, checker.kind],
+    "same": first.text_fingerprint == again.text_fingerprint,
+    "updated": first.text_fingerprint != updated.text_fingerprint,
+    "rows": list(checker.checkpoint_tensor("concept_embeds").shape),
+    "error": error,
+}))
+"""
+
+
+def fake_hub_repo(cache, repo_id, folder, commits):
+    """A Hugging Face cache entry for repo_id holding folder's files at each commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for commit in commits:
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    return repo
+
+
+@pytest.mark.slow
+def test_hub_ids_load_offline_from_the_cache(tmp_path, tiny_clip_dir, tiny_checker_dir):
+    cache = tmp_path / "hub"
+    commits = ["a" * 40, "b" * 40]
+    repo = fake_hub_repo(cache, "org/tiny-clip", tiny_clip_dir, commits)
+    fake_hub_repo(cache, "org/tiny-checker", tiny_checker_dir, commits[:1])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(repo), commits[1]],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kinds"] == ["clip", "sd-safety-checker"]
+    assert result["same"] and result["updated"]
+    assert result["rows"] == [17, 32]
+    assert result["error"].startswith("model org/not-cached: not a local folder, and not found")
 
 
 def test_checkpoint_missing_weights_is_an_error(tmp_path, tiny_checker_dir):
