@@ -29,7 +29,7 @@ policy: test
 version: 3
 model: {model}
 defaults: {{threshold: 0.21, action: blackout, severity: medium}}
-review_band: 0.015
+review_band: 0
 on_error: blackout
 actions:
   blur: {{radius: 24}}
@@ -94,7 +94,7 @@ def test_every_field_is_filled(policy_path, encoder, tiny_clip_dir):
     assert compiled.actions == ("blackout", "blur", "blackout", "blackout")
     assert compiled.special_names == ("young child",)
     assert (compiled.adjustment, compiled.escalate) == (0.01, "review")
-    assert (compiled.review_band, compiled.on_error, compiled.compat) == (0.015, "blackout", None)
+    assert (compiled.review_band, compiled.on_error, compiled.compat) == (0.0, "blackout", None)
     assert (compiled.blur_radius, compiled.pixelate_block) == (24.0, 16)
     assert compiled.review_placeholder == "blur"
     assert compiled.source == policy_path.read_text(encoding="utf-8")
@@ -271,8 +271,8 @@ DECISION_EDITS = {
     "escalate": ("escalate: review", "escalate: blur"),
     "special-threshold": ("threshold: 0.19", "threshold: 0.18"),
     "special-prompt": ("a young child", "a small child"),
-    "review-band": ("review_band: 0.015", "review_band: 0.02"),
-    "compat": ("review_band: 0.015", "review_band: 0\ncompat: diffusers"),
+    "review-band": ("review_band: 0", "review_band: 0.015"),
+    "compat": ("review_band: 0", "review_band: 0\ncompat: diffusers"),
     "on-error": ("on_error: blackout", "on_error: review"),
     "blur-radius": ("radius: 24", "radius: 12"),
     "pixelate-block": ("block: 16", "block: 8"),
@@ -281,7 +281,7 @@ DECISION_EDITS = {
 }
 SAME_DECISION_EDITS = {
     "comment": ("# A policy", "# Another comment on a policy"),
-    "added-comment": ("review_band: 0.015", "review_band: 0.015  # stricter soon"),
+    "added-comment": ("review_band: 0", "review_band: 0  # stricter soon"),
     "blank-lines": ("on_error: blackout\n", "\n\non_error: blackout\n\n"),
     "spacing": ("{radius: 24}", "{ radius:   24 }"),
 }
