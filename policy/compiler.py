@@ -129,7 +129,8 @@ def _encode_prompts(
         embeddings = cache.encode(encoder, prompts) if cache else encoder.encode_text(prompts)
     except EncoderError as exc:  # e.g. no text tower: point at the first concept that needs one
         path, concept = users[0]
-        message = f"concept '{concept.name}' (and {len(users) - 1} more with prompts): {exc}"
+        others = f" (and {len(users) - 1} more with prompts)" if len(users) > 1 else ""
+        message = f"concept '{concept.name}'{others}: {exc}"
         raise PolicyError([policy.issue((*path, "prompts"), message)]) from exc
     return dict(zip(prompts, embeddings, strict=True))
 
