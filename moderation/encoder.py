@@ -18,10 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from moderation.errors import ModerationError
+from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
-# openai/clip-vit-* preprocessing, used when a checkpoint has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAFETY_CHECKER_TENSORS = (
     "concept_embeds",
     "concept_embeds_weights",
@@ -404,16 +402,19 @@ class ClipEncoder:
             return self.visual_projection(pooled)  # [B, D]
 
     def embed_images(self, images: Any, *, value_range: str = "auto") -> Tensor:
-        """Preprocess images on their own device (CLIP resize, crop, mean/std), then encode them."""
-        from moderation.images import clip_preprocess
+        """[B, D] embeddings of images (tensors, arrays, PIL, files or an ImageBatch).
 
+        Conversion and CLIP preprocessing run on the images' own device (a GPU batch never goes
+        through the host); only the pixel values move to the encoder's device. Images holding
+        NaN/inf come out as NaN rows, so that they fail closed downstream.
+        """
+        from moderation.images import ImageBatch, clip_preprocess, to_image_batch
+
+        if not isinstance(images, ImageBatch):
+            images = to_image_batch(images, value_range=value_range)
         pixel_values = clip_preprocess(
-            images,
-            size=self.image_size,
-            mean=self.image_mean,
-            std=self.image_std,
-            value_range=value_range,
-        )
+            images, size=self.image_size, mean=self.image_mean, std=self.image_std
+        )  # [B, 3, S, S]
         return self.encode_image(pixel_values)
 
     def checkpoint_tensor(self, name: str) -> Tensor:

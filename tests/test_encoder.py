@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,21 +250,34 @@ def test_encode_image_rejects_unprocessed_input(checker_encoder):
         checker_encoder.encode_image(torch.zeros(224, 224, 3))
 
 
-def test_embed_images_preprocesses_then_encodes(checker_encoder, monkeypatch, pixels):
-    """moderation.images is the imaging branch's; a stand-in records what it is asked for."""
-    calls = []
+def test_embed_images_is_clip_preprocess_then_encode_image(checker_encoder):
+    from moderation.images import clip_preprocess
 
-    def clip_preprocess(images, *, size, mean, std, value_range):
-        calls.append((images, size, mean, std, value_range))
-        return pixels
+    torch.manual_seed(2)
+    images = torch.rand(2, 3, 80, 96)  # [0, 1]
+    expected = checker_encoder.encode_image(clip_preprocess(images))
+    assert torch.equal(checker_encoder.embed_images(images), expected)
+    assert torch.equal(checker_encoder.embed_images(images * 2 - 1, value_range="-1,1"), expected)
+    assert checker_encoder.embed_images(images).shape == (2, 32)
 
-    monkeypatch.setitem(
-        sys.modules, "moderation.images", types.SimpleNamespace(clip_preprocess=clip_preprocess)
-    )
+
+def test_embed_images_uses_the_checkpoint_preprocessing(tmp_path):
+    from moderation.images import clip_preprocess
+
+    folder = make_safety_checker(tmp_path / "checker")
+    config = {"crop_size": 224, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    enc = ClipEncoder.from_pretrained(folder)
+    images = torch.rand(1, 3, 64, 64)
+    pixels = clip_preprocess(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert torch.equal(enc.embed_images(images), enc.encode_image(pixels))
+
+
+def test_embed_images_non_finite_input_gives_nan_rows(checker_encoder):
     images = torch.rand(2, 3, 64, 64)
-    got = checker_encoder.embed_images(images, value_range="0,1")
-    assert calls == [(images, 224, CLIP_MEAN, CLIP_STD, "0,1")]
-    assert torch.equal(got, checker_encoder.encode_image(pixels))
+    images[1, 0, 3, 3] = float("nan")
+    embeds = checker_encoder.embed_images(images)
+    assert bool(torch.isfinite(embeds[0]).all()) and bool(torch.isnan(embeds[1]).all())
 
 
 def write_config(folder, architectures):
@@ -295,15 +310,70 @@ def test_bad_model_folders_are_named(tmp_path, make, message):
     assert str(info.value).startswith(message.format(folder, folder))
 
 
-def test_offline_hub_id_without_cache_is_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+def test_offline_hub_id_without_cache_is_named():
     with pytest.raises(EncoderError) as info:
-        ClipEncoder.from_pretrained("nobody/no-such-clip")
+        ClipEncoder.from_pretrained("nobody/no-such-clip")  # conftest sets HF_HUB_OFFLINE=1
     message = str(info.value)
     assert message.startswith("model nobody/no-such-clip: not a local folder, and not found")
     assert "cache" in message
     assert isinstance(info.value.__cause__, OSError)
+
+
+HUB_SCRIPT = """
+import json, sys
+from moderation.encoder import ClipEncoder, EncoderError
+first = ClipEncoder.from_pretrained("org/tiny-clip")
+again = ClipEncoder.from_pretrained("org/tiny-clip")
+checker = ClipEncoder.from_pretrained("org/tiny-checker")
+open(sys.argv[1] + "/refs/main", "w").write(sys.argv[2])  # a new revision of org/tiny-clip
+updated = ClipEncoder.from_pretrained("org/tiny-clip")
+try:
+    ClipEncoder.from_pretrained("org/not-cached")
+    error = None
+except EncoderError as exc:
+    error = str(exc)
+print(json.dumps({
+    "kinds": [first.kind, checker.kind],
+    "same": first.text_fingerprint == again.text_fingerprint,
+    "updated": first.text_fingerprint != updated.text_fingerprint,
+    "rows": list(checker.checkpoint_tensor("concept_embeds").shape),
+    "error": error,
+}))
+"""
+
+
+def fake_hub_repo(cache, repo_id, folder, commits):
+    """A Hugging Face cache entry for repo_id holding folder's files at each commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for commit in commits:
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    return repo
+
+
+@pytest.mark.slow
+def test_hub_ids_load_offline_from_the_cache(tmp_path, tiny_clip_dir, tiny_checker_dir):
+    cache = tmp_path / "hub"
+    commits = ["a" * 40, "b" * 40]
+    repo = fake_hub_repo(cache, "org/tiny-clip", tiny_clip_dir, commits)
+    fake_hub_repo(cache, "org/tiny-checker", tiny_checker_dir, commits[:1])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(repo), commits[1]],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kinds"] == ["clip", "sd-safety-checker"]
+    assert result["same"] and result["updated"]
+    assert result["rows"] == [17, 32]
+    assert result["error"].startswith("model org/not-cached: not a local folder, and not found")
 
 
 def test_checkpoint_missing_weights_is_an_error(tmp_path, tiny_checker_dir):
