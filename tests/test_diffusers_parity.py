@@ -474,3 +474,92 @@ def test_numpy_1_arithmetic(monkeypatch):
             s = np.round(cos[i, j] - thresholds[j].item() + adjustment, 3)
             assert (s > 0) == bool(scores.fired[i, j])
             assert np.float32(s) == scores.scores[i, j].item()
+
+
+# NumPy's float32 arithmetic, not float64 (NumPy 1), Python's decimal round() or another order of
+# operations: each of these flips the outcome of some score, which these thresholds are built on.
+ALTERNATIVES = {
+    "float64": lambda cos, thr, adj: np.round(np.float64(cos) - thr.item() + adj, 3),
+    "python round": lambda cos, thr, adj: round(float(cos) - thr.item() + adj, 3),
+    "reordered": lambda cos, thr, adj: np.round(cos - (thr - np.float32(adj)), 3),
+}
+
+
+def trap(cos, adjustment, edge, prefer):
+    """A threshold where diffusers' outcome (fires or not) differs from an alternative's."""
+    fallback = None
+    for k in range(-64, 65):
+        threshold = around(edge, adjustment, k)(cos)
+        fires = diffusers_score(cos, threshold, adjustment) > 0
+        flips = [n for n, f in ALTERNATIVES.items() if (f(cos, threshold, adjustment) > 0) != fires]
+        if prefer in flips:
+            return threshold, flips
+        if flips and fallback is None:
+            fallback = threshold, flips
+    return fallback
+
+
+def test_float32_arithmetic_traps():
+    g = torch.Generator().manual_seed(0)
+    batch, dim = 8, 16
+    embeddings = torch.randn(batch, dim, generator=g)
+    unit = F.normalize(embeddings)
+    adjusted = [i % 2 == 0 for i in range(batch)]  # even images get a special-care hit
+    signs = torch.tensor([1.0 if a else -1.0 for a in adjusted], dtype=torch.float64)
+
+    pinv = torch.linalg.pinv(unit.double())  # [D, B]
+
+    def near_orthogonal(i, away=()):
+        """A row with a tiny cosine with image i (so its thresholds have fine ulps), negative
+        with the images in `away`, random otherwise."""
+        w = torch.randn(dim, generator=g, dtype=torch.float64)
+        dots = unit.double() @ w
+        dots[i] = (torch.rand(1, generator=g).item() - 0.5) * 0.006 * w.norm()
+        dots[list(away)] = -w.norm()
+        return (w + pinv @ (dots - unit.double() @ w)).float()
+
+    concept_rows = torch.stack([near_orthogonal(j % batch) for j in range(96)])
+    odd = range(1, batch, 2)
+    adjusted_rows = torch.stack([near_orthogonal(2 * (j % 4), odd) for j in range(16)])
+    special_rows = torch.cat([(pinv @ signs).float()[None], adjusted_rows])
+    counts = dict.fromkeys(ALTERNATIVES, 0)
+
+    def thresholds_for(rows, targets, adjustments):
+        cos = cosine_distance(embeddings, rows).numpy()  # the shapes diffusers will use
+        out = []
+        for j, (i, adj) in enumerate(zip(targets, adjustments, strict=True)):
+            found = trap(cos[i, j], adj, 0.0005, list(ALTERNATIVES)[j % 3])
+            if found is None:
+                out.append(np.float32(cos[i, j]))
+                continue
+            out.append(found[0])
+            for name in found[1]:
+                counts[name] += 1
+        return torch.tensor(np.array(out, np.float32))
+
+    targets = [j % batch for j in range(96)]
+    concept_thresholds = thresholds_for(
+        concept_rows, targets, [0.01 if adjusted[i] else 0.0 for i in targets]
+    )
+    special_thresholds = thresholds_for(
+        special_rows, [0] + [2 * (j % 4) for j in range(16)], [0.0] + [0.01] * 16
+    )
+    special_thresholds[0] = 0.0  # the switch: fires for the even images only
+    print("flag traps per alternative:", counts)
+    assert all(v >= 5 for v in counts.values()), counts
+
+    reference = fake_checker(concept_rows, concept_thresholds, special_rows, special_thresholds)
+    forward = StableDiffusionSafetyChecker.forward.__get__(reference)
+    images = torch.rand(batch, 3, 4, 4, generator=g)
+    theirs, flags, result = run_diffusers(forward, embeddings, images.clone())
+    assert [bool(r["special_care"]) for r in result] == adjusted
+    policy = compiled_from_rows(concept_rows, concept_thresholds, special_rows, special_thresholds)
+    scores = score(policy, embeddings)
+    assert same_scores(scores.scores.numpy(), diffusers_rounded(result, "concept_scores", 96))
+    assert same_scores(
+        scores.special_scores.numpy(), diffusers_rounded(result, "special_scores", 17)
+    )
+    ours, our_flags = PolicySafetyChecker(policy, PassThrough())(
+        clip_input=embeddings, images=images.clone()
+    )
+    assert our_flags == flags and torch.equal(ours, theirs)
