@@ -1,27 +1,26 @@
-"""Command line: click groups (minimal placeholder until the lead's version lands)."""
+"""The `moderation` command: click groups (minimal; the lead owns the full version)."""
 
 import click
 
 
 @click.group()
-def main():
-    """Declarative moderation policies for generated images."""
+def main() -> None:
+    """Moderate generated images with declarative policies."""
 
 
 @main.group()
-def policy():
-    """Validate, compile and import policies."""
+def policy() -> None:
+    """Validate and compile policy files."""
 
 
 @main.group()
-def db():
+def db() -> None:
     """Manage the decision database."""
 
 
 @main.group()
-def review():
+def review() -> None:
     """Work the human review queue."""
 
 
-# Command modules register themselves on the groups above.
-from moderation.cli import import_cmd  # noqa: E402, F401
+from moderation.cli import policy_cmds  # noqa: E402,F401  (registers its commands)
