@@ -27,8 +27,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (
 from safetensors.torch import load_file
 
 import moderation.scoring
-from moderation.cli import main
-from moderation.integrations.diffusers import CheckerVisionEncoder, PolicySafetyChecker
+from moderation.cli import import_cmd, main  # noqa: F401  (import_cmd registers its command)
+from moderation.integrations.diffusers import PolicySafetyChecker
 from moderation.scoring import score
 from moderation.sd_import import DIFFUSERS_ADJUSTMENT
 from moderation.testing import build_safety_checker
@@ -272,19 +272,24 @@ def import_checker(checker, folder):
     return out
 
 
-def our_checkers(policy_path):
-    """Ours, built from the written YAML: by hand now; through from_policy once it can load."""
-    checker_dir = policy_path.parent / "checker"
-    # diffusers' class hard-codes 17/3 concept rows; only its vision tower is used here.
-    loaded = StableDiffusionSafetyChecker.from_pretrained(checker_dir, ignore_mismatched_sizes=True)
-    encoder = CheckerVisionEncoder(loaded.eval())
-    yield "tensors", PolicySafetyChecker(compile_imported(policy_path), encoder)
-    try:
-        import moderation.encoder  # noqa: F401
-        import policy.loader  # noqa: F401
-    except ImportError:
-        return  # the policy language / encoder branches have not landed in this tree
-    yield "from_policy", PolicySafetyChecker.from_policy(policy_path)
+# The attention each route's vision tower runs with. diffusers' own from_pretrained gives a
+# checker's tower SDPA (checked below); ClipEncoder loads it with eager attention, which gives
+# different low bits (see test_clip_encoder_embeds_like_diffusers, an expected failure).
+DIFFUSERS_ATTENTION = "sdpa"
+CLIP_ENCODER_ATTENTION = "eager"
+
+
+def our_checker(route, policy_path):
+    """Ours from the written YAML: compiled by hand on diffusers' own loading of the tower, or
+    through `from_policy` (load_policy, ClipEncoder, compile_policy)."""
+    if route == "by hand":
+        checker_dir = policy_path.parent / "checker"
+        # diffusers' class hard-codes 17/3 concept rows; only its vision tower is used here.
+        loaded = StableDiffusionSafetyChecker.from_pretrained(
+            checker_dir, ignore_mismatched_sizes=True
+        )
+        return PolicySafetyChecker(compile_imported(policy_path), loaded)
+    return PolicySafetyChecker.from_policy(policy_path, device="cpu")
 
 
 def assert_parity(ours, reference, clip_input, images, concepts, special):
@@ -318,34 +323,55 @@ def assert_parity(ours, reference, clip_input, images, concepts, special):
 
 
 def parity_run(size, roles, tmp_path, *, numpy_images=True):
+    """Engineer, save, import and compare, for each way of building ours; edge-row counts."""
     checker = build_safety_checker(size=size, seed=11)
-    # What StableDiffusionSafetyChecker.from_pretrained gives a pipeline (see the test below).
-    checker.vision_model.set_attn_implementation("sdpa")
     clip_input = torch.randn(len(roles), 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    concepts, special = engineer(checker, clip_input, roles)
-    policy_path = import_checker(checker, tmp_path)
     tensor_images = torch.rand(len(roles), 3, 32, 32, generator=torch.Generator().manual_seed(3))
     tensor_images = tensor_images * 2 - 1  # VAE output range
-    counts = None
-    for route, ours in our_checkers(policy_path):
+    counts = []
+    for route, attention in (
+        ("by hand", DIFFUSERS_ATTENTION),
+        ("from_policy", CLIP_ENCODER_ATTENTION),
+    ):
+        checker.vision_model.set_attn_implementation(attention)
+        concepts, special = engineer(checker, clip_input, roles)  # cosines depend on attention
+        folder = tmp_path / route.replace(" ", "-")
+        folder.mkdir()
+        ours = our_checker(route, import_checker(checker, folder))
+        assert ours.encoder.vision_model.config._attn_implementation == attention
         flags, result = assert_parity(ours, checker, clip_input, tensor_images, concepts, special)
-        counts = check_engineering(roles, concepts, special, result, flags)
+        counts.append(check_engineering(roles, concepts, special, result, flags))
         if numpy_images:
             batch = tensor_images.permute(0, 2, 3, 1).numpy() * 0.5 + 0.5  # [B, H, W, 3]
             assert_parity(ours, checker, clip_input, batch, concepts, special)
-        print(route, "ok")
     return counts
 
 
 def test_diffusers_loads_the_vision_tower_with_sdpa(tiny_checker_dir):
-    """A pipeline's checker runs its vision tower with SDPA: the reference above does too."""
+    """A pipeline's checker runs its vision tower with SDPA (so the first route's reference does)."""
     loaded = StableDiffusionSafetyChecker.from_pretrained(tiny_checker_dir)
-    assert loaded.vision_model.config._attn_implementation == "sdpa"
+    assert loaded.vision_model.config._attn_implementation == DIFFUSERS_ATTENTION
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ClipEncoder forces eager attention on the checker's vision tower; diffusers loads it "
+    "with SDPA, so embeddings differ in the last bits and edge cases flag differently",
+)
+def test_clip_encoder_embeds_like_diffusers(tiny_checker_dir):
+    from moderation.encoder import ClipEncoder
+
+    encoder = ClipEncoder.from_pretrained(tiny_checker_dir, device="cpu")
+    loaded = StableDiffusionSafetyChecker.from_pretrained(tiny_checker_dir)
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = loaded.visual_projection(loaded.vision_model(pixels)[1])
+    assert torch.equal(encoder.encode_image(pixels), theirs)
 
 
 def test_parity_tiny(tmp_path):
     counts = parity_run("tiny", list(ROLES), tmp_path)
-    assert counts == {"concept edge rows": 47, "special edge rows": 9}
+    assert counts == [{"concept edge rows": 47, "special edge rows": 9}] * 2
 
 
 @pytest.mark.slow
@@ -353,7 +379,7 @@ def test_parity_vit_l(tmp_path):
     start = time.perf_counter()
     roles = ["special-only", "chain", "edges", "special-edge"]
     counts = parity_run("vit-l", roles, tmp_path, numpy_images=False)
-    assert counts == {"concept edge rows": 45, "special edge rows": 9}
+    assert counts == [{"concept edge rows": 45, "special edge rows": 9}] * 2
     print(f"vit-l parity: {time.perf_counter() - start:.1f}s")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moderation.integrations.diffusers import CheckerVisionEncoder, PolicySafetyChecker
+from moderation.integrations.diffusers import PolicySafetyChecker, VisionTower
 from moderation.testing import build_safety_checker, make_tiny_pipeline
 from policy.compiled import CompiledPolicy
 
@@ -47,7 +47,7 @@ def one_concept_policy(direction, threshold, action) -> CompiledPolicy:
 def setup():
     """A pipeline, an encoder, the unmoderated output and a concept that only image 0 matches."""
     checker = build_safety_checker(seed=1)
-    encoder = CheckerVisionEncoder(checker)
+    encoder = VisionTower(checker.vision_model, checker.visual_projection)
     probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 2.0, "blackout"), encoder)
     pipe = make_tiny_pipeline(safety_checker=probe)
     plain = generate(pipe)

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from moderation.cli import main
+from moderation.cli import import_cmd, main  # noqa: F401  (import_cmd registers its command)
 from moderation.sd_import import (
     CheckpointError,
     float32_text,

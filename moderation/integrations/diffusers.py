@@ -8,14 +8,13 @@ the policy's action: black, blurred, pixelated or a review placeholder instead o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moderation.actions import apply_actions
 from moderation.decision import Decision, decide
 from moderation.scoring import score
 from policy.compiled import CompiledPolicy
@@ -23,18 +22,19 @@ from policy.compiled import CompiledPolicy
 logger = logging.getLogger(__name__)
 
 
-class CheckerVisionEncoder(nn.Module):
-    """The vision tower of a loaded `StableDiffusionSafetyChecker`, shared, as an image encoder."""
+class VisionTower(nn.Module):
+    """A CLIP vision tower and its projection (shared, not copied) as an `nn.Module` encoder."""
 
-    def __init__(self, checker: nn.Module) -> None:
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module) -> None:
         super().__init__()
-        self.vision_model = checker.vision_model
-        self.visual_projection = checker.visual_projection
+        self.vision_model = vision_model
+        self.visual_projection = visual_projection
 
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 224, 224] CLIP-normalised pixels -> [B, D] embeddings, exactly as diffusers."""
-        pooled = self.vision_model(pixel_values)[1]  # [B, hidden]
+        """[B, 3, S, S] CLIP-normalised pixels -> [B, D] embeddings, exactly as diffusers."""
+        weight = self.visual_projection.weight
+        pooled = self.vision_model(pixel_values.to(weight.device, weight.dtype))[1]  # [B, hidden]
         return self.visual_projection(pooled)  # [B, D]
 
 
@@ -43,8 +43,12 @@ class PolicySafetyChecker(nn.Module):
 
     main_input_name = "clip_input"
 
-    def __init__(self, compiled_policy: CompiledPolicy, encoder: nn.Module) -> None:
+    def __init__(self, compiled_policy: CompiledPolicy, encoder) -> None:
+        """encoder: an `nn.Module` with `encode_image`, or anything holding `vision_model` and
+        `visual_projection` (a `ClipEncoder`, diffusers' own checker), whose modules are shared."""
         super().__init__()
+        if not (isinstance(encoder, nn.Module) and hasattr(encoder, "encode_image")):
+            encoder = VisionTower(encoder.vision_model, encoder.visual_projection)
         self.encoder = encoder
         self.policy = compiled_policy.to(_module_device(encoder, compiled_policy.device))
         self.last_decisions: list[Decision] = []
@@ -63,7 +67,8 @@ class PolicySafetyChecker(nn.Module):
 
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            from policy import compile_policy, load_policy
+            from policy.compiler import compile_policy
+            from policy.loader import load_policy
 
             source = load_policy(path)
             encoder = ClipEncoder.from_pretrained(model or source.model, device=device, dtype=dtype)
@@ -76,7 +81,9 @@ class PolicySafetyChecker(nn.Module):
         return cls(compiled, encoder)
 
     @classmethod
-    def from_checker(cls, checker: nn.Module, policy: CompiledPolicy | None = None):
+    def from_checker(
+        cls, checker: nn.Module, policy: CompiledPolicy | None = None
+    ) -> PolicySafetyChecker:
         """Wrap a loaded `StableDiffusionSafetyChecker`: its own concepts unless a policy is given.
 
         The vision tower is shared, not copied, so `pipe.safety_checker = from_checker(
@@ -94,7 +101,7 @@ class PolicySafetyChecker(nn.Module):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
-        return cls(policy, CheckerVisionEncoder(checker))
+        return cls(policy, checker)
 
     @property
     def device(self) -> torch.device:
@@ -162,53 +169,15 @@ def _act_in_place(images, indices: list[int], actions: list[str], policy: Compil
     else:
         batch_np = np.stack([np.asarray(images[i]) for i in rows])  # [N, H, W, 3] in [0, 1]
         unit = torch.from_numpy(batch_np).float().permute(0, 3, 1, 2)
-    acted = apply_actions(unit, [a for _, a in others], policy)  # [N, 3, H, W] in [0, 1]
+    acted = apply_actions(
+        unit,
+        [a for _, a in others],
+        blur_radius=policy.blur_radius,
+        pixelate_block=policy.pixelate_block,
+        review_placeholder=policy.review_placeholder,
+    )  # [N, 3, H, W] in [0, 1]
     for k, i in enumerate(rows):
         if is_tensor:
             images[i] = acted[k].to(images[i].dtype)
         else:
             images[i] = acted[k].permute(1, 2, 0).numpy().astype(np.asarray(images[i]).dtype)
-
-
-def apply_actions(
-    images: torch.Tensor, actions: Sequence[str], policy: CompiledPolicy
-) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] -> the same with each image's action applied (review: placeholder)."""
-    try:
-        from moderation.actions import apply_actions as imaging_apply_actions
-    except ImportError:  # the imaging module has not landed in this tree yet
-        return _basic_actions(images, actions, policy)
-    return imaging_apply_actions(images, list(actions), policy)
-
-
-def _basic_actions(images: torch.Tensor, actions: Sequence[str], policy: CompiledPolicy):
-    """Minimal blur/pixelate/blackout, used only until `moderation.actions` is available."""
-    out = images.clone()
-    for k, action in enumerate(actions):
-        if action == "review":
-            action = policy.review_placeholder
-        image = images[k : k + 1]  # [1, 3, H, W]
-        if action == "blur":
-            out[k] = _gaussian_blur(image, policy.blur_radius)[0]
-        elif action == "pixelate":
-            height, width = image.shape[-2:]
-            block = max(1, int(policy.pixelate_block))
-            small = F.interpolate(
-                image, size=(-(-height // block), -(-width // block)), mode="area"
-            )
-            out[k] = F.interpolate(small, size=(height, width), mode="nearest")[0]
-        elif action != "allow":
-            out[k] = 0
-    return out
-
-
-def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [N, C, H, W] with edge replication."""
-    half = max(1, int(3 * sigma))
-    x = torch.arange(-half, half + 1, dtype=image.dtype, device=image.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = image.shape[1]
-    out = F.pad(image, (half, half, half, half), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
