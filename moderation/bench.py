@@ -207,7 +207,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every requested section and return the JSON-able result (see BENCHMARKS.md)."""
-    from moderation.bench_models import load_models
+    from moderation.bench_models import attention_of, load_models
     from moderation.bench_report import evaluate_targets
 
     config.check()
@@ -244,7 +244,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             "description": models.description,
             "embed_dim": models.encoder.embed_dim,
             "image_size": models.encoder.image_size,
-            "ours_attention": models.attention,
+            "ours_attention": attention_of(models.encoder.vision_model),
             "diffusers_attention": "eager",
             "compiled": models.compiled,
             "feature_extractor": type(models.feature_extractor).__name__,

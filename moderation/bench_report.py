@@ -136,13 +136,15 @@ def format_report(result: dict[str, Any]) -> str:
 
 def _e2e_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "a+b. Bare vision forward (the floor) and end to end from the VAE's [B,3,512,512] "
-        "tensor in [-1,1], ms"
+        "a+b. Bare vision forward (the floor: our tower; 'eager': the same weights with "
+        "diffusers' eager attention) and end to end from the VAE's [B,3,512,512] tensor in "
+        "[-1,1], ms; 'x forward' = / the floor"
     )
     body = [
         (
             r["batch"],
             ms(r["forward_ms"]),
+            ms(r["forward_eager_ms"]),
             ms(r["diffusers_ms"]),
             ms(r["diffusers_preprocess_ms"]),
             times(r["diffusers_x_forward"]),
@@ -156,6 +158,7 @@ def _e2e_table(rows: list[dict[str, Any]]) -> str:
     headers = (
         "batch",
         "forward",
+        "eager forward",
         "diffusers",
         "of which PIL+processor",
         "x forward",

@@ -59,6 +59,9 @@ def run_end_to_end(
     def floor(pixels: torch.Tensor) -> torch.Tensor:
         return encoder.visual_projection(encoder.vision_model(pixels)[1])  # [B, D]
 
+    def eager_floor(pixels: torch.Tensor) -> torch.Tensor:  # diffusers' tower: eager attention
+        return checker.visual_projection(checker.vision_model(pixels)[1])  # [B, D]
+
     def diffusers_preprocess(images: torch.Tensor) -> torch.Tensor:
         # StableDiffusionPipeline.run_safety_checker, line for line.
         pil = vae_processor.postprocess(images, output_type="pil")
@@ -77,6 +80,7 @@ def run_end_to_end(
         # First calls allocate and pick kernels; keep that out of every row.
         first = decoded(1)
         floor(_ready_pixels(first, encoder, dtype))
+        eager_floor(_ready_pixels(first, encoder, dtype))
         diffusers_path(first.clone())
         ours_path(first.clone())
         for batch in config.batch_sizes:
@@ -87,6 +91,7 @@ def run_end_to_end(
             timings, results = measure_interleaved(
                 {
                     "forward": (floor, functools.partial(_same, pixels)),
+                    "eager": (eager_floor, functools.partial(_same, pixels)),
                     "pre": (diffusers_preprocess, functools.partial(_same, images)),
                     # The checker blacks out flagged images in place: each call gets a copy.
                     "diffusers": (diffusers_path, images.clone),
@@ -94,8 +99,8 @@ def run_end_to_end(
                 },
                 **timed,
             )
-            forward, pre, theirs, ours = (
-                timings[k] for k in ("forward", "pre", "diffusers", "ours")
+            forward, eager, pre, theirs, ours = (
+                timings[k] for k in ("forward", "eager", "pre", "diffusers", "ours")
             )
             their_flags, our_flags = results["diffusers"], results["ours"]
             stages = ours_stages(moderator, images, timed)
@@ -104,13 +109,22 @@ def run_end_to_end(
                 for name, path in (("diffusers", diffusers_path), ("ours", ours_path))
             }
             floor_ms = forward.median_ms
-            forward_rows.append({"batch": batch, "ms": floor_ms, "timing": forward.to_dict()})
+            forward_rows.append(
+                {
+                    "batch": batch,
+                    "ms": floor_ms,
+                    "eager_ms": eager.median_ms,
+                    "timing": forward.to_dict(),
+                    "eager_timing": eager.to_dict(),
+                }
+            )
             e2e_rows.append(
                 {
                     "batch": batch,
                     "forward_ms": floor_ms,
                     "diffusers_ms": theirs.median_ms,
                     "diffusers_preprocess_ms": pre.median_ms,
+                    "forward_eager_ms": eager.median_ms,
                     "ours_ms": ours.median_ms,
                     "diffusers_x_forward": theirs.median_ms / floor_ms,
                     "ours_x_forward": ours.median_ms / floor_ms,
@@ -120,6 +134,7 @@ def run_end_to_end(
                     "host_syncs": syncs,  # CUDA only: times the host waited for the GPU
                     "timing": {
                         "forward": forward.to_dict(),
+                        "forward_eager": eager.to_dict(),
                         "diffusers": theirs.to_dict(),
                         "diffusers_preprocess": pre.to_dict(),
                         "ours": ours.to_dict(),

@@ -39,6 +39,7 @@ E2E_KEYS = {
     "forward_ms",
     "diffusers_ms",
     "diffusers_preprocess_ms",
+    "forward_eager_ms",
     "ours_ms",
     "diffusers_x_forward",
     "ours_x_forward",
@@ -128,7 +129,7 @@ def test_bench_json_has_the_documented_shape(tiny_result):
     assert data["model"]["embed_dim"] == 32 and data["model"]["ours_attention"] == "sdpa"
     assert [r["batch"] for r in data["forward"]] == [1, 2]
     for row in data["forward"]:
-        assert row["ms"] > 0 and row["timing"]["repeats"] == 1
+        assert row["ms"] > 0 and row["eager_ms"] > 0 and row["timing"]["repeats"] == 1
     for row in data["end_to_end"]:
         assert set(row) == E2E_KEYS
         assert row["ours_ms"] > 0 and row["diffusers_ms"] > 0
