@@ -256,3 +256,38 @@ def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path):
     (log,) = json.loads(path.read_text())["logging"]
     assert log["database"].startswith("PostgreSQL")
     assert (log["rows"], log["lost"]) == (500, 0)
+
+
+def test_our_path_reads_no_scalar_per_image_where_diffusers_reads_one_per_concept():
+    """On a GPU each scalar read (item, bool, nonzero) makes the host wait for the device.
+
+    A CPU proxy for CUDA's sync debug mode (which the bench uses on a GPU): it sees scalar reads,
+    not whole-tensor copies such as decide()'s one transfer per batch.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moderation.bench_models import load_models
+    from moderation.engine import Moderator
+
+    SCALAR_READS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero"}
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).split(".")[1] in SCALAR_READS:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    models = load_models(model=None, size="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    moderator = Moderator(models.policy, models.encoder)
+    images = torch.rand(3, 3, 64, 64) * 2 - 1  # [B,3,H,W] in [-1,1]
+    pixels = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        with ScalarReads() as ours:
+            moderator.moderate(images, value_range="-1,1")
+        with ScalarReads() as theirs:
+            models.checker(images=images.clone(), clip_input=pixels)
+    assert ours.count == 0
+    assert theirs.count >= 3 * (17 + 3)  # one .item() per image and concept
