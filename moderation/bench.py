@@ -26,6 +26,9 @@ from moderation.bench_models import BenchError, resolve_device, resolve_dtype
 
 SCHEMA_VERSION = 1
 SECTIONS = ("e2e", "concepts", "logging")
+# Knob: a fast call (section c, our steps) is repeated until `fast_seconds` were timed, at most
+# this many times; slow calls just `repeats` times.
+MAX_REPEATS = 200
 
 
 @dataclass
@@ -49,6 +52,7 @@ class BenchConfig:
     sections: tuple[str, ...] = SECTIONS
     size: str = "vit-l"  # widths of the random model: "vit-l" or "tiny" (tests)
     loop_budget: int = 200_000  # images x concepts of diffusers' loops timed before scaling
+    fast_seconds: float = 1.0  # fast calls repeat until this much was timed (noise on busy CPUs)
     seed: int = 0
 
     @classmethod
@@ -61,6 +65,7 @@ class BenchConfig:
             "repeats": 2,
             "decisions": 2_000,
             "loop_budget": 20_000,
+            "fast_seconds": 0.1,
         }
         return cls(**{**base, **overrides})
 
@@ -111,10 +116,19 @@ def measure(
     repeats: int,
     warmup: int,
     setup: Callable[[], Any] | None = None,
+    min_seconds: float = 0.0,
 ) -> tuple[Timing, Any]:
-    """Time fn(setup()) `repeats` times after `warmup` calls; setup is not timed."""
+    """Time fn(setup()) `repeats` times after `warmup` calls; setup is not timed.
+
+    With min_seconds, a fast call is repeated until that much time was spent timing it (up to
+    MAX_REPEATS), so a median of milliseconds is not at the mercy of a busy machine.
+    """
     timings, results = measure_interleaved(
-        {"fn": (fn, setup)}, device=device, repeats=repeats, warmup=warmup
+        {"fn": (fn, setup)},
+        device=device,
+        repeats=repeats,
+        warmup=warmup,
+        min_seconds=min_seconds,
     )
     return timings["fn"], results.get("fn")
 
@@ -125,11 +139,12 @@ def measure_interleaved(
     device: torch.device,
     repeats: int,
     warmup: int,
+    min_seconds: float = 0.0,
 ) -> tuple[dict[str, Timing], dict[str, Any]]:
     """Time several calls round-robin, so that a busy machine slows each of them alike.
 
-    calls maps a name to (fn, setup): fn(setup()) is timed, setup() is not. Returns the timings
-    and each fn's last result.
+    calls maps a name to (fn, setup): fn(setup()) is timed, setup() is not. Rounds go on past
+    `repeats` while less than min_seconds was timed. Returns the timings and each fn's last result.
     """
     results: dict[str, Any] = {}
     for _ in range(warmup):
@@ -137,14 +152,18 @@ def measure_interleaved(
             results[name] = fn(setup() if setup else None)
     synchronize(device)
     timings = {name: Timing() for name in calls}
-    for _ in range(repeats):
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < min_seconds and rounds < MAX_REPEATS):
         for name, (fn, setup) in calls.items():
             arg = setup() if setup else None
             synchronize(device)
             start = time.perf_counter()
             results[name] = fn(arg)
             synchronize(device)
-            timings[name].samples_ms.append((time.perf_counter() - start) * 1000)
+            seconds = time.perf_counter() - start
+            timings[name].samples_ms.append(seconds * 1000)
+            spent += seconds
+        rounds += 1
     return timings, results
 
 

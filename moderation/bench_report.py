@@ -113,9 +113,10 @@ def format_report(result: dict[str, Any]) -> str:
         )
     e2e_repeats = cfg["e2e_repeats"] or cfg["repeats"]
     lines.append(
-        f"timing: median of {e2e_repeats} repeats (forward and end to end) / {cfg['repeats']} "
-        f"(section c) after {cfg['warmup']} warm-up call(s) per row; device synchronised "
-        "around every call"
+        f"timing: medians; forward and end to end: {e2e_repeats} repeat(s) per row, interleaved, "
+        f"after {cfg['warmup']} warm-up call(s) (and one first call of each path); our steps "
+        f"and section c: at least {cfg['repeats']} repeats and {cfg['fast_seconds']:g} s per "
+        "row; device synchronised around every call"
     )
     if result["end_to_end"]:
         lines += ["", _e2e_table(result["end_to_end"])]

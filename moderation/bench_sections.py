@@ -103,7 +103,7 @@ def run_end_to_end(
                 timings[k] for k in ("forward", "eager", "pre", "diffusers", "ours")
             )
             their_flags, our_flags = results["diffusers"], results["ours"]
-            stages = ours_stages(moderator, images, timed)
+            stages = ours_stages(moderator, images, {**timed, "min_seconds": config.fast_seconds})
             syncs = {
                 name: count_host_syncs(functools.partial(path, images.clone()), device)
                 for name, path in (("diffusers", diffusers_path), ("ours", ours_path))
@@ -220,7 +220,12 @@ def run_concepts(
     special = torch.randn(3, dim, generator=generator)  # [S, D]
     special_thresholds = sparse_thresholds(3, dim, generator)
     floor_ms = next((r["ms"] for r in forward_rows if r["batch"] == batch), None)
-    timed = {"repeats": config.repeats, "warmup": max(config.warmup, 1), "device": device}
+    timed = {
+        "repeats": config.repeats,
+        "warmup": max(config.warmup, 1),
+        "device": device,
+        "min_seconds": config.fast_seconds,
+    }
     rows = []
     with quiet_diffusers():
         for n in config.concepts:
@@ -237,19 +242,15 @@ def run_concepts(
             timed_images = min(batch, max(1, math.ceil(config.loop_budget / n)))
             clip_input = embeddings[:timed_images]
             say(f"after the encoder, {n} concepts (diffusers on {timed_images}/{batch} images)")
-            timings, results = measure_interleaved(
-                {
-                    "diffusers": (
-                        functools.partial(_run_checker, checker, clip_input),
-                        # Placeholder images: the time is the loops, not copying full images.
-                        functools.partial(np.zeros, (timed_images, 1, 1, 3), np.float32),
-                    ),
-                    "ours": (functools.partial(_run_moderator, moderator, embeddings), None),
-                },
+            theirs, their_flags = measure(
+                functools.partial(_run_checker, checker, clip_input),
+                # Placeholder images: the time is the loops, not copying full-size images.
+                setup=functools.partial(np.zeros, (timed_images, 1, 1, 3), np.float32),
                 **timed,
             )
-            theirs, ours = timings["diffusers"], timings["ours"]
-            their_flags, decisions = results["diffusers"], results["ours"]
+            ours, decisions = measure(
+                functools.partial(_run_moderator, moderator, embeddings), **timed
+            )
             diffusers_ms = theirs.median_ms * batch / timed_images
             fired = sum(len(d.fired) for d in decisions) / len(decisions)
             rows.append(
