@@ -221,7 +221,16 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "platform": platform.platform(),
+        "load_average_start": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on a shared machine skew CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -284,6 +293,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         from moderation.bench_logging import run_logging
 
         result["logging"] = run_logging(models.policy, config, say)
+    result["environment"]["load_average_end"] = _load_average()
     result["targets"] = evaluate_targets(result)
     result["seconds"] = time.perf_counter() - started
     return result

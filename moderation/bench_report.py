@@ -105,6 +105,13 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     if env["device"].startswith("cpu"):
         lines.append("These are CPU numbers (no GPU in this run).")
+    start, end = env.get("load_average_start"), env.get("load_average_end")
+    if start and end:
+        # On a shared machine other processes slow the timed calls down unevenly.
+        lines.append(
+            f"load average (1/5/15 min) at start {'/'.join(map(str, start))}, at end "
+            f"{'/'.join(map(str, end))} (this run's own threads included), {env['cpu_count']} cores"
+        )
     if model:
         lines.append(
             f"model: {model['description']}; ours: ClipEncoder with {model['ours_attention']} "

@@ -269,3 +269,25 @@ def test_many_writes_to_postgresql_land_exactly_once(tmp_path):
         from moderation.storage import db
 
         db.dispose(url)
+
+
+def test_moderator_logs_through_the_background_writer(tmp_path, tiny_checker_dir):
+    import torch
+
+    from moderation.bench_models import policy_from_checker
+    from moderation.encoder import ClipEncoder
+    from moderation.engine import Moderator
+    from moderation.testing import build_safety_checker
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    policy = policy_from_checker(build_safety_checker(), str(tiny_checker_dir))
+    encoder = ClipEncoder.from_pretrained(tiny_checker_dir, device="cpu")
+    writer = BackgroundDecisionLog.open(
+        url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held"
+    )
+    ids = []
+    with Moderator(policy, encoder, log=writer) as moderator:
+        for seed in range(3):
+            images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            ids += [d.decision_id for d in moderator.moderate(images).decisions]
+    assert _ids(url) == set(ids) and len(ids) == 12
