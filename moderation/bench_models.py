@@ -7,8 +7,10 @@ diffusers' `StableDiffusionSafetyChecker` object is timed as its pipeline runs i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,19 @@ def load_models(
     seed: int = 0,
 ) -> BenchModels:
     """diffusers' checker and our encoder + policy over the same weights, on device in dtype."""
+    with _quiet_transformers():
+        return _load_models(model, size, device, dtype, attention, compile, seed)
+
+
+def _load_models(
+    model: str | None,
+    size: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    compile: bool,
+    seed: int,
+) -> BenchModels:
     from moderation.encoder import ClipEncoder
 
     if model is None:
@@ -134,15 +149,27 @@ def load_models(
 
 def _default_feature_extractor():
     """The feature extractor Stable Diffusion pipelines ship (CLIP's 224 preprocessing)."""
-    import transformers
-    from transformers import CLIPImageProcessor
+    with _quiet_transformers():  # "falls back to the PIL backend" notice
+        from transformers import CLIPImageProcessor
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "falls back to the PIL backend" notice
-    try:
         return CLIPImageProcessor()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or notices from transformers while the bench builds its models."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _config_of(model: str) -> tuple[Path | None, dict]:
