@@ -136,8 +136,7 @@ class PolicySafetyChecker(nn.Module):
             _act_in_place(images, flagged, [decisions[i].action for i in flagged], self.policy)
             # One line per batch, like diffusers, but saying what happened to which image and why.
             reasons = "; ".join(
-                f"{i}: {d.action} ({d.error or ', '.join(d.fired[:5]) or 'review band'})"
-                for i, d in ((i, decisions[i]) for i in flagged)
+                f"{i}: {decisions[i].action} ({_reason(decisions[i])})" for i in flagged
             )
             logger.warning(
                 "moderation: %d of %d images changed by policy %s: %s",
@@ -147,6 +146,15 @@ class PolicySafetyChecker(nn.Module):
                 reasons,
             )
         return images, has_nsfw_concepts
+
+
+def _reason(decision: Decision) -> str:
+    """Why an image was changed, in a few words."""
+    if decision.error:
+        return decision.error
+    if decision.fired:
+        return ", ".join(decision.fired[:5]) + (", ..." if len(decision.fired) > 5 else "")
+    return "special care" if decision.special_hits else "review band"
 
 
 def _module_device(module: nn.Module, default: torch.device) -> torch.device:
