@@ -61,7 +61,12 @@ class Decision:
 
     @property
     def needs_review(self) -> bool:
-        return self.action == "review" or bool(self.special_hits)
+        """Action review, or a special-care hit under a policy that escalates special care.
+
+        `escalate: allow` (diffusers compat) only adds the adjustment: no review item.
+        """
+        escalates = self.policy.escalate not in (None, "allow")
+        return self.action == "review" or (bool(self.special_hits) and escalates)
 
     @property
     def concept_scores(self) -> dict[str, float]:

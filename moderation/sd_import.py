@@ -9,6 +9,7 @@ threshold and `compat: diffusers`, so the policy flags exactly what diffusers fl
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,20 @@ def _check_round_trip(text: str, tensors: CheckerTensors, model: str) -> None:
         raise AssertionError("the policy YAML does not read back to the checkpoint's values")
 
 
+def model_reference(checkpoint: str | Path, out: Path) -> str:
+    """`model:` for the policy: the checkpoint as given, but a relative local path is rewritten
+    relative to the policy's folder (how the loader resolves it) and a weight file becomes its
+    folder (what the encoder loads)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        return str(checkpoint)  # a hub id
+    if path.is_file():
+        path = path.parent
+    if path.is_absolute():
+        return str(path)
+    return os.path.relpath(path.resolve(), out.parent.resolve())
+
+
 def import_sd_checker(
     checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
 ) -> ImportResult:
@@ -294,7 +309,7 @@ def import_sd_checker(
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such folder")
     tensors = read_checker_tensors(checkpoint)
-    model = str(checkpoint)
+    model = model_reference(checkpoint, out)
     text = render_policy(tensors, name=out.stem, model=model, embeddings_file=embeddings_path.name)
     _check_round_trip(text, tensors, model)
     metadata = {"source": tensors.source, "imported_by": "moderation policy import-sd-checker"}

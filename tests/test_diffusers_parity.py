@@ -589,3 +589,34 @@ def test_float32_arithmetic_traps():
         clip_input=embeddings, images=images.clone()
     )
     assert our_flags == flags and torch.equal(ours, theirs)
+
+
+def test_from_a_compiled_artifact(tiny_checker_dir, tmp_path):
+    """from_policy also takes what `policy compile` writes, and decides the same."""
+    from moderation.encoder import ClipEncoder
+    from policy.compiler import compile_policy
+    from policy.loader import load_policy
+
+    policy_path = tmp_path / "sd.yaml"
+    result = CliRunner().invoke(
+        main, ["policy", "import-sd-checker", str(tiny_checker_dir), "--out", str(policy_path)]
+    )
+    assert result.exit_code == 0, result.output
+    source = load_policy(policy_path)
+    compiled = compile_policy(
+        source, ClipEncoder.from_pretrained(source.resolved_model, device="cpu")
+    )
+    artifact = compiled.save(tmp_path / "sd.compiled.safetensors")
+    from_yaml = PolicySafetyChecker.from_policy(policy_path, device="cpu")
+    from_artifact = PolicySafetyChecker.from_policy(artifact, device="cpu")
+    assert from_artifact.policy.digest == from_yaml.policy.digest == compiled.digest
+    assert from_artifact.policy.compat == "diffusers"
+    pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    outputs = [
+        c(clip_input=pixels, images=torch.zeros(4, 3, 8, 8)) for c in (from_yaml, from_artifact)
+    ]
+    assert outputs[0][1] == outputs[1][1]
+    assert same_scores(
+        np.stack([d.scores for d in from_yaml.last_decisions]),
+        np.stack([d.scores for d in from_artifact.last_decisions]),
+    )

@@ -186,3 +186,12 @@ def test_large_policy():
         assert len(d.fired) == int(fired[i].sum()) > 0
         assert d.fired[0] == f"c{int(torch.nonzero(fired[i])[0])}"
         assert d.scores.shape == (10_000,)
+
+
+@pytest.mark.parametrize("escalate, expected", [("review", True), ("blur", True), ("allow", False)])
+def test_special_care_hits_need_review_only_when_they_escalate(escalate, expected):
+    policy = make_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 2.0))
+    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([-2.0]), digest="")
+    (decision,) = decide(policy, score(policy, torch.randn(1, 8)))
+    assert decision.special_hits == ("s0",)
+    assert decision.needs_review is expected

@@ -210,3 +210,17 @@ def test_written_policy_loads(tiny_checker_dir, tmp_path):
     import_sd_checker(tiny_checker_dir, out)
     source = loader.load_policy(out)
     assert len(source.concepts) == 17
+
+
+def test_relative_checkpoint_is_written_relative_to_the_policy(tmp_path, monkeypatch):
+    """`model:` must still name the checker when the policy is loaded from another folder."""
+    from policy.loader import load_policy
+
+    build_safety_checker(seed=6, n_concepts=2, n_special=1).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "policies").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = invoke("ckpt/model.safetensors", "--out", "policies/sd.yaml")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "policies" / "sd.yaml").read_text())["model"] == "../ckpt"
+    monkeypatch.chdir(tmp_path / "policies")
+    assert load_policy("sd.yaml").resolved_model == str((tmp_path / "ckpt").resolve())

@@ -71,13 +71,16 @@ class PolicySafetyChecker(nn.Module):
             from policy.loader import load_policy
 
             source = load_policy(path)
-            encoder = ClipEncoder.from_pretrained(model or source.model, device=device, dtype=dtype)
+            encoder = ClipEncoder.from_pretrained(
+                model or source.resolved_model, device=device, dtype=dtype
+            )
             compiled = compile_policy(source, encoder)
         else:
             compiled = CompiledPolicy.load(path)
-            encoder = ClipEncoder.from_pretrained(
-                model or compiled.model, device=device, dtype=dtype
-            )
+            # A relative model folder is relative to the artifact, as in a policy file.
+            beside = path.parent / compiled.model
+            recorded = str(beside.resolve()) if beside.is_dir() else compiled.model
+            encoder = ClipEncoder.from_pretrained(model or recorded, device=device, dtype=dtype)
         return cls(compiled, encoder)
 
     @classmethod
@@ -131,11 +134,27 @@ class PolicySafetyChecker(nn.Module):
         flagged = [i for i, hit in enumerate(has_nsfw_concepts) if hit]
         if flagged:
             _act_in_place(images, flagged, [decisions[i].action for i in flagged], self.policy)
-            for i in flagged:
-                d = decisions[i]
-                reason = d.error or ", ".join(d.fired) or "special care"
-                logger.warning("moderation: image %d -> %s (%s)", i, d.action, reason)
+            # One line per batch, like diffusers, but saying what happened to which image and why.
+            reasons = "; ".join(
+                f"{i}: {decisions[i].action} ({_reason(decisions[i])})" for i in flagged
+            )
+            logger.warning(
+                "moderation: %d of %d images changed by policy %s: %s",
+                len(flagged),
+                len(decisions),
+                self.policy.name,
+                reasons,
+            )
         return images, has_nsfw_concepts
+
+
+def _reason(decision: Decision) -> str:
+    """Why an image was changed, in a few words."""
+    if decision.error:
+        return decision.error
+    if decision.fired:
+        return ", ".join(decision.fired[:5]) + (", ..." if len(decision.fired) > 5 else "")
+    return "special care" if decision.special_hits else "review band"
 
 
 def _module_device(module: nn.Module, default: torch.device) -> torch.device:
