@@ -253,13 +253,12 @@ def pg_database(prefix: str) -> Iterator[str]:
 
 
 def empty_pg(url: str) -> None:
-    """Delete every row (and restart ids) so each test starts from an empty database."""
+    """Delete every row so each test starts from an empty database (faster than TRUNCATE)."""
     from moderation.storage import db
 
     with db.engine_for(url).begin() as conn:
-        conn.exec_driver_sql(
-            "TRUNCATE review_events, review_items, decisions, policies RESTART IDENTITY CASCADE"
-        )
+        for table in ("review_events", "review_items", "decisions", "policies"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
 
 
 def claim_worker(url: str, name: str, batch: int) -> list[int]:
