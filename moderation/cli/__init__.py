@@ -1,4 +1,4 @@
-"""Command-line interface: `moderation policy|db|review ...` (minimal stand-in; the lead owns it)."""
+"""Command line: `moderation` and its groups (minimal stand-in; the lead owns the real one)."""
 
 import click
 
@@ -15,9 +15,12 @@ def policy():
 
 @main.group()
 def db():
-    """Create, migrate and replay the decision log database."""
+    """Create, migrate and repair the decision database."""
 
 
 @main.group()
 def review():
     """Work the human review queue."""
+
+
+from moderation.cli import db_cmds  # noqa: E402,F401  (registers the `db` commands)

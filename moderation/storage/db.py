@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.pool import NullPool
 
-from moderation.storage.errors import StorageError
+from moderation.storage.errors import DatabaseUnavailableError, SchemaVersionError, StorageError
 
 DEFAULT_DB_URL = "sqlite:///moderation.db"
 # Knobs: how long a SQLite writer waits for the lock, and a PostgreSQL client for a connection,
@@ -56,9 +56,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# One encoder, built once: json.dumps(default=...) would build a new one per value (hot path).
+_encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"), ensure_ascii=False)
+
+
 def json_dumps(value: Any) -> str:
     """JSON text for a JSON column or the spool (numpy values become plain numbers/lists)."""
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
+    return _encoder.encode(value)
 
 
 def _install_sqlite_events(engine: Engine, *, foreign_keys: bool) -> None:
@@ -134,7 +138,7 @@ def ensure_schema(url: str | None = None) -> None:
             current = migrate.current_revision_on(conn)
             fresh = current is None and not inspect(conn).get_table_names()
     except UNAVAILABLE_ERRORS as err:
-        raise StorageError(f"cannot reach database {display_url(url)}: {_first_line(err)}") from err
+        raise unavailable(url, err) from err
     if current == head:
         _checked.add(url)
         return
@@ -147,13 +151,23 @@ def ensure_schema(url: str | None = None) -> None:
     elif current in migrate.known_revisions():
         problem = f"is at revision {current}, this version needs {head}"
     else:
-        raise StorageError(
+        raise SchemaVersionError(
             f"database {display_url(url)} is at revision {current}, which this version of "
             "moderation does not know (written by a newer version?)"
         )
-    raise StorageError(
+    raise SchemaVersionError(
         f"database {display_url(url)} {problem}; run `moderation db upgrade --db URL` first"
     )
+
+
+def dispose(url: str | None = None) -> None:
+    """Close and forget the cached engine of a URL (e.g. before dropping its database)."""
+    url = resolve_db_url(url)
+    with _lock:
+        engine = _engines.pop(url, None)
+        _checked.discard(url)
+    if engine is not None:
+        engine.dispose()
 
 
 def forget_checked(url: str) -> None:
@@ -182,7 +196,12 @@ def migration_connection(url: str) -> Iterator[Connection]:
         engine.dispose()
 
 
-def _first_line(err: BaseException) -> str:
+def unavailable(url: str, err: BaseException) -> DatabaseUnavailableError:
+    """The error for a database that cannot be reached or used right now."""
+    return DatabaseUnavailableError(f"cannot reach database {display_url(url)}: {first_line(err)}")
+
+
+def first_line(err: BaseException) -> str:
     orig = getattr(err, "orig", None) or err
     text = str(orig).strip()
     return text.splitlines()[0] if text else type(orig).__name__

@@ -65,7 +65,7 @@ def current(url: str | None = None) -> str | None:
         with db.engine_for(url).connect() as conn:
             return current_revision_on(conn)
     except db.UNAVAILABLE_ERRORS as err:
-        raise StorageError(f"cannot reach database {db.display_url(url)}: {err.orig}") from err
+        raise db.unavailable(url, err) from err
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
@@ -89,6 +89,8 @@ def _run(url: str | None, revision: str, action) -> None:
             action(config, revision)
             if conn.dialect.name == "sqlite":
                 _check_foreign_keys(conn)
+    except db.UNAVAILABLE_ERRORS as err:
+        raise db.unavailable(url, err) from err
     except CommandError as err:
         raise StorageError(f"cannot migrate {db.display_url(url)} to {revision!r}: {err}") from err
     except exc.SQLAlchemyError as err:
