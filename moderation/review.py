@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import IO, Any
 
@@ -27,6 +26,7 @@ from moderation.errors import ModerationError
 from moderation.review_explain import explain_item
 from moderation.review_report import EXPORT_FORMATS, export_decisions, queue_stats
 from moderation.review_sql import fired_contains, iso, parse_since, utc
+from moderation.review_views import VIEW_COLUMNS, Claim, ReviewItemView, item_view
 from moderation.storage.db import get_engine, immediate_transaction
 from moderation.storage.models import (
     REVIEW_STATUSES,
@@ -36,6 +36,8 @@ from moderation.storage.models import (
     ReviewItem,
     utcnow,
 )
+
+__all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
 
 QUEUE_ORDER = (
     ReviewItem.priority.desc(),
@@ -53,53 +55,6 @@ class ReviewError(ModerationError):
     """A review request that cannot be carried out, worded for the reviewer."""
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A lease on one review item: decide it with `token` before `expires_at`."""
-
-    item_id: int
-    decision_id: str
-    token: str
-    expires_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return {**_plain(self), "expires_at": iso(self.expires_at)}
-
-
-@dataclass(frozen=True)
-class ReviewItemView:
-    """One review item with the decision and policy fields a reviewer scans a list by."""
-
-    id: int
-    decision_id: str
-    status: str
-    priority: int
-    margin: float
-    created_at: datetime
-    updated_at: datetime
-    claim_owner: str | None
-    claim_expires_at: datetime | None
-    reviewer: str | None
-    reason: str | None
-    reopened_from: int | None
-    policy_name: str
-    policy_version: str
-    policy_digest: str
-    verdict: str
-    action: str
-    top_concept: str | None
-    fired: list[str]
-    image_sha256: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (times as ISO 8601 UTC)."""
-        out = _plain(self)
-        for key in ("created_at", "updated_at", "claim_expires_at"):
-            out[key] = iso(out[key])
-        return out
-
-
 def _database_errors(method: Callable) -> Callable:
     """Turn SQLAlchemy failures into a ReviewError that names the database problem."""
 
@@ -112,40 +67,6 @@ def _database_errors(method: Callable) -> Callable:
             raise ReviewError(f"database error: {text[0] if text else type(err).__name__}") from err
 
     return wrapper
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
-
-
-VIEW_COLUMNS = (
-    ReviewItem.id,
-    ReviewItem.decision_id,
-    ReviewItem.status,
-    ReviewItem.priority,
-    ReviewItem.margin,
-    ReviewItem.created_at,
-    ReviewItem.updated_at,
-    ReviewItem.claim_owner,
-    ReviewItem.claim_expires_at,
-    ReviewItem.reviewer,
-    ReviewItem.reason,
-    ReviewItem.reopened_from,
-    PolicyRow.name.label("policy_name"),
-    PolicyRow.version.label("policy_version"),
-    PolicyRow.digest.label("policy_digest"),
-    DecisionRow.verdict,
-    DecisionRow.action,
-    DecisionRow.top_concept,
-    DecisionRow.fired,
-    DecisionRow.image_sha256,
-)
-
-
-def _view(row: Any) -> ReviewItemView:
-    data = dict(row._mapping)
-    data["fired"] = list(data["fired"] or [])
-    return ReviewItemView(**data)
 
 
 def _name(reviewer: str | None) -> str:
@@ -292,7 +213,8 @@ class ReviewQueue:
                     f"reopen item {child.id} instead"
                 )
             new_id = conn.execute(
-                insert(ReviewItem).values(
+                insert(ReviewItem)
+                .values(
                     decision_id=row.decision_id,
                     status="pending",
                     priority=row.priority,
@@ -301,7 +223,8 @@ class ReviewQueue:
                     updated_at=now,
                     reopened_from=item_id,
                 )
-            ).inserted_primary_key[0]
+                .returning(ReviewItem.id)
+            ).scalar_one()
             events = [
                 _event(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
                 {
@@ -381,7 +304,7 @@ class ReviewQueue:
             query = query.where(ReviewItem.created_at >= start)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
         with self.engine.connect() as conn:
-            return [_view(row) for row in conn.execute(query)]
+            return [item_view(row) for row in conn.execute(query)]
 
     @_database_errors
     def show(self, item_id: int) -> dict[str, Any]:
@@ -451,7 +374,7 @@ def _check_decidable(row: Any, reviewer: str, token: str | None, now: datetime) 
         if token:
             raise ReviewError(f"item {item}: is not claimed, so the token matches no claim")
         return True
-    expires = utc(row.claim_expires_at)
+    expires = row.claim_expires_at and utc(row.claim_expires_at)
     live = expires is not None and now < expires
     if row.claim_owner != reviewer:
         if live:

@@ -90,7 +90,7 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
     reopened_as = conn.execute(
         select(ReviewItem.id).where(ReviewItem.reopened_from == item_id).order_by(ReviewItem.id)
     ).scalars()
-    expires = utc(item.claim_expires_at)
+    expires = item.claim_expires_at and utc(item.claim_expires_at)
     return {
         "item": {
             "id": item.id,

@@ -23,10 +23,8 @@ def fired_contains(dialect: str, concept: str) -> ColumnElement[bool]:
     return exists(select(literal(1)).select_from(names).where(names.c.value == concept))
 
 
-def utc(value: datetime | None) -> datetime | None:
+def utc(value: datetime) -> datetime:
     """A timezone-aware UTC datetime (naive values are taken as UTC)."""
-    if value is None:
-        return None
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)

@@ -48,7 +48,7 @@ def age(seconds: float) -> str:
     """`3d 4h`, `2h 5m`, `1m 1s` or `12s`: the two largest units."""
     seconds = int(seconds)
     parts = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)]
-    out = []
+    out: list[str] = []
     for unit, size in parts:
         if seconds >= size or (unit == "s" and not out):
             out.append(f"{seconds // size}{unit}")

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, func, insert, make_url, select
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, func, insert, select
 
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 
@@ -235,21 +234,12 @@ def sqlite_url(folder) -> str:
 @contextmanager
 def pg_database(prefix: str) -> Iterator[str]:
     """A fresh, migrated database on the MODERATION_TEST_PG_URL server; dropped afterwards."""
-    from moderation.storage import db, upgrade
+    from moderation.storage import upgrade
+    from moderation.storage.testing import temporary_pg_database
 
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with temporary_pg_database(PG_URL, prefix) as url:
         upgrade(url)
         yield url
-    finally:
-        db.engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def empty_pg(url: str) -> None:

@@ -123,7 +123,11 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 @token_option
 @db_option
 def approve_cmd(item_id, reviewer, reason, token, db_url):
-    """Approve an item: the held image may be released."""
+    """Approve an item: the held image may be released.
+
+    A claimed item can be decided only by its owner while the lease lasts (and with the
+    claim's token when --token is given); a pending item nobody holds may be decided directly.
+    """
     queue = _queue(db_url)
     with _failures():
         queue.approve(item_id, reviewer, token=token, reason=reason)
@@ -137,7 +141,10 @@ def approve_cmd(item_id, reviewer, reason, token, db_url):
 @token_option
 @db_option
 def reject_cmd(item_id, reviewer, reason, token, db_url):
-    """Reject an item: the moderation stands."""
+    """Reject an item: the moderation stands.
+
+    Same rules as approve: your own live claim, or a pending item nobody holds.
+    """
     queue = _queue(db_url)
     with _failures():
         queue.reject(item_id, reviewer, reason=reason, token=token)
