@@ -263,3 +263,10 @@ def test_cli_on_postgres():
         run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", url)
         assert run_json("stats", "--db", url)["queue"]["approved"] == 1
         assert {i["id"] for i in run_json("list", "--db", url)} == set(seeded.item_ids)
+
+
+def test_database_failure_is_one_line(db_url, seeded):
+    with ReviewQueue(db_url).engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE review_events")
+    result = run("show", str(seeded.item_ids[0]), "--db", db_url, code=1)
+    assert result.output == "Error: database error: no such table: review_events\n"
