@@ -15,16 +15,26 @@ Rules (see `ReviewQueue`):
 from __future__ import annotations
 
 import functools
+import random
+import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
 
-from moderation.errors import ModerationError
 from moderation.review_explain import explain_item
 from moderation.review_report import EXPORT_FORMATS, export_decisions, queue_stats
+from moderation.review_rules import (
+    DECIDED,
+    ReviewError,
+    check_decidable,
+    check_item_id,
+    required_reason,
+    reviewer_name,
+)
 from moderation.review_sql import fired_contains, iso, parse_since, utc
 from moderation.review_views import VIEW_COLUMNS, Claim, ReviewItemView, item_view
 from moderation.storage.db import get_engine, immediate_transaction
@@ -45,14 +55,12 @@ QUEUE_ORDER = (
     ReviewItem.created_at.asc(),
     ReviewItem.id.asc(),
 )
-DECIDED = ("approved", "rejected")
 MAX_CLAIM = 1000  # one claim transaction holds its rows locked; keep batches small
 MAX_LIST = 10_000
-MAX_NAME = 200  # review_items.reviewer / claim_owner are String(200)
-
-
-class ReviewError(ModerationError):
-    """A review request that cannot be carried out, worded for the reviewer."""
+# Knob: how long a SQLite claim/verdict keeps retrying while other processes hold the write
+# lock (each try already waits the engine's busy timeout); PostgreSQL never needs this.
+SQLITE_LOCK_WAIT_S = 60.0
+T = TypeVar("T")
 
 
 def _database_errors(method: Callable) -> Callable:
@@ -69,24 +77,11 @@ def _database_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def _name(reviewer: str | None) -> str:
-    name = (reviewer or "").strip()
-    if not name:
-        raise ReviewError("a reviewer name is required")
-    if len(name) > MAX_NAME:
-        raise ReviewError(f"reviewer name is longer than {MAX_NAME} characters")
-    return name
-
-
-def _reason(reason: str | None, what: str) -> str:
-    text = (reason or "").strip()
-    if not text:
-        raise ReviewError(f"a reason is required to {what} an item")
-    return text
-
-
-def _when(value: datetime | None) -> str:
-    return utc(value).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "?"
+def _sqlite_busy(err: exc.OperationalError) -> bool:
+    code = getattr(err.orig, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(
+        err.orig
+    )
 
 
 class ReviewQueue:
@@ -114,14 +109,35 @@ class ReviewQueue:
         """The queue's clock, aware UTC."""
         return utc(self._now())
 
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one write transaction; on SQLite, retry while other writers hold the lock."""
+        deadline = time.monotonic() + SQLITE_LOCK_WAIT_S
+        while True:
+            try:
+                with immediate_transaction(self.engine) as conn:
+                    return work(conn)
+            except exc.OperationalError as err:
+                if not _sqlite_busy(err):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ReviewError(
+                        f"the database stayed locked by other writers for {SQLITE_LOCK_WAIT_S:.0f} s;"
+                        " try again"
+                    ) from err
+                # The transaction was rolled back (busy at BEGIN IMMEDIATE): a retry is safe.
+                time.sleep(random.uniform(0.005, 0.05))
+
     # -- changes -------------------------------------------------------------------------------
 
     @_database_errors
     def claim(self, reviewer: str, n: int = 1) -> list[Claim]:
         """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry."""
-        reviewer = _name(reviewer)
+        reviewer = reviewer_name(reviewer)
         if not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
             raise ReviewError(f"can claim 1 to {MAX_CLAIM} items at a time, not {n!r}")
+        return self._write(lambda conn: self._claim(conn, reviewer, n))
+
+    def _claim(self, conn: Connection, reviewer: str, n: int) -> list[Claim]:
         now = self.now()
         expires = now + timedelta(seconds=self.lease_seconds)
         claimable = or_(
@@ -144,36 +160,35 @@ class ReviewQueue:
             .with_for_update(skip_locked=True)
         )
         claims: list[Claim] = []
-        with immediate_transaction(self.engine) as conn:
-            events: list[dict[str, Any]] = []
-            for row in conn.execute(query).all():
-                token = str(uuid.uuid4())
-                if row.status == "claimed":
-                    details = {
-                        "previous_owner": row.claim_owner,
-                        "expired_at": iso(row.claim_expires_at),
-                    }
-                    events.append(_event(row, now, reviewer, "lease_expired", None, details))
-                conn.execute(
-                    update(ReviewItem)
-                    .where(ReviewItem.id == row.id)
-                    .values(
-                        status="claimed",
-                        claim_owner=reviewer,
-                        claim_token=token,
-                        claim_expires_at=expires,
-                        updated_at=now,
-                    )
-                )
+        events: list[dict[str, Any]] = []
+        for row in conn.execute(query).all():
+            token = str(uuid.uuid4())
+            if row.status == "claimed":
                 details = {
-                    "token": token,
-                    "expires_at": iso(expires),
-                    "lease_seconds": self.lease_seconds,
+                    "previous_owner": row.claim_owner,
+                    "expired_at": iso(row.claim_expires_at),
                 }
-                events.append(_event(row, now, reviewer, "claimed", None, details))
-                claims.append(Claim(row.id, row.decision_id, token, expires))
-            if events:
-                conn.execute(insert(ReviewEvent), events)
+                events.append(_event(row, now, reviewer, "lease_expired", None, details))
+            conn.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id == row.id)
+                .values(
+                    status="claimed",
+                    claim_owner=reviewer,
+                    claim_token=token,
+                    claim_expires_at=expires,
+                    updated_at=now,
+                )
+            )
+            details = {
+                "token": token,
+                "expires_at": iso(expires),
+                "lease_seconds": self.lease_seconds,
+            }
+            events.append(_event(row, now, reviewer, "claimed", None, details))
+            claims.append(Claim(row.id, row.decision_id, token, expires))
+        if events:
+            conn.execute(insert(ReviewEvent), events)
         return claims
 
     @_database_errors
@@ -187,77 +202,89 @@ class ReviewQueue:
     @_database_errors
     def reject(self, item_id: int, reviewer: str, reason: str, token: str | None = None) -> None:
         """Reject an item (keep it moderated); a reason is required."""
-        self._decide(item_id, reviewer, "rejected", token, _reason(reason, "reject"))
+        self._decide(item_id, reviewer, "rejected", token, required_reason(reason, "reject"))
 
     @_database_errors
     def reopen(self, item_id: int, reviewer: str, reason: str) -> int:
         """Appeal a decided item: add a new linked pending item and return its id."""
-        reviewer = _name(reviewer)
-        reason = _reason(reason, "reopen")
+        reviewer = reviewer_name(reviewer)
+        reason = required_reason(reason, "reopen")
+        return self._write(lambda conn: self._reopen(conn, item_id, reviewer, reason))
+
+    def _reopen(self, conn: Connection, item_id: int, reviewer: str, reason: str) -> int:
         now = self.now()
-        with immediate_transaction(self.engine) as conn:
-            row = _locked_item(conn, item_id)
-            if row.status not in DECIDED:
-                raise ReviewError(
-                    f"item {item_id}: is {row.status}; only approved or rejected items can be reopened"
-                )
-            child = conn.execute(
-                select(ReviewItem.id, ReviewItem.status)
-                .where(ReviewItem.reopened_from == item_id)
-                .order_by(ReviewItem.id.desc())
-                .limit(1)
-            ).first()
-            if child is not None:
-                raise ReviewError(
-                    f"item {item_id}: already reopened as item {child.id} ({child.status}); "
-                    f"reopen item {child.id} instead"
-                )
-            new_id = conn.execute(
-                insert(ReviewItem)
-                .values(
-                    decision_id=row.decision_id,
-                    status="pending",
-                    priority=row.priority,
-                    margin=row.margin,
-                    created_at=now,
-                    updated_at=now,
-                    reopened_from=item_id,
-                )
-                .returning(ReviewItem.id)
-            ).scalar_one()
-            events = [
-                _event(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
-                {
-                    **_event(row, now, reviewer, "created", reason, {"reopened_from": item_id}),
-                    "item_id": new_id,
-                },
-            ]
-            conn.execute(insert(ReviewEvent), events)
+        row = _locked_item(conn, item_id)
+        if row.status not in DECIDED:
+            raise ReviewError(
+                f"item {item_id}: is {row.status}; only approved or rejected items can be reopened"
+            )
+        child = conn.execute(
+            select(ReviewItem.id, ReviewItem.status)
+            .where(ReviewItem.reopened_from == item_id)
+            .order_by(ReviewItem.id.desc())
+            .limit(1)
+        ).first()
+        if child is not None:
+            raise ReviewError(
+                f"item {item_id}: already reopened as item {child.id} ({child.status}); "
+                f"reopen item {child.id} instead"
+            )
+        new_id = conn.execute(
+            insert(ReviewItem)
+            .values(
+                decision_id=row.decision_id,
+                status="pending",
+                priority=row.priority,
+                margin=row.margin,
+                created_at=now,
+                updated_at=now,
+                reopened_from=item_id,
+            )
+            .returning(ReviewItem.id)
+        ).scalar_one()
+        events = [
+            _event(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
+            {
+                **_event(row, now, reviewer, "created", reason, {"reopened_from": item_id}),
+                "item_id": new_id,
+            },
+        ]
+        conn.execute(insert(ReviewEvent), events)
         return int(new_id)
 
     def _decide(
         self, item_id: int, reviewer: str, status: str, token: str | None, reason: str | None
     ) -> None:
-        reviewer = _name(reviewer)
+        reviewer = reviewer_name(reviewer)
+        self._write(lambda conn: self._verdict(conn, item_id, reviewer, status, token, reason))
+
+    def _verdict(
+        self,
+        conn: Connection,
+        item_id: int,
+        reviewer: str,
+        status: str,
+        token: str | None,
+        reason: str | None,
+    ) -> None:
         now = self.now()
-        with immediate_transaction(self.engine) as conn:
-            row = _locked_item(conn, item_id)
-            direct = _check_decidable(row, reviewer, token, now)
-            conn.execute(
-                update(ReviewItem)
-                .where(ReviewItem.id == item_id)
-                .values(
-                    status=status,
-                    reviewer=reviewer,
-                    reason=reason,
-                    claim_owner=None,
-                    claim_token=None,
-                    claim_expires_at=None,
-                    updated_at=now,
-                )
+        row = _locked_item(conn, item_id)
+        direct = check_decidable(row, reviewer, token, now)
+        conn.execute(
+            update(ReviewItem)
+            .where(ReviewItem.id == item_id)
+            .values(
+                status=status,
+                reviewer=reviewer,
+                reason=reason,
+                claim_owner=None,
+                claim_token=None,
+                claim_expires_at=None,
+                updated_at=now,
             )
-            details = {"direct": direct, "token": row.claim_token}
-            conn.execute(insert(ReviewEvent), [_event(row, now, reviewer, status, reason, details)])
+        )
+        details = {"direct": direct, "token": row.claim_token}
+        conn.execute(insert(ReviewEvent), [_event(row, now, reviewer, status, reason, details)])
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -299,8 +326,8 @@ class ReviewQueue:
         if since is not None:
             try:
                 start = parse_since(since)
-            except ValueError as exc:
-                raise ReviewError(str(exc)) from None
+            except ValueError as err:
+                raise ReviewError(str(err)) from None
             query = query.where(ReviewItem.created_at >= start)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
         with self.engine.connect() as conn:
@@ -309,7 +336,7 @@ class ReviewQueue:
     @_database_errors
     def show(self, item_id: int) -> dict[str, Any]:
         """The full explanation of one item: decision, per-concept scores, policy, history."""
-        _check_id(item_id)
+        check_item_id(item_id)
         with self.engine.connect() as conn:
             shown = explain_item(conn, item_id, self.now())
         if shown is None:
@@ -349,43 +376,10 @@ def _event(
 
 def _locked_item(conn: Connection, item_id: int) -> Any:
     """The item row, locked until commit (PostgreSQL; SQLite already holds the write lock)."""
-    _check_id(item_id)
+    check_item_id(item_id)
     row = conn.execute(
         select(ReviewItem.__table__).where(ReviewItem.id == item_id).with_for_update()
     ).first()
     if row is None:
         raise ReviewError(f"item {item_id}: no such review item")
     return row
-
-
-def _check_id(item_id: Any) -> None:
-    if not isinstance(item_id, int) or isinstance(item_id, bool):
-        raise ReviewError(f"item id must be a whole number, not {item_id!r}")
-
-
-def _check_decidable(row: Any, reviewer: str, token: str | None, now: datetime) -> bool:
-    """Raise unless `reviewer` may decide this item now; True when it is a direct decision."""
-    item = row.id
-    if row.status in DECIDED:
-        raise ReviewError(
-            f"item {item}: already {row.status} by {row.reviewer}; reopen it to review it again"
-        )
-    if row.status == "pending":
-        if token:
-            raise ReviewError(f"item {item}: is not claimed, so the token matches no claim")
-        return True
-    expires = row.claim_expires_at and utc(row.claim_expires_at)
-    live = expires is not None and now < expires
-    if row.claim_owner != reviewer:
-        if live:
-            raise ReviewError(f"item {item}: claimed by {row.claim_owner}, not {reviewer}")
-        raise ReviewError(
-            f"item {item}: lease of {row.claim_owner} expired at {_when(expires)}; claim it first"
-        )
-    if not live:
-        raise ReviewError(f"item {item}: lease expired at {_when(expires)}; claim it again")
-    if token and token != row.claim_token:
-        raise ReviewError(
-            f"item {item}: token does not match the current claim; use the token of your latest claim"
-        )
-    return False

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import exc, select
 
+import moderation.review as review_module
 from moderation.review import ReviewError, ReviewQueue
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.review_factory import PG_URL, T0, Clock, empty_pg, pg_database, seed, sqlite_url
@@ -372,3 +375,29 @@ def test_claim_count_checked(queue, kwargs, message):
 def test_lease_checked(db_url):
     with pytest.raises(ReviewError, match="lease must be a whole number of seconds >= 1, got 0"):
         ReviewQueue(db_url, lease_seconds=0)
+
+
+def test_sqlite_lock_contention_is_retried(tmp_path, monkeypatch):
+    queue = ReviewQueue(sqlite_url(tmp_path), now=Clock())
+    seed(queue.engine, 1)
+    real, failures = review_module.immediate_transaction, []
+
+    @contextmanager
+    def busy_twice(engine):
+        if len(failures) < 2:
+            failures.append(1)
+            raise exc.OperationalError(
+                "BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")
+            )
+        with real(engine) as conn:
+            yield conn
+
+    monkeypatch.setattr(review_module, "immediate_transaction", busy_twice)
+    assert len(queue.claim("alice", 1)) == 1 and len(failures) == 2
+
+    failures.clear()
+    monkeypatch.setattr(review_module, "SQLITE_LOCK_WAIT_S", 0.0)
+    with pytest.raises(
+        ReviewError, match="^the database stayed locked by other writers for 0 s; try again$"
+    ):
+        queue.claim("bob", 1)
