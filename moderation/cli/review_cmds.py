@@ -54,7 +54,9 @@ def _echo_json(value: Any) -> None:
 @click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
 @click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
 @click.option("--since", metavar="DATE", help="Items created at or after an ISO date/datetime.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most N rows."
+)
 @json_option
 @db_option
 def list_cmd(status, policy, concept, since, limit, as_json, db_url):
@@ -76,7 +78,7 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
 @json_option
 @db_option
 def show_cmd(item_id, as_json, db_url):
-    """Explain one review item: scores per concept, special care, policy and history."""
+    """Explain one item: concept scores, special care, history."""
     queue = _queue(db_url)
     with _failures():
         shown = queue.show(item_id)
@@ -88,7 +90,14 @@ def show_cmd(item_id, as_json, db_url):
 
 @review.command("claim")
 @reviewer_option
-@click.option("-n", "count", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="How many items.",
+)
 @click.option(
     "--lease",
     type=click.IntRange(1, 7 * 24 * 3600),
@@ -168,7 +177,7 @@ def reopen_cmd(item_id, reviewer, reason, db_url):
 @json_option
 @db_option
 def stats_cmd(as_json, db_url):
-    """Queue depth, oldest pending item, decisions per action and fired concept."""
+    """Queue depth and decisions per action and concept."""
     queue = _queue(db_url)
     with _failures():
         stats = queue.stats()
