@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
 from moderation.storage.records import DecisionRecord, PolicyRecord
 
@@ -55,6 +57,11 @@ def policy_row(record: PolicyRecord) -> dict[str, Any]:
 def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any]:
     """Column values of `decisions` for a DecisionRecord (arrays encoded, time in UTC)."""
     where = f"decision {record.id}"
+    meta = dict(record.meta or {})
+    try:
+        json_dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise StorageError(f"{where}: meta cannot be stored as JSON: {err}") from err
     return {
         "id": str(record.id),
         "created_at": utc(record.created_at),
@@ -64,7 +71,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "verdict": record.verdict,
         "action": record.action,
         "top_concept": record.top_concept,
-        "margin": None if record.margin is None else float(record.margin),
+        "margin": _finite_or_none(record.margin),
         "fired": list(record.fired),
         "special_hits": list(record.special_hits),
         "adjustment": float(record.adjustment),
@@ -73,7 +80,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "special_cosines": encode_array(record.special_cosines, F32, f"{where}: special_cosines"),
         "special_scores": encode_array(record.special_scores, F32, f"{where}: special_scores"),
         "embedding": encode_array(record.embedding, F16, f"{where}: embedding"),
-        "meta": dict(record.meta or {}),
+        "meta": meta,
         "error": record.error,
         "held_path": held_path,
     }
@@ -84,8 +91,14 @@ def review_of(record: DecisionRecord) -> dict[str, Any] | None:
     if not record.needs_review:
         return None
     # Errors have no margin: queue them as borderline (0.0) rather than first or last.
-    margin = 0.0 if record.margin is None else float(record.margin)
+    margin = _finite_or_none(record.margin)
+    margin = 0.0 if margin is None else margin
     return {"priority": int(record.priority), "margin": margin}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # SQLite silently turns NaN into NULL; make that explicit and the same on every backend.
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def decision_record(row: Any) -> DecisionRecord:

@@ -56,6 +56,7 @@ class DecisionLog:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._closed = False
+        self._auto_replay = True  # off once a replay fails on bad data, until replay() works
         # digest -> row of every policy registered here, to make each spool file self-contained
         self._policies: dict[str, dict[str, Any]] = {}
         self._spooled_policies: tuple[Path | None, set[str]] = (None, set())
@@ -115,6 +116,7 @@ class DecisionLog:
             self._check_open()
             added = self._replay()
             self._succeeded()
+            self._auto_replay = True
             return added
 
     def get(self, decision_id: str) -> DecisionRecord | None:
@@ -241,15 +243,17 @@ class DecisionLog:
         self.spool.append("decisions", payload)
 
     def _replay_before_write(self) -> None:
-        if not self.spool.has_pending():
+        if not self._auto_replay or not self.spool.has_pending():
             return
         try:
             added = self._replay()
         except DatabaseUnavailableError:
             raise
         except StorageError as err:
-            # A poisoned spool must not block new decisions; `moderation db replay` shows it.
+            # A poisoned spool must not block new decisions, nor be retried on every batch;
+            # an explicit replay (`moderation db replay`) shows the error.
             log.warning("spool replay failed, keeping the spool: %s", err)
+            self._auto_replay = False
             return
         if added:
             log.warning("replayed %d spooled decisions into %s", added, db.display_url(self.url))
