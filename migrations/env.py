@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -10,6 +12,8 @@ from moderation.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+if config.config_file_name is not None:  # the plain `alembic -c migrations/alembic.ini` CLI
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def _configure(**kwargs) -> None:

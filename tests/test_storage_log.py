@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -21,6 +22,7 @@ from moderation.storage import (
     upgrade,
 )
 from moderation.storage import db as storage_db
+from moderation.storage import log as log_module
 from moderation.storage.examples import example_decisions, example_policy
 from moderation.storage.testing import pg_test_url, temporary_pg_database
 
@@ -228,3 +230,47 @@ def test_a_poisoned_spool_does_not_block_new_decisions(url, tmp_path):
         with pytest.raises(StorageError, match="is the policy of every decision registered"):
             up.replay()
     assert len(list(spool.glob("*.spool"))) == 1  # kept for a human
+
+
+def test_optional_fields_may_all_be_empty(log):
+    policy = example_policy()
+    log.register_policy(policy)
+    records = example_decisions(3, policy)
+    for r in records:
+        r.embedding = r.image_sha256 = r.top_concept = r.margin = None
+        r.fired, r.meta = [], {}
+        r.special_cosines = r.special_scores = np.zeros(0, np.float32)  # a policy with S = 0
+    records[0].margin = float("nan")  # stored as "no margin" on every backend
+    log.write(records)
+    got = log.get(records[0].id)
+    assert got.embedding is None and got.margin is None and got.fired == [] and got.meta == {}
+    assert got.special_scores.shape == (0,)
+
+
+def test_concurrent_writers_share_one_log(log, url):
+    policy = example_policy()
+    log.register_policy(policy)
+    batches = [example_decisions(100, policy, seed=k, dim=16, review_every=9) for k in range(8)]
+    threads = [threading.Thread(target=log.write, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count(url, DecisionRow) == 800
+    assert count(url, ReviewItem) == count(url, ReviewEvent) == 8 * 12
+
+
+def test_one_log_recovers_when_the_database_comes_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(log_module, "RETRY_MIN_S", 0.0)  # retry the database on every batch
+    folder = tmp_path / "later"
+    url = f"sqlite:///{folder / 'x.db'}"
+    policy = example_policy()
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+        log.register_policy(policy)
+        log.write(example_decisions(10, policy, seed=1))  # folder missing: spooled
+        folder.mkdir()
+        log.write(example_decisions(10, policy, seed=2))  # replays the spool, then writes
+        assert count(url, DecisionRow) == 20
+        assert count(url, PolicyRow) == 1
+    assert list((tmp_path / "spool").glob("*.spool")) == []
+    storage_db.dispose(url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,6 +20,7 @@ from moderation.storage import (
     downgrade,
     get_engine,
     head_revision,
+    immediate_transaction,
     upgrade,
 )
 from moderation.storage import db as storage_db
@@ -151,3 +153,16 @@ def test_db_commands_have_help():
     for command in ("upgrade", "downgrade", "current", "replay"):
         result = runner.invoke(main, ["db", command, "--help"])
         assert result.exit_code == 0 and "--db" in result.output
+
+
+def test_immediate_transaction_takes_the_write_lock(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lock.db'}"
+    engine = get_engine(url)
+    other = sqlite3.connect(tmp_path / "lock.db", timeout=0, isolation_level=None)
+    with immediate_transaction(engine):
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")  # free again once committed
+    other.execute("ROLLBACK")
+    other.close()
+    storage_db.dispose(url)

@@ -60,7 +60,8 @@ class DecisionLog:
         # digest -> row of every policy registered here, to make each spool file self-contained
         self._policies: dict[str, dict[str, Any]] = {}
         self._spooled_policies: tuple[Path | None, set[str]] = (None, set())
-        self.spool.recover()  # cut torn tails left by crashed processes (reported in .discarded)
+        with self._spool_io():
+            self.spool.recover()  # cut torn tails left by crashed processes (in .discarded)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -243,8 +244,9 @@ class DecisionLog:
         self.spool.append("decisions", payload)
 
     def _replay_before_write(self) -> None:
-        if not self._auto_replay or not self.spool.has_pending():
-            return
+        with self._spool_io():
+            if not self._auto_replay or not self.spool.has_pending():
+                return
         try:
             added = self._replay()
         except DatabaseUnavailableError:
@@ -259,7 +261,10 @@ class DecisionLog:
             log.warning("replayed %d spooled decisions into %s", added, db.display_url(self.url))
 
     def _replay(self) -> int:
-        paths = self.spool.claim()
+        with self._spool_io():
+            return self._replay_claimed(self.spool.claim())
+
+    def _replay_claimed(self, paths: list[Path]) -> int:
         try:
             if not paths:
                 return 0
@@ -283,6 +288,13 @@ class DecisionLog:
             return added
         finally:
             self.spool.release_all()
+
+    @contextlib.contextmanager
+    def _spool_io(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(f"cannot read the spool folder {self.spool.folder}: {err}") from err
 
     def _commit_chunk(self, rows: list[dict], reviews: list[dict | None]) -> int:
         if not rows:

@@ -26,6 +26,19 @@ _values_of = operator.itemgetter(*_COLUMNS)
 _TIME_AT = _COLUMNS.index("created_at")
 _JSON_AT = [_COLUMNS.index(n) for n in ("fired", "special_hits", "meta")]
 _EMPTY_JSON = {list: "[]", dict: "{}"}
+_PG_ARRAY_TYPES = {
+    "String": "text[]",
+    "Text": "text[]",
+    "UTCDateTime": "timestamptz[]",
+    "Float": "float8[]",
+    "LargeBinary": "bytea[]",
+    "JSON": "jsonb[]",
+}
+_PG_INSERT = (
+    f"INSERT INTO decisions ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%b::{_PG_ARRAY_TYPES[type(c.type).__name__]}" for c in _DECISIONS.columns)
+    + ") ON CONFLICT (id) DO NOTHING RETURNING id"
+)
 _SQLITE_INSERT = (
     f"INSERT INTO decisions ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
@@ -89,6 +102,13 @@ def insert_decisions(conn: Connection, rows: list[dict], reviews: list[dict | No
 
 def _insert_new_decisions(conn: Connection, rows: list[dict]) -> set[str]:
     """Insert the rows whose id is not stored yet (first of repeats); returns the ids added."""
+    if conn.dialect.name == "postgresql":
+        # One statement over column arrays: no per-row SQL to build or parse, one round trip,
+        # and RETURNING tells which ids are new even with concurrent writers.
+        columns = [list(col) for col in zip(*map(_values_of, rows), strict=True)]
+        for at in _JSON_AT:
+            columns[at] = [json_dumps(v) for v in columns[at]]
+        return set(conn.exec_driver_sql(_PG_INSERT, tuple(columns)).scalars())
     if conn.dialect.name != "sqlite":
         stmt = dialect_insert(conn, _DECISIONS).on_conflict_do_nothing(index_elements=["id"])
         return set(conn.execute(stmt.returning(_DECISIONS.c.id), rows).scalars())
