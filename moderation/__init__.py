@@ -1,0 +1,1 @@
+"""Moderation engine for generated images (placeholder until the lead adds its exports)."""

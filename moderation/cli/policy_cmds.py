@@ -1,0 +1,102 @@
+"""`moderation policy ...` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from moderation.cli import policy
+from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
+
+
+def _policy_files(given: str) -> list[str]:
+    """The file itself, or every *.yaml / *.yml directly inside a folder (sorted)."""
+    if not os.path.isdir(given):
+        return [given]
+    names = sorted(os.listdir(given))
+    return [
+        os.path.join(given, name)
+        for name in names
+        if name.endswith((".yaml", ".yml")) and os.path.isfile(os.path.join(given, name))
+    ]
+
+
+def _validate_one(file: str, embed_dim: int | None) -> Policy:
+    """Load one policy; without --model, check widths against its own model when found locally."""
+    loaded = load_policy(file, embed_dim=embed_dim)
+    if embed_dim is None:
+        own_dim = model_embed_dim(loaded.resolved_model)
+        if own_dim is not None:
+            check_embed_dim(loaded, own_dim)
+    return loaded
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+@policy.command("validate")
+@click.argument("paths", nargs=-1, required=True)
+@click.option(
+    "--model", help="Check embedding widths against this model (folder or cached hub id)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
+    """Validate policy files (folders: every *.yaml / *.yml inside)."""
+    embed_dim = None
+    if model is not None:
+        embed_dim = model_embed_dim(model)
+        if embed_dim is None:
+            raise click.BadParameter(
+                f"cannot find the projection width of '{model}'"
+                " (no config.json with projection_dim in that folder or in the Hugging Face cache)",
+                param_hint="'--model'",
+            )
+    results = []
+    for given in paths:
+        files = _policy_files(given)
+        if not files:
+            error = PolicyError.about_file(given, "no .yaml or .yml files in this folder")
+            results.append({"path": given, "error": error})
+        for file in files:
+            try:
+                results.append({"path": file, "policy": _validate_one(file, embed_dim)})
+            except PolicyError as error:
+                results.append({"path": file, "error": error})
+    invalid = sum("error" in result for result in results)
+    if as_json:
+        click.echo(
+            json.dumps({"ok": not invalid, "files": [_as_json(r) for r in results]}, indent=2)
+        )
+    else:
+        for result in results:
+            click.echo(_as_text(result))
+    if invalid:
+        verb = "is" if invalid == 1 else "are"
+        raise click.ClickException(
+            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
+        )
+
+
+def _as_text(result: dict) -> str:
+    if "error" in result:
+        return str(result["error"])
+    loaded: Policy = result["policy"]
+    counts = (
+        f"{_plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
+    )
+    return f"{result['path']}: ok ({counts})"
+
+
+def _as_json(result: dict) -> dict:
+    loaded: Policy | None = result.get("policy")
+    error: PolicyError | None = result.get("error")
+    return {
+        "path": result["path"],
+        "ok": error is None,
+        "concepts": len(loaded.concepts) if loaded else None,
+        "special_care": len(loaded.special_concepts) if loaded else None,
+        "issues": [issue._asdict() for issue in error.issues] if error else [],
+    }

@@ -1,0 +1,366 @@
+"""load_policy: read, parse, validate a policy file and resolve its embeddings and model."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_of
+from policy.schema import EMBEDDING_TAGS, EmbeddingRef, Policy
+from policy.yaml_loader import LoadedYaml, load_yaml
+
+_EXPECTED = {
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_BOUNDS = {
+    "greater_than": ("gt", "must be greater than {}"),
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "less_than": ("lt", "must be less than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+}
+
+
+def load_policy(path: str | os.PathLike[str], *, embed_dim: int | None = None) -> Policy:
+    """Load a policy file; raise PolicyError listing every problem at FILE:LINE:COL."""
+    file = os.fspath(path)
+    text = _read_text(file)
+    loaded = load_yaml(text, file)
+    policy = _validate(loaded, file)
+    policy._source_file = file
+    policy._source_path = Path(file)
+    policy._source_text = text
+    policy._yaml = loaded
+    folder = Path(file).absolute().parent
+    policy._resolved_model = _resolve_model(policy.model, folder)
+    # Widths are compared among the embeddings that could be read, so both kinds show at once.
+    issues = _resolve_embeddings(policy, folder) + _width_issues(policy, embed_dim)
+    if issues:
+        raise PolicyError(sorted(issues, key=_file_order))
+    return policy
+
+
+def check_embed_dim(policy: Policy, embed_dim: int) -> None:
+    """Raise PolicyError unless every raw embedding of a loaded policy has `embed_dim` values."""
+    issues = _width_issues(policy, embed_dim)
+    if issues:
+        raise PolicyError(issues)
+
+
+def model_embed_dim(model: str | os.PathLike[str]) -> int | None:
+    """The projection width in a model's config.json: a local folder or the HF cache; never downloads."""
+    folder = Path(model)
+    config = folder / "config.json" if folder.is_dir() else _cached_config(os.fspath(model))
+    if config is None:
+        return None
+    try:
+        data = json.loads(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    dim = data.get("projection_dim") if isinstance(data, dict) else None
+    return dim if type(dim) is int and dim > 0 else None
+
+
+def _cached_config(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not installed, or not a valid repo id
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _read_text(file: str) -> str:
+    try:
+        with open(file, encoding="utf-8-sig") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise PolicyError.about_file(file, "file not found") from None
+    except IsADirectoryError:
+        raise PolicyError.about_file(file, "is a folder, not a policy file") from None
+    except UnicodeDecodeError as exc:
+        message = f"is not UTF-8 text (byte {exc.start})"
+        raise PolicyError.about_file(file, message) from None
+    except OSError as exc:
+        raise PolicyError.about_file(file, f"cannot read: {exc.strerror}") from None
+
+
+def _file_order(issue: PolicyIssue) -> tuple[int, int]:
+    return issue.line or 0, issue.col or 0
+
+
+def _validate(loaded: LoadedYaml, file: str) -> Policy:
+    try:
+        return Policy.model_validate(loaded.data)
+    except ValidationError as exc:
+        issues: list[PolicyIssue] = []
+        for error in exc.errors(include_url=False):
+            for issue in _issues_from(error, loaded, file):
+                if issue not in issues:
+                    issues.append(issue)
+        raise PolicyError(sorted(issues, key=_file_order)) from None
+
+
+def _issues_from(error: Any, loaded: LoadedYaml, file: str) -> list[PolicyIssue]:
+    """One pydantic error as PolicyIssues (a broken-rules error carries several)."""
+    ctx, kind = error.get("ctx") or {}, error["type"]
+    path = _data_path(error["loc"])
+    if kind == "policy_rules":
+        return [_issue(file, loaded, where, message) for where, message in ctx["violations"]]
+    if "at" in ctx:  # a model-level rule about one of its keys
+        return [_issue(file, loaded, (*path, ctx["at"]), error["msg"], key=True)]
+    message = _message(error, path)
+    if kind == "missing":  # point at the mapping that lacks the key
+        return [_issue(file, loaded, path, message, at=path[:-1])]
+    return [_issue(file, loaded, path, message, key=kind == "extra_forbidden")]
+
+
+def _issue(
+    file: str,
+    loaded: LoadedYaml,
+    path: KeyPath,
+    message: str,
+    *,
+    key: bool = False,
+    at: KeyPath | None = None,
+) -> PolicyIssue:
+    line, col = loaded.locate(path if at is None else at, key=key)
+    return PolicyIssue(file, line, col, format_path(path), message)
+
+
+def _data_path(loc: tuple[Any, ...]) -> KeyPath:
+    """A pydantic loc without the labels of the embedding's two shapes."""
+    path: list[str | int] = []
+    for part in loc:
+        if part in EMBEDDING_TAGS and path and path[-1] == "embedding":
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _message(error: Any, path: KeyPath) -> str:
+    """A short human message for one pydantic error."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {kind_of(value)}"
+    if kind == "extra_forbidden":
+        return "unknown key" + _suggestion(path)
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        got = repr(value) if isinstance(value, (str, int, float)) else kind_of(value)
+        return f"must be one of {ctx['expected']}, got {got}"
+    if kind in _BOUNDS:
+        name, text = _BOUNDS[kind]
+        return text.format(ctx[name])
+    if kind in ("too_short", "string_too_short"):
+        if ctx.get("min_length", 1) <= 1:
+            return "must not be empty"
+        return f"must have at least {ctx['min_length']} items"
+    if kind == "finite_number":
+        return "must be a finite number"
+    message = str(error["msg"])
+    return message[:1].lower() + message[1:]
+
+
+def _suggestion(path: KeyPath) -> str:
+    model = _model_at(path[:-1])
+    if model is None or not isinstance(path[-1], str):
+        return ""
+    close = difflib.get_close_matches(path[-1], list(model.model_fields), n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `path`."""
+    model: type[BaseModel] | None = Policy
+    for part in path:
+        if isinstance(part, int) or model is None:
+            continue  # list items share their list's model
+        field = model.model_fields.get(part)
+        model = _first_model(field.annotation) if field else None
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _resolve_model(model: str, folder: Path) -> str:
+    candidate = folder / model  # an absolute `model` stays absolute
+    return str(candidate.resolve()) if candidate.is_dir() else model
+
+
+def _resolve_embeddings(policy: Policy, folder: Path) -> list[PolicyIssue]:
+    """Set `concept.vector` for every concept with an embedding; return what went wrong."""
+    issues = []
+    for path, concept in policy.iter_concepts():
+        if concept.embedding is None:
+            continue
+        at = (*path, "embedding")
+        try:
+            vector = _read_embedding(concept.embedding, folder)  # [D] float32
+        except _EmbeddingProblem as problem:
+            issues.append(policy.issue((*at, *problem.subpath), problem.message))
+            continue
+        bad = np.flatnonzero(~np.isfinite(vector))
+        if bad.size:
+            message = f"embedding value {bad[0]} is not finite ({vector[bad[0]]})"
+            issues.append(policy.issue(at, message))
+        elif not vector.any():
+            issues.append(policy.issue(at, "embedding is all zeros"))
+        else:
+            concept._vector = vector
+    return issues
+
+
+def _values(count: int) -> str:
+    return "1 value" if count == 1 else f"{count} values"
+
+
+def _width_issues(policy: Policy, embed_dim: int | None) -> list[PolicyIssue]:
+    """Every raw embedding must have the model's width, or else all the same width."""
+    issues = []
+    first: tuple[KeyPath, int] | None = None
+    for path, concept in policy.iter_concepts():
+        if concept.vector is None:
+            continue
+        at, width = (*path, "embedding"), concept.vector.shape[0]
+        if embed_dim is not None and width != embed_dim:
+            message = f"embedding has {_values(width)}, the model's projection width is {embed_dim}"
+            issues.append(policy.issue(at, message))
+        elif embed_dim is None and first is not None and width != first[1]:
+            message = f"embedding has {_values(width)}, but {format_path(first[0])} has {first[1]}"
+            issues.append(policy.issue(at, message))
+        first = first or (at, width)
+    return issues
+
+
+class _EmbeddingProblem(Exception):
+    """Why an embedding could not be read; `subpath` is the key under `embedding` at fault."""
+
+    def __init__(self, message: str, *subpath: str) -> None:
+        super().__init__(message)
+        self.message, self.subpath = message, subpath
+
+
+def _read_embedding(embedding: list[float] | EmbeddingRef, folder: Path) -> np.ndarray:
+    """The raw embedding as float32 [D], from the policy or a file inside its folder."""
+    if isinstance(embedding, list):
+        return _float32(embedding)
+    path = _inside(folder, embedding.file)
+    if path.suffix.lower() == ".npy":
+        if embedding.tensor is not None:
+            raise _EmbeddingProblem("'tensor' applies only to .safetensors files", "tensor")
+        vector = _read_npy(path, embedding.file, embedding.row)
+    elif path.suffix.lower() == ".safetensors":
+        vector = _read_safetensors(path, embedding)
+    else:
+        message = f"'{embedding.file}' is not a .safetensors or .npy file"
+        raise _EmbeddingProblem(message, "file")
+    if vector.size == 0:
+        raise _EmbeddingProblem("embedding has no values")
+    return vector
+
+
+def _float32(values: Any) -> np.ndarray:
+    """A float32 copy; values too large for float32 become inf, reported as not finite."""
+    with np.errstate(over="ignore"):
+        return np.array(values, dtype=np.float32)
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """The file `name` relative to the policy's folder, refusing anything that leads out of it."""
+    if Path(name).is_absolute():
+        message = f"'{name}' must be a path relative to the policy's folder"
+        raise _EmbeddingProblem(message, "file")
+    try:
+        path = (folder / name).resolve()  # follows symlinks, so a link pointing out is caught too
+        inside, found = path.is_relative_to(folder.resolve()), path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
+        raise _EmbeddingProblem(f"'{name}' is not a usable file name ({exc})", "file") from None
+    if not inside:
+        raise _EmbeddingProblem(f"'{name}' is outside the policy's folder", "file")
+    if not found:
+        raise _EmbeddingProblem(f"file '{name}' not found", "file")
+    return path
+
+
+def _pick_row(shape: tuple[int, ...], row: int | None, what: str) -> int | None:
+    """Index of the wanted row of a 2-D array, None for a 1-D one."""
+    if len(shape) == 1:
+        if row is not None:
+            raise _EmbeddingProblem(f"{what} is 1-D, so it has no row {row}", "row")
+        return None
+    if len(shape) != 2:
+        raise _EmbeddingProblem(f"{what} has shape {tuple(shape)}; expected 1-D or 2-D")
+    if row is None:
+        if shape[0] == 1:
+            return 0
+        raise _EmbeddingProblem(f"{what} has {shape[0]} rows; say which with 'row'")
+    if row >= shape[0]:
+        raise _EmbeddingProblem(f"row {row} is out of range: {what} has {shape[0]} rows", "row")
+    return row
+
+
+def _read_npy(path: Path, name: str, row: int | None) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise _EmbeddingProblem(f"cannot read '{name}': {exc}", "file") from None
+    if not isinstance(array, np.ndarray):  # a .npz archive under a .npy name
+        array.close()
+        raise _EmbeddingProblem(f"'{name}' is not a .npy array", "file")
+    if array.dtype.kind not in "fiu":
+        raise _EmbeddingProblem(f"'{name}' holds {array.dtype} values, not numbers", "file")
+    index = _pick_row(array.shape, row, f"'{name}'")
+    return _float32(array if index is None else array[index])
+
+
+def _read_safetensors(path: Path, ref: EmbeddingRef) -> np.ndarray:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            names = list(handle.keys())
+            tensor = ref.tensor
+            if tensor is None and len(names) != 1:
+                message = f"'{ref.file}' holds {len(names)} tensors ({', '.join(names)}); say which with 'tensor'"
+                raise _EmbeddingProblem(message)
+            if tensor is not None and tensor not in names:
+                message = (
+                    f"tensor '{tensor}' not found in '{ref.file}' (it has: {', '.join(names)})"
+                )
+                raise _EmbeddingProblem(message, "tensor")
+            tensor = tensor or names[0]
+            view = handle.get_slice(tensor)  # reads only the row asked for
+            index = _pick_row(tuple(view.get_shape()), ref.row, f"tensor '{tensor}'")
+            vector = view[:] if index is None else view[index]
+    except _EmbeddingProblem:
+        raise
+    except Exception as exc:  # safetensors reports bad headers and dtypes with its own types
+        raise _EmbeddingProblem(f"cannot read '{ref.file}': {exc}", "file") from None
+    return _float32(vector)

@@ -1,0 +1,281 @@
+"""Pydantic models of the policy language v1: unknown keys and loosely typed values are errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from policy.errors import KeyPath, PolicyIssue, format_path, kind_of
+from policy.yaml_loader import LoadedYaml
+
+Action = Literal["allow", "review", "blur", "pixelate", "blackout"]
+ACTION_RANK: dict[str, int] = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
+Severity = Literal["low", "medium", "high", "critical"]
+DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+# Loc labels pydantic adds after `embedding` for the two accepted shapes; the loader drops them.
+EMBEDDING_TAGS = frozenset({"inline", "reference"})
+
+
+def _between(low: float, high: float, *, high_open: bool = False) -> AfterValidator:
+    """Range check with one readable message (pydantic's own reports each bound separately)."""
+    message = (
+        f"must be at least {low} and less than {high}"
+        if high_open
+        else f"must be between {low} and {high}"
+    )
+
+    def check(value: float) -> float:
+        if not (low <= value and (value < high if high_open else value <= high)):
+            raise PydanticCustomError("out_of_range", message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "must not be empty")
+    return value
+
+
+def _version(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PydanticCustomError(
+            "version_type", "expected an integer or a string, got {kind}", {"kind": kind_of(value)}
+        )
+    return value
+
+
+def _fail_closed(value: str) -> str:
+    if value == "allow":
+        raise PydanticCustomError(
+            "fail_open",
+            "must not be 'allow': an image that could not be checked must not pass unchecked"
+            " (use review, blur, pixelate or blackout)",
+        )
+    return value
+
+
+def _embedding_shape(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "inline"
+    return "reference" if isinstance(value, dict) else None
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+Cosine = Annotated[float, _between(-1, 1)]
+InlineEmbedding = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    # strict: "0.2" is not a number, true is not 1, 1.0 is not an integer row.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EmbeddingRef(_Model):
+    """A raw embedding in a .safetensors or .npy file inside the policy's folder."""
+
+    file: Text
+    tensor: Text | None = None
+    row: Annotated[int, Field(ge=0)] | None = None
+
+
+Embedding = Annotated[
+    Annotated[InlineEmbedding, Tag("inline")] | Annotated[EmbeddingRef, Tag("reference")],
+    Discriminator(
+        _embedding_shape,
+        custom_error_type="embedding_type",
+        custom_error_message="expected a list of numbers or a mapping with 'file'",
+    ),
+]
+
+
+class Concept(_Model):
+    """One named concept, matched by text prompts or by a raw embedding."""
+
+    name: Text
+    category: Text | None = None
+    severity: Severity | None = None
+    prompts: Annotated[list[Text], Field(min_length=1)] | None = None
+    embedding: Embedding | None = None
+    threshold: Cosine | None = None
+    action: Action | None = None
+    description: str | None = None
+    _vector: np.ndarray | None = PrivateAttr(default=None)
+
+    @property
+    def vector(self) -> np.ndarray | None:
+        """The raw embedding, float32 [D], as resolved by the loader (None for prompt concepts)."""
+        return self._vector
+
+    @model_validator(mode="after")
+    def _prompts_or_embedding(self) -> Concept:
+        if self.prompts is not None and self.embedding is not None:
+            raise PydanticCustomError(
+                "prompts_and_embedding",
+                "give either 'prompts' or 'embedding', not both",
+                {"at": "embedding"},
+            )
+        if self.prompts is None and self.embedding is None:
+            raise PydanticCustomError("no_prompts", "needs 'prompts' or 'embedding'")
+        return self
+
+
+class Defaults(_Model):
+    """Values used by concepts that do not set their own."""
+
+    threshold: Cosine = 0.2
+    action: Action = "blackout"
+    severity: Severity = "medium"
+
+
+class BlurSettings(_Model):
+    """Gaussian blur strength for the `blur` action."""
+
+    radius: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 24.0
+
+
+class PixelateSettings(_Model):
+    """Block size in pixels for the `pixelate` action."""
+
+    block: Annotated[int, Field(ge=2)] = 16
+
+
+class ReviewSettings(_Model):
+    """What the caller gets for an image held for review."""
+
+    placeholder: Literal["blur", "pixelate", "blackout"] = "blur"  # shown until a human decides
+
+
+class ActionSettings(_Model):
+    """Settings of the actions that change pixels."""
+
+    blur: BlurSettings = Field(default_factory=BlurSettings)
+    pixelate: PixelateSettings = Field(default_factory=PixelateSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+
+
+class SpecialCare(_Model):
+    """Concepts that, once matched, make every other concept stricter and escalate the action."""
+
+    adjustment: Cosine = 0.01
+    escalate: Action | None = "review"
+    concepts: Annotated[list[Concept], Field(min_length=1)]
+
+
+class Policy(_Model):
+    """A whole policy file; the loader also sets its source and resolved embeddings."""
+
+    policy: Text
+    version: Annotated[int | str, PlainValidator(_version)] = 1
+    description: str | None = None
+    model: Text = DEFAULT_MODEL
+    compat: Literal["diffusers"] | None = None
+    defaults: Defaults = Field(default_factory=Defaults)
+    review_band: Annotated[float, _between(0, 0.5, high_open=True)] = 0.0
+    on_error: Annotated[Action, AfterValidator(_fail_closed)] = "blackout"
+    actions: ActionSettings = Field(default_factory=ActionSettings)
+    categories: list[Text] | None = None
+    concepts: list[Concept] = Field(default_factory=list)
+    special_care: SpecialCare | None = None
+
+    _source_file: str | None = PrivateAttr(default=None)  # the path exactly as the caller gave it
+    _source_path: Path | None = PrivateAttr(default=None)
+    _source_text: str | None = PrivateAttr(default=None)
+    _resolved_model: str | None = PrivateAttr(default=None)
+    _yaml: LoadedYaml | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The policy file as the caller named it (None when not loaded from a file)."""
+        return self._source_path
+
+    @property
+    def source_text(self) -> str | None:
+        """The YAML text the policy was loaded from."""
+        return self._source_text
+
+    @property
+    def resolved_model(self) -> str:
+        """`model` as an absolute folder when it names one next to the policy, else the hub id."""
+        return self._resolved_model or self.model
+
+    @property
+    def special_concepts(self) -> list[Concept]:
+        return self.special_care.concepts if self.special_care else []
+
+    def iter_concepts(self) -> Iterator[tuple[KeyPath, Concept]]:
+        """Every concept with its key path: `concepts` first, then special-care ones."""
+        for i, concept in enumerate(self.concepts):
+            yield ("concepts", i), concept
+        for i, concept in enumerate(self.special_concepts):
+            yield ("special_care", "concepts", i), concept
+
+    def effective_threshold(self, concept: Concept) -> float:
+        return self.defaults.threshold if concept.threshold is None else concept.threshold
+
+    def effective_action(self, concept: Concept) -> Action:
+        return concept.action or self.defaults.action
+
+    def effective_severity(self, concept: Concept) -> Severity:
+        return concept.severity or self.defaults.severity
+
+    def issue(self, path: KeyPath, message: str, *, key: bool = False) -> PolicyIssue:
+        """A PolicyIssue at `path` in the source file, so later stages report like the loader."""
+        line, col = self._yaml.locate(path, key=key) if self._yaml else (None, None)
+        file = self._source_file or f"<policy {self.policy}>"
+        return PolicyIssue(file, line, col, format_path(path), message)
+
+    def rule_violations(self) -> list[tuple[KeyPath, str]]:
+        """Rules across fields: unique names, declared categories, diffusers compatibility."""
+        found: list[tuple[KeyPath, str]] = []
+        first_path: dict[str, KeyPath] = {}
+        for path, concept in self.iter_concepts():
+            if concept.name in first_path:
+                other = format_path(first_path[concept.name])
+                found.append(
+                    ((*path, "name"), f"duplicate concept name '{concept.name}' (see {other})")
+                )
+            first_path.setdefault(concept.name, path)
+            if self.categories is not None and concept.category is not None:
+                if concept.category not in self.categories:
+                    message = f"category '{concept.category}' is not declared in categories"
+                    found.append(((*path, "category"), message))
+            if path[0] == "special_care" and concept.action is not None:
+                message = (
+                    "special-care concepts take no action of their own; set special_care.escalate"
+                )
+                found.append(((*path, "action"), message))
+        for i, category in enumerate(self.categories or []):
+            if category in (self.categories or [])[:i]:
+                found.append((("categories", i), f"category '{category}' is declared twice"))
+        if self.compat == "diffusers" and self.review_band != 0:
+            found.append((("review_band",), "must be 0 when compat is 'diffusers'"))
+        if not self.concepts and not self.special_concepts:
+            found.append((("concepts",), "the policy needs at least one concept"))
+        return found
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Policy:
+        violations = self.rule_violations()
+        if violations:
+            summary = "; ".join(f"{format_path(path)}: {message}" for path, message in violations)
+            raise PydanticCustomError(
+                "policy_rules", "{summary}", {"summary": summary, "violations": tuple(violations)}
+            )
+        return self

@@ -1,0 +1,183 @@
+"""Safe YAML loading that remembers where every key and value is (1-based line and column).
+
+Only plain data comes out: mappings, lists, strings, numbers, booleans and null. The loader
+composes nodes with `yaml.SafeLoader` and builds the values itself, so no tag ever reaches a
+constructor: `!!python/...`, `!!binary`, `!custom` and the like are errors, never objects.
+Scalars follow the YAML 1.2 core schema: `yes`/`no`/`on`/`off` and dates stay strings, `1e-3`
+is a number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.composer import ComposerError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path
+
+Position = tuple[int, int]  # (line, col), 1-based
+
+_TAG = "tag:yaml.org,2002:"
+_SYNTAX_PATH = "(yaml)"
+# YAML 1.1 resolvers replaced by YAML 1.2 core ones; timestamps are dropped (dates stay strings).
+_DROPPED = {_TAG + "bool", _TAG + "float", _TAG + "timestamp"}
+_BOOL = re.compile(r"(?:true|True|TRUE|false|False|FALSE)\Z")
+_FLOAT = re.compile(
+    r"""(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+          |[0-9][0-9_]*[eE][-+]?[0-9]+
+          |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+          |\.(?:inf|Inf|INF))
+        |\.(?:nan|NaN|NAN))\Z""",
+    re.X,
+)
+
+
+class PolicyYamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core scalars and no aliases; used only to compose nodes."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _DROPPED]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        # Aliases would let a few lines expand into millions of values ("billion laughs").
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not supported", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+PolicyYamlLoader.add_implicit_resolver(_TAG + "bool", _BOOL, list("tTfF"))
+PolicyYamlLoader.add_implicit_resolver(_TAG + "float", _FLOAT, list("-+0123456789."))
+
+
+@dataclass
+class LoadedYaml:
+    """Plain data plus the position of every value and key, by key path."""
+
+    data: Any
+    values: dict[KeyPath, Position] = field(default_factory=dict)
+    keys: dict[KeyPath, Position] = field(default_factory=dict)
+
+    def locate(self, path: KeyPath, *, key: bool = False) -> Position:
+        """Position of the key (or value) at `path`, else of its nearest ancestor's value."""
+        if key and path in self.keys:
+            return self.keys[path]
+        while path not in self.values and path:
+            path = path[:-1]
+        return self.values.get(path, (1, 1))
+
+
+def _position(node: Node) -> Position:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
+
+
+class _Builder:
+    """Turns composed nodes into plain values, recording positions and collecting issues."""
+
+    def __init__(self, file: str, loader: PolicyYamlLoader) -> None:
+        self.file = file
+        self.loader = loader
+        self.result = LoadedYaml(data=None)
+        self.issues: list[PolicyIssue] = []
+
+    def fail(self, node: Node, path: KeyPath, message: str) -> None:
+        line, col = _position(node)
+        self.issues.append(PolicyIssue(self.file, line, col, format_path(path), message))
+
+    def build(self, node: Node, path: KeyPath) -> Any:
+        self.result.values[path] = _position(node)
+        if isinstance(node, MappingNode):
+            if node.tag != _TAG + "map":
+                return self.fail(node, path, f"unsupported YAML tag {_short_tag(node.tag)}")
+            return self.build_mapping(node, path)
+        if isinstance(node, SequenceNode):
+            if node.tag != _TAG + "seq":
+                return self.fail(node, path, f"unsupported YAML tag {_short_tag(node.tag)}")
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self.build_scalar(node, path)
+
+    def build_mapping(self, node: MappingNode, path: KeyPath) -> dict[str, Any]:
+        mapping: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.fail(key_node, path, "a key must be a plain name, not a list or mapping")
+                continue
+            # The key as written: `yes:` and `1:` stay the names "yes" and "1".
+            key = key_node.value
+            key_path = (*path, key)
+            self.build_scalar(key_node, key_path)  # rejects tags on keys
+            if key in mapping:
+                line, _ = self.result.keys[key_path]
+                self.fail(key_node, key_path, f"duplicate key '{key}' (first given on line {line})")
+                continue
+            self.result.keys[key_path] = _position(key_node)
+            mapping[key] = self.build(value_node, key_path)
+        return mapping
+
+    def build_scalar(self, node: ScalarNode, path: KeyPath) -> Any:
+        tag = node.tag.removeprefix(_TAG)
+        try:
+            if tag == "null":
+                return None
+            if tag == "bool":
+                return self.loader.construct_yaml_bool(node)
+            if tag == "int":
+                return self.loader.construct_yaml_int(node)
+            if tag == "float":
+                return self.loader.construct_yaml_float(node)
+        except (ValueError, KeyError):
+            return self.fail(node, path, f"cannot read {node.value[:40]!r} as !!{tag}")
+        if tag in ("str", "merge", "value"):  # `<<` and `=` are plain text here
+            return node.value
+        return self.fail(node, path, f"unsupported YAML tag {_short_tag(node.tag)}")
+
+
+def _syntax_issue(file: str, text: str, exc: yaml.YAMLError) -> PolicyIssue:
+    """A parser error at the position of the problem."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        line, col = exc.problem_mark.line + 1, exc.problem_mark.column + 1
+        message = exc.problem or "invalid YAML"
+        if exc.context and message.startswith("but "):  # "expected X ..., but found Y"
+            message = f"{exc.context}, {message}"
+        elif exc.context and exc.context_mark is not None:
+            message += f" ({exc.context} on line {exc.context_mark.line + 1})"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"character U+{exc.character:04X} is not allowed in YAML"
+    else:
+        line, col, message = 1, 1, str(exc)
+    return PolicyIssue(file, line, col, _SYNTAX_PATH, message)
+
+
+def load_yaml(text: str, file: str) -> LoadedYaml:
+    """Parse one YAML document into plain data with positions; raise PolicyError on any problem."""
+    try:
+        loader = PolicyYamlLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise PolicyError([PolicyIssue(file, 1, 1, "<root>", "the file is empty")])
+            builder = _Builder(file, loader)
+            builder.result.data = builder.build(node, ())
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise PolicyError([_syntax_issue(file, text, exc)]) from None
+    except RecursionError:
+        raise PolicyError([PolicyIssue(file, 1, 1, _SYNTAX_PATH, "nested too deeply")]) from None
+    if builder.issues:
+        raise PolicyError(builder.issues)
+    return builder.result
