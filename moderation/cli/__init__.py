@@ -32,10 +32,7 @@ def review() -> None:
 
 # Command modules register themselves on the groups above.
 from moderation.cli import (  # noqa: E402, F401
-    bench_cmd,
     check_cmd,
-    db_cmds,
-    import_cmd,
+    compile_cmd,
     policy_cmds,
-    review_cmds,
 )
