@@ -1,0 +1,206 @@
+"""Image actions: blackout, blur, pixelate, review placeholder, batched dispatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from moderation.actions import (
+    ActionError,
+    _separable_gaussian,
+    apply_actions,
+    blackout,
+    gaussian_blur,
+    pixelate,
+)
+from moderation.errors import ModerationError
+
+
+def natural(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """[3,H,W] float [0,1]: gradients, a disc and noise."""
+    gen = torch.Generator().manual_seed(seed)
+    yy = torch.linspace(0, 1, height).view(-1, 1).expand(height, width)
+    xx = torch.linspace(0, 1, width).view(1, -1).expand(height, width)
+    img = torch.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy, 0.5 + 0.4 * torch.sin(6 * xx + 3 * yy)])
+    disc = (yy - 0.45) ** 2 + (xx - 0.4) ** 2 < 0.04
+    img = torch.where(disc, torch.tensor([0.9, 0.2, 0.1]).view(3, 1, 1), img)
+    return (img + 0.03 * torch.randn(img.shape, generator=gen)).clamp(0, 1)
+
+
+def checkerboard(height: int, width: int) -> torch.Tensor:
+    """[3,H,W] one-pixel black/white checkerboard."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return ((yy + xx) % 2).float().expand(3, height, width).clone()
+
+
+def test_blackout_gives_zeros():
+    x = torch.rand(2, 3, 7, 5)
+    out = blackout(x)
+    assert torch.equal(out, torch.zeros_like(x)) and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("radius", [2, 5, 24])
+@pytest.mark.parametrize("size", [(64, 64), (37, 53)])
+def test_blur_removes_checkerboard(radius, size):
+    board = checkerboard(*size)
+    out = gaussian_blur(board, radius)
+    assert out.shape == board.shape
+    assert out.var() < 0.05 * board.var()
+    torch.testing.assert_close(out.mean(), board.mean(), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("radius", [1.5, 4, 8, 24, 80])
+def test_blur_keeps_a_flat_colour(radius):
+    flat = torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1).expand(2, 3, 45, 61).clone()
+    torch.testing.assert_close(gaussian_blur(flat, radius), flat, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("radius", [8, 24])
+def test_fast_blur_matches_exact_gaussian(radius):
+    # Large radii blur a downsampled copy; it must stay close to the full-resolution Gaussian.
+    img = natural(256, 320)[None]
+    exact = _separable_gaussian(img, float(radius))
+    diff = (gaussian_blur(img, radius) - exact).abs()
+    assert diff.mean() < 0.5 / 255, float(diff.mean() * 255)  # measured 0.04 / 0.21
+
+
+@pytest.mark.parametrize("radius", [2, 24])
+def test_blur_radius_means_what_pil_means(radius):
+    img = natural(256, 256)
+    u8 = (img * 255).round().byte().permute(1, 2, 0).numpy()
+    pil = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(radius)))
+    pil_t = torch.from_numpy(pil.astype(np.float32) / 255).permute(2, 0, 1)
+    inner = slice(3 * radius, -3 * radius)  # PIL's edge handling differs from reflect padding
+    diff = (gaussian_blur(img, radius) - pil_t)[:, inner, inner].abs().mean()
+    assert diff < 1.5 / 255, float(diff * 255)  # measured 0.3 / 0.5 (PIL uses box passes)
+
+
+def test_blur_radius_zero_and_tiny_images():
+    x = torch.rand(3, 5, 4)
+    assert torch.equal(gaussian_blur(x, 0), x)
+    out = gaussian_blur(torch.rand(1, 3, 2, 3), 3)  # pad wider than the image
+    assert out.shape == (1, 3, 2, 3) and torch.isfinite(out).all()
+    assert gaussian_blur(torch.rand(1, 3, 1, 1), 24).shape == (1, 3, 1, 1)
+
+
+@pytest.mark.parametrize(("height", "width", "block"), [(64, 64, 16), (37, 50, 16), (5, 3, 8)])
+def test_pixelate_makes_blocks_constant(height, width, block):
+    x = torch.rand(2, 3, height, width)
+    out = pixelate(x, block)
+    assert out.shape == x.shape
+    bh, bw = min(block, height), min(block, width)
+    for top in range(0, height, bh):
+        for left in range(0, width, bw):
+            tile = out[..., top : top + bh, left : left + bw]
+            expected = x[..., top : top + bh, left : left + bw].mean(dim=(-2, -1), keepdim=True)
+            torch.testing.assert_close(tile, expected.expand_as(tile))
+
+
+def test_pixelate_block_one_is_identity():
+    x = torch.rand(3, 6, 6)
+    assert torch.equal(pixelate(x, 1), x)
+
+
+def test_allow_is_bit_identical_and_input_untouched():
+    x = torch.rand(3, 3, 16, 16)
+    before = x.clone()
+    out = apply_actions(x, ["allow", "blur", "allow"])
+    assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2])
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
+    everything = apply_actions(x, ["allow"] * 3)
+    assert torch.equal(everything, x) and everything.data_ptr() != x.data_ptr()
+
+
+def test_mixed_actions_in_one_batch():
+    x = torch.stack([natural(40, 30, i) for i in range(6)])
+    actions = ["allow", "review", "blur", "pixelate", "blackout", "blur"]
+    out = apply_actions(x, actions, blur_radius=6, pixelate_block=8)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[0], x[0])
+    blurred = gaussian_blur(x[[1, 2, 5]], 6)  # review shows the blur placeholder
+    torch.testing.assert_close(out[[1, 2, 5]], blurred)
+    torch.testing.assert_close(out[3], pixelate(x[3], 8))
+    assert torch.equal(out[4], torch.zeros_like(x[4]))
+
+
+@pytest.mark.parametrize("placeholder", ["blackout", "pixelate", "allow"])
+def test_review_placeholder(placeholder):
+    x = torch.rand(2, 3, 9, 9)
+    out = apply_actions(x, ["review", "allow"], review_placeholder=placeholder, pixelate_block=4)
+    expected = {"blackout": blackout(x[0]), "pixelate": pixelate(x[0], 4), "allow": x[0]}
+    torch.testing.assert_close(out[0], expected[placeholder])
+
+
+def test_list_of_odd_sizes():
+    images = [natural(31, 17, 0), natural(8, 45, 1), natural(31, 17, 2), natural(3, 3, 3)]
+    before = [i.clone() for i in images]
+    out = apply_actions(images, ["blur", "pixelate", "blur", "blackout"], pixelate_block=16)
+    assert isinstance(out, list) and [o.shape for o in out] == [i.shape for i in images]
+    torch.testing.assert_close(out[0], gaussian_blur(images[0], 24))
+    torch.testing.assert_close(out[2], gaussian_blur(images[2], 24))
+    torch.testing.assert_close(out[1], pixelate(images[1], 16))
+    assert torch.equal(out[3], torch.zeros(3, 3, 3))
+    assert all(torch.equal(a, b) for a, b in zip(images, before, strict=True))
+    kept = apply_actions(images[:1], ["allow"])
+    assert torch.equal(kept[0], images[0]) and kept[0] is not images[0]
+
+
+def test_whole_batch_single_action_and_odd_size():
+    x = torch.rand(2, 3, 33, 47)
+    torch.testing.assert_close(apply_actions(x, ["blur", "blur"]), gaussian_blur(x, 24))
+    torch.testing.assert_close(apply_actions(x, ["pixelate"] * 2), pixelate(x, 16))
+
+
+def test_empty_batch():
+    empty = torch.zeros(0, 3, 8, 8)
+    assert apply_actions(empty, []).shape == (0, 3, 8, 8)
+    assert apply_actions([], []) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes(dtype):
+    x = torch.rand(3, 3, 20, 20).to(dtype)
+    out = apply_actions(x, ["allow", "blur", "pixelate"], blur_radius=5, pixelate_block=4)
+    assert out.dtype == dtype
+    assert torch.equal(out[0], x[0])
+    torch.testing.assert_close(out[1].float(), gaussian_blur(x[1].float(), 5), atol=1e-2, rtol=0)
+    torch.testing.assert_close(out[2].float(), pixelate(x[2].float(), 4), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda x: apply_actions(x, ["allow", "blurr"]),
+            "image 1: unknown action 'blurr' (expected one of allow, review, blur, pixelate, blackout)",
+        ),
+        (lambda x: apply_actions(x, ["allow"]), "got 1 actions for 2 images"),
+        (
+            lambda x: apply_actions(x, ["review", "allow"], review_placeholder="review"),
+            "review placeholder 'review' is not one of allow, blur, pixelate, blackout",
+        ),
+        (
+            lambda x: apply_actions(x[0], ["allow"] * 3),
+            "images: expected [B,3,H,W], got shape [3, 4, 4]",
+        ),
+    ],
+)
+def test_bad_actions(call, message):
+    with pytest.raises(ActionError) as info:
+        call(torch.rand(2, 3, 4, 4))
+    assert str(info.value) == message and isinstance(info.value, ModerationError)
+
+
+def test_hot_path_never_reads_tensor_values_on_the_host():
+    # Meta tensors carry no data: any .item(), bool(tensor) or .tolist() would raise.
+    x = torch.empty(4, 3, 512, 768, device="meta")
+    for actions in (["allow", "review", "pixelate", "blackout"], ["blur"] * 4):
+        assert apply_actions(x, actions).shape == x.shape
+    assert apply_actions(x, ["blur"] * 4, blur_radius=3).device.type == "meta"
+    images = [torch.empty(3, 10, 20, device="meta"), torch.empty(3, 7, 7, device="meta")]
+    assert [o.shape for o in apply_actions(images, ["blur", "pixelate"])] == [
+        (3, 10, 20),
+        (3, 7, 7),
+    ]
