@@ -1,0 +1,431 @@
+"""ClipEncoder: image (and text) embeddings from a CLIP or a Stable Diffusion safety-checker checkpoint.
+
+Models load with `from_pretrained` only, from a local folder or the Hugging Face cache, so
+`HF_HUB_OFFLINE=1` works. Image embeddings are exactly diffusers' checker's:
+`visual_projection(vision_model(pixel_values)[1])`, not normalised.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from moderation.errors import ModerationError
+from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
+
+SAFETY_CHECKER_TENSORS = (
+    "concept_embeds",
+    "concept_embeds_weights",
+    "special_care_embeds",
+    "special_care_embeds_weights",
+)
+_KINDS = {
+    "StableDiffusionSafetyChecker": "sd-safety-checker",
+    "CLIPModel": "clip",
+    "CLIPVisionModelWithProjection": "clip",
+}
+_TEXT_ARCHITECTURES = ("CLIPModel", "CLIPTextModelWithProjection")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class EncoderError(ModerationError):
+    """A model could not be loaded or cannot do what was asked of it."""
+
+
+def resolve_device(
+    device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """Defaults: cuda when available, else cpu; float16 on cuda, float32 elsewhere."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for strings that can only be a folder, never a hub id like `org/name`."""
+    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model
+
+
+class _Checkpoint:
+    """Where one checkpoint's files are: a local folder or a snapshot of the Hugging Face cache."""
+
+    def __init__(self, model_id: str, folder: Path, local: bool, config: dict) -> None:
+        self.model_id = model_id
+        self.folder = folder  # holds config.json (a cache snapshot for hub ids)
+        self.local = local
+        self.config = config
+        self._bin: dict[str, Tensor] | None = None
+
+    @property
+    def source(self) -> str:
+        """What to hand to `from_pretrained`: the folder, or the hub id (so the cache is used)."""
+        return str(self.folder) if self.local else self.model_id
+
+    @property
+    def architecture(self) -> str:
+        return ",".join(self.config.get("architectures") or []) or "no architectures"
+
+    @classmethod
+    def resolve(cls, model: str | Path) -> _Checkpoint:
+        """Find config.json of a local folder (or a pipeline's safety_checker) or a hub id."""
+        model_id = str(model)
+        folder = Path(model_id).expanduser()
+        if folder.is_dir():
+            if not (folder / "config.json").exists() and (folder / "model_index.json").exists():
+                folder = folder / "safety_checker"  # a diffusers pipeline folder: use its checker
+            config_file = folder / "config.json"
+            if not config_file.is_file():
+                raise EncoderError(f"model {model_id}: {config_file} not found (not a checkpoint)")
+            local = True
+        elif isinstance(model, Path) or _looks_like_path(model_id):
+            raise EncoderError(f"model {model_id}: no such folder")
+        else:
+            from transformers.utils import cached_file
+
+            try:
+                config_file = Path(cached_file(model_id, "config.json"))
+            except (OSError, ValueError) as exc:
+                raise EncoderError(
+                    f"model {model_id}: not a local folder, and not found on the Hugging Face hub "
+                    f"or in its cache (offline with no cached copy?): {exc}"
+                ) from exc
+            folder, local = config_file.parent, False
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EncoderError(f"model {model_id}: cannot read {config_file}: {exc}") from exc
+        return cls(model_id, folder, local, config)
+
+    def file(self, name: str) -> Path | None:
+        """A file of the checkpoint, or None when it has none by that name."""
+        if self.local:
+            path = self.folder / name
+            return path if path.is_file() else None
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            self.model_id,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        return Path(found) if found else None
+
+    def fingerprint(self) -> str:
+        """sha256 of the model id, config and weights identity: changes when the checkpoint does."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.model_id, self.config], sort_keys=True).encode())
+        if self.local:
+            # Size, mtime and name: rewriting any file (weights, tokenizer) gives a new fingerprint
+            # without hashing gigabytes.
+            for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
+                stat = path.stat()
+                h.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        else:
+            h.update(str(self.folder).encode())  # .../snapshots/<commit>: one revision
+        return h.hexdigest()
+
+    def _weights(self) -> tuple[Path, dict[str, str] | None]:
+        """The weights file, and for a sharded checkpoint its index (tensor name -> shard file)."""
+        for name in _WEIGHT_FILES:
+            path = self.file(name)
+            if path is None:
+                continue
+            if name.endswith(".index.json"):
+                return path, json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            return path, None
+        raise EncoderError(f"model {self.model_id}: no weights file ({', '.join(_WEIGHT_FILES)})")
+
+    def tensor_names(self) -> list[str]:
+        path, index = self._weights()
+        if index is not None:
+            return list(index)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(self._load_bin(path))
+
+    def read_tensor(self, name: str) -> Tensor:
+        """One tensor exactly as stored (dtype and shape of the file)."""
+        path, index = self._weights()
+        if index is not None:
+            shard = self.file(index[name])
+            if shard is None:
+                raise EncoderError(f"model {self.model_id}: shard {index[name]} is missing")
+            path = shard
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        return self._load_bin(path)[name]
+
+    def _load_bin(self, path: Path) -> dict[str, Tensor]:
+        if self._bin is None:
+            # weights_only: a checkpoint is data, never code; mmap keeps 1 GB files cheap.
+            self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self._bin
+
+
+@functools.cache
+def _safety_checker_class() -> type:
+    """diffusers' checker, sized to the checkpoint's concept rows (diffusers fixes 17 and 3)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    class SizedSafetyChecker(StableDiffusionSafetyChecker):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            for name, shape in getattr(config, "moderation_tensor_shapes", {}).items():
+                setattr(self, name, nn.Parameter(torch.ones(shape), requires_grad=False))
+
+    return SizedSafetyChecker
+
+
+def _from_pretrained(cls: Any, ckpt: _Checkpoint, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained` with errors that name the model; missing weights are an error."""
+    try:
+        model, info = cls.from_pretrained(ckpt.source, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EncoderError(
+            f"model {ckpt.model_id}: cannot load {ckpt.architecture}: {exc}"
+        ) from exc
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise EncoderError(
+            f"model {ckpt.model_id}: the checkpoint lacks {len(missing)} weights of "
+            f"{ckpt.architecture}, e.g. {', '.join(missing[:3])}"
+        )
+    return model.eval().requires_grad_(False)
+
+
+def _image_settings(ckpt: _Checkpoint, default_size: int) -> tuple[int, tuple, tuple]:
+    """(crop size, mean, std) from preprocessor_config.json, else CLIP's."""
+    path = ckpt.file("preprocessor_config.json")
+    if path is None and ckpt.local and ckpt.folder.name == "safety_checker":
+        sibling = ckpt.folder.parent / "feature_extractor" / "preprocessor_config.json"
+        path = sibling if sibling.is_file() else None  # a pipeline keeps it beside the checker
+    if path is None:
+        return default_size, CLIP_MEAN, CLIP_STD
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"model {ckpt.model_id}: cannot read {path}: {exc}") from exc
+    size = data.get("crop_size") or data.get("size") or default_size
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or default_size
+    mean = tuple(float(v) for v in data.get("image_mean", CLIP_MEAN))
+    std = tuple(float(v) for v in data.get("image_std", CLIP_STD))
+    return int(size), mean, std
+
+
+class ClipEncoder:
+    """A CLIP vision tower with its projection, and a text tower when the checkpoint has one."""
+
+    model_id: str
+    kind: Literal["clip", "sd-safety-checker"]
+    embed_dim: int
+    device: torch.device
+    dtype: torch.dtype
+    has_text_tower: bool
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    vision_model: nn.Module
+    visual_projection: nn.Module
+    text_fingerprint: str | None  # identifies the text tower's embeddings (prompt cache key)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        text_model: str | Path | None = None,
+    ) -> ClipEncoder:
+        """Load a CLIP or safety-checker checkpoint (hub id or folder); text_model adds a text tower."""
+        device, dtype = resolve_device(device, dtype)
+        ckpt = _Checkpoint.resolve(model)
+        architectures = ckpt.config.get("architectures") or []
+        kind = next((_KINDS[a] for a in architectures if a in _KINDS), None)
+        if kind is None:
+            raise EncoderError(
+                f"model {ckpt.model_id}: unsupported architecture ({ckpt.architecture}); "
+                f"expected one of {', '.join(_KINDS)}"
+            )
+        self = cls.__new__(cls)
+        self.model_id, self.kind, self.device, self.dtype = ckpt.model_id, kind, device, dtype
+        self._ckpt = ckpt
+        self._stored: dict[str, Tensor] = {}
+        self.text_model = self.text_projection = self.tokenizer = None
+        self.text_fingerprint = None
+        if kind == "sd-safety-checker":
+            vision = self._load_safety_checker(ckpt)
+        elif "CLIPModel" in architectures:
+            from transformers import CLIPModel
+
+            vision = _from_pretrained(CLIPModel, ckpt, dtype=torch.float32)
+            self._take_text_tower(vision, ckpt)
+        else:
+            from transformers import CLIPVisionModelWithProjection
+
+            vision = _from_pretrained(CLIPVisionModelWithProjection, ckpt, dtype=torch.float32)
+        self.vision_model = vision.vision_model.to(device, dtype)
+        self.visual_projection = vision.visual_projection.to(device, dtype)
+        self.embed_dim = int(self.visual_projection.weight.shape[0])
+        vision_size = int(getattr(vision.config, "vision_config", vision.config).image_size)
+        self.image_size, self.image_mean, self.image_std = _image_settings(ckpt, vision_size)
+        if text_model is not None:
+            self._load_text_model(text_model)
+        return self
+
+    def _load_safety_checker(self, ckpt: _Checkpoint) -> nn.Module:
+        from transformers import CLIPConfig
+
+        # The concept tensors are read as stored (float32, any number of rows) before loading,
+        # so that the module is built with the checkpoint's row counts.
+        names = set(ckpt.tensor_names())
+        self._stored = {
+            n: ckpt.read_tensor(n).float() for n in SAFETY_CHECKER_TENSORS if n in names
+        }
+        config = CLIPConfig.from_dict(ckpt.config)
+        config.moderation_tensor_shapes = {n: tuple(t.shape) for n, t in self._stored.items()}
+        # diffusers' checker refuses SDPA; the published checkpoint runs with eager attention.
+        return _from_pretrained(
+            _safety_checker_class(),
+            ckpt,
+            config=config,
+            attn_implementation="eager",
+            dtype=torch.float32,
+        )
+
+    def _take_text_tower(self, model: nn.Module, ckpt: _Checkpoint) -> None:
+        """Keep a CLIP text tower in float32 on the device, with the checkpoint's tokenizer."""
+        from transformers import CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(ckpt.source)
+        except (OSError, ValueError, TypeError) as exc:
+            raise EncoderError(f"model {ckpt.model_id}: cannot load its tokenizer: {exc}") from exc
+        # Prompts are encoded once, at compile time: float32 keeps compiled policies the same
+        # whether they were compiled by a float16 or a float32 worker.
+        self.text_model = model.text_model.to(self.device, torch.float32)
+        self.text_projection = model.text_projection.to(self.device, torch.float32)
+        max_positions = int(model.config.text_config.max_position_embeddings)
+        self._max_tokens = min(max_positions, int(self.tokenizer.model_max_length))
+        self.text_fingerprint = hashlib.sha256(
+            f"{ckpt.fingerprint()}\0float32\0{self.device.type}".encode()
+        ).hexdigest()
+
+    def _load_text_model(self, text_model: str | Path) -> None:
+        ckpt = _Checkpoint.resolve(text_model)
+        architectures = ckpt.config.get("architectures") or []
+        arch = next((a for a in architectures if a in _TEXT_ARCHITECTURES), None)
+        if arch is None:
+            raise EncoderError(
+                f"text model {ckpt.model_id}: {ckpt.architecture} has no CLIP text tower; "
+                f"expected one of {', '.join(_TEXT_ARCHITECTURES)}"
+            )
+        import transformers
+
+        model = _from_pretrained(getattr(transformers, arch), ckpt, dtype=torch.float32)
+        width = int(model.text_projection.weight.shape[0])
+        if width != self.embed_dim:
+            raise EncoderError(
+                f"text model {ckpt.model_id} projects text to {width} dimensions but model "
+                f"{self.model_id} projects images to {self.embed_dim}: use the text tower of "
+                f"the same CLIP as the vision tower"
+            )
+        self._take_text_tower(model, ckpt)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClipEncoder({self.model_id!r}, kind={self.kind!r}, embed_dim={self.embed_dim}, "
+            f"device={self.device}, dtype={self.dtype}, text={self.has_text_tower})"
+        )
+
+    @property
+    def has_text_tower(self) -> bool:
+        return self.text_model is not None
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """[N, D] projected text embeddings (not normalised), float32 on the CPU."""
+        if not self.has_text_tower:
+            raise EncoderError(
+                f"model {self.model_id} ({self.kind}) has no text tower, so it cannot embed "
+                "prompts: pass text_model= a CLIP checkpoint with a text tower (for the Stable "
+                "Diffusion checker, openai/clip-vit-large-patch14), or give the concepts "
+                "`embedding:` vectors instead of `prompts:`"
+            )
+        rows = [torch.zeros((0, self.embed_dim))]
+        with torch.inference_mode():
+            for prompt in prompts:
+                # One prompt per forward, unpadded: its embedding then does not depend on which
+                # other prompts are encoded with it, so cached and fresh embeddings agree bit for
+                # bit (batching changes the float reductions), and short prompts stay cheap.
+                tokens = self.tokenizer(
+                    [prompt], truncation=True, max_length=self._max_tokens, return_tensors="pt"
+                ).to(self.device)
+                pooled = self.text_model(
+                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+                )[1]
+                rows.append(self.text_projection(pooled).float().cpu())
+        return torch.cat(rows)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed pixels -> [B, D] projected embeddings (not normalised)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise EncoderError(
+                f"encode_image needs preprocessed pixels [B, 3, {self.image_size}, "
+                f"{self.image_size}], not {list(pixel_values.shape)}"
+            )
+        with torch.inference_mode():
+            pixel_values = pixel_values.to(self.device, self.dtype)
+            pooled = self.vision_model(pixel_values)[1]  # [B, hidden]
+            return self.visual_projection(pooled)  # [B, D]
+
+    def embed_images(self, images: Any, *, value_range: str = "auto") -> Tensor:
+        """[B, D] embeddings of images (tensors, arrays, PIL, files or an ImageBatch).
+
+        Conversion and CLIP preprocessing run on the images' own device (a GPU batch never goes
+        through the host); only the pixel values move to the encoder's device. Images holding
+        NaN/inf come out as NaN rows, so that they fail closed downstream.
+        """
+        from moderation.images import ImageBatch, clip_preprocess, to_image_batch
+
+        if not isinstance(images, ImageBatch):
+            images = to_image_batch(images, value_range=value_range)
+        pixel_values = clip_preprocess(
+            images, size=self.image_size, mean=self.image_mean, std=self.image_std
+        )  # [B, 3, S, S]
+        return self.encode_image(pixel_values)
+
+    def checkpoint_tensor(self, name: str) -> Tensor:
+        """A tensor of the checkpoint as stored, in float32 (e.g. a checker's "concept_embeds")."""
+        if name not in self._stored:
+            names = self._ckpt.tensor_names()
+            if name not in names:
+                top = [n for n in names if "." not in n]
+                listed = ", ".join(top) if top else f"{len(names)} layer weights only"
+                raise EncoderError(
+                    f"model {self.model_id} has no tensor {name!r}; it has: {listed}"
+                )
+            self._stored[name] = self._ckpt.read_tensor(name).float()
+        return self._stored[name]

@@ -1,0 +1,112 @@
+"""PromptCache: text-tower embeddings of prompts on disk, one safetensors file per model and prompt.
+
+Encoding thousands of prompts with a ViT-L text tower takes minutes on a CPU; recompiling a policy
+after a threshold edit should not. Entries are keyed by the encoder's text fingerprint (model id,
+config, weights identity, dtype, device type) and the prompt text, and are checked on every read:
+a file that does not hold exactly what its name promises is ignored and written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moderation.encoder import ClipEncoder
+
+CACHE_ENV = "MODERATION_CACHE_DIR"
+_FORMAT = "1"
+_TENSOR = "embedding"
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """$MODERATION_CACHE_DIR, else ~/.cache/moderation/prompts ($XDG_CACHE_HOME honoured)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moderation" / "prompts"
+
+
+class PromptCache:
+    """Projected prompt embeddings ([D] float32) stored per (text fingerprint, prompt)."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+        self._warned = False
+
+    def path(self, fingerprint: str, prompt: str) -> Path:
+        name = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        return self.folder / fingerprint / f"{name}.safetensors"
+
+    def get(self, fingerprint: str, prompt: str, dim: int) -> Tensor | None:
+        """The stored [dim] float32 embedding, or None when missing or not trustworthy."""
+        from safetensors import safe_open
+
+        path = self.path(fingerprint, prompt)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                embedding = f.get_tensor(_TENSOR)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            log.warning("prompt cache: ignoring unreadable %s (%s)", path, exc)
+            return None
+        expected = {"format": _FORMAT, "fingerprint": fingerprint, "prompt": prompt}
+        if (
+            any(meta.get(k) != v for k, v in expected.items())
+            or embedding.dtype != torch.float32
+            or tuple(embedding.shape) != (dim,)
+            or not bool(torch.isfinite(embedding).all())
+        ):
+            log.warning("prompt cache: ignoring %s (it is not the entry its name says)", path)
+            return None
+        return embedding
+
+    def put(self, fingerprint: str, prompt: str, embedding: Tensor) -> None:
+        """Store one [D] embedding atomically; a cache that cannot be written is only a warning."""
+        from safetensors.torch import save_file
+
+        path = self.path(fingerprint, prompt)
+        meta = {"format": _FORMAT, "fingerprint": fingerprint, "prompt": prompt}
+        tensor = embedding.detach().to("cpu", torch.float32).contiguous()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: concurrent compilers never see a half-written entry.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({_TENSOR: tensor}, tmp, metadata=meta)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("prompt cache %s is not writable (%s); continuing", self.folder, exc)
+                self._warned = True
+
+    def encode(self, encoder: ClipEncoder, prompts: Sequence[str]) -> Tensor:
+        """[N, D] float32 embeddings of prompts: stored ones read back, the others encoded and stored."""
+        fingerprint = encoder.text_fingerprint
+        if fingerprint is None:  # no text tower: let the encoder say so
+            return encoder.encode_text(prompts)
+        found = [self.get(fingerprint, p, encoder.embed_dim) for p in prompts]
+        missing = [i for i, e in enumerate(found) if e is None]
+        if missing:
+            fresh = encoder.encode_text([prompts[i] for i in missing])  # [M, D]
+            for i, embedding in zip(missing, fresh, strict=True):
+                self.put(fingerprint, prompts[i], embedding)
+                found[i] = embedding
+        rows = [e for e in found if e is not None]
+        return torch.stack(rows) if rows else torch.zeros((0, encoder.embed_dim))
