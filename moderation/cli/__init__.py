@@ -34,5 +34,6 @@ def review() -> None:
 from moderation.cli import (  # noqa: E402, F401
     check_cmd,
     compile_cmd,
+    db_cmds,
     policy_cmds,
 )

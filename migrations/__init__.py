@@ -1,0 +1,1 @@
+"""Alembic migrations of the moderation database (run them with `moderation db upgrade`)."""

@@ -1,0 +1,72 @@
+"""Held originals: content-addressed files (sha256) in an owner-only folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from moderation.storage.errors import StorageError
+
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+class HeldStore:
+    """Stores image bytes as `<sha[:2]>/<sha>.png` under `folder`; paths are relative."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+
+    def put(self, data: bytes) -> str:
+        """Store `data` durably (once per content) and return its path relative to the folder."""
+        digest = hashlib.sha256(data).hexdigest()
+        relative = f"{digest[:2]}/{digest}.png"
+        target = self.folder / relative
+        try:
+            if target.exists() and target.stat().st_size == len(data):
+                return relative
+            self._make_folder(self.folder)
+            self._make_folder(target.parent)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it; never widened
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as err:
+            raise StorageError(f"cannot store held image in {self.folder}: {err}") from err
+        return relative
+
+    def get(self, relative: str) -> bytes:
+        """The bytes stored at `relative`, checked against the sha256 in the file name."""
+        path = self.folder / relative
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StorageError(f"cannot read held image {path}: {err.strerror}") from err
+        if hashlib.sha256(data).hexdigest() != Path(relative).stem:
+            raise StorageError(f"held image {path} is corrupt (its sha256 does not match its name)")
+        return data
+
+    def _make_folder(self, folder: Path) -> None:
+        if not folder.is_dir():
+            folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
+        if folder.stat().st_mode & 0o777 != FOLDER_MODE:
+            os.chmod(folder, FOLDER_MODE)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A new directory entry is only durable once its parent directory is fsynced.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,108 @@
+"""Alembic, configured in code: upgrade, downgrade and the current revision of a database."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, exc
+
+from moderation.storage import db
+from moderation.storage.errors import StorageError
+
+# Any fixed 64-bit key: PostgreSQL sessions migrating the same database queue behind it.
+_PG_MIGRATION_LOCK_KEY = 0x6D6F645F6D696772
+
+
+def migrations_folder() -> Path:
+    """The `migrations/` package shipped next to `moderation/`."""
+    import migrations
+
+    return Path(migrations.__file__).resolve().parent
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic Config pointing at our migrations (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_folder()))
+    if url is not None:
+        # ConfigParser interpolates '%': escape it so URL-encoded passwords survive.
+        config.set_main_option("sqlalchemy.url", db.resolve_db_url(url).replace("%", "%%"))
+    return config
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision in `migrations/versions`."""
+    head = _scripts().get_current_head()
+    assert head is not None, "migrations/versions has no revisions"
+    return head
+
+
+def known_revisions() -> set[str]:
+    """Every revision id this version of the code ships."""
+    return {script.revision for script in _scripts().walk_revisions()}
+
+
+def current_revision_on(conn: Connection) -> str | None:
+    """The revision stamped in a database (None when it was never migrated)."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def current(url: str | None = None) -> str | None:
+    """The revision of the database at `url` (None when it was never migrated)."""
+    url = db.resolve_db_url(url)
+    try:
+        with db.engine_for(url).connect() as conn:
+            return current_revision_on(conn)
+    except db.UNAVAILABLE_ERRORS as err:
+        raise db.unavailable(url, err) from err
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Migrate the database at `url` up to `revision` (default: the newest)."""
+    _run(url, revision, command.upgrade)
+
+
+def downgrade(url: str | None = None, revision: str = "-1") -> None:
+    """Migrate the database at `url` down to `revision` (`base` drops every table)."""
+    _run(url, revision, command.downgrade)
+
+
+def _run(url: str | None, revision: str, action) -> None:
+    url = db.resolve_db_url(url)
+    config = alembic_config(url)
+    try:
+        with db.migration_connection(url) as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_KEY})")
+            config.attributes["connection"] = conn
+            action(config, revision)
+            if conn.dialect.name == "sqlite":
+                _check_foreign_keys(conn)
+    except db.UNAVAILABLE_ERRORS as err:
+        raise db.unavailable(url, err) from err
+    except CommandError as err:
+        raise StorageError(f"cannot migrate {db.display_url(url)} to {revision!r}: {err}") from err
+    except exc.SQLAlchemyError as err:
+        raise StorageError(
+            f"migration of {db.display_url(url)} to {revision!r} failed: {err}"
+        ) from err
+    finally:
+        db.forget_checked(url)
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    # Batch migrations run with foreign keys off; refuse to commit a result that breaks them.
+    bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if bad:
+        raise StorageError(f"migration left {len(bad)} rows with broken foreign keys: {bad[:5]}")

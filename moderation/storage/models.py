@@ -1,0 +1,196 @@
+"""SQLAlchemy 2.0 models of the decision log and the review queue (see CONTRACTS.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names: Alembic batch mode on SQLite rebuilds tables and must find them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+REVIEW_STATUSES = ("pending", "claimed", "approved", "rejected")
+REVIEW_EVENTS = ("created", "claimed", "lease_expired", "approved", "rejected", "reopened")
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetime; stored naive-UTC on SQLite, `timestamptz` on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        # Naive values are taken as UTC: callers of this package only ever produce UTC.
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        # SQLite has no zone type; naive UTC text sorts correctly and compares with bound params.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+# JSONB on PostgreSQL (indexable, compact); plain JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the constraint naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class PolicyRow(Base):
+    """A compiled policy, stored once per digest; decisions point at it."""
+
+    __tablename__ = "policies"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(500))
+    compat: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    concepts: Mapped[list] = mapped_column(
+        JSONType
+    )  # [{"name","category","severity","threshold","action"}]
+    special_concepts: Mapped[list] = mapped_column(JSONType)  # [{"name","threshold"}]
+    adjustment: Mapped[float] = mapped_column(Float)
+    escalate: Mapped[str | None] = mapped_column(String(16))
+    review_band: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DecisionRow(Base):
+    """One moderation decision; arrays are little-endian bytes (float32 [C]/[S], float16 [D])."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (
+        Index("ix_decisions_created_at", "created_at"),
+        Index("ix_decisions_policy_digest_created_at", "policy_digest", "created_at"),
+        Index("ix_decisions_image_sha256", "image_sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4 text
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    policy_digest: Mapped[str] = mapped_column(String(64), ForeignKey("policies.digest"))
+    model_id: Mapped[str] = mapped_column(String(500))
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))
+    top_concept: Mapped[str | None] = mapped_column(String(200))
+    margin: Mapped[float | None] = mapped_column(Float)
+    fired: Mapped[list] = mapped_column(JSONType)  # concept names
+    special_hits: Mapped[list] = mapped_column(JSONType)  # special-care concept names
+    adjustment: Mapped[float] = mapped_column(Float)
+    cosines: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [C]
+    scores: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [C]
+    special_cosines: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [S]
+    special_scores: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [S]
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 LE [D]
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType)  # prompt, seed, user, app...
+    error: Mapped[str | None] = mapped_column(Text)
+    held_path: Mapped[str | None] = mapped_column(String(200))  # relative to the held folder
+
+    policy: Mapped[PolicyRow] = relationship()
+    review_items: Mapped[list[ReviewItem]] = relationship(
+        back_populates="decision", order_by="ReviewItem.id"
+    )
+
+
+class ReviewItem(Base):
+    """A decision waiting for (or given) a human verdict; a reopen adds a new linked item."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'claimed', 'approved', 'rejected')", name="status"),
+        Index("ix_review_items_decision_id", "decision_id"),
+        Index("ix_review_items_created_at", "created_at"),
+        Index("ix_review_items_claim_expires_at", "claim_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    decision_id: Mapped[str] = mapped_column(String(36), ForeignKey("decisions.id"))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # 1 = special-care escalation
+    margin: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    claim_owner: Mapped[str | None] = mapped_column(String(200))
+    claim_token: Mapped[str | None] = mapped_column(String(36))  # uuid text
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reviewer: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    reopened_from: Mapped[int | None] = mapped_column(Integer, ForeignKey("review_items.id"))
+
+    decision: Mapped[DecisionRow] = relationship(back_populates="review_items")
+
+
+# Queue order per status: priority DESC, margin DESC, created_at ASC, id ASC (one index scan).
+Index(
+    "ix_review_items_queue",
+    ReviewItem.status,
+    ReviewItem.priority.desc(),
+    ReviewItem.margin.desc(),
+    ReviewItem.created_at,
+    ReviewItem.id,
+)
+
+
+class ReviewEvent(Base):
+    """Append-only audit trail of the review queue: never updated or deleted."""
+
+    __tablename__ = "review_events"
+    __table_args__ = (
+        CheckConstraint(
+            "event IN ('created', 'claimed', 'lease_expired', 'approved', 'rejected', 'reopened')",
+            name="event",
+        ),
+        Index("ix_review_events_item_id", "item_id"),
+        Index("ix_review_events_decision_id", "decision_id"),
+        Index("ix_review_events_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(Integer, ForeignKey("review_items.id"))
+    decision_id: Mapped[str] = mapped_column(String(36), ForeignKey("decisions.id"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    event: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -1,0 +1,120 @@
+"""Held originals: owner-only, content-addressed, released only after an approval."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+
+import pytest
+from sqlalchemy import update
+
+from moderation.storage import DecisionLog, HeldStore, ReviewItem, StorageError
+from moderation.storage import db as storage_db
+from moderation.storage.examples import example_decisions, example_policy
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 100
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def log(tmp_path):
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    with DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
+        log.register_policy(example_policy())
+        yield log
+    storage_db.dispose(url)
+
+
+def set_status(log: DecisionLog, decision_id: str, status: str, **fields) -> None:
+    with storage_db.engine_for(log.url).begin() as conn:
+        conn.execute(
+            update(ReviewItem)
+            .where(ReviewItem.decision_id == decision_id)
+            .values(status=status, **fields)
+        )
+
+
+def test_held_files_are_content_addressed_and_owner_only(log, tmp_path):
+    records = example_decisions(3, example_policy(), review_every=1)
+    records[0].held_image = PNG
+    records[1].held_image = PNG  # same bytes: stored once
+    records[2].held_image = PNG + b"!"
+    log.write(records)
+
+    digest = hashlib.sha256(PNG).hexdigest()
+    held = tmp_path / "held"
+    stored = held / digest[:2] / f"{digest}.png"
+    assert stored.read_bytes() == PNG
+    assert mode(held) == 0o700 and mode(stored.parent) == 0o700
+    files = sorted(p for p in held.rglob("*") if p.is_file())
+    assert len(files) == 2 and all(mode(p) == 0o600 for p in files)
+    with storage_db.engine_for(log.url).connect() as conn:
+        paths = conn.exec_driver_sql("SELECT held_path FROM decisions ORDER BY created_at").all()
+    assert [p for (p,) in paths][:2] == [f"{digest[:2]}/{digest}.png"] * 2
+
+
+def test_release_only_after_approval(log):
+    records = example_decisions(2, example_policy(), review_every=1)
+    records[0].held_image = PNG
+    log.write(records)
+    held_id, plain_id = records[0].id, records[1].id
+
+    with pytest.raises(StorageError, match=r"still awaiting review \(review item 1 is pending\)"):
+        log.release(held_id)
+    set_status(log, held_id, "claimed")
+    with pytest.raises(StorageError, match="is claimed"):
+        log.release(held_id)
+    set_status(log, held_id, "rejected", reviewer="ana", reason="gore")
+    with pytest.raises(StorageError, match="was rejected by ana: gore"):
+        log.release(held_id)
+    set_status(log, held_id, "approved", reviewer="ana")
+    assert log.release(held_id) == PNG
+
+    with pytest.raises(StorageError, match=f"decision {plain_id} has no held image"):
+        log.release(plain_id)
+    with pytest.raises(StorageError, match="no decision nope in sqlite"):
+        log.release("nope")
+
+
+def test_release_uses_the_latest_review_item(log):
+    records = example_decisions(1, example_policy(), review_every=1)
+    records[0].held_image = PNG
+    log.write(records)
+    set_status(log, records[0].id, "approved")
+    with storage_db.engine_for(log.url).begin() as conn:  # a reopen adds a newer, pending item
+        conn.execute(
+            ReviewItem.__table__.insert().values(
+                decision_id=records[0].id, status="pending", priority=0, margin=0.0, reopened_from=1
+            )
+        )
+    with pytest.raises(StorageError, match="review item 2 is pending"):
+        log.release(records[0].id)
+
+
+def test_never_queued_decision_is_not_released(log):
+    records = example_decisions(1, example_policy())
+    records[0].held_image = PNG
+    log.write(records)
+    with pytest.raises(StorageError, match="was never queued for review"):
+        log.release(records[0].id)
+
+
+def test_corrupt_held_file_is_refused(tmp_path):
+    store = HeldStore(tmp_path / "h")
+    relative = store.put(PNG)
+    (tmp_path / "h" / relative).write_bytes(b"tampered")
+    with pytest.raises(StorageError, match="is corrupt"):
+        store.get(relative)
+
+
+def test_held_image_is_stored_even_when_the_database_is_down(tmp_path):
+    records = example_decisions(1, example_policy())
+    records[0].held_image = PNG
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/x"
+    with DecisionLog(down, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
+        log.write(records)
+    digest = hashlib.sha256(PNG).hexdigest()
+    assert (tmp_path / "held" / digest[:2] / f"{digest}.png").read_bytes() == PNG

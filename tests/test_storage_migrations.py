@@ -1,0 +1,204 @@
+"""Alembic migrations: up/down/up, no drift from the models, schema checks and `db` commands."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
+from sqlalchemy import inspect
+
+from moderation.cli import main
+from moderation.storage import (
+    Base,
+    DecisionLog,
+    SchemaVersionError,
+    StorageError,
+    current,
+    downgrade,
+    get_engine,
+    head_revision,
+    immediate_transaction,
+    migrate,
+    upgrade,
+)
+from moderation.storage import db as storage_db
+from moderation.storage.examples import example_decisions, example_policy
+from moderation.storage.testing import pg_test_url, temporary_pg_database
+
+TABLES = {"policies", "decisions", "review_items", "review_events"}
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> str:
+    url = pg_test_url()
+    if url is None:
+        pytest.skip("MODERATION_TEST_PG_URL is not set")
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_url(request, tmp_path):
+    """An empty database on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        yield url
+        storage_db.dispose(url)
+    else:
+        with temporary_pg_database(request.getfixturevalue("pg_server")) as url:
+            yield url
+
+
+def tables(url: str) -> set[str]:
+    with storage_db.engine_for(url).connect() as conn:
+        return set(inspect(conn).get_table_names()) - {"alembic_version"}
+
+
+def drift(url: str) -> list:
+    with storage_db.engine_for(url).connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+
+def test_up_down_up_without_drift(empty_url):
+    upgrade(empty_url)
+    assert current(empty_url) == head_revision()
+    assert tables(empty_url) == TABLES
+    assert drift(empty_url) == []
+
+    downgrade(empty_url, "base")
+    assert current(empty_url) is None
+    assert tables(empty_url) == set()
+
+    upgrade(empty_url, "head")
+    assert tables(empty_url) == TABLES
+    assert drift(empty_url) == []
+
+
+def test_fresh_sqlite_is_migrated_on_first_use(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    engine = get_engine(url)
+    assert current(url) == head_revision()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    storage_db.dispose(url)
+
+
+def test_database_behind_head_asks_for_upgrade(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url)
+    downgrade(url, "base")  # tables gone, alembic_version left empty: "no schema yet"
+    with storage_db.engine_for(url).begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE decisions (id TEXT)")  # an old, unmanaged database
+    storage_db.dispose(url)
+    with pytest.raises(SchemaVersionError, match=r"run `moderation db upgrade --db URL` first"):
+        get_engine(url)
+
+
+def test_unknown_revision_is_named(tmp_path):
+    url = f"sqlite:///{tmp_path / 'future.db'}"
+    upgrade(url)
+    with storage_db.engine_for(url).begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'zz99'")
+    storage_db.dispose(url)
+    with pytest.raises(SchemaVersionError, match="revision zz99, which this version"):
+        get_engine(url)
+
+
+@pytest.mark.postgres
+def test_fresh_postgres_is_not_migrated_silently(pg_server):
+    with temporary_pg_database(pg_server) as url:
+        with pytest.raises(SchemaVersionError, match="has no schema yet; run `moderation db"):
+            get_engine(url)
+
+
+def test_unreachable_database_is_a_storage_error():
+    with pytest.raises(StorageError, match="cannot reach database postgresql"):
+        get_engine("postgresql+psycopg://postgres@127.0.0.1:1/x")
+
+
+def test_resolve_db_url(monkeypatch):
+    monkeypatch.delenv("MODERATION_DB_URL", raising=False)
+    assert storage_db.resolve_db_url() == "sqlite:///moderation.db"
+    monkeypatch.setenv("MODERATION_DB_URL", "postgresql://u@h/d")
+    assert storage_db.resolve_db_url() == "postgresql+psycopg://u@h/d"
+    assert storage_db.resolve_db_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_db_commands(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    result = runner.invoke(main, ["db", "upgrade", "--db", url], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"to {head_revision()}" in result.output
+
+    result = runner.invoke(main, ["db", "current", "--db", url, "--json"])
+    assert json.loads(result.output) == {"url": url, "current": head_revision(), "head": "0001"}
+
+    result = runner.invoke(main, ["db", "downgrade", "--db", url, "--revision", "base"])
+    assert result.exit_code == 0 and "to base" in result.output
+    result = runner.invoke(main, ["db", "current", "--db", url])
+    assert "revision none" in result.output and "run `moderation db upgrade`" in result.output
+
+    result = runner.invoke(main, ["db", "upgrade", "--db", url, "--revision", "nope"])
+    assert result.exit_code == 1
+    assert "cannot migrate" in result.output and "'nope'" in result.output
+    storage_db.dispose(url)
+
+
+def test_db_commands_have_help():
+    runner = CliRunner()
+    for command in ("upgrade", "downgrade", "current", "replay"):
+        result = runner.invoke(main, ["db", command, "--help"])
+        assert result.exit_code == 0 and "--db" in result.output
+
+
+def test_immediate_transaction_takes_the_write_lock(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lock.db'}"
+    engine = get_engine(url)
+    other = sqlite3.connect(tmp_path / "lock.db", timeout=0, isolation_level=None)
+    with immediate_transaction(engine):
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")  # free again once committed
+    other.execute("ROLLBACK")
+    other.close()
+    storage_db.dispose(url)
+
+
+@pytest.fixture
+def newer_code(monkeypatch):
+    """Pretend this version of the code ships a revision 0002 the database does not have."""
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+    monkeypatch.setattr(migrate, "known_revisions", lambda: {"0001", "0002"})
+
+
+def test_database_behind_the_code_asks_for_upgrade(tmp_path, newer_code):
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    upgrade(url)
+    message = (
+        f"database {url} is at revision 0001, this version needs 0002; "
+        "run `moderation db upgrade --db URL` first"
+    )
+    with pytest.raises(SchemaVersionError) as caught:
+        get_engine(url)
+    assert str(caught.value) == message
+    storage_db.dispose(url)
+
+
+def test_writes_to_an_old_schema_are_kept_and_reported(tmp_path, newer_code):
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    upgrade(url)
+    policy = example_policy()
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+        with pytest.raises(SchemaVersionError):
+            log.register_policy(policy)
+        with pytest.raises(StorageError, match="3 decisions were kept in the spool"):
+            log.write(example_decisions(3, policy))
+    assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
+    storage_db.dispose(url)
