@@ -1,0 +1,206 @@
+"""`moderation review ...`: list, show, claim, approve, reject, reopen, stats and export."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from moderation.cli import review
+from moderation.errors import ModerationError
+from moderation.review import ReviewQueue
+from moderation.review_report import EXPORT_FORMATS
+from moderation.review_text import items_table, render_show, render_stats, table, when
+from moderation.storage.models import REVIEW_STATUSES
+
+db_option = click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="Database URL (default: $MODERATION_DB_URL, else sqlite:///moderation.db).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+reviewer_option = click.option(
+    "--reviewer", required=True, metavar="NAME", help="Who is reviewing (recorded in the audit)."
+)
+token_option = click.option(
+    "--token", metavar="T", help="Token of your claim (default: your own live claim is enough)."
+)
+
+
+@contextmanager
+def _failures() -> Iterator[None]:
+    """Show service errors as one line and exit 1, never as a traceback."""
+    try:
+        yield
+    except ModerationError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
+    with _failures():
+        return ReviewQueue(db_url, **kwargs)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@review.command("list")
+@click.option("--status", type=click.Choice(REVIEW_STATUSES), help="Only items with this status.")
+@click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
+@click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
+@click.option("--since", metavar="DATE", help="Items created at or after an ISO date/datetime.")
+@click.option(
+    "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most N rows."
+)
+@json_option
+@db_option
+def list_cmd(status, policy, concept, since, limit, as_json, db_url):
+    """List review items in queue order."""
+    queue = _queue(db_url)
+    with _failures():
+        items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
+    if as_json:
+        _echo_json([item.to_dict() for item in items])
+        return
+    if not items:
+        click.echo("No review items match.")
+        return
+    click.echo(items_table([item.to_dict() for item in items]))
+
+
+@review.command("show")
+@click.argument("item_id", type=int)
+@json_option
+@db_option
+def show_cmd(item_id, as_json, db_url):
+    """Explain one item: concept scores, special care, history."""
+    queue = _queue(db_url)
+    with _failures():
+        shown = queue.show(item_id)
+    if as_json:
+        _echo_json(shown)
+        return
+    click.echo(render_show(shown))
+
+
+@review.command("claim")
+@reviewer_option
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="How many items.",
+)
+@click.option(
+    "--lease",
+    type=click.IntRange(1, 7 * 24 * 3600),
+    default=900,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the claim stays yours.",
+)
+@json_option
+@db_option
+def claim_cmd(reviewer, count, lease, as_json, db_url):
+    """Claim the next items of the queue for a reviewer."""
+    queue = _queue(db_url, lease_seconds=lease)
+    with _failures():
+        claims = queue.claim(reviewer, count)
+    if as_json:
+        _echo_json([c.to_dict() for c in claims])
+        return
+    if not claims:
+        click.echo("Nothing to claim: the queue is empty.")
+        return
+    expires = when(claims[0].expires_at)
+    click.echo(f"Claimed {len(claims)} item(s) for {reviewer.strip()} until {expires} UTC:")
+    rows = [[str(c.item_id), c.decision_id, c.token] for c in claims]
+    click.echo(table(["ID", "DECISION", "TOKEN"], rows, right=(0,)))
+
+
+@review.command("approve")
+@click.argument("item_id", type=int)
+@reviewer_option
+@click.option("--reason", metavar="TEXT", help="Why the image may be released.")
+@token_option
+@db_option
+def approve_cmd(item_id, reviewer, reason, token, db_url):
+    """Approve an item: the held image may be released.
+
+    A claimed item can be decided only by its owner while the lease lasts (and with the
+    claim's token when --token is given); a pending item nobody holds may be decided directly.
+    """
+    queue = _queue(db_url)
+    with _failures():
+        queue.approve(item_id, reviewer, token=token, reason=reason)
+    click.echo(f"Approved item {item_id}.")
+
+
+@review.command("reject")
+@click.argument("item_id", type=int)
+@reviewer_option
+@click.option("--reason", required=True, metavar="TEXT", help="Why the image stays moderated.")
+@token_option
+@db_option
+def reject_cmd(item_id, reviewer, reason, token, db_url):
+    """Reject an item: the moderation stands.
+
+    Same rules as approve: your own live claim, or a pending item nobody holds.
+    """
+    queue = _queue(db_url)
+    with _failures():
+        queue.reject(item_id, reviewer, reason=reason, token=token)
+    click.echo(f"Rejected item {item_id}.")
+
+
+@review.command("reopen")
+@click.argument("item_id", type=int)
+@reviewer_option
+@click.option("--reason", required=True, metavar="TEXT", help="Why the item is appealed.")
+@db_option
+def reopen_cmd(item_id, reviewer, reason, db_url):
+    """Reopen (appeal) an approved or rejected item as a new pending item."""
+    queue = _queue(db_url)
+    with _failures():
+        new_id = queue.reopen(item_id, reviewer, reason)
+    click.echo(f"Reopened item {item_id} as item {new_id} (pending).")
+
+
+@review.command("stats")
+@json_option
+@db_option
+def stats_cmd(as_json, db_url):
+    """Queue depth and decisions per action and concept."""
+    queue = _queue(db_url)
+    with _failures():
+        stats = queue.stats()
+    if as_json:
+        _echo_json(stats)
+        return
+    click.echo(render_stats(stats))
+
+
+@review.command("export")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.File("w", encoding="utf-8"),
+    default="-",
+    help="File (default: stdout).",
+)
+@db_option
+def export_cmd(fmt, output, db_url):
+    """Export every decision with its review status as JSON lines or CSV."""
+    queue = _queue(db_url)
+    with _failures():
+        count = queue.export(fmt, output)
+    if output.name != "<stdout>":
+        click.echo(f"Exported {count} decisions to {output.name}.", err=True)

@@ -1,0 +1,385 @@
+"""Review queue: leased claims on held decisions, human verdicts and an append-only audit trail.
+
+Rules (see `ReviewQueue`):
+- `claim` leases the next items in queue order (`priority DESC, margin DESC, created_at ASC,
+  id ASC`) that are `pending` or `claimed` with an expired lease; each claim gets a fresh token.
+- `approve`/`reject` of a claimed item need its owner, a live lease and, when given, the token of
+  the current claim. A `pending` item that nobody holds may be decided directly by a named
+  reviewer without a token (the event says `"direct": true`); the row lock makes that atomic
+  against concurrent claims. Expired leases and decided items are refused.
+- `reopen` (an appeal) of an approved/rejected item adds a new linked `pending` item; the old
+  item keeps its status. An item is reopened at most once: appeal the newest item of a chain.
+- Every change appends `review_events` rows in the same transaction; events are never changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import IO, Any, TypeVar
+
+from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
+
+from moderation.review_explain import explain_item
+from moderation.review_report import EXPORT_FORMATS, export_decisions, queue_stats
+from moderation.review_rules import (
+    DECIDED,
+    ReviewError,
+    check_decidable,
+    check_item_id,
+    required_reason,
+    reviewer_name,
+)
+from moderation.review_sql import fired_contains, iso, parse_since, utc
+from moderation.review_views import VIEW_COLUMNS, Claim, ReviewItemView, item_view
+from moderation.storage.db import get_engine, immediate_transaction
+from moderation.storage.models import (
+    REVIEW_STATUSES,
+    DecisionRow,
+    PolicyRow,
+    ReviewEvent,
+    ReviewItem,
+    utcnow,
+)
+
+__all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
+
+QUEUE_ORDER = (
+    ReviewItem.priority.desc(),
+    ReviewItem.margin.desc(),
+    ReviewItem.created_at.asc(),
+    ReviewItem.id.asc(),
+)
+MAX_CLAIM = 1000  # one claim transaction holds its rows locked; keep batches small
+MAX_LIST = 10_000
+# Knob: how long a SQLite claim/verdict keeps retrying while other processes hold the write
+# lock (each try already waits the engine's busy timeout); PostgreSQL never needs this.
+SQLITE_LOCK_WAIT_S = 60.0
+T = TypeVar("T")
+
+
+def _database_errors(method: Callable) -> Callable:
+    """Turn SQLAlchemy failures into a ReviewError that names the database problem."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except exc.SQLAlchemyError as err:
+            text = str(getattr(err, "orig", None) or err).strip().splitlines()
+            raise ReviewError(f"database error: {text[0] if text else type(err).__name__}") from err
+
+    return wrapper
+
+
+def _sqlite_busy(err: exc.OperationalError) -> bool:
+    code = getattr(err.orig, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(
+        err.orig
+    )
+
+
+class ReviewQueue:
+    """The shared review queue over the decision log (SQLite or PostgreSQL)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        lease_seconds: int = 900,
+        engine: Engine | None = None,
+        now: Callable[[], datetime] | None = None,
+    ):
+        if not isinstance(lease_seconds, int) or lease_seconds < 1:
+            raise ReviewError(
+                f"lease must be a whole number of seconds >= 1, got {lease_seconds!r}"
+            )
+        self.lease_seconds = lease_seconds
+        # An injectable clock: tests move time instead of sleeping through leases.
+        self._now = now or utcnow
+        # get_engine caches one engine per URL (and migrates a fresh SQLite file).
+        self.engine = engine if engine is not None else get_engine(url)
+
+    def now(self) -> datetime:
+        """The queue's clock, aware UTC."""
+        return utc(self._now())
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one write transaction; on SQLite, retry while other writers hold the lock."""
+        deadline = time.monotonic() + SQLITE_LOCK_WAIT_S
+        while True:
+            try:
+                with immediate_transaction(self.engine) as conn:
+                    return work(conn)
+            except exc.OperationalError as err:
+                if not _sqlite_busy(err):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ReviewError(
+                        f"the database stayed locked by other writers for {SQLITE_LOCK_WAIT_S:.0f} s;"
+                        " try again"
+                    ) from err
+                # The transaction was rolled back (busy at BEGIN IMMEDIATE): a retry is safe.
+                time.sleep(random.uniform(0.005, 0.05))
+
+    # -- changes -------------------------------------------------------------------------------
+
+    @_database_errors
+    def claim(self, reviewer: str, n: int = 1) -> list[Claim]:
+        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry."""
+        reviewer = reviewer_name(reviewer)
+        if not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
+            raise ReviewError(f"can claim 1 to {MAX_CLAIM} items at a time, not {n!r}")
+        return self._write(lambda conn: self._claim(conn, reviewer, n))
+
+    def _claim(self, conn: Connection, reviewer: str, n: int) -> list[Claim]:
+        now = self.now()
+        expires = now + timedelta(seconds=self.lease_seconds)
+        claimable = or_(
+            ReviewItem.status == "pending",
+            and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
+        )
+        query = (
+            select(
+                ReviewItem.id,
+                ReviewItem.decision_id,
+                ReviewItem.status,
+                ReviewItem.claim_owner,
+                ReviewItem.claim_expires_at,
+            )
+            .where(claimable)
+            .order_by(*QUEUE_ORDER)
+            .limit(n)
+            # PostgreSQL: concurrent claimers skip each other's rows; SQLite ignores this and
+            # relies on the BEGIN IMMEDIATE write lock of `immediate_transaction`.
+            .with_for_update(skip_locked=True)
+        )
+        claims: list[Claim] = []
+        events: list[dict[str, Any]] = []
+        for row in conn.execute(query).all():
+            token = str(uuid.uuid4())
+            if row.status == "claimed":
+                details = {
+                    "previous_owner": row.claim_owner,
+                    "expired_at": iso(row.claim_expires_at),
+                }
+                events.append(_event(row, now, reviewer, "lease_expired", None, details))
+            conn.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id == row.id)
+                .values(
+                    status="claimed",
+                    claim_owner=reviewer,
+                    claim_token=token,
+                    claim_expires_at=expires,
+                    updated_at=now,
+                )
+            )
+            details = {
+                "token": token,
+                "expires_at": iso(expires),
+                "lease_seconds": self.lease_seconds,
+            }
+            events.append(_event(row, now, reviewer, "claimed", None, details))
+            claims.append(Claim(row.id, row.decision_id, token, expires))
+        if events:
+            conn.execute(insert(ReviewEvent), events)
+        return claims
+
+    @_database_errors
+    def approve(
+        self, item_id: int, reviewer: str, token: str | None = None, reason: str | None = None
+    ) -> None:
+        """Approve an item (release the image): claimed by `reviewer`, or pending and unheld."""
+        reason = (reason or "").strip() or None
+        self._decide(item_id, reviewer, "approved", token, reason)
+
+    @_database_errors
+    def reject(self, item_id: int, reviewer: str, reason: str, token: str | None = None) -> None:
+        """Reject an item (keep it moderated); a reason is required."""
+        self._decide(item_id, reviewer, "rejected", token, required_reason(reason, "reject"))
+
+    @_database_errors
+    def reopen(self, item_id: int, reviewer: str, reason: str) -> int:
+        """Appeal a decided item: add a new linked pending item and return its id."""
+        reviewer = reviewer_name(reviewer)
+        reason = required_reason(reason, "reopen")
+        return self._write(lambda conn: self._reopen(conn, item_id, reviewer, reason))
+
+    def _reopen(self, conn: Connection, item_id: int, reviewer: str, reason: str) -> int:
+        now = self.now()
+        row = _locked_item(conn, item_id)
+        if row.status not in DECIDED:
+            raise ReviewError(
+                f"item {item_id}: is {row.status}; only approved or rejected items can be reopened"
+            )
+        child = conn.execute(
+            select(ReviewItem.id, ReviewItem.status)
+            .where(ReviewItem.reopened_from == item_id)
+            .order_by(ReviewItem.id.desc())
+            .limit(1)
+        ).first()
+        if child is not None:
+            raise ReviewError(
+                f"item {item_id}: already reopened as item {child.id} ({child.status}); "
+                f"reopen item {child.id} instead"
+            )
+        new_id = conn.execute(
+            insert(ReviewItem)
+            .values(
+                decision_id=row.decision_id,
+                status="pending",
+                priority=row.priority,
+                margin=row.margin,
+                created_at=now,
+                updated_at=now,
+                reopened_from=item_id,
+            )
+            .returning(ReviewItem.id)
+        ).scalar_one()
+        events = [
+            _event(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
+            {
+                **_event(row, now, reviewer, "created", reason, {"reopened_from": item_id}),
+                "item_id": new_id,
+            },
+        ]
+        conn.execute(insert(ReviewEvent), events)
+        return int(new_id)
+
+    def _decide(
+        self, item_id: int, reviewer: str, status: str, token: str | None, reason: str | None
+    ) -> None:
+        reviewer = reviewer_name(reviewer)
+        self._write(lambda conn: self._verdict(conn, item_id, reviewer, status, token, reason))
+
+    def _verdict(
+        self,
+        conn: Connection,
+        item_id: int,
+        reviewer: str,
+        status: str,
+        token: str | None,
+        reason: str | None,
+    ) -> None:
+        now = self.now()
+        row = _locked_item(conn, item_id)
+        direct = check_decidable(row, reviewer, token, now)
+        conn.execute(
+            update(ReviewItem)
+            .where(ReviewItem.id == item_id)
+            .values(
+                status=status,
+                reviewer=reviewer,
+                reason=reason,
+                claim_owner=None,
+                claim_token=None,
+                claim_expires_at=None,
+                updated_at=now,
+            )
+        )
+        details = {"direct": direct, "token": row.claim_token}
+        conn.execute(insert(ReviewEvent), [_event(row, now, reviewer, status, reason, details)])
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    @_database_errors
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        policy: str | None = None,
+        concept: str | None = None,
+        since: str | datetime | None = None,
+        limit: int = 50,
+    ) -> list[ReviewItemView]:
+        """Items in queue order, filtered; every filter value is bound as a parameter."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
+        query = (
+            select(*VIEW_COLUMNS)
+            .join(DecisionRow, ReviewItem.decision_id == DecisionRow.id)
+            .join(PolicyRow, DecisionRow.policy_digest == PolicyRow.digest)
+        )
+        if status is not None:
+            if status not in REVIEW_STATUSES:
+                raise ReviewError(
+                    f'unknown status "{status}"; choose from {", ".join(REVIEW_STATUSES)}'
+                )
+            query = query.where(ReviewItem.status == status)
+        if policy is not None:
+            if not policy.strip():
+                raise ReviewError("policy filter is empty: give a policy name or digest prefix")
+            # autoescape: "%" and "_" in the value match themselves, not any characters.
+            query = query.where(
+                or_(PolicyRow.name == policy, PolicyRow.digest.startswith(policy, autoescape=True))
+            )
+        if concept is not None:
+            if not concept.strip():
+                raise ReviewError("concept filter is empty: give a concept name")
+            query = query.where(fired_contains(self.engine.dialect.name, concept))
+        if since is not None:
+            try:
+                start = parse_since(since)
+            except ValueError as err:
+                raise ReviewError(str(err)) from None
+            query = query.where(ReviewItem.created_at >= start)
+        query = query.order_by(*QUEUE_ORDER).limit(limit)
+        with self.engine.connect() as conn:
+            return [item_view(row) for row in conn.execute(query)]
+
+    @_database_errors
+    def show(self, item_id: int) -> dict[str, Any]:
+        """The full explanation of one item: decision, per-concept scores, policy, history."""
+        check_item_id(item_id)
+        with self.engine.connect() as conn:
+            shown = explain_item(conn, item_id, self.now())
+        if shown is None:
+            raise ReviewError(f"item {item_id}: no such review item")
+        return shown
+
+    @_database_errors
+    def stats(self) -> dict[str, Any]:
+        """Queue depth per status, oldest pending age, decisions per fired concept and action."""
+        with self.engine.connect() as conn:
+            return queue_stats(conn, self.now())
+
+    @_database_errors
+    def export(self, fmt: str, out: IO[str]) -> int:
+        """Write every decision with its latest review status as `jsonl` or `csv`; return rows."""
+        if fmt not in EXPORT_FORMATS:
+            raise ReviewError(
+                f'unknown export format "{fmt}"; choose from {", ".join(EXPORT_FORMATS)}'
+            )
+        with self.engine.connect() as conn:
+            return export_decisions(conn, fmt, out)
+
+
+def _event(
+    item: Any, at: datetime, actor: str, event: str, reason: str | None, details: dict
+) -> dict[str, Any]:
+    return {
+        "item_id": item.id,
+        "decision_id": item.decision_id,
+        "at": at,
+        "actor": actor,
+        "event": event,
+        "reason": reason,
+        "details": details,
+    }
+
+
+def _locked_item(conn: Connection, item_id: int) -> Any:
+    """The item row, locked until commit (PostgreSQL; SQLite already holds the write lock)."""
+    check_item_id(item_id)
+    row = conn.execute(
+        select(ReviewItem.__table__).where(ReviewItem.id == item_id).with_for_update()
+    ).first()
+    if row is None:
+        raise ReviewError(f"item {item_id}: no such review item")
+    return row

@@ -1,0 +1,145 @@
+"""Explain one review item: its decision, per-concept scores against the policy, and history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, select
+
+from moderation.review_sql import iso, utc
+from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+
+
+def floats(blob: bytes | None) -> list[float]:
+    """float32 little-endian bytes as Python floats ([] for a missing or empty blob)."""
+    if not blob:
+        return []
+    return [float(x) for x in np.frombuffer(blob, dtype="<f4")]
+
+
+def _at(values: list[float], i: int) -> float | None:
+    # Error decisions may carry empty arrays; a name without a value shows as None.
+    return values[i] if i < len(values) else None
+
+
+def concept_rows(policy: Any, decision: Any) -> list[dict[str, Any]]:
+    """One row per policy concept: cosine, threshold, score, margin to threshold, fired."""
+    cosines, scores = floats(decision.cosines), floats(decision.scores)
+    fired = set(decision.fired or [])
+    rows = []
+    for i, concept in enumerate(policy.concepts or []):
+        cosine, threshold = _at(cosines, i), concept.get("threshold")
+        rows.append(
+            {
+                "name": concept.get("name"),
+                "category": concept.get("category"),
+                "severity": concept.get("severity"),
+                "action": concept.get("action"),
+                "threshold": threshold,
+                "cosine": cosine,
+                # score = cosine - threshold + adjustment; the margin leaves the adjustment out
+                "score": _at(scores, i),
+                "margin_to_threshold": (
+                    None if cosine is None or threshold is None else cosine - threshold
+                ),
+                "fired": concept.get("name") in fired,
+            }
+        )
+    return rows
+
+
+def special_care(policy: Any, decision: Any) -> dict[str, Any]:
+    """Special-care concepts with their cosines and hits, and the adjustment that was applied."""
+    cosines, scores = floats(decision.special_cosines), floats(decision.special_scores)
+    hits = set(decision.special_hits or [])
+    concepts = [
+        {
+            "name": concept.get("name"),
+            "threshold": concept.get("threshold"),
+            "cosine": _at(cosines, i),
+            "score": _at(scores, i),
+            "hit": concept.get("name") in hits,
+        }
+        for i, concept in enumerate(policy.special_concepts or [])
+    ]
+    return {
+        "hits": list(decision.special_hits or []),
+        "adjustment_applied": decision.adjustment,
+        "adjustment": policy.adjustment,
+        "escalate": policy.escalate,
+        "concepts": concepts,
+    }
+
+
+def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any] | None:
+    """The `show` document for one item, or None when there is no such item."""
+    item = conn.execute(select(ReviewItem.__table__).where(ReviewItem.id == item_id)).first()
+    if item is None:
+        return None
+    decision = conn.execute(
+        select(DecisionRow.__table__).where(DecisionRow.id == item.decision_id)
+    ).one()
+    policy = conn.execute(
+        select(PolicyRow.__table__).where(PolicyRow.digest == decision.policy_digest)
+    ).one()
+    events = conn.execute(
+        select(ReviewEvent.__table__).where(ReviewEvent.item_id == item_id).order_by(ReviewEvent.id)
+    ).all()
+    reopened_as = conn.execute(
+        select(ReviewItem.id).where(ReviewItem.reopened_from == item_id).order_by(ReviewItem.id)
+    ).scalars()
+    expires = item.claim_expires_at and utc(item.claim_expires_at)
+    return {
+        "item": {
+            "id": item.id,
+            "status": item.status,
+            "priority": item.priority,
+            "margin": item.margin,
+            "created_at": iso(item.created_at),
+            "updated_at": iso(item.updated_at),
+            "claim_owner": item.claim_owner,
+            "claim_expires_at": iso(expires),
+            "lease_live": expires is not None and item.status == "claimed" and now < expires,
+            "reviewer": item.reviewer,
+            "reason": item.reason,
+            "reopened_from": item.reopened_from,
+            "reopened_as": list(reopened_as),
+        },
+        "decision": {
+            "id": decision.id,
+            "created_at": iso(decision.created_at),
+            "verdict": decision.verdict,
+            "action": decision.action,
+            "top_concept": decision.top_concept,
+            "margin": decision.margin,
+            "fired": list(decision.fired or []),
+            "model_id": decision.model_id,
+            "image_sha256": decision.image_sha256,
+            "held_path": decision.held_path,
+            "meta": decision.meta or {},
+            "error": decision.error,
+        },
+        "policy": {
+            "name": policy.name,
+            "version": policy.version,
+            "digest": policy.digest,
+            "model_id": policy.model_id,
+            "compat": policy.compat,
+            "review_band": policy.review_band,
+        },
+        "concepts": concept_rows(policy, decision),
+        "special_care": special_care(policy, decision),
+        "events": [
+            {
+                "id": e.id,
+                "at": iso(e.at),
+                "actor": e.actor,
+                "event": e.event,
+                "reason": e.reason,
+                "details": e.details or {},
+            }
+            for e in events
+        ],
+    }

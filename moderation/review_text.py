@@ -1,0 +1,190 @@
+"""Plain-text rendering of review items, explanations and stats for people (tables, UTC times)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from moderation.review_sql import utc
+
+
+def when(value: str | datetime | None) -> str:
+    """`2024-05-01 12:00:04` (UTC) from an ISO string or datetime; empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return utc(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def num(value: float | None, signed: bool = True) -> str:
+    """A score with three decimals (`+0.146`), or `-` when missing."""
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; column indexes in `right` are right-aligned."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def age(seconds: float) -> str:
+    """`3d 4h`, `2h 5m`, `1m 1s` or `12s`: the two largest units."""
+    seconds = int(seconds)
+    parts = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)]
+    out: list[str] = []
+    for unit, size in parts:
+        if seconds >= size or (unit == "s" and not out):
+            out.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(out[:2])
+
+
+def items_table(items: Sequence[dict[str, Any]]) -> str:
+    """The `review list` table from `ReviewItemView.to_dict()` rows."""
+    rows = []
+    for i in items:
+        who = i["reviewer"] or ""
+        if i["status"] == "claimed":
+            who = f"{i['claim_owner']} until {when(i['claim_expires_at'])}"
+        rows.append(
+            [
+                str(i["id"]),
+                i["status"],
+                str(i["priority"]),
+                num(i["margin"]),
+                i["action"],
+                ", ".join(i["fired"]) or "-",
+                f"{i['policy_name']}@{i['policy_version']}",
+                when(i["created_at"]),
+                who,
+            ]
+        )
+    headers = ["ID", "STATUS", "PRI", "MARGIN", "ACTION", "FIRED", "POLICY", "CREATED (UTC)", "WHO"]
+    return table(headers, rows, right=(0, 2, 3))
+
+
+def _event_line(e: dict[str, Any]) -> list[str]:
+    d = e["details"]
+    note = e["reason"] or ""
+    if e["event"] == "claimed":
+        note = f"lease until {when(d.get('expires_at'))}"
+    elif e["event"] == "lease_expired":
+        note = f"{d.get('previous_owner')}'s lease ended {when(d.get('expired_at'))}"
+    elif e["event"] == "reopened":
+        note = f"as item {d.get('new_item')}: {e['reason']}"
+    elif e["event"] == "created" and d.get("reopened_from"):
+        note = f"reopened from item {d['reopened_from']}: {e['reason']}"
+    elif d.get("direct"):
+        note = f"{note} (without a claim)".strip()
+    return [when(e["at"]), e["actor"], e["event"], note]
+
+
+def render_show(shown: dict[str, Any]) -> str:
+    """The `review show` text: item, decision, per-concept scores, special care, history."""
+    item, dec, pol = shown["item"], shown["decision"], shown["policy"]
+    status = item["status"]
+    if status == "claimed":
+        status += f" by {item['claim_owner']} until {when(item['claim_expires_at'])} UTC"
+    elif item["reviewer"]:
+        status += f" by {item['reviewer']}" + (f": {item['reason']}" if item["reason"] else "")
+    links = []
+    if item["reopened_from"]:
+        links.append(f"reopened from item {item['reopened_from']}")
+    if item["reopened_as"]:
+        links.append("reopened as item " + ", ".join(map(str, item["reopened_as"])))
+    meta = " ".join(f"{k}={json.dumps(v)}" for k, v in dec["meta"].items()) or "-"
+    lines = [
+        f"Item {item['id']}: {status}",
+        f"  priority {item['priority']}, margin {num(item['margin'])}, created {when(item['created_at'])} UTC"
+        + (f"; {'; '.join(links)}" if links else ""),
+        f"Decision {dec['id']} at {when(dec['created_at'])} UTC",
+        f"  verdict {dec['verdict']}, action {dec['action']}, top concept {dec['top_concept'] or '-'}",
+        f"  image sha256 {dec['image_sha256'] or '-'}",
+        f"  held image {dec['held_path'] or '-'}",
+        f"  meta {meta}",
+    ]
+    if dec["error"]:
+        lines.append(f"  error {dec['error']}")
+    lines.append(
+        f"Policy {pol['name']} version {pol['version']} (digest {pol['digest'][:12]}, model {pol['model_id']})"
+    )
+    rows = [
+        [
+            c["name"],
+            c["severity"] or "",
+            c["action"] or "",
+            num(c["cosine"], signed=False),
+            num(c["threshold"], signed=False),
+            num(c["margin_to_threshold"]),
+            num(c["score"]),
+            "yes" if c["fired"] else "",
+        ]
+        for c in shown["concepts"]
+    ]
+    headers = ["CONCEPT", "SEVERITY", "ACTION", "COSINE", "THRESHOLD", "MARGIN", "SCORE", "FIRED"]
+    lines += ["Concepts:", indent(table(headers, rows, right=(3, 4, 5, 6)))]
+    care = shown["special_care"]
+    lines.append(
+        f"Special care: adjustment applied {num(care['adjustment_applied'])} "
+        f"(policy {num(care['adjustment'])}, escalate {care['escalate'] or '-'})"
+    )
+    if care["concepts"]:
+        rows = [
+            [
+                s["name"],
+                num(s["cosine"], False),
+                num(s["threshold"], False),
+                "yes" if s["hit"] else "",
+            ]
+            for s in care["concepts"]
+        ]
+        lines.append(indent(table(["CONCEPT", "COSINE", "THRESHOLD", "HIT"], rows, right=(1, 2))))
+    rows = [_event_line(e) for e in shown["events"]]
+    lines += ["History (UTC):", indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
+    return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def render_stats(stats: dict[str, Any]) -> str:
+    """The `review stats` text."""
+    queue = stats["queue"]
+    expired = stats["expired_leases"]
+    lines = [
+        "Queue: "
+        + _counts(queue)
+        + (f" ({expired} claimed with an expired lease)" if expired else "")
+    ]
+    oldest = stats["oldest_pending"]
+    if oldest:
+        lines.append(
+            f"Oldest pending: item {oldest['item_id']}, created {when(oldest['created_at'])} UTC "
+            f"({age(oldest['age_seconds'])} ago)"
+        )
+    decisions = stats["decisions"]
+    lines += [
+        f"Decisions: {decisions['total']}",
+        f"  by action: {_counts(decisions['by_action'])}",
+        f"  by verdict: {_counts(decisions['by_verdict'])}",
+        f"  by fired concept: {_counts(decisions['by_concept'])}",
+    ]
+    return "\n".join(lines)

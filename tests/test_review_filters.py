@@ -1,0 +1,155 @@
+"""`ReviewQueue.list` filters, and hostile filter values that must match nothing and change nothing."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
+from moderation.cli import main
+from moderation.review import ReviewError, ReviewQueue
+from tests.review_factory import (
+    PG_URL,
+    T0,
+    empty_pg,
+    pg_database,
+    policy_row,
+    row_counts,
+    seed,
+    sqlite_url,
+)
+
+HOSTILE = ["' OR 1=1 --", "id; DROP TABLE decisions", "%", "_", "nsfw%", "x' UNION SELECT 1 --"]
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    if not PG_URL:
+        pytest.skip("MODERATION_TEST_PG_URL is not set")
+    with pg_database("review_filters") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    url = request.getfixturevalue("pg_url")
+    empty_pg(url)
+    return url
+
+
+@pytest.fixture
+def seeded(db_url):
+    """Two policies: five items of nsfw-basic v1, three of strict v2."""
+    queue = ReviewQueue(db_url)
+    basic = seed(queue.engine, 5, rng_seed=1, allowed=2)
+    strict = seed(
+        queue.engine, 3, rng_seed=2, policy=policy_row("strict", "2"), start=T0.replace(hour=13)
+    )
+    return queue, basic, strict
+
+
+def ids(items) -> set[int]:
+    return {i.id for i in items}
+
+
+def test_filter_by_policy_name_or_digest_prefix(seeded):
+    queue, basic, strict = seeded
+    assert ids(queue.list(policy="nsfw-basic")) == set(basic.item_ids)
+    assert ids(queue.list(policy=strict.policy["digest"][:8])) == set(strict.item_ids)
+    assert ids(queue.list(policy=strict.policy["digest"])) == set(strict.item_ids)
+    assert queue.list(policy="nsfw") == [], "names match exactly, only digests by prefix"
+
+
+def test_filter_by_fired_concept(seeded):
+    queue, basic, strict = seeded
+    by_item = dict(
+        zip(basic.item_ids + strict.item_ids, basic.decisions[:5] + strict.decisions, strict=True)
+    )
+    for concept in ("nudity", "gore", "weapons"):
+        expected = {i for i, d in by_item.items() if concept in d["fired"]}
+        assert ids(queue.list(concept=concept)) == expected
+    assert queue.list(concept="minor") == [], "special-care hits are not fired concepts"
+
+
+def test_filter_by_status_since_and_limit(seeded):
+    queue, basic, strict = seeded
+    (claim,) = queue.claim("alice", 1)
+    assert ids(queue.list(status="claimed")) == {claim.item_id}
+    assert len(queue.list(status="pending")) == 7
+    assert ids(queue.list(since="2024-05-01T13:00:00Z")) == set(strict.item_ids)
+    assert ids(queue.list(since="2024-05-01T12:00:03")) == set(basic.item_ids[3:] + strict.item_ids)
+    assert len(queue.list(since="2024-05-01")) == 8
+    assert queue.list(since="2024-05-02") == []
+    limited = queue.list(limit=3)
+    assert [i.id for i in limited] == [i.id for i in queue.list()][:3]
+    assert limited[0].to_dict()["created_at"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"since": "yesterday"}, 'invalid since "yesterday": expected an ISO date or datetime'),
+        ({"limit": 0}, "limit must be 1 to 10000, not 0"),
+        ({"policy": " "}, "policy filter is empty"),
+        ({"concept": ""}, "concept filter is empty"),
+    ],
+)
+def test_bad_filter_values(seeded, kwargs, message):
+    queue = seeded[0]
+    with pytest.raises(ReviewError, match=message):
+        queue.list(**kwargs)
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_filters_match_nothing_and_change_nothing(seeded, value):
+    queue = seeded[0]
+    before = row_counts(queue.engine)
+    assert queue.list(policy=value) == []
+    assert queue.list(concept=value) == []
+    with pytest.raises(
+        ReviewError, match="^unknown status .*; choose from pending, claimed, approved, rejected$"
+    ):
+        queue.list(status=value)
+    with pytest.raises(ReviewError, match="invalid since"):
+        queue.list(since=value)
+    assert row_counts(queue.engine) == before
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_filters_through_the_cli(seeded, db_url, value):
+    queue = seeded[0]
+    before = row_counts(queue.engine)
+    runner = CliRunner()
+    for option in ("--policy", "--concept"):
+        result = runner.invoke(
+            main, ["review", "list", option, value, "--db", db_url], catch_exceptions=False
+        )
+        assert (result.exit_code, result.output) == (0, "No review items match.\n")
+        result = runner.invoke(
+            main,
+            ["review", "list", option, value, "--json", "--db", db_url],
+            catch_exceptions=False,
+        )
+        assert (result.exit_code, result.output) == (0, "[]\n")
+    result = runner.invoke(
+        main, ["review", "list", "--status", value, "--db", db_url], catch_exceptions=False
+    )
+    assert result.exit_code == 2
+    assert "Invalid value for '--status'" in result.output
+    assert row_counts(queue.engine) == before
+
+
+def test_hostile_names_and_reasons_are_stored_verbatim(seeded):
+    queue = seeded[0]
+    name, reason = "x'); DROP TABLE review_items; --", "'; DELETE FROM review_events; --"
+    (claim,) = queue.claim(name, 1)
+    queue.reject(claim.item_id, name, reason=reason, token=claim.token)
+    shown = queue.show(claim.item_id)
+    assert (shown["item"]["reviewer"], shown["item"]["reason"]) == (name, reason)
+    assert [(e["actor"], e["event"]) for e in shown["events"]][-2:] == [
+        (name, "claimed"),
+        (name, "rejected"),
+    ]
+    assert row_counts(queue.engine)["review_items"] == 8
