@@ -36,4 +36,5 @@ from moderation.cli import (  # noqa: E402, F401
     compile_cmd,
     db_cmds,
     policy_cmds,
+    review_cmds,
 )
