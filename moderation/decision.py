@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
+    from moderation.scoring import Scores
     from policy.compiled import CompiledPolicy
 
 VERDICTS = ("allow", "flag", "review", "error")
@@ -57,7 +61,12 @@ class Decision:
 
     @property
     def needs_review(self) -> bool:
-        return self.action == "review" or bool(self.special_hits)
+        """Action review, or a special-care hit under a policy that escalates special care.
+
+        `escalate: allow` (diffusers compat) only adds the adjustment: no review item.
+        """
+        escalates = self.policy.escalate not in (None, "allow")
+        return self.action == "review" or (bool(self.special_hits) and escalates)
 
     @property
     def concept_scores(self) -> dict[str, float]:
@@ -112,3 +121,118 @@ class Decision:
             "concepts": self.explain(top=top),
             "metadata": self.metadata,
         }
+
+
+_VERDICT_OF_ACTION = {"allow": "allow", "review": "review"}  # blur/pixelate/blackout: "flag"
+NON_FINITE = "non-finite embedding"
+
+
+def decide(
+    policy: CompiledPolicy,
+    scores: Scores,
+    *,
+    errors: Sequence[str | None] | None = None,
+    embeddings: torch.Tensor | None = None,
+    metadata: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
+) -> list[Decision]:
+    """One Decision per image: the action is worked out on the device, then one host transfer."""
+    import torch
+
+    from policy.compiled import ACTION_RANK
+
+    batch, n_concepts = scores.scores.shape
+    n_special = scores.special_scores.shape[1]
+    device = scores.scores.device
+    if errors is not None and len(errors) != batch:
+        raise ValueError(f"errors has {len(errors)} entries for a batch of {batch}")
+    if isinstance(metadata, Sequence) and len(metadata) != batch:
+        raise ValueError(f"metadata has {len(metadata)} entries for a batch of {batch}")
+
+    # Most severe action among fired concepts (allow where none fired).
+    fired = scores.scores > 0  # [B, C]
+    ranks = policy.action_ranks.to(device)  # [C]
+    if n_concepts:
+        rank = (fired.long() * ranks).amax(dim=1)  # [B]
+    else:
+        rank = torch.zeros(batch, dtype=torch.long, device=device)
+    if policy.escalate is not None:
+        rank = torch.maximum(rank, scores.special_hit.long() * ACTION_RANK[policy.escalate])
+    if policy.review_band > 0 and n_concepts:
+        in_band = ((scores.scores > -policy.review_band) & (scores.scores <= 0)).any(dim=1)  # [B]
+        rank = torch.maximum(rank, in_band.long() * ACTION_RANK["review"])
+    if n_concepts:
+        margin, top = scores.scores.max(dim=1)  # [B], [B]
+    else:
+        margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
+
+    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
+    columns = [
+        scores.cosines,
+        scores.scores,
+        scores.special_cosines,
+        scores.special_scores,
+        scores.adjustment[:, None],
+        rank[:, None],
+        scores.valid[:, None],
+        margin[:, None],
+        top[:, None],
+    ]
+    if embeddings is not None:
+        columns.append(embeddings.detach().to(device))
+    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
+
+    c, s = n_concepts, n_special
+    cosines, concept_scores = host[:, :c], host[:, c : 2 * c]
+    special_cosines, special_scores = host[:, 2 * c : 2 * c + s], host[:, 2 * c + s : 2 * c + 2 * s]
+    tail = host[:, 2 * c + 2 * s :]
+    adjustment, action_rank, valid, margin_np, top_np = (tail[:, i] for i in range(5))
+    embedding_rows = tail[:, 5:] if embeddings is not None else None
+    fired_np = concept_scores > 0  # [B, C]
+    special_fired_np = special_scores > 0  # [B, S]
+
+    actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
+    # Fail closed: an unscored image never passes, whatever on_error says.
+    on_error = policy.on_error if policy.on_error != "allow" else "blackout"
+    names, special_names = policy.concept_names, policy.special_names
+    decisions = []
+    for i in range(batch):
+        error = errors[i] if errors is not None else None
+        if error is None and not valid[i]:
+            error = NON_FINITE
+        common = {
+            "policy": policy,
+            "cosines": cosines[i],
+            "scores": concept_scores[i],
+            "special_cosines": special_cosines[i],
+            "special_scores": special_scores[i],
+            "embedding": None if embedding_rows is None else embedding_rows[i],
+            "metadata": _metadata_for(metadata, i),
+        }
+        if error is not None:
+            decisions.append(Decision(verdict="error", action=on_error, error=error, **common))
+            continue
+        action = actions_by_rank[int(action_rank[i])]
+        decisions.append(
+            Decision(
+                verdict=_VERDICT_OF_ACTION.get(action, "flag"),
+                action=action,
+                fired=tuple(names[j] for j in np.flatnonzero(fired_np[i])),
+                special_hits=tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i])),
+                adjustment=float(adjustment[i]),
+                margin=float(margin_np[i]) if c else None,
+                top_concept=names[int(top_np[i])] if c else None,
+                **common,
+            )
+        )
+    return decisions
+
+
+def _metadata_for(
+    metadata: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None, index: int
+) -> dict[str, Any]:
+    """The caller's metadata for one image: one mapping per image, or one shared by all."""
+    if metadata is None:
+        return {}
+    if isinstance(metadata, Mapping):
+        return dict(metadata)
+    return dict(metadata[index])

@@ -1,0 +1,197 @@
+"""score() default semantics and decide(): verdicts, actions, errors, edges of batch and policy size."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moderation.decision import NON_FINITE, decide
+from moderation.errors import ModerationError
+from moderation.scoring import score
+from policy.compiled import CompiledPolicy
+
+
+def make_policy(
+    n_concepts=6, n_special=2, dim=16, *, seed=0, actions=None, thresholds=None, **kwargs
+) -> CompiledPolicy:
+    g = torch.Generator().manual_seed(seed)
+    if thresholds is None:
+        thresholds = 0.1 * torch.randn(n_concepts, generator=g)
+    return CompiledPolicy(
+        name="test",
+        version="1",
+        model="tiny",
+        concept_names=tuple(f"c{i}" for i in range(n_concepts)),
+        categories=(None,) * n_concepts,
+        severities=("medium",) * n_concepts,
+        actions=tuple(actions or ["blur"] * n_concepts),
+        concept_matrix=F.normalize(torch.randn(n_concepts, dim, generator=g)),
+        thresholds=torch.as_tensor(thresholds, dtype=torch.float32),
+        special_names=tuple(f"s{i}" for i in range(n_special)),
+        special_matrix=F.normalize(torch.randn(n_special, dim, generator=g)),
+        special_thresholds=0.1 * torch.randn(n_special, generator=g),
+        **kwargs,
+    )
+
+
+def loop_reference(policy: CompiledPolicy, embeddings: torch.Tensor):
+    """The default semantics written out per image and per concept, in float64."""
+    emb = embeddings.double().numpy()
+    concepts = policy.concept_matrix.double().numpy()
+    special = policy.special_matrix.double().numpy()
+    rows = []
+    for e in emb:
+        unit = e / math.sqrt(sum(v * v for v in e))
+        special_hit = False
+        for s in range(len(special)):
+            cos = sum(a * b for a, b in zip(unit, special[s], strict=True))
+            if cos - float(policy.special_thresholds[s]) > 0:
+                special_hit = True
+        adjustment = policy.adjustment if special_hit else 0.0
+        scores = []
+        for c in range(len(concepts)):
+            cos = sum(a * b for a, b in zip(unit, concepts[c], strict=True))
+            scores.append(cos - float(policy.thresholds[c]) + adjustment)
+        rows.append((special_hit, scores))
+    return rows
+
+
+def test_default_semantics_match_a_loop():
+    policy = make_policy(13, 4, 16, adjustment=0.05)
+    embeddings = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
+    result = score(policy, embeddings)
+    assert result.scores.shape == (9, 13) and result.special_scores.shape == (9, 4)
+    reference = loop_reference(policy, embeddings)
+    hits = torch.tensor([hit for hit, _ in reference])
+    expected = torch.tensor([s for _, s in reference], dtype=torch.float64)
+    assert torch.equal(result.special_hit, hits)
+    assert hits.any() and not hits.all()  # both branches of the adjustment are exercised
+    torch.testing.assert_close(result.scores.double(), expected, atol=1e-6, rtol=0)
+    assert (expected.abs() > 1e-5).all()  # so the fired masks must agree exactly
+    assert torch.equal(result.fired, expected > 0)
+    assert torch.equal(result.adjustment, hits.float() * 0.05)
+    assert result.valid.all()
+
+
+def test_scores_stay_on_the_embeddings_device_and_dtype():
+    policy = make_policy()
+    result = score(policy, torch.randn(3, 16).half())
+    for t in (result.cosines, result.scores, result.special_scores, result.adjustment):
+        assert t.dtype == torch.float32 and t.device == torch.device("cpu")
+
+
+def test_wrong_width_is_a_clear_error():
+    with pytest.raises(ModerationError, match=r"expected \[batch, 16\]"):
+        score(make_policy(), torch.randn(2, 8))
+
+
+def test_decide_actions_verdicts_margin():
+    # Image i lies on concept i: c0 fires (blur), c1 fires (blackout), c2 sits in the review
+    # band, c3 is out of reach.
+    base = make_policy(
+        4,
+        1,
+        8,
+        actions=["blur", "blackout", "blur", "pixelate"],
+        review_band=0.02,
+        escalate="review",
+    )
+    embeddings = base.concept_matrix.clone()
+    cos = score(base, embeddings).cosines
+    thresholds = torch.stack([cos[0, 0] - 0.1, cos[1, 1] - 0.1, cos[2, 2] + 0.01, cos[3, 3] + 1])
+    policy = dataclasses.replace(
+        base, thresholds=thresholds, special_thresholds=torch.tensor([2.0]), digest=""
+    )
+    result = score(policy, embeddings)
+    decisions = decide(policy, result, metadata={"prompt": "x"})
+    assert [d.action for d in decisions] == ["blur", "blackout", "review", "allow"]
+    assert [d.verdict for d in decisions] == ["flag", "flag", "review", "allow"]
+    assert decisions[0].fired[0] == "c0" and "c1" in decisions[1].fired
+    assert decisions[2].fired == () and decisions[3].fired == ()
+    for i, d in enumerate(decisions):
+        row = result.scores[i]
+        assert d.margin == pytest.approx(float(row.max()))
+        assert d.top_concept == f"c{int(row.argmax())}"
+        assert d.metadata == {"prompt": "x"}
+        assert d.scores.dtype == np.float32 and d.scores.shape == (4,)
+
+
+def test_most_severe_action_and_special_care_escalation():
+    policy = make_policy(3, 1, 8, actions=["blur", "blackout", "pixelate"], escalate="pixelate")
+    embeddings = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    result = score(policy, embeddings)
+    decisions = decide(policy, result)
+    rank = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
+    for i, d in enumerate(decisions):
+        fired = [policy.actions[j] for j in range(3) if result.scores[i, j] > 0]
+        expected = max([rank[a] for a in fired], default=0)
+        if bool(result.special_hit[i]):
+            expected = max(expected, rank["pixelate"])
+            assert d.special_hits == ("s0",)
+        assert rank[d.action] == expected
+        assert d.fired == tuple(f"c{j}" for j in range(3) if result.scores[i, j] > 0)
+
+
+def test_nan_embedding_is_an_error_with_on_error_action():
+    policy = make_policy(on_error="pixelate")
+    embeddings = torch.randn(3, 16)
+    embeddings[1, 4] = float("nan")
+    embeddings[2, 0] = float("inf")
+    result = score(policy, embeddings)
+    assert result.valid.tolist() == [True, False, False]
+    decisions = decide(policy, result, embeddings=embeddings)
+    assert decisions[0].verdict != "error"
+    for d in decisions[1:]:
+        assert (d.verdict, d.action, d.error) == ("error", "pixelate", NON_FINITE)
+        assert d.margin is None and d.top_concept is None and d.fired == ()
+    assert decisions[0].embedding.shape == (16,)
+
+
+def test_error_strings_and_allow_on_error_fail_closed():
+    policy = make_policy(thresholds=torch.full((6,), 2.0), on_error="allow")
+    result = score(policy, torch.randn(2, 16))
+    decisions = decide(policy, result, errors=[None, "decoder crashed"])
+    assert decisions[0].verdict == "allow"
+    assert (decisions[1].verdict, decisions[1].error) == ("error", "decoder crashed")
+    assert decisions[1].action == "blackout"  # never allow an image that was not judged
+
+
+def test_empty_batch():
+    policy = make_policy()
+    result = score(policy, torch.zeros(0, 16))
+    assert result.scores.shape == (0, 6) and result.special_hit.shape == (0,)
+    assert decide(policy, result, embeddings=torch.zeros(0, 16)) == []
+
+
+def test_no_concepts_and_no_special_care():
+    policy = make_policy(0, 0, 16)
+    result = score(policy, torch.randn(2, 16))
+    assert result.scores.shape == (2, 0) and result.special_scores.shape == (2, 0)
+    decisions = decide(policy, result)
+    assert [(d.verdict, d.margin, d.top_concept) for d in decisions] == [("allow", None, None)] * 2
+
+
+def test_large_policy():
+    policy = make_policy(10_000, 3, 32, seed=5)
+    embeddings = torch.randn(4, 32)
+    result = score(policy, embeddings)
+    decisions = decide(policy, result, embeddings=embeddings)
+    fired = result.scores > 0
+    for i, d in enumerate(decisions):
+        assert len(d.fired) == int(fired[i].sum()) > 0
+        assert d.fired[0] == f"c{int(torch.nonzero(fired[i])[0])}"
+        assert d.scores.shape == (10_000,)
+
+
+@pytest.mark.parametrize("escalate, expected", [("review", True), ("blur", True), ("allow", False)])
+def test_special_care_hits_need_review_only_when_they_escalate(escalate, expected):
+    policy = make_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 2.0))
+    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([-2.0]), digest="")
+    (decision,) = decide(policy, score(policy, torch.randn(1, 8)))
+    assert decision.special_hits == ("s0",)
+    assert decision.needs_review is expected
