@@ -35,6 +35,7 @@ from moderation.cli import (  # noqa: E402, F401
     check_cmd,
     compile_cmd,
     db_cmds,
+    import_cmd,
     policy_cmds,
     review_cmds,
 )
