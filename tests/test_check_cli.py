@@ -56,7 +56,7 @@ def test_check_folder_json_out_and_log(tmp_path, photos, policy_file):
         "u1",
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert len(rows) == 5
     first = rows[0]
     assert first["file"].endswith("sample-00.png")
@@ -72,7 +72,7 @@ def test_check_folder_json_out_and_log(tmp_path, photos, policy_file):
 def test_check_prints_a_table(tmp_path, photos, policy_file):
     result = run("check", photos / "sample-01.png", "--policy", policy_file, "--no-log")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert lines[0].split() == [
         "image",
         "verdict",
@@ -103,7 +103,7 @@ def test_unreadable_image_is_an_error_that_names_it_and_is_logged(tmp_path, phot
         "--json",
     )
     assert result.exit_code == 1
-    rows = json.loads(result.output.split("Error:")[0])
+    rows = json.loads(result.stdout)
     assert rows[0]["verdict"] == "error" and rows[0]["action"] == "blackout"
     assert "broken.png" in rows[0]["error"]
     assert rows[1]["verdict"] == "flag"
@@ -126,11 +126,11 @@ def test_compile_then_check_with_the_artifact(tmp_path, photos, policy_file):
     artifact = tmp_path / "p.compiled.safetensors"
     result = run("policy", "compile", policy_file, "-o", artifact, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["concepts"] == 2 and summary["embed_dim"] == 32
     result = run("check", photos / "sample-02.png", "--policy", artifact, "--no-log", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)[0]["policy"]["digest"] == summary["digest"]
+    assert json.loads(result.stdout)[0]["policy"]["digest"] == summary["digest"]
 
 
 def test_every_command_has_help():
