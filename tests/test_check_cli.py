@@ -144,3 +144,15 @@ def test_every_command_has_help():
         result = run(*args, "--help")
         assert result.exit_code == 0, args
         assert "Usage:" in result.output
+
+
+def test_out_keeps_same_named_files_from_different_folders_apart(tmp_path, photos, policy_file):
+    nested = tmp_path / "in"
+    (nested / "a").mkdir(parents=True)
+    (nested / "b").mkdir()
+    for sub in ("a", "b"):
+        (nested / sub / "x.jpg").write_bytes((photos / "sample-00.png").read_bytes())
+    out = tmp_path / "out"
+    result = run("check", nested, "--policy", policy_file, "--no-log", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x.png", "b/x.png"]
