@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 mkdir -p demo
 bash scripts/install.sh >demo/install.log 2>&1 || { cat demo/install.log; exit 1; }
 export MODERATION_DB_URL=${MODERATION_DB_URL:-sqlite:///demo/moderation.db}
+export MODERATION_HELD_DIR=${MODERATION_HELD_DIR:-demo/held} MODERATION_SPOOL_DIR=${MODERATION_SPOOL_DIR:-demo/spool}
 .venv/bin/python -m moderation.demo demo
 if [ -n "${MODEL:-}" ]; then
   POLICY=policies/default.yaml
