@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from moderation.cli import main
-from moderation.cli.output import echo_json, echo_table, fmt_float
+from moderation.cli.output import echo_json, echo_table, fmt_float, model_options
 from moderation.errors import ModerationError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -41,15 +41,7 @@ def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Policy YAML, or a compiled .safetensors artifact.",
 )
-@click.option(
-    "--model",
-    "-m",
-    help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
-)
-@click.option(
-    "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
-)
-@click.option("--device", help="torch device (default: cuda when available, else cpu).")
+@model_options
 @click.option(
     "--db",
     "db_url",
