@@ -307,14 +307,9 @@ class ClipEncoder:
         }
         config = CLIPConfig.from_dict(ckpt.config)
         config.moderation_tensor_shapes = {n: tuple(t.shape) for n, t in self._stored.items()}
-        # diffusers' checker refuses SDPA; the published checkpoint runs with eager attention.
-        return _from_pretrained(
-            _safety_checker_class(),
-            ckpt,
-            config=config,
-            attn_implementation="eager",
-            dtype=torch.float32,
-        )
+        # Same attention as diffusers' own from_pretrained (SDPA today), so embeddings match a
+        # pipeline's checker bit for bit.
+        return _from_pretrained(_safety_checker_class(), ckpt, config=config, dtype=torch.float32)
 
     def _take_text_tower(self, model: nn.Module, ckpt: _Checkpoint) -> None:
         """Keep a CLIP text tower in float32 on the device, with the checkpoint's tokenizer."""

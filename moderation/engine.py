@@ -116,6 +116,7 @@ class Moderator:
         if len(batch) == 0:
             return ModerationResult(batch.to_caller(), [])
         try:
+            # Non-finite inputs become NaN pixel rows here, so they cannot score as clean.
             pixels = clip_preprocess(
                 batch,
                 size=self.encoder.image_size,
@@ -123,14 +124,19 @@ class Moderator:
                 std=self.encoder.image_std,
             )
             embeddings = self.encoder.encode_image(pixels)  # [B, D]
-            decisions = self._decide(embeddings, metas)
+            errors: list[str | None] = [None] * len(batch)
+            for i in batch.invalid_indices():  # one host sync for the batch
+                errors[i] = "the input image holds NaN or infinite values"
+            decisions = self._decide(embeddings, metas, errors)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
         moderated = self._act(batch.images, decisions) if apply else batch.images
         if self.log is not None:
             self._log(decisions, batch.images)
-        return ModerationResult(batch.to_caller(moderated), decisions)
+        # Allowed images go back as the caller's own tensors, bit for bit.
+        keep = torch.tensor([not apply or d.action == "allow" for d in decisions])
+        return ModerationResult(batch.to_caller(moderated, keep=keep), decisions)
 
     def moderate_embeddings(
         self, embeddings: torch.Tensor, *, metadata: Metadata = None
@@ -155,12 +161,18 @@ class Moderator:
             self._log(decisions, None)
         return decisions
 
-    def _decide(self, embeddings: torch.Tensor, metas: list[dict[str, Any]]) -> list[Decision]:
+    def _decide(
+        self,
+        embeddings: torch.Tensor,
+        metas: list[dict[str, Any]],
+        errors: list[str | None] | None = None,
+    ) -> list[Decision]:
         embeddings = embeddings.float()  # scores in float32 whatever the tower's dtype
         scores = score(self.policy, embeddings)
         return decide(
             self.policy,
             scores,
+            errors=errors,
             embeddings=embeddings if self.store_embeddings else None,
             metadata=metas,
         )

@@ -118,6 +118,7 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
             "model_id": decision.model_id,
             "image_sha256": decision.image_sha256,
             "held_path": decision.held_path,
+            "held_file": held_file(decision.held_path),
             "meta": decision.meta or {},
             "error": decision.error,
         },
@@ -143,3 +144,10 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
             for e in events
         ],
     }
+
+
+def held_file(held_path: str | None) -> str | None:
+    """The held original's full path, under $MODERATION_HELD_DIR (else ./held)."""
+    from moderation.storage.log import default_held_dir
+
+    return None if held_path is None else str((default_held_dir() / held_path).resolve())

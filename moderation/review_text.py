@@ -117,7 +117,7 @@ def render_show(shown: dict[str, Any]) -> str:
         f"Decision {dec['id']} at {when(dec['created_at'])} UTC",
         f"  verdict {dec['verdict']}, action {dec['action']}, top concept {dec['top_concept'] or '-'}",
         f"  image sha256 {dec['image_sha256'] or '-'}",
-        f"  held image {dec['held_path'] or '-'}",
+        f"  held image {dec['held_file'] or '-'}",
         f"  meta {meta}",
     ]
     if dec["error"]:

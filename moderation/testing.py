@@ -130,7 +130,7 @@ def build_safety_checker(
         )
     else:
         raise ValueError(f"size must be 'tiny' or 'vit-l', not {size!r}")
-    # diffusers' checker refuses SDPA; the published checkpoint runs with eager attention.
+    # The checker's constructor refuses SDPA (from_pretrained picks SDPA itself on loading).
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     checker = StableDiffusionSafetyChecker(config).eval()

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from policy.errors import PolicyError
+from policy.schema import ACTION_RANK
 
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
 FORMAT_VERSION = 1
-ACTION_RANK = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
 
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
 
@@ -131,14 +131,16 @@ class CompiledPolicy:
                 meta = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in _TENSORS}
         except Exception as exc:  # safetensors raises several types for unreadable files
-            raise PolicyError.single(str(path), f"not a compiled policy: {exc}") from exc
+            raise PolicyError.about_file(str(path), f"not a compiled policy: {exc}") from exc
         if meta.get("format") != str(FORMAT_VERSION) or "policy" not in meta:
-            raise PolicyError.single(str(path), f"not a compiled policy of format {FORMAT_VERSION}")
+            raise PolicyError.about_file(
+                str(path), f"not a compiled policy of format {FORMAT_VERSION}"
+            )
         data = json.loads(meta["policy"])
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         compiled = cls(**data, **tensors)
         if compiled.digest != meta.get("digest"):
-            raise PolicyError.single(
+            raise PolicyError.about_file(
                 str(path), "digest mismatch: the artifact was modified or is corrupt"
             )
         return compiled.to(device) if device is not None else compiled

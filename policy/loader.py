@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_of
-from policy.schema import EMBEDDING_TAGS, EmbeddingRef, Policy
+from policy.schema import EMBEDDING_TAGS, THRESHOLD_TAGS, CheckpointRef, EmbeddingRef, Policy
 from policy.yaml_loader import LoadedYaml, load_yaml
 
 _EXPECTED = {
@@ -146,10 +146,12 @@ def _issue(
 
 
 def _data_path(loc: tuple[Any, ...]) -> KeyPath:
-    """A pydantic loc without the labels of the embedding's two shapes."""
+    """A pydantic loc without the labels of the embedding's and the threshold's shapes."""
     path: list[str | int] = []
     for part in loc:
         if part in EMBEDDING_TAGS and path and path[-1] == "embedding":
+            continue
+        if part in THRESHOLD_TAGS and path and path[-1] == "threshold":
             continue
         path.append(part)
     return tuple(path)
@@ -218,8 +220,8 @@ def _resolve_embeddings(policy: Policy, folder: Path) -> list[PolicyIssue]:
     """Set `concept.vector` for every concept with an embedding; return what went wrong."""
     issues = []
     for path, concept in policy.iter_concepts():
-        if concept.embedding is None:
-            continue
+        if concept.embedding is None or isinstance(concept.embedding, CheckpointRef):
+            continue  # checkpoint rows are read by the compiler, from the model
         at = (*path, "embedding")
         try:
             vector = _read_embedding(concept.embedding, folder)  # [D] float32

@@ -28,7 +28,8 @@ ACTION_RANK: dict[str, int] = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3
 Severity = Literal["low", "medium", "high", "critical"]
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 # Loc labels pydantic adds after `embedding` for the two accepted shapes; the loader drops them.
-EMBEDDING_TAGS = frozenset({"inline", "reference"})
+EMBEDDING_TAGS = frozenset({"inline", "reference", "checkpoint"})
+THRESHOLD_TAGS = frozenset({"number", "checkpoint"})
 
 
 def _between(low: float, high: float, *, high_open: bool = False) -> AfterValidator:
@@ -74,7 +75,13 @@ def _fail_closed(value: str) -> str:
 def _embedding_shape(value: Any) -> str | None:
     if isinstance(value, list):
         return "inline"
-    return "reference" if isinstance(value, dict) else None
+    if isinstance(value, dict):
+        return "checkpoint" if "checkpoint" in value else "reference"
+    return None
+
+
+def _threshold_shape(value: Any) -> str:
+    return "checkpoint" if isinstance(value, dict) else "number"
 
 
 Text = Annotated[str, AfterValidator(_not_blank)]
@@ -95,13 +102,31 @@ class EmbeddingRef(_Model):
     row: Annotated[int, Field(ge=0)] | None = None
 
 
+class CheckpointRef(_Model):
+    """A row of a tensor stored in the policy's model checkpoint, read when the policy compiles.
+
+    This is how a policy reuses a Stable Diffusion safety checker's own concept embeddings and
+    thresholds (`concept_embeds`, `concept_embeds_weights`, ...) without copying them.
+    """
+
+    checkpoint: Text
+    row: Annotated[int, Field(ge=0)] | None = None
+
+
 Embedding = Annotated[
-    Annotated[InlineEmbedding, Tag("inline")] | Annotated[EmbeddingRef, Tag("reference")],
+    Annotated[InlineEmbedding, Tag("inline")]
+    | Annotated[EmbeddingRef, Tag("reference")]
+    | Annotated[CheckpointRef, Tag("checkpoint")],
     Discriminator(
         _embedding_shape,
         custom_error_type="embedding_type",
-        custom_error_message="expected a list of numbers or a mapping with 'file'",
+        custom_error_message="expected a list of numbers or a mapping with 'file' or 'checkpoint'",
     ),
+]
+# A threshold is a number, or a checkpoint tensor's row (e.g. concept_embeds_weights).
+Threshold = Annotated[
+    Annotated[Cosine, Tag("number")] | Annotated[CheckpointRef, Tag("checkpoint")],
+    Discriminator(_threshold_shape),
 ]
 
 
@@ -113,7 +138,7 @@ class Concept(_Model):
     severity: Severity | None = None
     prompts: Annotated[list[Text], Field(min_length=1)] | None = None
     embedding: Embedding | None = None
-    threshold: Cosine | None = None
+    threshold: Threshold | None = None
     action: Action | None = None
     description: str | None = None
     _vector: np.ndarray | None = PrivateAttr(default=None)
@@ -226,7 +251,7 @@ class Policy(_Model):
         for i, concept in enumerate(self.special_concepts):
             yield ("special_care", "concepts", i), concept
 
-    def effective_threshold(self, concept: Concept) -> float:
+    def effective_threshold(self, concept: Concept) -> float | CheckpointRef:
         return self.defaults.threshold if concept.threshold is None else concept.threshold
 
     def effective_action(self, concept: Concept) -> Action:

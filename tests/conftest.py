@@ -11,6 +11,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _prompt_cache_in_tmp(tmp_path_factory):
+    """Keep the prompt-embedding cache out of the user's ~/.cache during tests."""
+    previous = os.environ.get("MODERATION_CACHE_DIR")
+    os.environ["MODERATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("prompt-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MODERATION_CACHE_DIR", None)
+    else:
+        os.environ["MODERATION_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP checkpoint (both towers, tokenizer, image processor) saved with save_pretrained."""

@@ -272,11 +272,10 @@ def import_checker(checker, folder):
     return out
 
 
-# The attention each route's vision tower runs with. diffusers' own from_pretrained gives a
-# checker's tower SDPA (checked below); ClipEncoder loads it with eager attention, which gives
-# different low bits (see test_clip_encoder_embeds_like_diffusers, an expected failure).
+# The attention each route's vision tower runs with: diffusers' own from_pretrained gives a
+# checker's tower SDPA (checked below), and ClipEncoder loads it the same way.
 DIFFUSERS_ATTENTION = "sdpa"
-CLIP_ENCODER_ATTENTION = "eager"
+CLIP_ENCODER_ATTENTION = "sdpa"
 
 
 def our_checker(route, policy_path):
@@ -353,11 +352,6 @@ def test_diffusers_loads_the_vision_tower_with_sdpa(tiny_checker_dir):
     assert loaded.vision_model.config._attn_implementation == DIFFUSERS_ATTENTION
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ClipEncoder forces eager attention on the checker's vision tower; diffusers loads it "
-    "with SDPA, so embeddings differ in the last bits and edge cases flag differently",
-)
 def test_clip_encoder_embeds_like_diffusers(tiny_checker_dir):
     from moderation.encoder import ClipEncoder
 

@@ -425,3 +425,44 @@ def test_importing_policy_does_not_import_torch():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_checkpoint_references_for_embeddings_and_thresholds(tmp_path):
+    """A policy may take a concept's embedding and threshold from its model checkpoint's tensors."""
+    from policy import CheckpointRef
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "policy: sd\nmodel: some/checker\ncompat: diffusers\nconcepts:\n"
+        "  - name: sd-0\n"
+        "    embedding: {checkpoint: concept_embeds, row: 0}\n"
+        "    threshold: {checkpoint: concept_embeds_weights, row: 0}\n"
+    )
+    loaded = load_policy(path)
+    concept = loaded.concepts[0]
+    assert concept.embedding == CheckpointRef(checkpoint="concept_embeds", row=0)
+    assert loaded.effective_threshold(concept) == CheckpointRef(
+        checkpoint="concept_embeds_weights", row=0
+    )
+    assert concept.vector is None  # read by the compiler, from the model
+
+
+@pytest.mark.parametrize(
+    ("threshold", "message"),
+    [
+        (
+            "{checkpoint: w, rows: 0}",
+            "5:32 concepts[0].threshold.rows: unknown key (did you mean 'row'?)",
+        ),
+        ('"0.2"', "5:16 concepts[0].threshold: expected a number, got string"),
+        ("{checkpoint: w, row: -1}", "5:37 concepts[0].threshold.row: must be at least 0"),
+    ],
+)
+def test_bad_threshold_references(tmp_path, threshold, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"policy: p\nconcepts:\n  - name: a\n    prompts: [x]\n    threshold: {threshold}\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}:{message}"

@@ -38,6 +38,7 @@ def test_logged_decisions_are_reviewed_and_released(db_url, tmp_path):
 
         shown = queue.show(first)
         assert shown["decision"]["held_path"] and shown["decision"]["meta"]["prompt"] == "prompt 0"
+        assert shown["decision"]["held_file"].endswith(shown["decision"]["held_path"])
         assert [c["name"] for c in shown["concepts"]] == list(CONCEPTS)
         assert [c["cosine"] for c in shown["concepts"]] == pytest.approx(
             records[0].cosines.tolist()

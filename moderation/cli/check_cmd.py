@@ -7,22 +7,27 @@ from pathlib import Path
 import click
 
 from moderation.cli import main
-from moderation.cli.output import echo_json, echo_table, fmt_float
+from moderation.cli.output import echo_json, echo_table, fmt_float, model_options
 from moderation.errors import ModerationError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, and the image files found under directories (sorted, recursive)."""
-    found: list[Path] = []
+def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, name under --out) for files as given and the images under folders (sorted, recursive).
+
+    The name mirrors the file's place under the folder it was found in, so two `a.png` in
+    different folders do not overwrite each other's result.
+    """
+    found: list[tuple[Path, Path]] = []
     for p in paths:
         if p.is_dir():
-            found += sorted(
+            files = sorted(
                 f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
             )
+            found += [(f, f.relative_to(p)) for f in files]
         else:
-            found.append(p)
+            found.append((p, Path(p.name)))
     return found
 
 
@@ -36,15 +41,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Policy YAML, or a compiled .safetensors artifact.",
 )
-@click.option(
-    "--model",
-    "-m",
-    help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
-)
-@click.option(
-    "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
-)
-@click.option("--device", help="torch device (default: cuda when available, else cpu).")
+@model_options
 @click.option(
     "--db",
     "db_url",
@@ -83,7 +80,9 @@ def check_command(
     from moderation.images import load_image_file
     from policy import PolicyError
 
-    files = collect_images(list(images))
+    found = collect_images(list(images))
+    files = [f for f, _ in found]
+    out_names = dict(found)
     if not files:
         raise click.ClickException("no image files found in " + ", ".join(map(str, images)))
     db = None
@@ -107,7 +106,13 @@ def check_command(
         tqdm(total=len(files), unit="img", disable=len(batches) < 2, leave=False) as bar,
     ):
         for chunk in batches:
-            results += _check_chunk(moderator, chunk, caller, out_dir, load_image_file)
+            results += _check_chunk(
+                moderator,
+                chunk,
+                caller,
+                out_dir and {f: out_dir / out_names[f] for f in chunk},
+                load_image_file,
+            )
             bar.update(len(chunk))
     errors = sum(d.verdict == "error" for _, d in results)
     if as_json:
@@ -124,7 +129,7 @@ def check_command(
         raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
 
 
-def _check_chunk(moderator, chunk, caller, out_dir, load_image_file):
+def _check_chunk(moderator, chunk, caller, out_paths, load_image_file):
     """Moderate one chunk of files; unreadable files become error decisions (fail closed)."""
     from moderation.images import encode_png
 
@@ -141,8 +146,10 @@ def _check_chunk(moderator, chunk, caller, out_dir, load_image_file):
         result = moderator.moderate(tensors, metadata=[{**caller, "file": str(f)} for f in good])
         for f, image, d in zip(good, result.images, result.decisions, strict=True):
             decided[f] = d
-            if out_dir:
-                (out_dir / (f.stem + ".png")).write_bytes(encode_png(image))
+            if out_paths:
+                target = out_paths[f].with_suffix(".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(encode_png(image))
     if bad:
         failed = moderator.fail(messages, metadata=[{**caller, "file": str(f)} for f in bad])
         decided.update(zip(bad, failed, strict=True))

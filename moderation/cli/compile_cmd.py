@@ -7,21 +7,13 @@ from pathlib import Path
 import click
 
 from moderation.cli import policy
-from moderation.cli.output import echo_json
+from moderation.cli.output import echo_json, model_options
 from moderation.errors import ModerationError
 
 
 @policy.command("compile")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "-m",
-    help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
-)
-@click.option(
-    "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
-)
-@click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available).")
+@model_options
 @click.option(
     "-o",
     "--out",

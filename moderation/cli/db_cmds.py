@@ -81,13 +81,15 @@ def current_cmd(url: str | None, as_json: bool) -> None:
     "--spool",
     "spool_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("spool"),
-    show_default=True,
-    help="Spool folder to replay.",
+    default=None,
+    help="Spool folder to replay (default: $MODERATION_SPOOL_DIR, else ./spool).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def replay_cmd(url: str | None, spool_dir: Path, as_json: bool) -> None:
+def replay_cmd(url: str | None, spool_dir: Path | None, as_json: bool) -> None:
     """Write spooled decisions into the database (idempotent) and empty the spool."""
+    from moderation.storage.log import default_spool_dir
+
+    spool_dir = spool_dir or default_spool_dir()
     try:
         with DecisionLog(url, spool_dir=spool_dir) as log:
             added = log.replay()

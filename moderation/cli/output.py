@@ -9,6 +9,21 @@ from typing import Any
 import click
 
 
+def model_options(command):
+    """--model, --text-model and --device: which checkpoint embeds images and prompts, and where."""
+    command = click.option(
+        "--device", help="torch device, e.g. cuda or cpu (default: cuda when available)."
+    )(command)
+    command = click.option(
+        "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
+    )(command)
+    return click.option(
+        "--model",
+        "-m",
+        help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
+    )(command)
+
+
 def echo_json(data: Any) -> None:
     """Print data as indented JSON (datetimes and paths as strings)."""
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))

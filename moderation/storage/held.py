@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from moderation.storage.errors import StorageError
+from moderation.storage.spool import fsync_dir
 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
@@ -39,7 +40,7 @@ class HeldStore:
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as err:
             raise StorageError(f"cannot store held image in {self.folder}: {err}") from err
         return relative
@@ -58,15 +59,6 @@ class HeldStore:
     def _make_folder(self, folder: Path) -> None:
         if not folder.is_dir():
             folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         if folder.stat().st_mode & 0o777 != FOLDER_MODE:
             os.chmod(folder, FOLDER_MODE)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # A new directory entry is only durable once its parent directory is fsynced.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

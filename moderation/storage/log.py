@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,8 +26,20 @@ from moderation.storage.spool import Spool
 
 log = logging.getLogger("moderation.storage")
 
-DEFAULT_SPOOL_DIR = Path("spool")
-DEFAULT_HELD_DIR = Path("held")
+SPOOL_DIR_ENV = "MODERATION_SPOOL_DIR"
+HELD_DIR_ENV = "MODERATION_HELD_DIR"
+
+
+def default_spool_dir() -> Path:
+    """Where decisions wait while the database is unreachable: $MODERATION_SPOOL_DIR, else ./spool."""
+    return Path(os.environ.get(SPOOL_DIR_ENV) or "spool")
+
+
+def default_held_dir() -> Path:
+    """Where held originals live: $MODERATION_HELD_DIR, else ./held."""
+    return Path(os.environ.get(HELD_DIR_ENV) or "held")
+
+
 # Knobs: after the database fails, writes go straight to the spool for a while (doubling from
 # RETRY_MIN_S up to RETRY_MAX_S) instead of paying a connect timeout per batch.
 RETRY_MIN_S = 0.5
@@ -49,8 +62,8 @@ class DecisionLog:
         held_dir: Path | None = None,
     ) -> None:
         self.url = db.resolve_db_url(url)
-        self.spool = Spool(DEFAULT_SPOOL_DIR if spool_dir is None else spool_dir)
-        self.held = HeldStore(DEFAULT_HELD_DIR if held_dir is None else held_dir)
+        self.spool = Spool(default_spool_dir() if spool_dir is None else spool_dir)
+        self.held = HeldStore(default_held_dir() if held_dir is None else held_dir)
         self._lock = threading.RLock()
         self._ready = False
         self._retry_at = 0.0

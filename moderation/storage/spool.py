@@ -111,7 +111,7 @@ class Spool:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
         _lock(fd)
         os.rename(tmp, path)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self._own = (os.getpid(), path, fd)
         return self._own
 
@@ -172,7 +172,7 @@ class Spool:
             fd = self._claimed.pop(path)
         try:
             path.unlink(missing_ok=True)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         finally:
             os.close(fd)
 
@@ -269,7 +269,8 @@ def _lock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable: fsync the directory that holds it."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,0 +1,158 @@
+"""Moderator end to end on a tiny CLIP: decisions, actions, fail-closed errors, logging, release."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from moderation.encoder import ClipEncoder
+from moderation.engine import Moderator
+from policy import compile_policy, load_policy
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_clip_dir):
+    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Six smooth 64x64 images in [-1, 1], as a VAE decodes them."""
+    torch.manual_seed(1)
+    base = torch.rand(6, 3, 8, 8)
+    return torch.nn.functional.interpolate(base, size=(64, 64), mode="bilinear") * 2 - 1
+
+
+def write_policy(tmp_path, encoder, images, *, actions, extra=""):
+    """A policy whose concept i is image i's own embedding (so exactly image i fires it)."""
+    embeddings = encoder.embed_images(images[: len(actions)]).float()
+    lines = ["policy: engine-test", "version: 3", "defaults: {threshold: 0.999}", "concepts:"]
+    for i, action in enumerate(actions):
+        vector = ", ".join(f"{v:.8f}" for v in embeddings[i].tolist())
+        lines += [f"  - name: c{i}", f"    embedding: [{vector}]", f"    action: {action}"]
+    path = tmp_path / "policy.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return compile_policy(load_policy(path), encoder)
+
+
+def test_each_image_gets_its_concepts_action(tmp_path, encoder, images):
+    policy = write_policy(tmp_path, encoder, images, actions=["blackout", "blur", "review"])
+    moderator = Moderator(policy, encoder)
+    result = moderator.moderate(images.clone())
+    verdicts = [d.verdict for d in result.decisions]
+    actions = [d.action for d in result.decisions]
+    assert actions == ["blackout", "blur", "review", "allow", "allow", "allow"]
+    assert verdicts == ["flag", "flag", "review", "allow", "allow", "allow"]
+    assert [d.fired for d in result.decisions[:3]] == [("c0",), ("c1",), ("c2",)]
+    assert result.decisions[0].top_concept == "c0"
+    assert result.decisions[0].margin == pytest.approx(1 - 0.999, abs=1e-4)
+    out = result.images
+    assert isinstance(out, torch.Tensor) and out.shape == images.shape
+    assert torch.equal(out[0], torch.full_like(out[0], -1.0))  # black in the caller's [-1,1]
+    assert not torch.equal(out[1], images[1]) and out[1].std() < images[1].std()
+    assert torch.equal(out[3:], images[3:])  # allowed images come back bit for bit
+
+
+def test_nan_image_fails_closed(tmp_path, encoder, images):
+    policy = write_policy(tmp_path, encoder, images, actions=["blur"])
+    batch = images[:3].clone()
+    batch[1, 0, 5, 5] = float("nan")
+    result = Moderator(policy, encoder).moderate(batch)
+    bad = result.decisions[1]
+    assert (bad.verdict, bad.action) == ("error", "blackout")
+    assert "NaN" in bad.error
+    assert torch.equal(result.images[1], torch.full_like(result.images[1], -1.0))
+    assert result.decisions[2].verdict == "allow"
+
+
+def test_encoder_failure_fails_closed_for_the_whole_batch(tmp_path, encoder, images, monkeypatch):
+    policy = write_policy(tmp_path, encoder, images, actions=["blur"])
+    moderator = Moderator(policy, encoder)
+
+    def broken(pixel_values):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(moderator.encoder, "encode_image", broken)
+    result = moderator.moderate(images[:2].clone())
+    assert [(d.verdict, d.action) for d in result.decisions] == [("error", "blackout")] * 2
+    assert "CUDA out of memory" in result.decisions[0].error
+    assert torch.all(result.images == -1)
+
+
+def test_empty_batch(tmp_path, encoder, images):
+    policy = write_policy(tmp_path, encoder, images, actions=["blur"])
+    result = Moderator(policy, encoder).moderate(images[:0])
+    assert result.decisions == [] and result.images.shape[0] == 0
+
+
+def test_numpy_and_pil_inputs_come_back_in_kind(tmp_path, encoder, images):
+    from PIL import Image
+
+    policy = write_policy(tmp_path, encoder, images, actions=["blackout"])
+    moderator = Moderator(policy, encoder)
+    hwc = ((images[:2] + 1) / 2).permute(0, 2, 3, 1).numpy()  # [2,H,W,3] in [0,1]
+    result = moderator.moderate(hwc)
+    assert isinstance(result.images, np.ndarray) and result.images.shape == hwc.shape
+    pil = Image.fromarray((hwc[1] * 255).astype(np.uint8))
+    result = moderator.moderate([pil])
+    assert isinstance(result.images[0], Image.Image)
+
+
+def test_decisions_are_logged_and_held_images_released_after_approval(tmp_path, encoder, images):
+    from moderation.review import ReviewQueue
+    from moderation.storage import DecisionLog, StorageError
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    policy = write_policy(tmp_path, encoder, images, actions=["blackout", "review"])
+    log = DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
+    with Moderator(policy, encoder, log=log) as moderator:
+        result = moderator.moderate(images[:4].clone(), metadata={"prompt": "p", "seed": 7})
+        held = result.decisions[1]
+        assert held.action == "review"
+        with pytest.raises(StorageError):
+            moderator.release(held.decision_id)  # pending: not yet
+        queue = ReviewQueue(url)
+        [claim] = queue.claim("alice")
+        assert claim.decision_id == held.decision_id
+        queue.approve(claim.item_id, "alice", token=claim.token)
+        png = moderator.release(held.decision_id)
+        assert png.startswith(b"\x89PNG")
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        rows = db.execute(
+            "select verdict, action, meta from decisions order by created_at"
+        ).fetchall()
+        assert sorted(r[1] for r in rows) == ["allow", "allow", "blackout", "review"]
+        assert all(json.loads(r[2]) == {"prompt": "p", "seed": 7} for r in rows)
+        assert db.execute("select count(*) from policies").fetchone() == (1,)
+
+
+def test_database_down_1000_images_moderated_then_replayed(tmp_path, encoder, images):
+    """With the database unreachable, moderation goes on (actions applied) and nothing is lost."""
+    from moderation.storage import DecisionLog
+
+    small = images[:4, :, :32, :32]
+    policy = write_policy(tmp_path, encoder, small, actions=["blackout"])
+    spool = tmp_path / "spool"
+    down = DecisionLog("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", spool_dir=spool)
+    batch = small.repeat(25, 1, 1, 1)  # 100 small images per call
+    ids = []
+    with Moderator(policy, encoder, log=down) as moderator:
+        for _ in range(10):
+            result = moderator.moderate(batch.clone())
+            ids += [d.decision_id for d in result.decisions]
+            flagged = [i for i, d in enumerate(result.decisions) if d.action == "blackout"]
+            assert flagged and torch.all(result.images[flagged] == -1)
+    assert len(set(ids)) == 1000
+    url = f"sqlite:///{tmp_path / 'up.db'}"
+    up = DecisionLog(url, spool_dir=spool)
+    assert up.replay() == 1000
+    assert up.replay() == 0
+    up.close()
+    with sqlite3.connect(tmp_path / "up.db") as db:
+        assert db.execute("select count(*) from decisions").fetchone() == (1000,)
+        stored = {r[0] for r in db.execute("select id from decisions")}
+    assert stored == set(ids)
