@@ -47,7 +47,7 @@ class BenchConfig:
     db_urls: tuple[str, ...] = ("sqlite",)  # "sqlite": a temporary file
     decisions: int = 20_000
     write_size: int = 8  # decisions per write(): one moderated batch
-    attention: str = "sdpa"  # our tower's attention; diffusers' checker always runs eager
+    attention: str = "sdpa"  # our tower's; diffusers' checker keeps what from_pretrained picks
     compile: bool = False
     sections: tuple[str, ...] = SECTIONS
     size: str = "vit-l"  # widths of the random model: "vit-l" or "tiny" (tests)
@@ -273,7 +273,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             "embed_dim": models.encoder.embed_dim,
             "image_size": models.encoder.image_size,
             "ours_attention": attention_of(models.encoder.vision_model),
-            "diffusers_attention": "eager",
+            "diffusers_attention": attention_of(models.checker.vision_model),
             "compiled": models.compiled,
             "feature_extractor": type(models.feature_extractor).__name__,
         }

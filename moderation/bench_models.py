@@ -33,7 +33,7 @@ class BenchError(ModerationError):
 class BenchModels:
     """Everything the forward and end-to-end rows need, on one device in one dtype."""
 
-    checker: nn.Module  # diffusers' StableDiffusionSafetyChecker, eager attention as it ships
+    checker: nn.Module  # diffusers' StableDiffusionSafetyChecker, loaded as its pipeline loads it
     feature_extractor: Any  # the CLIPImageProcessor its pipeline runs
     encoder: Any  # our ClipEncoder over the same weights
     policy: Any  # CompiledPolicy of the checker's concepts, compat diffusers
@@ -65,23 +65,40 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _attention_configs(module: nn.Module) -> list[Any]:
+    """The configs the attention layers of a CLIP tower read their implementation from."""
+    configs = {
+        id(m.config): m.config
+        for m in module.modules()
+        if type(m).__name__.endswith("Attention") and getattr(m, "config", None) is not None
+    }
+    return list(configs.values())
+
+
 def set_attention(module: nn.Module, implementation: str) -> None:
-    """Switch a CLIP tower between SDPA and eager attention (both read the config at call time)."""
+    """Switch a CLIP tower between SDPA and eager attention (read by each layer at call time)."""
     if implementation not in ATTENTION:
         raise BenchError(f"attention {implementation!r}: expected one of {', '.join(ATTENTION)}")
-    setter = getattr(module, "set_attn_implementation", None)
-    if setter is not None:
-        setter(implementation)
-        return
-    for config in {
-        id(c): c for m in module.modules() if (c := getattr(m, "config", None))
-    }.values():
+    for config in _attention_configs(module):
         config._attn_implementation = implementation
 
 
+@contextlib.contextmanager
+def attention(module: nn.Module, implementation: str) -> Iterator[None]:
+    """Run a tower with another attention implementation for a while."""
+    before = attention_of(module)
+    set_attention(module, implementation)
+    try:
+        yield
+    finally:
+        if before in ATTENTION:
+            set_attention(module, before)
+
+
 def attention_of(module: nn.Module) -> str:
-    config = getattr(module, "config", None)
-    return str(getattr(config, "_attn_implementation", None) or "unknown")
+    """The attention implementation the tower's layers use ("sdpa", "eager", ...)."""
+    found = {str(c._attn_implementation) for c in _attention_configs(module)}
+    return ",".join(sorted(found)) or "unknown"
 
 
 def load_models(
@@ -113,9 +130,10 @@ def _load_models(
     if model is None:
         from moderation.testing import build_safety_checker
 
-        checker = build_safety_checker(size=size, seed=seed)
         with tempfile.TemporaryDirectory(prefix="moderation-bench-") as folder:
-            checker.save_pretrained(folder)
+            build_safety_checker(size=size, seed=seed).save_pretrained(folder)
+            # Both load the saved weights: diffusers' checker as its pipeline loads it.
+            checker, _ = _load_checker(folder)
             encoder = ClipEncoder.from_pretrained(folder, device=device, dtype=dtype)
         model_id = f"random-{size}"
         widths = checker.config.vision_config
@@ -206,13 +224,16 @@ def _load_checker(model: str) -> tuple[nn.Module, Any]:
     source = str(folder) if folder is not None else model
     architectures = config.get("architectures") or []
     if "StableDiffusionSafetyChecker" in architectures:
-        checker = StableDiffusionSafetyChecker.from_pretrained(source, attn_implementation="eager")
+        # No attention argument: the implementation diffusers and transformers pick for a pipeline.
+        checker = StableDiffusionSafetyChecker.from_pretrained(source)
     elif "CLIPModel" in architectures:
-        from transformers import CLIPModel
+        from transformers import CLIPConfig, CLIPModel
 
-        clip = CLIPModel.from_pretrained(source, attn_implementation="eager")
+        clip = CLIPModel.from_pretrained(source)
         torch.manual_seed(0)
-        checker = StableDiffusionSafetyChecker(clip.config)  # random concepts, CLIP's weights
+        # A fresh config, as from_pretrained would read it (the loaded one says "sdpa", which
+        # the checker class refuses); random concepts around CLIP's vision weights.
+        checker = StableDiffusionSafetyChecker(CLIPConfig.from_dict(clip.config.to_dict()))
         checker.vision_model.load_state_dict(clip.vision_model.state_dict())
         checker.visual_projection.load_state_dict(clip.visual_projection.state_dict())
         _random_concepts(checker)

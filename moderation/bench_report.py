@@ -116,7 +116,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(
             f"model: {model['description']}; ours: ClipEncoder with {model['ours_attention']} "
             f"attention{', torch.compile' if model['compiled'] else ''}; diffusers: "
-            f"StableDiffusionSafetyChecker with eager attention, {model['feature_extractor']}"
+            f"StableDiffusionSafetyChecker as its pipeline loads it ({model['diffusers_attention']} "
+            f"attention), {model['feature_extractor']}"
         )
     e2e_repeats = cfg["e2e_repeats"] or cfg["repeats"]
     lines.append(
@@ -144,8 +145,9 @@ def format_report(result: dict[str, Any]) -> str:
 
 def _e2e_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "a+b. Bare vision forward (the floor: our tower; 'eager': the same weights with "
-        "diffusers' eager attention) and end to end from the VAE's [B,3,512,512] tensor in "
+        "a+b. Bare vision forward (the floor: our tower; 'eager': the same weights with eager "
+        "attention, as older transformers ran diffusers' checker) and end to end from the VAE's "
+        "[B,3,512,512] tensor in "
         "[-1,1], ms; 'x forward' = / the floor"
     )
     body = [

@@ -44,6 +44,7 @@ def run_end_to_end(
     """Rows of sections a (bare forward) and b (end to end), one per batch size."""
     from diffusers.image_processor import VaeImageProcessor
 
+    from moderation.bench_models import attention
     from moderation.engine import Moderator
 
     encoder, checker = models.encoder, models.checker
@@ -59,8 +60,10 @@ def run_end_to_end(
     def floor(pixels: torch.Tensor) -> torch.Tensor:
         return encoder.visual_projection(encoder.vision_model(pixels)[1])  # [B, D]
 
-    def eager_floor(pixels: torch.Tensor) -> torch.Tensor:  # diffusers' tower: eager attention
-        return checker.visual_projection(checker.vision_model(pixels)[1])  # [B, D]
+    def eager_floor(pixels: torch.Tensor) -> torch.Tensor:
+        # diffusers' tower (never compiled) with eager attention: what SDPA saves.
+        with attention(checker.vision_model, "eager"):
+            return checker.visual_projection(checker.vision_model(pixels)[1])  # [B, D]
 
     def diffusers_preprocess(images: torch.Tensor) -> torch.Tensor:
         # StableDiffusionPipeline.run_safety_checker, line for line.

@@ -60,7 +60,7 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--attention",
     type=click.Choice(["sdpa", "eager"]),
-    help="Attention of our CLIP tower [sdpa]; diffusers' checker always runs eager.",
+    help="Attention of our CLIP tower [sdpa]; diffusers' checker keeps what from_pretrained picks.",
 )
 @click.option(
     "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
