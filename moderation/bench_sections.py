@@ -174,12 +174,13 @@ def ours_stages(moderator: Any, images: torch.Tensor, timed: dict[str, Any]) -> 
 
     actions = [d.action for d in decisions(None)]
     moderated = apply_actions(batch.images, actions, **act)
+    keep = torch.tensor([a == "allow" for a in actions])  # allowed images go back bit for bit
     steps = {
         "to_image_batch": convert,
         "clip_preprocess": lambda _: clip_preprocess(batch, **settings),
         "score_decide": decisions,
         "apply_actions": lambda _: apply_actions(batch.images, actions, **act),
-        "to_caller": lambda _: batch.to_caller(moderated),
+        "to_caller": lambda _: batch.to_caller(moderated, keep=keep),
     }
     return {name: measure(fn, **timed)[0].median_ms for name, fn in steps.items()}
 
