@@ -34,7 +34,8 @@ def run_logging(
     """One row per database: seconds, decisions/s, rows found afterwards, spooled and lost."""
     from moderation.bench_models import sparse_thresholds
 
-    # The model's concepts with thresholds that a few images cross, as in real traffic, and a
+    # The model's concepts with thresholds that a few images cross, as in real traffic, special
+    # care escalated to review (review items and their events are part of the load), and a
     # fresh digest per run: rows are counted by it, never mixed with an earlier run's.
     generator = torch.Generator().manual_seed(config.seed + 3)
     dim = policy.embed_dim
@@ -43,6 +44,8 @@ def run_logging(
         name=f"bench-{secrets.token_hex(4)}",
         thresholds=sparse_thresholds(len(policy.concept_names), dim, generator),
         special_thresholds=sparse_thresholds(len(policy.special_names), dim, generator),
+        compat=None,
+        escalate="review",
         digest="",
     )
     say(f"logging: building {config.decisions} decisions")
