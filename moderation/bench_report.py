@@ -146,8 +146,7 @@ def format_report(result: dict[str, Any]) -> str:
 def _e2e_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "a+b. Bare vision forward (the floor: our tower; 'eager': the same weights with eager "
-        "attention, as older transformers ran diffusers' checker) and end to end from the VAE's "
-        "[B,3,512,512] tensor in "
+        "attention) and end to end from the VAE's [B,3,512,512] tensor in "
         "[-1,1], ms; 'x forward' = / the floor"
     )
     body = [
