@@ -43,6 +43,7 @@ class BenchConfig:
     concept_batch: int = 8
     repeats: int = 5
     e2e_repeats: int | None = None  # repeats of the forward/end-to-end rows (default: repeats)
+    e2e_seconds: float = 0.0  # ...and more rounds while a batch size has taken less than this
     warmup: int = 1  # warm-up iterations per path and batch size
     db_urls: tuple[str, ...] = ("sqlite",)  # "sqlite": a temporary file
     decisions: int = 20_000
@@ -76,6 +77,8 @@ class BenchConfig:
                 raise BenchError(f"{name}: expected positive integers, got {list(values)}")
         if self.repeats < 1 or (self.e2e_repeats is not None and self.e2e_repeats < 1):
             raise BenchError("--repeats: expected at least 1")
+        if self.e2e_seconds < 0 or self.fast_seconds < 0:
+            raise BenchError("--e2e-seconds: expected a non-negative number of seconds")
         if self.warmup < 0 or self.decisions < 1 or self.write_size < 1 or self.concept_batch < 1:
             raise BenchError("--warmup, --decisions and batch sizes must be positive")
         unknown = set(self.sections) - set(SECTIONS)

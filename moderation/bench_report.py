@@ -120,9 +120,12 @@ def format_report(result: dict[str, Any]) -> str:
             f"attention), {model['feature_extractor']}"
         )
     e2e_repeats = cfg["e2e_repeats"] or cfg["repeats"]
+    rounds = f"{e2e_repeats} round(s)"
+    if cfg.get("e2e_seconds"):
+        rounds = f"at least {e2e_repeats} round(s) and {cfg['e2e_seconds']:g} s per batch size"
     lines.append(
-        f"timing: medians; forward and end to end: {e2e_repeats} repeat(s) per row, interleaved, "
-        f"after {cfg['warmup']} warm-up call(s) (and one first call of each path); our steps "
+        f"timing: medians; forward and end to end: {rounds}, interleaved, after "
+        f"{cfg['warmup']} warm-up call(s) (and one first call of each path); our steps "
         f"and section c: at least {cfg['repeats']} repeats and {cfg['fast_seconds']:g} s per "
         "row; device synchronised around every call"
     )

@@ -100,6 +100,7 @@ def run_end_to_end(
                     "diffusers": (diffusers_path, images.clone),
                     "ours": (ours_path, images.clone),
                 },
+                min_seconds=config.e2e_seconds,
                 **timed,
             )
             forward, eager, pre, theirs, ours = (

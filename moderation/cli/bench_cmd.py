@@ -47,6 +47,11 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     type=click.IntRange(min=1),
     help="Repeats of the forward/end-to-end rows (seconds each on a CPU) [--repeats].",
 )
+@click.option(
+    "--e2e-seconds",
+    type=click.FloatRange(min=0),
+    help="More forward/end-to-end rounds while a batch size took less than this [0].",
+)
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up calls per row [1].")
 @click.option(
     "--db-url",
@@ -83,6 +88,7 @@ def bench_cmd(
     concept_batch,
     repeats,
     e2e_repeats,
+    e2e_seconds,
     warmup,
     db_urls,
     decisions,
@@ -107,6 +113,7 @@ def bench_cmd(
         "concept_batch": concept_batch,
         "repeats": repeats,
         "e2e_repeats": e2e_repeats,
+        "e2e_seconds": e2e_seconds,
         "warmup": warmup,
         "db_urls": tuple(db_urls) or None,
         "decisions": decisions,
