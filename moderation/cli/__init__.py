@@ -32,6 +32,7 @@ def review() -> None:
 
 # Command modules register themselves on the groups above.
 from moderation.cli import (  # noqa: E402, F401
+    bench_cmd,
     check_cmd,
     compile_cmd,
     db_cmds,
