@@ -8,15 +8,12 @@ diffusers' `StableDiffusionSafetyChecker` object is timed as its pipeline runs i
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moderation.errors import ModerationError
@@ -190,39 +187,19 @@ def _quiet_transformers() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def _config_of(model: str) -> tuple[Path | None, dict]:
-    """(local folder or None, config.json) of a checkpoint folder, pipeline folder or hub id."""
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").exists() and (folder / "model_index.json").exists():
-            folder = folder / "safety_checker"
-        path = folder / "config.json"
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise BenchError(f"--model {model}: no such folder")
-    else:
-        from transformers.utils import cached_file
-
-        try:
-            path = Path(cached_file(model, "config.json"))
-        except (OSError, ValueError) as exc:
-            raise BenchError(
-                f"--model {model}: no such folder, and not in the hub cache: {exc}"
-            ) from None
-        folder = None
-    try:
-        return folder, json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"--model {model}: cannot read {path}: {exc}") from None
-
-
 def _load_checker(model: str) -> tuple[nn.Module, Any]:
     """diffusers' checker for a checker checkpoint, or one built around a CLIP's vision tower."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    folder, config = _config_of(model)
-    source = str(folder) if folder is not None else model
-    architectures = config.get("architectures") or []
+    from moderation.encoder import EncoderError, _Checkpoint
+
+    try:
+        checkpoint = _Checkpoint.resolve(model)  # the same lookup the encoder makes
+    except EncoderError as exc:
+        raise BenchError(f"--model: {exc}") from None
+    folder = checkpoint.folder if checkpoint.local else None
+    source, architectures = checkpoint.source, checkpoint.config.get("architectures") or []
     if "StableDiffusionSafetyChecker" in architectures:
         # No attention argument: the implementation diffusers and transformers pick for a pipeline.
         checker = StableDiffusionSafetyChecker.from_pretrained(source)
@@ -292,26 +269,16 @@ def concept_policy(
     name: str = "bench",
 ):
     """`compat: diffusers` policy (blackout on any hit, +0.01 after a special-care hit)."""
-    from policy.compiled import CompiledPolicy
+    from moderation.sd_import import CheckerTensors, checker_policy
 
-    n, s = concepts.shape[0], special.shape[0]
-    return CompiledPolicy(
-        name=name,
-        version="1",
-        model=model_id,
-        concept_names=tuple(f"concept-{i}" for i in range(n)),
-        categories=(None,) * n,
-        severities=("medium",) * n,
-        actions=("blackout",) * n,
-        concept_matrix=F.normalize(concepts.float().cpu(), dim=1),
-        thresholds=thresholds.float().cpu(),
-        special_names=tuple(f"special-{i}" for i in range(s)),
-        special_matrix=F.normalize(special.float().cpu(), dim=1),
+    tensors = CheckerTensors(
+        concept_embeds=concepts.float().cpu(),
+        concept_thresholds=thresholds.float().cpu(),
+        special_embeds=special.float().cpu(),
         special_thresholds=special_thresholds.float().cpu(),
-        adjustment=0.01,
-        escalate=None,
-        compat="diffusers",
+        source="(in memory)",
     )
+    return checker_policy(tensors, name=name, model=model_id)
 
 
 class _PooledIdentity(nn.Module):
