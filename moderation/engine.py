@@ -76,21 +76,9 @@ class Moderator:
         held_dir: str | Path | None = None,
     ) -> Moderator:
         """Load a policy (YAML, compiled artifact or object) and its model; log to `db` if given."""
-        from moderation.encoder import ClipEncoder
-        from policy import CompiledPolicy, compile_policy
-
-        if isinstance(policy, (str, Path)):
-            policy = load_any_policy(policy)
-        if isinstance(policy, CompiledPolicy):
-            encoder = ClipEncoder.from_pretrained(
-                model or policy.model, device=device, dtype=dtype, text_model=text_model
-            )
-            compiled = policy
-        else:
-            encoder = ClipEncoder.from_pretrained(
-                model or policy.resolved_model, device=device, dtype=dtype, text_model=text_model
-            )
-            compiled = compile_policy(policy, encoder)  # checks every width against the model
+        compiled, encoder = load_compiled(
+            policy, model=model, device=device, dtype=dtype, text_model=text_model
+        )
         log = None
         if db is not None:
             from moderation.storage import DecisionLog
@@ -234,6 +222,41 @@ def load_any_policy(path: str | Path) -> Policy | CompiledPolicy:
     if path.suffix == ".safetensors":
         return CompiledPolicy.load(path)
     return load_policy(path)
+
+
+def load_compiled(
+    policy: str | Path | Policy | CompiledPolicy,
+    *,
+    model: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    text_model: str | Path | None = None,
+) -> tuple[CompiledPolicy, ClipEncoder]:
+    """A compiled policy and the encoder it runs with, from a YAML or artifact path or an object.
+
+    The model is `model`, else the policy's own: a relative folder is relative to the policy's
+    file (or the artifact's), as the loader reads it. A YAML policy is compiled for that model,
+    which checks every embedding's width against it.
+    """
+    from moderation.encoder import ClipEncoder
+    from policy import CompiledPolicy, compile_policy
+
+    default = None
+    if isinstance(policy, (str, Path)):
+        path = Path(policy)
+        policy = load_any_policy(path)
+        if isinstance(policy, CompiledPolicy):
+            beside = path.parent / policy.model
+            default = str(beside.resolve()) if beside.is_dir() else None
+    if isinstance(policy, CompiledPolicy):
+        default = default or policy.model
+    else:
+        default = policy.resolved_model
+    encoder = ClipEncoder.from_pretrained(
+        model or default, device=device, dtype=dtype, text_model=text_model
+    )
+    compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, encoder)
+    return compiled, encoder
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:

@@ -63,24 +63,9 @@ class PolicySafetyChecker(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> PolicySafetyChecker:
         """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact."""
-        from moderation.encoder import ClipEncoder
+        from moderation.engine import load_compiled
 
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            from policy.compiler import compile_policy
-            from policy.loader import load_policy
-
-            source = load_policy(path)
-            encoder = ClipEncoder.from_pretrained(
-                model or source.resolved_model, device=device, dtype=dtype
-            )
-            compiled = compile_policy(source, encoder)
-        else:
-            compiled = CompiledPolicy.load(path)
-            # A relative model folder is relative to the artifact, as in a policy file.
-            beside = path.parent / compiled.model
-            recorded = str(beside.resolve()) if beside.is_dir() else compiled.model
-            encoder = ClipEncoder.from_pretrained(model or recorded, device=device, dtype=dtype)
+        compiled, encoder = load_compiled(path, model=model, device=device, dtype=dtype)
         return cls(compiled, encoder)
 
     @classmethod
