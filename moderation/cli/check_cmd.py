@@ -77,7 +77,6 @@ def check_command(
     from tqdm import tqdm
 
     from moderation.engine import Moderator
-    from moderation.images import load_image_file
     from policy import PolicyError
 
     found = collect_images(list(images))
@@ -111,7 +110,6 @@ def check_command(
                 chunk,
                 caller,
                 out_dir and {f: out_dir / out_names[f] for f in chunk},
-                load_image_file,
             )
             bar.update(len(chunk))
     errors = sum(d.verdict == "error" for _, d in results)
@@ -129,9 +127,9 @@ def check_command(
         raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
 
 
-def _check_chunk(moderator, chunk, caller, out_paths, load_image_file):
+def _check_chunk(moderator, chunk, caller, out_paths):
     """Moderate one chunk of files; unreadable files become error decisions (fail closed)."""
-    from moderation.images import encode_png
+    from moderation.images import encode_png, load_image_file
 
     good, tensors, bad, messages = [], [], [], []
     for f in chunk:
