@@ -40,7 +40,7 @@ def _run_on(conn: Connection) -> None:
 
 
 def run_online() -> None:
-    """Run on the caller's connection (moderation.storage.migrate) or open one (alembic CLI)."""
+    """Run on the caller's connection (moderation.storage.schema) or open one (alembic CLI)."""
     conn = config.attributes.get("connection")
     if conn is not None:
         _run_on(conn)

@@ -65,7 +65,7 @@ def tiny_model_policy(default: Path, out: Path) -> Path:
 
 
 def prepare(folder: Path) -> None:
-    from moderation.testing import make_tiny_clip
+    from moderation.synthetic import make_tiny_clip
 
     make_tiny_clip(folder / "tiny-clip")
     sample_images(folder / "images")

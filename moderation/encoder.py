@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from moderation.errors import ModerationError
+from moderation.checkpoint import Checkpoint
+from moderation.errors import EncoderError
 from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
 SAFETY_CHECKER_TENSORS = (
@@ -32,16 +33,6 @@ _KINDS = {
     "CLIPVisionModelWithProjection": "clip",
 }
 _TEXT_ARCHITECTURES = ("CLIPModel", "CLIPTextModelWithProjection")
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-class EncoderError(ModerationError):
-    """A model could not be loaded or cannot do what was asked of it."""
 
 
 def resolve_device(
@@ -54,134 +45,6 @@ def resolve_device(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     return device, dtype
-
-
-def _looks_like_path(model: str) -> bool:
-    """True for strings that can only be a folder, never a hub id like `org/name`."""
-    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model
-
-
-class _Checkpoint:
-    """Where one checkpoint's files are: a local folder or a snapshot of the Hugging Face cache."""
-
-    def __init__(self, model_id: str, folder: Path, local: bool, config: dict) -> None:
-        self.model_id = model_id
-        self.folder = folder  # holds config.json (a cache snapshot for hub ids)
-        self.local = local
-        self.config = config
-        self._bin: dict[str, Tensor] | None = None
-
-    @property
-    def source(self) -> str:
-        """What to hand to `from_pretrained`: the folder, or the hub id (so the cache is used)."""
-        return str(self.folder) if self.local else self.model_id
-
-    @property
-    def architecture(self) -> str:
-        return ",".join(self.config.get("architectures") or []) or "no architectures"
-
-    @classmethod
-    def resolve(cls, model: str | Path) -> _Checkpoint:
-        """Find config.json of a local folder (or a pipeline's safety_checker) or a hub id."""
-        model_id = str(model)
-        folder = Path(model_id).expanduser()
-        if folder.is_dir():
-            if not (folder / "config.json").exists() and (folder / "model_index.json").exists():
-                folder = folder / "safety_checker"  # a diffusers pipeline folder: use its checker
-            config_file = folder / "config.json"
-            if not config_file.is_file():
-                raise EncoderError(f"model {model_id}: {config_file} not found (not a checkpoint)")
-            local = True
-        elif isinstance(model, Path) or _looks_like_path(model_id):
-            raise EncoderError(f"model {model_id}: no such folder")
-        else:
-            from transformers.utils import cached_file
-
-            try:
-                config_file = Path(cached_file(model_id, "config.json"))
-            except (OSError, ValueError) as exc:
-                raise EncoderError(
-                    f"model {model_id}: not a local folder, and not found on the Hugging Face hub "
-                    f"or in its cache (offline with no cached copy?): {exc}"
-                ) from exc
-            folder, local = config_file.parent, False
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise EncoderError(f"model {model_id}: cannot read {config_file}: {exc}") from exc
-        return cls(model_id, folder, local, config)
-
-    def file(self, name: str) -> Path | None:
-        """A file of the checkpoint, or None when it has none by that name."""
-        if self.local:
-            path = self.folder / name
-            return path if path.is_file() else None
-        from transformers.utils import cached_file
-
-        found = cached_file(
-            self.model_id,
-            name,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-        )
-        return Path(found) if found else None
-
-    def fingerprint(self) -> str:
-        """sha256 of the model id, config and weights identity: changes when the checkpoint does."""
-        h = hashlib.sha256()
-        h.update(json.dumps([self.model_id, self.config], sort_keys=True).encode())
-        if self.local:
-            # Size, mtime and name: rewriting any file (weights, tokenizer) gives a new fingerprint
-            # without hashing gigabytes.
-            for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
-                stat = path.stat()
-                h.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        else:
-            h.update(str(self.folder).encode())  # .../snapshots/<commit>: one revision
-        return h.hexdigest()
-
-    def _weights(self) -> tuple[Path, dict[str, str] | None]:
-        """The weights file, and for a sharded checkpoint its index (tensor name -> shard file)."""
-        for name in _WEIGHT_FILES:
-            path = self.file(name)
-            if path is None:
-                continue
-            if name.endswith(".index.json"):
-                return path, json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-            return path, None
-        raise EncoderError(f"model {self.model_id}: no weights file ({', '.join(_WEIGHT_FILES)})")
-
-    def tensor_names(self) -> list[str]:
-        path, index = self._weights()
-        if index is not None:
-            return list(index)
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        return list(self._load_bin(path))
-
-    def read_tensor(self, name: str) -> Tensor:
-        """One tensor exactly as stored (dtype and shape of the file)."""
-        path, index = self._weights()
-        if index is not None:
-            shard = self.file(index[name])
-            if shard is None:
-                raise EncoderError(f"model {self.model_id}: shard {index[name]} is missing")
-            path = shard
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
-        return self._load_bin(path)[name]
-
-    def _load_bin(self, path: Path) -> dict[str, Tensor]:
-        if self._bin is None:
-            # weights_only: a checkpoint is data, never code; mmap keeps 1 GB files cheap.
-            self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return self._bin
 
 
 @functools.cache
@@ -198,7 +61,7 @@ def _safety_checker_class() -> type:
     return SizedSafetyChecker
 
 
-def _from_pretrained(cls: Any, ckpt: _Checkpoint, **kwargs: Any) -> nn.Module:
+def _from_pretrained(cls: Any, ckpt: Checkpoint, **kwargs: Any) -> nn.Module:
     """`cls.from_pretrained` with errors that name the model; missing weights are an error."""
     try:
         model, info = cls.from_pretrained(ckpt.source, output_loading_info=True, **kwargs)
@@ -215,7 +78,7 @@ def _from_pretrained(cls: Any, ckpt: _Checkpoint, **kwargs: Any) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _image_settings(ckpt: _Checkpoint, default_size: int) -> tuple[int, tuple, tuple]:
+def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tuple]:
     """(crop size, mean, std) from preprocessor_config.json, else CLIP's."""
     path = ckpt.file("preprocessor_config.json")
     if path is None and ckpt.local and ckpt.folder.name == "safety_checker":
@@ -262,7 +125,7 @@ class ClipEncoder:
     ) -> ClipEncoder:
         """Load a CLIP or safety-checker checkpoint (hub id or folder); text_model adds a text tower."""
         device, dtype = resolve_device(device, dtype)
-        ckpt = _Checkpoint.resolve(model)
+        ckpt = Checkpoint.resolve(model)
         architectures = ckpt.config.get("architectures") or []
         kind = next((_KINDS[a] for a in architectures if a in _KINDS), None)
         if kind is None:
@@ -296,7 +159,7 @@ class ClipEncoder:
             self._load_text_model(text_model)
         return self
 
-    def _load_safety_checker(self, ckpt: _Checkpoint) -> nn.Module:
+    def _load_safety_checker(self, ckpt: Checkpoint) -> nn.Module:
         from transformers import CLIPConfig
 
         # The concept tensors are read as stored (float32, any number of rows) before loading,
@@ -311,7 +174,7 @@ class ClipEncoder:
         # pipeline's checker bit for bit.
         return _from_pretrained(_safety_checker_class(), ckpt, config=config, dtype=torch.float32)
 
-    def _take_text_tower(self, model: nn.Module, ckpt: _Checkpoint) -> None:
+    def _take_text_tower(self, model: nn.Module, ckpt: Checkpoint) -> None:
         """Keep a CLIP text tower in float32 on the device, with the checkpoint's tokenizer."""
         from transformers import CLIPTokenizer
 
@@ -330,7 +193,7 @@ class ClipEncoder:
         ).hexdigest()
 
     def _load_text_model(self, text_model: str | Path) -> None:
-        ckpt = _Checkpoint.resolve(text_model)
+        ckpt = Checkpoint.resolve(text_model)
         architectures = ckpt.config.get("architectures") or []
         arch = next((a for a in architectures if a in _TEXT_ARCHITECTURES), None)
         if arch is None:

@@ -15,10 +15,11 @@ from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
 from moderation.images import ValueRange, batch_sha256, clip_preprocess, encode_png, to_image_batch
 from moderation.scoring import score
+from moderation.storage.records import policy_record, record_of
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder
-    from moderation.storage import DecisionLog, DecisionRecord, PolicyRecord
+    from moderation.storage import DecisionLog
     from policy import CompiledPolicy, Policy
 
 logger = logging.getLogger(__name__)
@@ -194,14 +195,17 @@ class Moderator:
             held = None
             if images is not None and d.needs_review:
                 held = encode_png(images[i])
-            records.append(decision_record(d, held))
+            records.append(record_of(d, held))
         self.log.write(records)
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
         if self.log is None:
             raise ModerationError("this Moderator logs no decisions, so it holds no images")
-        return self.log.release(decision_id)
+        from moderation.review import ReviewQueue
+
+        self.log.flush()  # a decision still queued for writing is not in the database yet
+        return ReviewQueue(self.log.url).release(decision_id, self.log.held)
 
     def close(self) -> None:
         if self.log is not None:
@@ -290,69 +294,3 @@ def error_decisions(
         )
         for m in metas
     ]
-
-
-def policy_record(policy: CompiledPolicy) -> PolicyRecord:
-    """The row that stores a compiled policy once per digest."""
-    from moderation.storage import PolicyRecord
-
-    thresholds = policy.thresholds.detach().cpu().tolist()
-    special_thresholds = policy.special_thresholds.detach().cpu().tolist()
-    concepts = [
-        {"name": n, "category": c, "severity": s, "threshold": t, "action": a}
-        for n, c, s, t, a in zip(
-            policy.concept_names,
-            policy.categories,
-            policy.severities,
-            thresholds,
-            policy.actions,
-            strict=True,
-        )
-    ]
-    special = [
-        {"name": n, "threshold": t}
-        for n, t in zip(policy.special_names, special_thresholds, strict=True)
-    ]
-    return PolicyRecord(
-        digest=policy.digest,
-        name=policy.name,
-        version=policy.version,
-        model_id=policy.model,
-        compat=policy.compat,
-        source=policy.source,
-        concepts=concepts,
-        special_concepts=special,
-        adjustment=policy.adjustment,
-        escalate=policy.escalate,
-        review_band=policy.review_band,
-    )
-
-
-def decision_record(d: Decision, held_image: bytes | None = None) -> DecisionRecord:
-    """The row that logs one decision (float16 embedding, float32 score arrays)."""
-    from moderation.storage import DecisionRecord
-
-    return DecisionRecord(
-        id=d.decision_id,
-        created_at=d.created_at,
-        policy_digest=d.policy.digest,
-        model_id=d.policy.model,
-        image_sha256=d.image_sha256,
-        verdict=d.verdict,
-        action=d.action,
-        top_concept=d.top_concept,
-        margin=d.margin,
-        fired=list(d.fired),
-        special_hits=list(d.special_hits),
-        adjustment=d.adjustment,
-        cosines=d.cosines,
-        scores=d.scores,
-        special_cosines=d.special_cosines,
-        special_scores=d.special_scores,
-        embedding=None if d.embedding is None else d.embedding.astype(np.float16),
-        meta=d.metadata,
-        error=d.error,
-        needs_review=d.needs_review,
-        priority=1 if d.special_hits else 0,
-        held_image=held_image,
-    )

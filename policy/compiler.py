@@ -1,4 +1,7 @@
-"""compile_policy: a loaded Policy and a ClipEncoder -> CompiledPolicy (matrices and thresholds)."""
+"""compile_policy: a loaded Policy and an encoder -> CompiledPolicy (matrices and thresholds).
+
+The encoder is anything that satisfies `policy.encoding.PolicyEncoder` (the engine's PolicyEncoder does).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ import torch
 from torch import Tensor
 
 from policy.compiled import CompiledPolicy
+from policy.encoding import EncodingError, PolicyEncoder
 from policy.errors import KeyPath, PolicyError, PolicyIssue
 from policy.schema import Concept, Policy
 
 if TYPE_CHECKING:
-    from moderation.encoder import ClipEncoder
-    from moderation.prompt_cache import PromptCache
+    from policy.prompt_cache import PromptCache
 
 
 class _Problem(Exception):
@@ -25,13 +28,11 @@ class _Problem(Exception):
         self.message, self.subpath = message, subpath
 
 
-def _from_checkpoint(encoder: ClipEncoder, ref: Any, key: str) -> Tensor:
+def _from_checkpoint(encoder: PolicyEncoder, ref: Any, key: str) -> Tensor:
     """Row `ref.row` of the checkpoint tensor `ref.checkpoint`, as stored (float32)."""
-    from moderation.encoder import EncoderError
-
     try:
         tensor = encoder.checkpoint_tensor(ref.checkpoint)
-    except EncoderError as exc:
+    except EncodingError as exc:
         raise _Problem(str(exc), key, "checkpoint") from exc
     what = f"checkpoint tensor '{ref.checkpoint}' of {encoder.model_id}"
     rows = tensor.shape[0] if tensor.ndim else 0
@@ -44,7 +45,7 @@ def _from_checkpoint(encoder: ClipEncoder, ref: Any, key: str) -> Tensor:
 
 
 def resolve_concept(
-    policy: Policy, concept: Concept, encoder: ClipEncoder, prompt_vectors: dict[str, Tensor]
+    policy: Policy, concept: Concept, encoder: PolicyEncoder, prompt_vectors: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """(raw vector [D] float32, threshold [] float32) of one concept.
 
@@ -72,7 +73,7 @@ def resolve_concept(
     return vector.to(torch.float32), threshold.to(torch.float32)
 
 
-def _check(vector: Tensor, threshold: Tensor, encoder: ClipEncoder) -> None:
+def _check(vector: Tensor, threshold: Tensor, encoder: PolicyEncoder) -> None:
     """Raise _Problem unless vector is [D] finite and non-zero and threshold one finite number."""
     if vector.ndim != 1 or vector.shape[0] != encoder.embed_dim:
         raise _Problem(
@@ -106,7 +107,7 @@ def _vector(values: list[Tensor]) -> Tensor:
 
 
 def _prompt_cache(cache: bool | str | Path | PromptCache | None) -> PromptCache | None:
-    from moderation.prompt_cache import PromptCache
+    from policy.prompt_cache import PromptCache
 
     if cache is None or cache is False:
         return None
@@ -116,18 +117,16 @@ def _prompt_cache(cache: bool | str | Path | PromptCache | None) -> PromptCache 
 
 
 def _encode_prompts(
-    policy: Policy, encoder: ClipEncoder, cache: PromptCache | None
+    policy: Policy, encoder: PolicyEncoder, cache: PromptCache | None
 ) -> dict[str, Tensor]:
     """Every distinct prompt of the policy -> its projected embedding [D] float32."""
-    from moderation.encoder import EncoderError
-
     users = [(path, c) for path, c in policy.iter_concepts() if c.prompts is not None]
     prompts = list(dict.fromkeys(p for _, c in users for p in c.prompts or ()))
     if not prompts:
         return {}
     try:
         embeddings = cache.encode(encoder, prompts) if cache else encoder.encode_text(prompts)
-    except EncoderError as exc:  # e.g. no text tower: point at the first concept that needs one
+    except EncodingError as exc:  # e.g. no text tower: point at the first concept that needs one
         path, concept = users[0]
         others = f" (and {len(users) - 1} more with prompts)" if len(users) > 1 else ""
         message = f"concept '{concept.name}'{others}: {exc}"
@@ -135,7 +134,7 @@ def _encode_prompts(
     return dict(zip(prompts, embeddings, strict=True))
 
 
-def _recorded_model(policy: Policy, encoder: ClipEncoder) -> str:
+def _recorded_model(policy: Policy, encoder: PolicyEncoder) -> str:
     """The policy's model as written when the encoder is that model, else the encoder's (override)."""
 
     def key(model: str) -> str:
@@ -148,7 +147,7 @@ def _recorded_model(policy: Policy, encoder: ClipEncoder) -> str:
 
 def compile_policy(
     policy: Policy,
-    encoder: ClipEncoder,
+    encoder: PolicyEncoder,
     *,
     cache: bool | str | Path | PromptCache | None = True,
 ) -> CompiledPolicy:

@@ -26,7 +26,7 @@ def _prompt_cache_in_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP checkpoint (both towers, tokenizer, image processor) saved with save_pretrained."""
-    from moderation.testing import make_tiny_clip
+    from moderation.synthetic import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
@@ -34,6 +34,6 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checker_dir(tmp_path_factory):
     """A tiny StableDiffusionSafetyChecker checkpoint (17 + 3 concepts) in the current key layout."""
-    from moderation.testing import make_safety_checker
+    from moderation.synthetic import make_safety_checker
 
     return make_safety_checker(tmp_path_factory.mktemp("tiny-checker"))

@@ -235,7 +235,7 @@ def sqlite_url(folder) -> str:
 def pg_database(prefix: str) -> Iterator[str]:
     """A fresh, migrated database on the MODERATION_TEST_PG_URL server; dropped afterwards."""
     from moderation.storage import upgrade
-    from moderation.storage.testing import temporary_pg_database
+    from tests.pg import temporary_pg_database
 
     with temporary_pg_database(PG_URL, prefix) as url:
         upgrade(url)
@@ -253,7 +253,7 @@ def empty_pg(url: str) -> None:
 
 def claim_worker(url: str, name: str, batch: int) -> list[int]:
     """Claim `batch` items at a time and approve each with its token until none are left."""
-    from moderation.review import ReviewQueue
+    from moderation.review.queue import ReviewQueue
 
     queue = ReviewQueue(url)
     claimed: list[int] = []
@@ -266,7 +266,7 @@ def claim_worker(url: str, name: str, batch: int) -> list[int]:
 
 if __name__ == "__main__":
     url, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    from moderation.review import ReviewQueue
+    from moderation.review.queue import ReviewQueue
 
     ReviewQueue(url)  # connect (and import everything) before the start line
     print("ready", flush=True)

@@ -10,9 +10,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from moderation.bench import BenchConfig, run_bench
-from moderation.bench_models import BenchError
-from moderation.bench_report import evaluate_targets, format_report, table
+from moderation.bench.config import BenchConfig
+from moderation.bench.models import BenchError
+from moderation.bench.report import evaluate_targets, format_report, table
+from moderation.bench.run import run_bench
 
 # Small enough for seconds on a CPU: tiny widths, 2 batch sizes, few concepts and decisions.
 TINY_ARGS = [
@@ -246,7 +247,7 @@ def test_bench_error_is_a_moderation_error():
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path):
-    from moderation.storage.testing import pg_test_url
+    from tests.pg import pg_test_url
 
     server = pg_test_url()
     if server is None:
@@ -269,7 +270,7 @@ def test_our_path_reads_no_scalar_per_image_where_diffusers_reads_one_per_concep
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from moderation.bench_models import load_models
+    from moderation.bench.models import load_models
     from moderation.engine import Moderator
 
     SCALAR_READS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero"}

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from moderation.encoder import ClipEncoder
-from moderation.prompt_cache import CACHE_ENV, PromptCache, default_cache_dir
-from moderation.testing import make_tiny_clip
+from moderation.synthetic import make_tiny_clip
 from policy.compiled import CompiledPolicy
 from policy.compiler import compile_policy
 from policy.errors import PolicyError
 from policy.loader import load_policy
+from policy.prompt_cache import CACHE_ENV, PromptCache, default_cache_dir
 
 EMBEDDING = [round(0.1 * ((i * 7) % 11) - 0.5, 2) for i in range(32)]  # a raw [32] vector
 

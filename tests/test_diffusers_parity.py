@@ -27,11 +27,11 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (
 from safetensors.torch import load_file
 
 import moderation.scoring
-from moderation.cli import import_cmd, main  # noqa: F401  (import_cmd registers its command)
+from moderation.cli import main
 from moderation.integrations.diffusers import PolicySafetyChecker
+from moderation.integrations.sd_checker import DIFFUSERS_ADJUSTMENT
 from moderation.scoring import score
-from moderation.sd_import import DIFFUSERS_ADJUSTMENT
-from moderation.testing import build_safety_checker
+from moderation.synthetic import build_safety_checker
 from policy.compiled import CompiledPolicy
 
 DIFFUSERS_FORWARD = StableDiffusionSafetyChecker.forward.__wrapped__.__code__
@@ -244,7 +244,7 @@ def check_engineering(roles, concepts, special, result, flags):
 
 def compile_imported(policy_path) -> CompiledPolicy:
     """What compile_policy must produce from an imported YAML, built by hand from the file."""
-    from moderation.sd_import import CheckerTensors, checker_policy
+    from moderation.integrations.sd_checker import CheckerTensors, checker_policy
 
     doc = yaml.safe_load(policy_path.read_text())
     tensors = load_file(policy_path.parent / doc["concepts"][0]["embedding"]["file"])
@@ -406,7 +406,7 @@ def edge_thresholds(embeddings, rows, adjustments, seed):
 
 
 def compiled_from_rows(concept_rows, concept_thresholds, special_rows, special_thresholds):
-    from moderation.sd_import import CheckerTensors, checker_policy
+    from moderation.integrations.sd_checker import CheckerTensors, checker_policy
 
     raw = CheckerTensors(concept_rows, concept_thresholds, special_rows, special_thresholds, "t")
     return checker_policy(raw, name="t", model="t")

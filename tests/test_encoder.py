@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moderation.encoder import CLIP_MEAN, CLIP_STD, ClipEncoder, EncoderError, resolve_device
 from moderation.errors import ModerationError
-from moderation.testing import build_safety_checker, make_safety_checker, make_tiny_clip
+from moderation.synthetic import build_safety_checker, make_safety_checker, make_tiny_clip
 
 CHECKER_TENSORS = {
     "concept_embeds": (17, 32),
@@ -182,7 +182,7 @@ def test_text_model_needs_a_text_tower(tiny_checker_dir):
 def test_pipeline_folder_and_its_safety_checker_subfolder(tmp_path, pixels):
     from transformers import CLIPImageProcessor
 
-    from moderation.testing import make_tiny_pipeline
+    from moderation.synthetic import make_tiny_pipeline
 
     checker = build_safety_checker(seed=4)
     processor = CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -210,7 +210,7 @@ def test_preprocessor_config_is_read(tmp_path):
 def test_vision_only_clip_checkpoint(tmp_path, pixels):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from moderation.testing import TINY
+    from moderation.synthetic import TINY
 
     torch.manual_seed(5)
     model = CLIPVisionModelWithProjection(

@@ -103,8 +103,8 @@ def test_numpy_and_pil_inputs_come_back_in_kind(tmp_path, encoder, images):
 
 
 def test_decisions_are_logged_and_held_images_released_after_approval(tmp_path, encoder, images):
-    from moderation.review import ReviewQueue
-    from moderation.storage import DecisionLog, StorageError
+    from moderation.review import ReviewError, ReviewQueue
+    from moderation.storage import DecisionLog
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     policy = write_policy(tmp_path, encoder, images, actions=["blackout", "review"])
@@ -113,7 +113,7 @@ def test_decisions_are_logged_and_held_images_released_after_approval(tmp_path, 
         result = moderator.moderate(images[:4].clone(), metadata={"prompt": "p", "seed": 7})
         held = result.decisions[1]
         assert held.action == "review"
-        with pytest.raises(StorageError):
+        with pytest.raises(ReviewError, match="still awaiting review"):
             moderator.release(held.decision_id)  # pending: not yet
         queue = ReviewQueue(url)
         [claim] = queue.claim("alice")

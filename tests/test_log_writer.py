@@ -10,9 +10,9 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from moderation.log_writer import BackgroundDecisionLog, LogWriterError
+from moderation.bench.records import example_decisions, example_policy
 from moderation.storage import DecisionLog, StorageError
-from moderation.storage.examples import example_decisions, example_policy
+from moderation.storage.background import BackgroundDecisionLog, LogWriterError
 
 
 class RecordingLog:
@@ -203,11 +203,10 @@ def test_the_error_is_raised_by_the_next_write_which_still_queues_its_batch():
     assert inner.written == [r.id for r in records[4:]]
 
 
-def test_policy_and_release_pass_through():
+def test_policy_passes_through():
     inner = RecordingLog()
     with BackgroundDecisionLog(inner) as writer:
         writer.register_policy(example_policy())
-        assert writer.release("abc") == b"abc"
     assert inner.policies == [example_policy().digest]
     assert inner.closed
 
@@ -252,7 +251,7 @@ def test_a_database_outage_mid_run_ends_with_every_record_in_db_and_spool(
 @pytest.mark.postgres
 def test_many_writes_to_postgresql_land_exactly_once(tmp_path):
     from moderation.storage import upgrade
-    from moderation.storage.testing import pg_test_url, temporary_pg_database
+    from tests.pg import pg_test_url, temporary_pg_database
 
     server = pg_test_url()
     if server is None:
@@ -274,10 +273,10 @@ def test_many_writes_to_postgresql_land_exactly_once(tmp_path):
 def test_moderator_logs_through_the_background_writer(tmp_path, tiny_checker_dir):
     import torch
 
-    from moderation.bench_models import policy_from_checker
+    from moderation.bench.models import policy_from_checker
     from moderation.encoder import ClipEncoder
     from moderation.engine import Moderator
-    from moderation.testing import build_safety_checker
+    from moderation.synthetic import build_safety_checker
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
     policy = policy_from_checker(build_safety_checker(), str(tiny_checker_dir))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moderation.integrations.diffusers import PolicySafetyChecker, VisionTower
-from moderation.testing import build_safety_checker, make_tiny_pipeline
+from moderation.synthetic import build_safety_checker, make_tiny_pipeline
 from policy.compiled import CompiledPolicy
 
 PROMPT = "a photo of a dolphin"

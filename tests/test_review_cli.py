@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
-from moderation.cli import main, review
-from moderation.review import ReviewQueue
+from moderation.cli import main
+from moderation.cli.app import review
+from moderation.review.queue import ReviewQueue
 from tests.review_factory import PG_URL, pg_database, seed, sqlite_url
 
 ITEM_KEYS = {
@@ -269,4 +270,4 @@ def test_database_failure_is_one_line(db_url, seeded):
     with ReviewQueue(db_url).engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE review_events")
     result = run("show", str(seeded.item_ids[0]), "--db", db_url, code=1)
-    assert result.output == "Error: database error: no such table: review_events\n"
+    assert result.output == f"Error: cannot reach database {db_url}: no such table: review_events\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from moderation.review import ReviewQueue
+from moderation.review.queue import ReviewQueue
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.review_factory import PG_URL, pg_database, seed, sqlite_url
 

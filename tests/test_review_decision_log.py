@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from moderation.review import ReviewQueue
-from moderation.storage import StorageError
-from moderation.storage.examples import CONCEPTS, example_decisions, example_policy
+from moderation.bench.records import CONCEPTS, example_decisions, example_policy
+from moderation.review import ReviewError
+from moderation.review.queue import ReviewQueue
 from moderation.storage.log import DecisionLog
 from tests.review_factory import PG_URL, pg_database, sqlite_url
+
+
+def release(log, decision_id):
+    """The held original of a decision, through the review queue's release rules."""
+    return ReviewQueue(log.url).release(decision_id, log.held)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -46,17 +51,17 @@ def test_logged_decisions_are_reviewed_and_released(db_url, tmp_path):
         assert [c["score"] for c in shown["concepts"]] == pytest.approx(records[0].scores.tolist())
         assert shown["events"][0]["event"] == "created"
 
-        with pytest.raises(StorageError, match="still awaiting review"):
-            log.release(records[0].id)
+        with pytest.raises(ReviewError, match="still awaiting review"):
+            release(log, records[0].id)
         claims = {c.item_id: c for c in queue.claim("alice", 4)}
         queue.approve(first, "alice", token=claims[first].token)
         queue.reject(second, "alice", reason="weapon", token=claims[second].token)
-        assert log.release(records[0].id) == b"original 0"
-        with pytest.raises(StorageError, match="was rejected by alice: weapon"):
-            log.release(records[2].id)
+        assert release(log, records[0].id) == b"original 0"
+        with pytest.raises(ReviewError, match="was rejected by alice: weapon"):
+            release(log, records[2].id)
 
         # An appeal puts the newest item back in the queue: the original is held again.
         queue.reopen(first, "bob", reason="appeal")
-        with pytest.raises(StorageError, match="still awaiting review"):
-            log.release(records[0].id)
+        with pytest.raises(ReviewError, match="still awaiting review"):
+            release(log, records[0].id)
         assert queue.stats()["queue"] == {"pending": 1, "claimed": 2, "approved": 1, "rejected": 1}

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
-from moderation.review import ReviewError, ReviewQueue
+from moderation.review.queue import ReviewError, ReviewQueue
 from tests.review_factory import (
     PG_URL,
     T0,

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import exc, select
 
-import moderation.review as review_module
-from moderation.review import ReviewError, ReviewQueue
+import moderation.review.queue as review_module
+from moderation.review.queue import ReviewError, ReviewQueue
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.review_factory import PG_URL, T0, Clock, empty_pg, pg_database, seed, sqlite_url
 

@@ -11,14 +11,14 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from moderation.cli import import_cmd, main  # noqa: F401  (import_cmd registers its command)
-from moderation.sd_import import (
+from moderation.cli import main
+from moderation.integrations.sd_checker import (
     CheckpointError,
     float32_text,
     import_sd_checker,
     read_checker_tensors,
 )
-from moderation.testing import build_safety_checker
+from moderation.synthetic import build_safety_checker
 
 
 def invoke(*args):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
+from moderation.bench.records import example_decisions, example_policy
 from moderation.cli import main
 from moderation.storage import (
     DecisionLog,
@@ -19,13 +21,13 @@ from moderation.storage import (
     ReviewEvent,
     ReviewItem,
     StorageError,
-    codec,
     upgrade,
 )
 from moderation.storage import db as storage_db
 from moderation.storage import log as log_module
-from moderation.storage.examples import example_decisions, example_policy
-from moderation.storage.testing import pg_test_url, temporary_pg_database
+from moderation.storage import records as storage_records
+from moderation.storage import schema as storage_schema
+from tests.pg import pg_test_url, temporary_pg_database
 
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
 
@@ -186,7 +188,7 @@ def test_db_replay_command(url, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output == f"replayed 7 decisions from {spool}\n"
     result = runner.invoke(main, [*args, "--json"], catch_exceptions=False)
-    assert result.output.strip() == '{"added": 0, "discarded": []}'
+    assert json.loads(result.output) == {"added": 0, "discarded": []}
 
 
 def test_replay_into_an_unreachable_database_fails_clearly(tmp_path):
@@ -290,9 +292,11 @@ def test_sqlite_fast_path_stores_what_sqlalchemy_would(tmp_path):
     with DecisionLog(fast, spool_dir=tmp_path / "s") as log:
         log.register_policy(policy)
         log.write(records)
-    with storage_db.get_engine(orm).begin() as conn:
-        conn.execute(PolicyRow.__table__.insert(), [codec.policy_row(policy)])
-        conn.execute(DecisionRow.__table__.insert(), [codec.decision_row(r, None) for r in records])
+    with storage_schema.get_engine(orm).begin() as conn:
+        conn.execute(PolicyRow.__table__.insert(), [storage_records.policy_row(policy)])
+        conn.execute(
+            DecisionRow.__table__.insert(), [storage_records.decision_row(r, None) for r in records]
+        )
     query = "SELECT * FROM decisions ORDER BY id"
     stored = []
     for url in (fast, orm):

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlalchemy import inspect
 
+from moderation.bench.records import example_decisions, example_policy
 from moderation.cli import main
 from moderation.storage import (
     Base,
@@ -22,12 +23,11 @@ from moderation.storage import (
     get_engine,
     head_revision,
     immediate_transaction,
-    migrate,
     upgrade,
 )
 from moderation.storage import db as storage_db
-from moderation.storage.examples import example_decisions, example_policy
-from moderation.storage.testing import pg_test_url, temporary_pg_database
+from moderation.storage import schema as migrate
+from tests.pg import pg_test_url, temporary_pg_database
 
 TABLES = {"policies", "decisions", "review_items", "review_events"}
 

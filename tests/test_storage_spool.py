@@ -17,7 +17,7 @@ from sqlalchemy import select
 from moderation.storage import DecisionLog, DecisionRow, Spool, upgrade
 from moderation.storage import db as storage_db
 from moderation.storage.spool import HEADER
-from moderation.storage.testing import pg_test_url, temporary_pg_database
+from tests.pg import pg_test_url, temporary_pg_database
 
 REPO = Path(__file__).resolve().parents[1]
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
@@ -96,7 +96,7 @@ def test_a_live_writers_file_is_not_claimed(tmp_path):
 CHILD = """
 import sys
 from moderation.storage import DecisionLog
-from moderation.storage.examples import example_decisions, example_policy
+from moderation.bench.records import example_decisions, example_policy
 url, spool, held = sys.argv[1:4]
 log = DecisionLog(url, spool_dir=spool, held_dir=held)
 policy = example_policy()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moderation.cli import main
+from moderation.cli.app import main
 from moderation.errors import ModerationError
 
 
@@ -101,8 +101,9 @@ def bench_cmd(
     size,
 ):
     """Time our moderation path against diffusers' safety checker (see BENCHMARKS.md)."""
-    from moderation.bench import BenchConfig, run_bench
-    from moderation.bench_report import format_report
+    from moderation.bench.config import BenchConfig
+    from moderation.bench.report import format_report
+    from moderation.bench.run import run_bench
 
     options = {
         "model": model,

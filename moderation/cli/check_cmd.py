@@ -6,8 +6,15 @@ from pathlib import Path
 
 import click
 
-from moderation.cli import main
-from moderation.cli.output import echo_json, echo_table, fmt_float, model_options
+from moderation.cli.app import main
+from moderation.cli.options import (
+    db_option,
+    echo_json,
+    echo_table,
+    failures,
+    fmt_float,
+    model_options,
+)
 from moderation.errors import ModerationError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -42,11 +49,7 @@ def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
     help="Policy YAML, or a compiled .safetensors artifact.",
 )
 @model_options
-@click.option(
-    "--db",
-    "db_url",
-    help="Database URL (default: $MODERATION_DB_URL, else sqlite:///moderation.db).",
-)
+@db_option
 @click.option("--no-log", is_flag=True, help="Do not log decisions to the database.")
 @click.option(
     "--out",
@@ -77,7 +80,6 @@ def check_command(
     from tqdm import tqdm
 
     from moderation.engine import Moderator
-    from policy import PolicyError
 
     found = collect_images(list(images))
     files = [f for f, _ in found]
@@ -89,12 +91,10 @@ def check_command(
         from moderation.storage import resolve_db_url
 
         db = resolve_db_url(db_url)
-    try:
+    with failures():
         moderator = Moderator.from_policy(
             policy_path, model=model, device=device, text_model=text_model, db=db
         )
-    except (PolicyError, ModerationError) as exc:
-        raise click.ClickException(str(exc)) from exc
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     caller = {k: v for k, v in {"prompt": prompt, "user": user}.items() if v is not None}

@@ -1,13 +1,14 @@
-"""`moderation policy ...` commands."""
+"""`moderation policy validate | compile | import-sd-checker`: check, compile and import policies."""
 
 from __future__ import annotations
 
-import json
 import os
+from pathlib import Path
 
 import click
 
-from moderation.cli import policy
+from moderation.cli.app import policy
+from moderation.cli.options import echo_json, failures, json_option, model_options
 from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
 
 
@@ -42,7 +43,7 @@ def _plural(count: int, word: str) -> str:
 @click.option(
     "--model", help="Check embedding widths against this model (folder or cached hub id)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     """Validate policy files (folders: every *.yaml / *.yml inside)."""
     embed_dim = None
@@ -67,9 +68,7 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 results.append({"path": file, "error": error})
     invalid = sum("error" in result for result in results)
     if as_json:
-        click.echo(
-            json.dumps({"ok": not invalid, "files": [_as_json(r) for r in results]}, indent=2)
-        )
+        echo_json({"ok": not invalid, "files": [_as_json(r) for r in results]})
     else:
         for result in results:
             click.echo(_as_text(result))
@@ -100,3 +99,79 @@ def _as_json(result: dict) -> dict:
         "special_care": len(loaded.special_concepts) if loaded else None,
         "issues": [issue._asdict() for issue in error.issues] if error else [],
     }
+
+
+@policy.command("compile")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_options
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Artifact to write (default: PATH with suffix .compiled.safetensors).",
+)
+@json_option
+def compile_command(path, model, text_model, device, out, as_json):
+    """Compile a policy into embedding matrices for its model."""
+    from moderation.encoder import ClipEncoder
+    from policy import compile_policy
+
+    with failures():
+        loaded = load_policy(path)
+        encoder = ClipEncoder.from_pretrained(
+            model or loaded.resolved_model, device=device, text_model=text_model
+        )
+        compiled = compile_policy(loaded, encoder)
+    out = out or path.with_suffix(".compiled.safetensors")
+    compiled.save(out)
+    summary = {
+        "policy": compiled.name,
+        "version": compiled.version,
+        "digest": compiled.digest,
+        "model": compiled.model,
+        "concepts": len(compiled.concept_names),
+        "special_care": len(compiled.special_names),
+        "embed_dim": compiled.embed_dim,
+        "out": str(out),
+    }
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(
+            f"compiled {compiled.name} v{compiled.version}: {summary['concepts']} concepts, "
+            f"{summary['special_care']} special-care, width {compiled.embed_dim}, "
+            f"model {compiled.model}\ndigest {compiled.digest}\nwrote {out}"
+        )
+
+
+@policy.command("import-sd-checker")
+@click.argument("checkpoint")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Policy YAML to write; its embeddings go beside it as <name>.safetensors.",
+)
+@click.option("--force", is_flag=True, help="Overwrite the policy and embeddings files.")
+@json_option
+def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: bool) -> None:
+    """Write a compat: diffusers policy naming every concept of a safety checker CHECKPOINT."""
+    from moderation.integrations.sd_checker import import_sd_checker
+
+    with failures():
+        result = import_sd_checker(checkpoint, out, overwrite=force)
+    if as_json:
+        data = {
+            "policy": str(result.policy_path),
+            "embeddings": str(result.embeddings_path),
+            "model": result.model,
+            "concepts": result.n_concepts,
+            "special_care": result.n_special,
+        }
+        echo_json(data)
+        return
+    click.echo(
+        f"Wrote {result.policy_path}: {result.n_concepts} concepts, "
+        f"{result.n_special} special-care concepts (embeddings in {result.embeddings_path})"
+    )

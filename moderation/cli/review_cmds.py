@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from moderation.cli import review
-from moderation.errors import ModerationError
+from moderation.cli.app import review
+from moderation.cli.options import db_option, echo_json, failures, json_option
+from moderation.cli.review_text import items_table, render_show, render_stats, table, when
 from moderation.review import ReviewQueue
-from moderation.review_report import EXPORT_FORMATS
-from moderation.review_text import items_table, render_show, render_stats, table, when
+from moderation.review.report import EXPORT_FORMATS
 from moderation.storage.models import REVIEW_STATUSES
 
-db_option = click.option(
-    "--db",
-    "db_url",
-    metavar="URL",
-    help="Database URL (default: $MODERATION_DB_URL, else sqlite:///moderation.db).",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 reviewer_option = click.option(
     "--reviewer", required=True, metavar="NAME", help="Who is reviewing (recorded in the audit)."
 )
@@ -31,22 +21,9 @@ token_option = click.option(
 )
 
 
-@contextmanager
-def _failures() -> Iterator[None]:
-    """Show service errors as one line and exit 1, never as a traceback."""
-    try:
-        yield
-    except ModerationError as err:
-        raise click.ClickException(str(err)) from err
-
-
 def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
-    with _failures():
+    with failures():
         return ReviewQueue(db_url, **kwargs)
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
 
 
 @review.command("list")
@@ -62,10 +39,10 @@ def _echo_json(value: Any) -> None:
 def list_cmd(status, policy, concept, since, limit, as_json, db_url):
     """List review items in queue order."""
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
     if as_json:
-        _echo_json([item.to_dict() for item in items])
+        echo_json([item.to_dict() for item in items])
         return
     if not items:
         click.echo("No review items match.")
@@ -80,10 +57,10 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
 def show_cmd(item_id, as_json, db_url):
     """Explain one item: concept scores, special care, history."""
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         shown = queue.show(item_id)
     if as_json:
-        _echo_json(shown)
+        echo_json(shown)
         return
     click.echo(render_show(shown))
 
@@ -111,10 +88,10 @@ def show_cmd(item_id, as_json, db_url):
 def claim_cmd(reviewer, count, lease, as_json, db_url):
     """Claim the next items of the queue for a reviewer."""
     queue = _queue(db_url, lease_seconds=lease)
-    with _failures():
+    with failures():
         claims = queue.claim(reviewer, count)
     if as_json:
-        _echo_json([c.to_dict() for c in claims])
+        echo_json([c.to_dict() for c in claims])
         return
     if not claims:
         click.echo("Nothing to claim: the queue is empty.")
@@ -138,7 +115,7 @@ def approve_cmd(item_id, reviewer, reason, token, db_url):
     claim's token when --token is given); a pending item nobody holds may be decided directly.
     """
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         queue.approve(item_id, reviewer, token=token, reason=reason)
     click.echo(f"Approved item {item_id}.")
 
@@ -155,7 +132,7 @@ def reject_cmd(item_id, reviewer, reason, token, db_url):
     Same rules as approve: your own live claim, or a pending item nobody holds.
     """
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         queue.reject(item_id, reviewer, reason=reason, token=token)
     click.echo(f"Rejected item {item_id}.")
 
@@ -168,7 +145,7 @@ def reject_cmd(item_id, reviewer, reason, token, db_url):
 def reopen_cmd(item_id, reviewer, reason, db_url):
     """Reopen (appeal) an approved or rejected item as a new pending item."""
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         new_id = queue.reopen(item_id, reviewer, reason)
     click.echo(f"Reopened item {item_id} as item {new_id} (pending).")
 
@@ -179,10 +156,10 @@ def reopen_cmd(item_id, reviewer, reason, db_url):
 def stats_cmd(as_json, db_url):
     """Queue depth and decisions per action and concept."""
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         stats = queue.stats()
     if as_json:
-        _echo_json(stats)
+        echo_json(stats)
         return
     click.echo(render_stats(stats))
 
@@ -200,7 +177,7 @@ def stats_cmd(as_json, db_url):
 def export_cmd(fmt, output, db_url):
     """Export every decision with its review status as JSON lines or CSV."""
     queue = _queue(db_url)
-    with _failures():
+    with failures():
         count = queue.export(fmt, output)
     if output.name != "<stdout>":
         click.echo(f"Exported {count} decisions to {output.name}.", err=True)

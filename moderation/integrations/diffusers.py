@@ -77,7 +77,7 @@ class PolicySafetyChecker(nn.Module):
         The vision tower is shared, not copied, so `pipe.safety_checker = from_checker(
         pipe.safety_checker)` costs no memory and flags what diffusers flags.
         """
-        from moderation.sd_import import CheckerTensors, checker_policy
+        from moderation.integrations.sd_checker import CheckerTensors, checker_policy
 
         if policy is None:
             tensors = CheckerTensors(

@@ -1,15 +1,21 @@
-"""SQL decision log, review-queue tables, migrations runner, spool and held originals."""
+"""SQL decision log, review-queue tables, migrations, spool and held originals.
 
-from moderation.storage.codec import F16, F32, decision_record, decode_array
-from moderation.storage.db import (
-    get_engine,
-    immediate_transaction,
-    resolve_db_url,
+One module per job: `db` (URLs, engines, transactions), `schema` (migrations and the schema check),
+`models` (tables), `records` (what the engine hands over, and its rows), `inserts` (batched
+writes), `spool` (the local fallback), `held` (held originals), `log` (DecisionLog),
+`background` (BackgroundDecisionLog) and `errors` (the one SQLAlchemy-error wrapper).
+"""
+
+from moderation.storage.db import immediate_transaction, resolve_db_url
+from moderation.storage.errors import (
+    DatabaseUnavailableError,
+    SchemaVersionError,
+    StorageError,
+    database_errors,
+    display_url,
 )
-from moderation.storage.errors import DatabaseUnavailableError, SchemaVersionError, StorageError
 from moderation.storage.held import HeldStore
 from moderation.storage.log import DecisionLog
-from moderation.storage.migrate import current, downgrade, head_revision, upgrade
 from moderation.storage.models import (
     NAMING_CONVENTION,
     REVIEW_EVENTS,
@@ -22,36 +28,46 @@ from moderation.storage.models import (
     UTCDateTime,
     utcnow,
 )
-from moderation.storage.records import DecisionRecord, PolicyRecord
+from moderation.storage.records import (
+    F16,
+    F32,
+    DecisionRecord,
+    PolicyRecord,
+    decode_array,
+    record_from_row,
+)
+from moderation.storage.schema import current, downgrade, get_engine, head_revision, upgrade
 from moderation.storage.spool import Spool
 
 __all__ = [
     "F16",
     "F32",
-    "DatabaseUnavailableError",
-    "DecisionLog",
-    "HeldStore",
-    "SchemaVersionError",
-    "Spool",
-    "decision_record",
-    "decode_array",
     "NAMING_CONVENTION",
     "REVIEW_EVENTS",
     "REVIEW_STATUSES",
     "Base",
+    "DatabaseUnavailableError",
+    "DecisionLog",
     "DecisionRecord",
     "DecisionRow",
+    "HeldStore",
     "PolicyRecord",
     "PolicyRow",
     "ReviewEvent",
     "ReviewItem",
+    "SchemaVersionError",
+    "Spool",
     "StorageError",
     "UTCDateTime",
     "current",
+    "database_errors",
+    "decode_array",
+    "display_url",
     "downgrade",
     "get_engine",
     "head_revision",
     "immediate_transaction",
+    "record_from_row",
     "resolve_db_url",
     "upgrade",
     "utcnow",

@@ -1,4 +1,4 @@
-"""Database URL resolution, cached engines with SQLite pragmas, and schema checks."""
+"""Database URLs and cached engines: SQLite pragmas, write transactions, JSON for JSON columns."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, create_engine, event, exc, inspect, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, exc, make_url
 from sqlalchemy.pool import NullPool
 
-from moderation.storage.errors import DatabaseUnavailableError, SchemaVersionError, StorageError
+from moderation.storage.errors import StorageError, display_url
 
 DEFAULT_DB_URL = "sqlite:///moderation.db"
 # Knobs: how long a SQLite writer waits for the lock, and a PostgreSQL client for a connection,
@@ -21,11 +21,7 @@ DEFAULT_DB_URL = "sqlite:///moderation.db"
 SQLITE_BUSY_TIMEOUT_S = 5.0
 PG_CONNECT_TIMEOUT_S = 5
 
-# Errors that mean "the database cannot be reached or used right now", as opposed to bad data.
-UNAVAILABLE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
-
 _engines: dict[str, Engine] = {}
-_checked: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -37,14 +33,6 @@ def resolve_db_url(url: str | None = None) -> str:
         if url.startswith(bare):
             url = "postgresql+psycopg://" + url[len(bare) :]
     return url
-
-
-def display_url(url: str) -> str:
-    """The URL with any password hidden, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return url
 
 
 def _json_default(value: Any) -> Any:
@@ -120,62 +108,13 @@ def engine_for(url: str | None = None) -> Engine:
         return engine
 
 
-def get_engine(url: str | None = None) -> Engine:
-    """The cached engine for a URL; migrates a fresh SQLite database, refuses an old schema."""
-    url = resolve_db_url(url)
-    engine = engine_for(url)
-    if url not in _checked:
-        ensure_schema(url)
-    return engine
-
-
-def ensure_schema(url: str | None = None) -> None:
-    """Migrate a fresh SQLite database; raise StorageError if the schema is not at head."""
-    from moderation.storage import migrate
-
-    url = resolve_db_url(url)
-    engine = engine_for(url)
-    head = migrate.head_revision()
-    try:
-        with engine.connect() as conn:
-            current = migrate.current_revision_on(conn)
-            fresh = current is None and not inspect(conn).get_table_names()
-    except UNAVAILABLE_ERRORS as err:
-        raise unavailable(url, err) from err
-    if current == head:
-        _checked.add(url)
-        return
-    if fresh and engine.dialect.name == "sqlite":
-        migrate.upgrade(url, "head")
-        _checked.add(url)
-        return
-    if current is None:
-        problem = "has no schema yet" if fresh else "has tables but no migration version"
-    elif current in migrate.known_revisions():
-        problem = f"is at revision {current}, this version needs {head}"
-    else:
-        raise SchemaVersionError(
-            f"database {display_url(url)} is at revision {current}, which this version of "
-            "moderation does not know (written by a newer version?)"
-        )
-    raise SchemaVersionError(
-        f"database {display_url(url)} {problem}; run `moderation db upgrade --db URL` first"
-    )
-
-
 def dispose(url: str | None = None) -> None:
     """Close and forget the cached engine of a URL (e.g. before dropping its database)."""
     url = resolve_db_url(url)
     with _lock:
         engine = _engines.pop(url, None)
-        _checked.discard(url)
     if engine is not None:
         engine.dispose()
-
-
-def forget_checked(url: str) -> None:
-    """Make the next `get_engine(url)` check the schema again (after a migration)."""
-    _checked.discard(resolve_db_url(url))
 
 
 @contextlib.contextmanager
@@ -197,14 +136,3 @@ def migration_connection(url: str) -> Iterator[Connection]:
             yield conn
     finally:
         engine.dispose()
-
-
-def unavailable(url: str, err: BaseException) -> DatabaseUnavailableError:
-    """The error for a database that cannot be reached or used right now."""
-    return DatabaseUnavailableError(f"cannot reach database {display_url(url)}: {first_line(err)}")
-
-
-def first_line(err: BaseException) -> str:
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__

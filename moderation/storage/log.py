@@ -11,17 +11,28 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, exc, select
+from sqlalchemy import Connection, Engine, Table, select
 
-from moderation.storage import codec, db, writer
+from moderation.storage import db, inserts, schema
 from moderation.storage.errors import (
     DatabaseUnavailableError,
     SchemaVersionError,
     StorageError,
+    database_errors,
+    display_url,
 )
 from moderation.storage.held import HeldStore
-from moderation.storage.models import DecisionRow, ReviewItem
-from moderation.storage.records import DecisionRecord, PolicyRecord
+from moderation.storage.models import DecisionRow
+from moderation.storage.records import (
+    DecisionRecord,
+    PolicyRecord,
+    decision_row,
+    policy_row,
+    record_from_row,
+    review_of,
+    row_from_json,
+    row_to_json,
+)
 from moderation.storage.spool import Spool
 
 log = logging.getLogger("moderation.storage")
@@ -48,7 +59,6 @@ RETRY_MAX_S = 30.0
 REPLAY_CHUNK_ROWS = 5000
 
 _DECISIONS: Table = DecisionRow.__table__  # type: ignore[assignment]
-_ITEMS: Table = ReviewItem.__table__  # type: ignore[assignment]
 
 
 class DecisionLog:
@@ -80,14 +90,14 @@ class DecisionLog:
 
     def register_policy(self, record: PolicyRecord) -> None:
         """Store a policy once per digest (spooled if the database is down)."""
-        row = codec.policy_row(record)
+        row = policy_row(record)
         with self._lock:
             self._check_open()
             self._policies[record.digest] = row
             if self._database_worth_trying():
                 try:
                     with self._transaction() as conn:
-                        writer.insert_policies(conn, [row])
+                        inserts.insert_policies(conn, [row])
                     self._succeeded()
                     return
                 except DatabaseUnavailableError as err:
@@ -105,15 +115,15 @@ class DecisionLog:
             self._check_open()
             # Held originals go to disk first: a row must never point at a missing file.
             rows = [
-                codec.decision_row(r, None if r.held_image is None else self.held.put(r.held_image))
+                decision_row(r, None if r.held_image is None else self.held.put(r.held_image))
                 for r in records
             ]
-            reviews = [codec.review_of(r) for r in records]
+            reviews = [review_of(r) for r in records]
             if self._database_worth_trying():
                 try:
                     self._replay_before_write()
                     with self._transaction() as conn:
-                        writer.insert_decisions(conn, rows, reviews)
+                        inserts.insert_decisions(conn, rows, reviews)
                     self._succeeded()
                     return
                 except DatabaseUnavailableError as err:
@@ -140,41 +150,10 @@ class DecisionLog:
         """The stored decision with this id (arrays decoded), or None."""
         with self._lock, self._reading() as conn:
             row = conn.execute(select(_DECISIONS).where(_DECISIONS.c.id == decision_id)).first()
-        return None if row is None else codec.decision_record(row._asdict())
+        return None if row is None else record_from_row(row._asdict())
 
-    def release(self, decision_id: str) -> bytes:
-        """The held original of a decision, only once its latest review item is approved."""
-        with self._lock, self._reading() as conn:
-            decision = conn.execute(
-                select(_DECISIONS.c.held_path).where(_DECISIONS.c.id == decision_id)
-            ).first()
-            item = conn.execute(
-                select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.reviewer, _ITEMS.c.reason)
-                .where(_ITEMS.c.decision_id == decision_id)
-                .order_by(_ITEMS.c.id.desc())
-                .limit(1)
-            ).first()
-        if decision is None:
-            raise StorageError(f"no decision {decision_id} in {db.display_url(self.url)}")
-        if decision.held_path is None:
-            raise StorageError(f"decision {decision_id} has no held image")
-        if item is None:
-            raise StorageError(
-                f"decision {decision_id} was never queued for review; only approved images are released"
-            )
-        if item.status == "rejected":
-            by = f" by {item.reviewer}" if item.reviewer else ""
-            why = f": {item.reason}" if item.reason else ""
-            raise StorageError(
-                f"decision {decision_id} was rejected{by}{why} (review item {item.id}); "
-                "its original stays held"
-            )
-        if item.status != "approved":
-            raise StorageError(
-                f"decision {decision_id} is still awaiting review (review item {item.id} is "
-                f"{item.status}); its original is released only once approved"
-            )
-        return self.held.get(decision.held_path)
+    def flush(self) -> None:
+        """Nothing to wait for: write() returns once a batch is durable."""
 
     def close(self) -> None:
         """Release the spool file locks; the shared engine stays cached for other users."""
@@ -194,26 +173,17 @@ class DecisionLog:
     def _engine(self) -> Engine:
         engine = db.engine_for(self.url)
         if not self._ready:
-            db.ensure_schema(self.url)
+            schema.ensure_schema(self.url)
             self._ready = True
         return engine
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Driver errors become StorageError (DatabaseUnavailableError when the DB is down)."""
-        try:
+        with database_errors(
+            self.url, refused_hint=" (is the policy of every decision registered first?)"
+        ):
             yield
-        except db.UNAVAILABLE_ERRORS as err:
-            raise db.unavailable(self.url, err) from err
-        except exc.IntegrityError as err:
-            raise StorageError(
-                f"database {db.display_url(self.url)} refused the rows: {db.first_line(err)} "
-                "(is the policy of every decision registered first?)"
-            ) from err
-        except exc.SQLAlchemyError as err:
-            raise StorageError(
-                f"database {db.display_url(self.url)} failed: {db.first_line(err)}"
-            ) from err
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -231,7 +201,7 @@ class DecisionLog:
 
     def _succeeded(self) -> None:
         if self._backoff:
-            log.warning("database %s is reachable again", db.display_url(self.url))
+            log.warning("database %s is reachable again", display_url(self.url))
         self._backoff = 0.0
         self._retry_at = 0.0
 
@@ -256,7 +226,7 @@ class DecisionLog:
     def _spool_decisions(self, rows: list[dict], reviews: list[dict | None]) -> None:
         # Each spool file carries the policies its decisions need, so it replays anywhere.
         self._spool_policies({row["policy_digest"] for row in rows})
-        payload = {"rows": [codec.row_to_json(r) for r in rows], "reviews": reviews}
+        payload = {"rows": [row_to_json(r) for r in rows], "reviews": reviews}
         self.spool.append("decisions", payload)
 
     def _replay_before_write(self) -> None:
@@ -274,7 +244,7 @@ class DecisionLog:
             self._auto_replay = False
             return
         if added:
-            log.warning("replayed %d spooled decisions into %s", added, db.display_url(self.url))
+            log.warning("replayed %d spooled decisions into %s", added, display_url(self.url))
 
     def _replay(self) -> int:
         with self._spool_io():
@@ -287,13 +257,13 @@ class DecisionLog:
             policies = [row for path in paths for row in self.spool.entries(path, "policy")]
             if policies:
                 with self._transaction() as conn:
-                    writer.insert_policies(conn, policies)
+                    inserts.insert_policies(conn, policies)
             added = 0
             for path in paths:
                 rows: list[dict] = []
                 reviews: list[dict | None] = []
                 for payload in self.spool.entries(path, "decisions"):
-                    rows += [codec.row_from_json(r) for r in payload["rows"]]
+                    rows += [row_from_json(r) for r in payload["rows"]]
                     reviews += payload["reviews"]
                     if len(rows) >= REPLAY_CHUNK_ROWS:
                         added += self._commit_chunk(rows, reviews)
@@ -316,7 +286,7 @@ class DecisionLog:
         if not rows:
             return 0
         with self._transaction() as conn:
-            return writer.insert_decisions(conn, rows, reviews)
+            return inserts.insert_decisions(conn, rows, reviews)
 
     def _check_open(self) -> None:
         if self._closed:

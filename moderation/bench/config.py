@@ -1,4 +1,7 @@
-"""`moderation bench`: our GPU-resident moderation path measured against diffusers' safety checker.
+"""`moderation bench` settings and measuring tools: what to run, medians of synchronised repeats,
+host-sync counts and the environment a result came from.
+
+The benchmark itself: our GPU-resident moderation path measured against diffusers' safety checker.
 
 One run, one device, one set of weights:
   a. the bare vision forward on ready pixel values (the floor);
@@ -11,7 +14,6 @@ Times are medians of repeats after warm-up, with the device synchronised around 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import statistics
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moderation.bench_models import BenchError, resolve_device, resolve_dtype
+from moderation.bench.models import BenchError
 
 SCHEMA_VERSION = 1
 SECTIONS = ("e2e", "concepts", "logging")
@@ -224,86 +226,13 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "platform": platform.platform(),
-        "load_average_start": _load_average(),
+        "load_average_start": load_average(),
     }
 
 
-def _load_average() -> list[float] | None:
+def load_average() -> list[float] | None:
     """1/5/15-minute load averages: other processes on a shared machine skew CPU timings."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
-
-
-def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every requested section and return the JSON-able result (see BENCHMARKS.md)."""
-    from moderation.bench_models import attention_of, load_models
-    from moderation.bench_report import evaluate_targets
-
-    config.check()
-    say = progress or (lambda _message: None)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    torch.manual_seed(config.seed)
-    result: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "environment": environment(device, dtype),
-        "config": {**dataclasses.asdict(config), "device": str(device)},
-        "model": None,
-        "forward": [],
-        "end_to_end": [],
-        "concepts": [],
-        "logging": [],
-    }
-    started = time.perf_counter()
-    needs_model = config.model is not None or {"e2e", "logging"} & set(config.sections)
-    models = None
-    if needs_model:
-        say(f"loading models ({config.model or config.size}) on {device} in {dtype}")
-        models = load_models(
-            model=config.model,
-            size=config.size,
-            device=device,
-            dtype=dtype,
-            attention=config.attention,
-            compile=config.compile,
-            seed=config.seed,
-        )
-        result["model"] = {
-            "id": models.model_id,
-            "description": models.description,
-            "embed_dim": models.encoder.embed_dim,
-            "image_size": models.encoder.image_size,
-            "ours_attention": attention_of(models.encoder.vision_model),
-            "diffusers_attention": attention_of(models.checker.vision_model),
-            "compiled": models.compiled,
-            "feature_extractor": type(models.feature_extractor).__name__,
-        }
-    with torch.inference_mode():
-        if "e2e" in config.sections:
-            from moderation.bench_sections import run_end_to_end
-
-            result["forward"], result["end_to_end"] = run_end_to_end(
-                models, config, device, dtype, say
-            )
-        if "concepts" in config.sections:
-            from moderation.bench_sections import run_concepts
-
-            dim = models.encoder.embed_dim if models else _default_dim(config)
-            result["concepts"] = run_concepts(config, device, dtype, dim, result["forward"], say)
-    if "logging" in config.sections:
-        from moderation.bench_logging import run_logging
-
-        result["logging"] = run_logging(models.policy, config, say)
-    result["environment"]["load_average_end"] = _load_average()
-    result["targets"] = evaluate_targets(result)
-    result["seconds"] = time.perf_counter() - started
-    return result
-
-
-def _default_dim(config: BenchConfig) -> int:
-    """Embedding width when no model was loaded: the random model's projection."""
-    from moderation.testing import TINY_PROJECTION, VIT_L14_PROJECTION
-
-    return VIT_L14_PROJECTION if config.size == "vit-l" else TINY_PROJECTION

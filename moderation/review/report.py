@@ -9,8 +9,8 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, func, select, true
 
-from moderation.review_explain import floats
-from moderation.review_sql import fired_concepts, iso, utc
+from moderation.review.explain import floats
+from moderation.review.queries import fired_concepts, iso, utc
 from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
 
 EXPORT_FORMATS = ("jsonl", "csv")

@@ -17,25 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moderation.errors import ModerationError
+from moderation.checkpoint import Checkpoint
+from moderation.errors import EncoderError
 
 CONCEPTS = "concept_embeds"
 THRESHOLDS = "concept_embeds_weights"
 SPECIAL = "special_care_embeds"
 SPECIAL_THRESHOLDS = "special_care_embeds_weights"
 TENSOR_NAMES = (CONCEPTS, THRESHOLDS, SPECIAL, SPECIAL_THRESHOLDS)
-# Weight files a diffusers/transformers checkpoint folder may hold, in order of preference.
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 # diffusers' special-care adjustment (its hard-coded `adjustment = 0.01`).
 DIFFUSERS_ADJUSTMENT = 0.01
 
 
-class CheckpointError(ModerationError):
+class CheckpointError(EncoderError):
     """A checkpoint could not be read as a StableDiffusionSafetyChecker."""
 
 
@@ -70,104 +64,34 @@ class ImportResult:
     model: str
 
 
-def find_weights(checkpoint: str | Path) -> Path:
-    """The weight file of a checker: a file, a checker folder, or a pipeline's `safety_checker/`."""
-    path = Path(checkpoint)
-    if path.is_file():
-        return path
-    if not path.exists():
-        return _from_hub(str(checkpoint))
-    for folder in (path, path / "safety_checker"):
-        for name in WEIGHT_FILES:
-            if (folder / name).is_file():
-                return folder / name
-    raise CheckpointError(
-        f"{path}: no model.safetensors or pytorch_model.bin here or in safety_checker/; "
-        "is this a StableDiffusionSafetyChecker checkpoint?"
-    )
-
-
-def _from_hub(repo_id: str) -> Path:
-    """A hub id: the checker's weight file from the local cache (or the hub when online)."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise CheckpointError(f"{repo_id}: no such file or folder")
-    from huggingface_hub import hf_hub_download
-
-    problems = []
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            return Path(hf_hub_download(repo_id, name))
-        except Exception as exc:  # hub errors come in many types; report them all
-            problems.append(f"{name}: {exc}")
-    raise CheckpointError(
-        f"{repo_id}: not a local path, and no checker weights from the hub ({'; '.join(problems)})"
-    )
-
-
 def read_checker_tensors(checkpoint: str | Path) -> CheckerTensors:
-    """Read and check the four concept tensors of a safety checker checkpoint (any row counts)."""
-    weights = find_weights(checkpoint)
-    if weights.name.endswith(".index.json"):
-        found, keys = _read_sharded(weights)
-    elif weights.suffix == ".safetensors":
-        found, keys = _read_safetensors(weights)
-    else:
-        found, keys = _read_torch(weights)
-    return _validate(found, keys, str(weights))
+    """Read and check the four concept tensors of a safety checker checkpoint (any row counts).
 
-
-Found = tuple[dict[str, torch.Tensor], list[str]]  # tensors by checker name, every key in the file
-
-
-def _pick(keys: list[str], name: str) -> str | None:
-    """The key holding tensor `name`: the name itself, else a unique `<prefix>.<name>`."""
-    if name in keys:
-        return name
-    matches = [k for k in keys if k.endswith("." + name)]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _read_safetensors(path: Path) -> Found:
-    """Only the concept tensors are read: the 1.2 GB vision tower stays on disk."""
-    from safetensors import safe_open
-
+    `checkpoint` is a weight file, a checker folder, a pipeline folder (its `safety_checker/`) or
+    a hub id. Only the concept tensors are read: the 1.2 GB vision tower stays on disk.
+    """
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            picked = {n: _pick(keys, n) for n in TENSOR_NAMES}
-            return {n: f.get_tensor(k) for n, k in picked.items() if k is not None}, keys
-    except Exception as exc:  # safetensors raises several types for unreadable files
-        raise CheckpointError(f"{path}: cannot read safetensors: {exc}") from exc
-
-
-def _read_torch(path: Path) -> Found:
-    """A PyTorch weight file, loaded with weights_only (no arbitrary pickles)."""
-    try:
+        ckpt = Checkpoint.resolve(checkpoint, weights_only=True)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read PyTorch weights safely: {exc}") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    keys = [k for k in state if isinstance(k, str)]
-    picked = {n: _pick(keys, n) for n in TENSOR_NAMES}
-    return {n: state[k] for n, k in picked.items() if k is not None}, keys
-
-
-def _read_sharded(index: Path) -> Found:
-    """A sharded checkpoint: read the concept tensors from the shards its index names."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        keys = list(weight_map)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a readable weight index: {exc}") from exc
-    read = _read_safetensors if index.name.startswith("model.safetensors") else _read_torch
-    found: dict[str, torch.Tensor] = {}
-    for shard in sorted({weight_map[k] for k in (_pick(keys, n) for n in TENSOR_NAMES) if k}):
-        found |= read(index.parent / shard)[0]
-    return found, keys
+            weights, _ = ckpt.weights()
+        except EncoderError:
+            if not ckpt.local:
+                raise
+            raise CheckpointError(
+                f"{checkpoint}: no model.safetensors or pytorch_model.bin here or in "
+                "safety_checker/; is this a StableDiffusionSafetyChecker checkpoint?"
+            ) from None
+        keys = ckpt.tensor_names()
+        found = {}
+        for name in TENSOR_NAMES:
+            key = ckpt.find_tensor(name)
+            if key is not None:
+                found[name] = ckpt.read_tensor(key)
+    except CheckpointError:
+        raise
+    except EncoderError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return _validate(found, keys, str(weights))
 
 
 def _validate(tensors: dict[str, torch.Tensor], keys: list[str], source: str) -> CheckerTensors:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderation.bench import count_host_syncs, measure, measure_interleaved
+from moderation.bench.config import count_host_syncs, measure, measure_interleaved
 
 if TYPE_CHECKING:
-    from moderation.bench import BenchConfig
-    from moderation.bench_models import BenchModels
+    from moderation.bench.config import BenchConfig
+    from moderation.bench.models import BenchModels
 
 # Decoded image size of Stable Diffusion 1.x, as its VAE emits it.
 DECODED_SIZE = 512
@@ -44,7 +44,7 @@ def run_end_to_end(
     """Rows of sections a (bare forward) and b (end to end), one per batch size."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from moderation.bench_models import attention
+    from moderation.bench.models import attention
     from moderation.engine import Moderator
 
     encoder, checker = models.encoder, models.checker
@@ -216,7 +216,7 @@ def run_concepts(
     say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Rows of section c: diffusers' loops vs score + decide, for each concept count."""
-    from moderation.bench_models import concept_policy, loops_checker, sparse_thresholds
+    from moderation.bench.models import concept_policy, loops_checker, sparse_thresholds
     from moderation.engine import Moderator
 
     batch = config.concept_batch

@@ -40,8 +40,7 @@ class LogWriterError(ModerationError):
 class BackgroundDecisionLog:
     """Queues decision batches for a writer thread that commits them in coalesced transactions.
 
-    Drop-in for the DecisionLog methods Moderator uses (`register_policy`, `write`, `release`,
-    `close`). A database outage never loses records: DecisionLog spools them. Any other failure
+    Drop-in for the DecisionLog methods Moderator uses (`register_policy`, `write`, `close`). A database outage never loses records: DecisionLog spools them. Any other failure
     in the thread is re-raised by the next `write()` or `flush()`; the records it refused are kept
     in `failed` (nothing is dropped silently).
     """
@@ -135,10 +134,6 @@ class BackgroundDecisionLog:
         if error is not None:
             raise error
 
-    def release(self, decision_id: str) -> bytes:
-        """The held original of an approved decision (see DecisionLog.release)."""
-        return self.log.release(decision_id)
-
     def replay(self) -> int:
         """Flush, then replay the spool into the database; returns decisions added."""
         self.flush()
@@ -169,6 +164,16 @@ class BackgroundDecisionLog:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    @property
+    def url(self) -> str:
+        """The database URL of the wrapped log."""
+        return self.log.url
+
+    @property
+    def held(self):
+        """The held-original store of the wrapped log."""
+        return self.log.held
 
     @property
     def pending(self) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from moderation.encoder import ClipEncoder
+    from policy.encoding import PolicyEncoder
 
 CACHE_ENV = "MODERATION_CACHE_DIR"
 _FORMAT = "1"
@@ -96,7 +96,7 @@ class PromptCache:
                 log.warning("prompt cache %s is not writable (%s); continuing", self.folder, exc)
                 self._warned = True
 
-    def encode(self, encoder: ClipEncoder, prompts: Sequence[str]) -> Tensor:
+    def encode(self, encoder: PolicyEncoder, prompts: Sequence[str]) -> Tensor:
         """[N, D] float32 embeddings of prompts: stored ones read back, the others encoded and stored."""
         fingerprint = encoder.text_fingerprint
         if fingerprint is None:  # no text tower: let the encoder say so

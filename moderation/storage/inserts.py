@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Connection, Insert, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from moderation.storage.codec import json_column
 from moderation.storage.errors import StorageError
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from moderation.storage.records import json_column
 
 SYSTEM_ACTOR = "system"
 _SQLITE_IDS_PER_QUERY = 10000  # well under SQLite's 32766 bound parameters

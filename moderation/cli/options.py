@@ -1,12 +1,23 @@
-"""Output shared by every command: aligned tables for people, one JSON shape for scripts."""
+"""What every command shares: --db, --json, model options, one JSON style, tables and errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import click
+
+from moderation.errors import ModerationError
+from policy.errors import PolicyError
+
+DB_HELP = "Database URL (default: $MODERATION_DB_URL, else sqlite:///moderation.db)."
+
+db_option = click.option("--db", "db_url", metavar="URL", help=DB_HELP)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text."
+)
 
 
 def model_options(command):
@@ -24,8 +35,17 @@ def model_options(command):
     )(command)
 
 
+@contextlib.contextmanager
+def failures() -> Iterator[None]:
+    """Errors meant for people become one line and exit 1, never a traceback."""
+    try:
+        yield
+    except (ModerationError, PolicyError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 def echo_json(data: Any) -> None:
-    """Print data as indented JSON (datetimes and paths as strings)."""
+    """Print data as indented JSON: the one JSON style of every command (datetimes as strings)."""
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 

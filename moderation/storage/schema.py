@@ -1,8 +1,10 @@
-"""Alembic, configured in code: upgrade, downgrade and the current revision of a database."""
+"""The schema: Alembic migrations configured in code, and the check that a database is at head."""
 
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from pathlib import Path
 
 from alembic import command
@@ -10,10 +12,17 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, exc
+from sqlalchemy import Connection, Engine, inspect
 
 from moderation.storage import db
-from moderation.storage.errors import StorageError
+from moderation.storage.errors import (
+    UNAVAILABLE_ERRORS,
+    SchemaVersionError,
+    StorageError,
+    database_errors,
+    display_url,
+    unavailable,
+)
 
 # Any fixed 64-bit key: PostgreSQL sessions migrating the same database queue behind it.
 _PG_MIGRATION_LOCK_KEY = 0x6D6F645F6D696772
@@ -61,11 +70,8 @@ def current_revision_on(conn: Connection) -> str | None:
 def current(url: str | None = None) -> str | None:
     """The revision of the database at `url` (None when it was never migrated)."""
     url = db.resolve_db_url(url)
-    try:
-        with db.engine_for(url).connect() as conn:
-            return current_revision_on(conn)
-    except db.UNAVAILABLE_ERRORS as err:
-        raise db.unavailable(url, err) from err
+    with database_errors(url), db.engine_for(url).connect() as conn:
+        return current_revision_on(conn)
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
@@ -82,23 +88,20 @@ def _run(url: str | None, revision: str, action) -> None:
     url = db.resolve_db_url(url)
     config = alembic_config(url)
     try:
-        with db.migration_connection(url) as conn:
+        with (
+            database_errors(url, f"migration to {revision!r}"),
+            db.migration_connection(url) as conn,
+        ):
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_KEY})")
             config.attributes["connection"] = conn
             action(config, revision)
             if conn.dialect.name == "sqlite":
                 _check_foreign_keys(conn)
-    except db.UNAVAILABLE_ERRORS as err:
-        raise db.unavailable(url, err) from err
     except CommandError as err:
-        raise StorageError(f"cannot migrate {db.display_url(url)} to {revision!r}: {err}") from err
-    except exc.SQLAlchemyError as err:
-        raise StorageError(
-            f"migration of {db.display_url(url)} to {revision!r} failed: {err}"
-        ) from err
+        raise StorageError(f"cannot migrate {display_url(url)} to {revision!r}: {err}") from err
     finally:
-        db.forget_checked(url)
+        forget_checked(url)
 
 
 def _check_foreign_keys(conn: Connection) -> None:
@@ -106,3 +109,54 @@ def _check_foreign_keys(conn: Connection) -> None:
     bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if bad:
         raise StorageError(f"migration left {len(bad)} rows with broken foreign keys: {bad[:5]}")
+
+
+# Engines whose database was found at head (a disposed engine's replacement is checked again).
+_checked: weakref.WeakSet[Engine] = weakref.WeakSet()
+_checked_lock = threading.Lock()
+
+
+def forget_checked(url: str) -> None:
+    """Make the next `get_engine(url)` check the schema again (after a migration)."""
+    with _checked_lock:
+        _checked.discard(db.engine_for(url))
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The cached engine for a URL; migrates a fresh SQLite database, refuses an old schema."""
+    url = db.resolve_db_url(url)
+    engine = db.engine_for(url)
+    if engine not in _checked:
+        ensure_schema(url)
+    return engine
+
+
+def ensure_schema(url: str | None = None) -> None:
+    """Migrate a fresh SQLite database; raise StorageError if the schema is not at head."""
+    url = db.resolve_db_url(url)
+    engine = db.engine_for(url)
+    head = head_revision()
+    try:
+        with engine.connect() as conn:
+            current = current_revision_on(conn)
+            fresh = current is None and not inspect(conn).get_table_names()
+    except UNAVAILABLE_ERRORS as err:
+        raise unavailable(url, err) from err
+    if current == head or (fresh and engine.dialect.name == "sqlite"):
+        if current != head:
+            upgrade(url, "head")
+        with _checked_lock:
+            _checked.add(engine)
+        return
+    if current is None:
+        problem = "has no schema yet" if fresh else "has tables but no migration version"
+    elif current in known_revisions():
+        problem = f"is at revision {current}, this version needs {head}"
+    else:
+        raise SchemaVersionError(
+            f"database {display_url(url)} is at revision {current}, which this version of "
+            "moderation does not know (written by a newer version?)"
+        )
+    raise SchemaVersionError(
+        f"database {display_url(url)} {problem}; run `moderation db upgrade --db URL` first"
+    )

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from moderation.review_sql import utc
+from moderation.review.queries import utc
 
 
 def when(value: str | datetime | None) -> str:

@@ -1,4 +1,5 @@
-"""Review rules: who may claim, decide or reopen an item, and the checks on names and reasons."""
+"""Review rules: who may claim, decide or reopen an item, when a held original may be released,
+and the checks on names and reasons."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from moderation.errors import ModerationError
-from moderation.review_sql import utc
+from moderation.review.queries import utc
 
 DECIDED = ("approved", "rejected")
 MAX_NAME = 200  # review_items.reviewer / claim_owner are String(200)
@@ -70,3 +71,26 @@ def check_decidable(row: Any, reviewer: str, token: str | None, now: datetime) -
             f"item {item}: token does not match the current claim; use the token of your latest claim"
         )
     return False
+
+
+def check_release(decision_id: str, held_path: str | None, item: Any) -> None:
+    """Raise unless a decision's held original may go back to its user: its latest review item
+    (`item`, None when it was never queued) is approved."""
+    if held_path is None:
+        raise ReviewError(f"decision {decision_id} has no held image")
+    if item is None:
+        raise ReviewError(
+            f"decision {decision_id} was never queued for review; only approved images are released"
+        )
+    if item.status == "rejected":
+        by = f" by {item.reviewer}" if item.reviewer else ""
+        why = f": {item.reason}" if item.reason else ""
+        raise ReviewError(
+            f"decision {decision_id} was rejected{by}{why} (review item {item.id}); "
+            "its original stays held"
+        )
+    if item.status != "approved":
+        raise ReviewError(
+            f"decision {decision_id} is still awaiting review (review item {item.id} is "
+            f"{item.status}); its original is released only once approved"
+        )

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moderation.bench_models import BenchError
+from moderation.bench.models import BenchError
 
 if TYPE_CHECKING:
-    from moderation.bench import BenchConfig
+    from moderation.bench.config import BenchConfig
     from moderation.storage import DecisionRecord
 
 # Decisions are made in chunks of this many embeddings while building the records (not timed).
@@ -32,7 +32,7 @@ def run_logging(
     policy: Any, config: BenchConfig, say: Callable[[str], None]
 ) -> list[dict[str, Any]]:
     """One row per database: seconds, decisions/s, rows found afterwards, spooled and lost."""
-    from moderation.bench_models import sparse_thresholds
+    from moderation.bench.models import sparse_thresholds
 
     # The model's concepts with thresholds that a few images cross, as in real traffic, special
     # care escalated to review (review items and their events are part of the load), and a
@@ -61,7 +61,8 @@ def run_logging(
 
 def build_records(policy: Any, n: int, *, seed: int = 0) -> list[DecisionRecord]:
     """`n` decision records as the Moderator logs them (float16 embedding of the model's width)."""
-    from moderation.engine import Moderator, decision_record
+    from moderation.engine import Moderator
+    from moderation.storage.records import record_of
 
     moderator = Moderator(policy)
     generator = torch.Generator().manual_seed(seed + 2)
@@ -76,7 +77,7 @@ def build_records(policy: Any, n: int, *, seed: int = 0) -> list[DecisionRecord]
             ]
             for i, d in enumerate(moderator.moderate_embeddings(embeddings, metadata=metadata)):
                 d.image_sha256 = hashlib.sha256(f"{seed}:{start + i}".encode()).hexdigest()
-                records.append(decision_record(d))
+                records.append(record_of(d))
     return records
 
 
@@ -105,7 +106,7 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
             f"--db-url {db.display_url(url)}: only SQLite and PostgreSQL are supported"
         )
     from moderation.storage import upgrade
-    from moderation.storage.testing import temporary_pg_database
+    from tests.pg import temporary_pg_database
 
     with contextlib.ExitStack() as stack:
         try:
@@ -129,9 +130,9 @@ def log_throughput(
     config: BenchConfig,
 ) -> dict[str, Any]:
     """Write every record through BackgroundDecisionLog, flush, then count what arrived."""
-    from moderation.engine import policy_record
-    from moderation.log_writer import BackgroundDecisionLog
     from moderation.storage import DecisionLog, db
+    from moderation.storage.background import BackgroundDecisionLog
+    from moderation.storage.records import policy_record
 
     spool, held = folder / "spool", folder / "held"
     writer = BackgroundDecisionLog(DecisionLog(url, spool_dir=spool, held_dir=held))

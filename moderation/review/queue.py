@@ -25,19 +25,30 @@ from typing import IO, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
 
-from moderation.review_explain import explain_item
-from moderation.review_report import EXPORT_FORMATS, export_decisions, queue_stats
-from moderation.review_rules import (
+from moderation.review.explain import explain_item
+from moderation.review.queries import (
+    VIEW_COLUMNS,
+    Claim,
+    ReviewItemView,
+    fired_contains,
+    iso,
+    item_view,
+    parse_since,
+    utc,
+)
+from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
+from moderation.review.rules import (
     DECIDED,
     ReviewError,
     check_decidable,
     check_item_id,
+    check_release,
     required_reason,
     reviewer_name,
 )
-from moderation.review_sql import fired_contains, iso, parse_since, utc
-from moderation.review_views import VIEW_COLUMNS, Claim, ReviewItemView, item_view
-from moderation.storage.db import get_engine, immediate_transaction
+from moderation.storage.db import immediate_transaction, resolve_db_url
+from moderation.storage.errors import database_errors, display_url
+from moderation.storage.held import HeldStore
 from moderation.storage.models import (
     REVIEW_STATUSES,
     DecisionRow,
@@ -46,6 +57,7 @@ from moderation.storage.models import (
     ReviewItem,
     utcnow,
 )
+from moderation.storage.schema import get_engine
 
 __all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
 
@@ -64,15 +76,12 @@ T = TypeVar("T")
 
 
 def _database_errors(method: Callable) -> Callable:
-    """Turn SQLAlchemy failures into a ReviewError that names the database problem."""
+    """Run a queue method under the storage boundary's one SQLAlchemy-error wrapper."""
 
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except exc.SQLAlchemyError as err:
-            text = str(getattr(err, "orig", None) or err).strip().splitlines()
-            raise ReviewError(f"database error: {text[0] if text else type(err).__name__}") from err
+    def wrapper(self: ReviewQueue, *args: Any, **kwargs: Any) -> Any:
+        with database_errors(self.url):
+            return method(self, *args, **kwargs)
 
     return wrapper
 
@@ -102,8 +111,10 @@ class ReviewQueue:
         self.lease_seconds = lease_seconds
         # An injectable clock: tests move time instead of sleeping through leases.
         self._now = now or utcnow
+        self.url = str(engine.url) if engine is not None else resolve_db_url(url)
         # get_engine caches one engine per URL (and migrates a fresh SQLite file).
-        self.engine = engine if engine is not None else get_engine(url)
+        with database_errors(self.url):
+            self.engine = engine if engine is not None else get_engine(self.url)
 
     def now(self) -> datetime:
         """The queue's clock, aware UTC."""
@@ -348,6 +359,24 @@ class ReviewQueue:
         """Queue depth per status, oldest pending age, decisions per fired concept and action."""
         with self.engine.connect() as conn:
             return queue_stats(conn, self.now())
+
+    @_database_errors
+    def release(self, decision_id: str, held: HeldStore) -> bytes:
+        """The held original (PNG bytes) of a decision, once its latest review item is approved."""
+        with self.engine.connect() as conn:
+            decision = conn.execute(
+                select(DecisionRow.held_path).where(DecisionRow.id == decision_id)
+            ).first()
+            item = conn.execute(
+                select(ReviewItem.id, ReviewItem.status, ReviewItem.reviewer, ReviewItem.reason)
+                .where(ReviewItem.decision_id == decision_id)
+                .order_by(ReviewItem.id.desc())
+                .limit(1)
+            ).first()
+        if decision is None:
+            raise ReviewError(f"no decision {decision_id} in {display_url(self.url)}")
+        check_release(decision_id, decision.held_path, item)
+        return held.get(decision.held_path)
 
     @_database_errors
     def export(self, fmt: str, out: IO[str]) -> int:

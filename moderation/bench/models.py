@@ -125,7 +125,7 @@ def _load_models(
     from moderation.encoder import ClipEncoder
 
     if model is None:
-        from moderation.testing import build_safety_checker
+        from moderation.synthetic import build_safety_checker
 
         with tempfile.TemporaryDirectory(prefix="moderation-bench-") as folder:
             build_safety_checker(size=size, seed=seed).save_pretrained(folder)
@@ -192,10 +192,11 @@ def _load_checker(model: str) -> tuple[nn.Module, Any]:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    from moderation.encoder import EncoderError, _Checkpoint
+    from moderation.checkpoint import Checkpoint
+    from moderation.errors import EncoderError
 
     try:
-        checkpoint = _Checkpoint.resolve(model)  # the same lookup the encoder makes
+        checkpoint = Checkpoint.resolve(model)  # the same lookup the encoder makes
     except EncoderError as exc:
         raise BenchError(f"--model: {exc}") from None
     folder = checkpoint.folder if checkpoint.local else None
@@ -269,7 +270,7 @@ def concept_policy(
     name: str = "bench",
 ):
     """`compat: diffusers` policy (blackout on any hit, +0.01 after a special-care hit)."""
-    from moderation.sd_import import CheckerTensors, checker_policy
+    from moderation.integrations.sd_checker import CheckerTensors, checker_policy
 
     tensors = CheckerTensors(
         concept_embeds=concepts.float().cpu(),
@@ -301,7 +302,7 @@ def loops_checker(
     after `image_embeds` (cosines, host copy, per-image per-concept loops, blackout)."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from moderation.testing import clip_config
+    from moderation.synthetic import clip_config
 
     config = clip_config(projection_dim=concepts.shape[1])
     config._attn_implementation = "eager"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, select
 
-from moderation.review_sql import iso, utc
+from moderation.review.queries import iso, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 
 

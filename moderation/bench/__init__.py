@@ -1,0 +1,1 @@
+"""`moderation bench`: the engine measured against diffusers' safety checker, on one device."""

@@ -1,0 +1,217 @@
+"""Checkpoint: where a model's files are (a folder, a pipeline folder, a weight file or a hub id)
+and its tensors, read as stored without loading the model.
+
+The one reader of weight files: the encoder loads models through it, and the safety-checker
+import reads the checker's concept tensors with it. Weights are data, never code: safetensors, or
+PyTorch files with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moderation.errors import EncoderError
+
+# Weight files a transformers/diffusers checkpoint folder may hold, in order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def looks_like_path(model: str) -> bool:
+    """True for strings that can only be a folder, never a hub id like `org/name`."""
+    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model
+
+
+class Checkpoint:
+    """One checkpoint's files: a local folder or a snapshot of the Hugging Face cache."""
+
+    def __init__(
+        self,
+        model_id: str,
+        folder: Path,
+        local: bool,
+        config: dict,
+        weights_file: Path | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.folder = folder  # holds config.json (a cache snapshot for hub ids)
+        self.local = local
+        self.config = config  # {} for a bare weight file
+        self._weights_file = weights_file  # set when the caller named the file itself
+        self._bin: dict[Path, dict[str, Tensor]] = {}
+
+    @property
+    def source(self) -> str:
+        """What to hand to `from_pretrained`: the folder, or the hub id (so the cache is used)."""
+        return str(self.folder) if self.local else self.model_id
+
+    @property
+    def architecture(self) -> str:
+        return ",".join(self.config.get("architectures") or []) or "no architectures"
+
+    @classmethod
+    def resolve(cls, model: str | Path, *, weights_only: bool = False) -> Checkpoint:
+        """Find a checkpoint: a folder with config.json (or a pipeline folder: its safety_checker),
+        or a hub id (from the cache, or the hub when online). With `weights_only`, a weight file
+        or a folder without config.json is accepted too (its tensors can be read, not loaded)."""
+        model_id = str(model)
+        path = Path(model_id).expanduser()
+        if weights_only and path.is_file():
+            return cls(model_id, path.parent, True, {}, weights_file=path)
+        if path.is_dir():
+            if not (path / "config.json").exists() and (path / "model_index.json").exists():
+                path = path / "safety_checker"  # a diffusers pipeline folder: use its checker
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                if weights_only:
+                    # A checker folder without its config, or a pipeline folder without an index.
+                    nested = path / "safety_checker"
+                    found = any((path / n).is_file() for n in WEIGHT_FILES)
+                    return cls(model_id, path if found or not nested.is_dir() else nested, True, {})
+                raise EncoderError(f"model {model_id}: {config_file} not found (not a checkpoint)")
+            return cls(model_id, path, True, _read_config(model_id, config_file))
+        if isinstance(model, Path) or looks_like_path(model_id):
+            what = "file or folder" if weights_only else "folder"
+            raise EncoderError(f"model {model_id}: no such {what}")
+        from transformers.utils import cached_file
+
+        try:
+            config_file = Path(cached_file(model_id, "config.json"))
+        except (OSError, ValueError) as exc:
+            raise EncoderError(
+                f"model {model_id}: not a local folder, and not found on the Hugging Face hub "
+                f"or in its cache (offline with no cached copy?): {exc}"
+            ) from exc
+        return cls(model_id, config_file.parent, False, _read_config(model_id, config_file))
+
+    def file(self, name: str) -> Path | None:
+        """A file of the checkpoint, or None when it has none by that name."""
+        if self.local:
+            path = self.folder / name
+            return path if path.is_file() else None
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            self.model_id,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        return Path(found) if found else None
+
+    def fingerprint(self) -> str:
+        """sha256 of the model id, config and weights identity: changes when the checkpoint does."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.model_id, self.config], sort_keys=True).encode())
+        if self.local:
+            # Size, mtime and name: rewriting any file (weights, tokenizer) gives a new fingerprint
+            # without hashing gigabytes.
+            for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
+                stat = path.stat()
+                h.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        else:
+            h.update(str(self.folder).encode())  # .../snapshots/<commit>: one revision
+        return h.hexdigest()
+
+    # -- tensors as stored -------------------------------------------------------------------
+
+    def weights(self) -> tuple[Path, dict[str, str] | None]:
+        """The weights file, and for a sharded checkpoint its index (tensor name -> shard file)."""
+        if self._weights_file is not None:
+            candidates = [(self._weights_file.name, self._weights_file)]
+        else:
+            candidates = [(name, self.file(name)) for name in WEIGHT_FILES]
+        for name, path in candidates:
+            if path is None:
+                continue
+            if name.endswith(".index.json"):
+                try:
+                    return path, dict(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise EncoderError(f"{path}: not a readable weight index: {exc}") from exc
+            return path, None
+        raise EncoderError(
+            f"model {self.model_id}: no weights file ({', '.join(WEIGHT_FILES)}) in {self.folder}"
+        )
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name of the checkpoint (from the index of a sharded one)."""
+        path, index = self.weights()
+        if index is not None:
+            return list(index)
+        if path.suffix == ".safetensors":
+            return list(self._safetensors_keys(path))
+        return [k for k in self._load_bin(path) if isinstance(k, str)]
+
+    def find_tensor(self, name: str) -> str | None:
+        """The stored key of tensor `name`: the name itself, else a unique `<prefix>.<name>`."""
+        keys = self.tensor_names()
+        if name in keys:
+            return name
+        matches = [k for k in keys if k.endswith("." + name)]
+        return matches[0] if len(matches) == 1 else None
+
+    def read_tensor(self, name: str) -> Tensor:
+        """One tensor exactly as stored (dtype and shape of the file)."""
+        path, index = self.weights()
+        if index is not None:
+            shard = self.folder / index[name] if self.local else self.file(index[name])
+            if shard is None or not shard.is_file():
+                raise EncoderError(f"model {self.model_id}: shard {index[name]} is missing")
+            path = shard
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    return f.get_tensor(name)
+            except Exception as exc:  # safetensors raises several types for unreadable files
+                raise EncoderError(f"{path}: cannot read safetensors: {exc}") from exc
+        return self._load_bin(path)[name]
+
+    def _safetensors_keys(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises several types for unreadable files
+            raise EncoderError(f"{path}: cannot read safetensors: {exc}") from exc
+
+    def _load_bin(self, path: Path) -> dict[str, Tensor]:
+        if path not in self._bin:
+            self._bin[path] = _load_torch(path)
+        return self._bin[path]
+
+
+def _read_config(model_id: str, config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"model {model_id}: cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise EncoderError(f"model {model_id}: {config_file} does not hold a JSON object")
+    return config
+
+
+def _load_torch(path: Path) -> dict[str, Tensor]:
+    """A PyTorch weight file, loaded with weights_only (no arbitrary pickles); mmap when it can."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise EncoderError(f"{path}: cannot read PyTorch weights safely: {exc}") from exc
+    if not isinstance(state, dict):
+        raise EncoderError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state

@@ -1,0 +1,34 @@
+"""What the compiler needs from a model: a small protocol any encoder can satisfy.
+
+`moderation.encoder.ClipEncoder` satisfies it; so can a stub in a test or another embedding model.
+The policy package never imports the engine: the engine hands an encoder in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class EncodingError(Exception):
+    """An encoder cannot do what the compiler asked (no text tower, no such checkpoint tensor)."""
+
+
+@runtime_checkable
+class PolicyEncoder(Protocol):
+    """Text and checkpoint access of one model, as the compiler uses it."""
+
+    model_id: str  # recorded in the compiled policy when the policy names no model of its own
+    embed_dim: int  # projection width: every concept vector must have it
+    text_fingerprint: str | None  # identifies the text tower's embeddings (prompt-cache key)
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """[N, D] projected text embeddings; raise EncodingError without a text tower."""
+        ...
+
+    def checkpoint_tensor(self, name: str) -> Tensor:
+        """A tensor stored in the model's checkpoint, float32; raise EncodingError if absent."""
+        ...
