@@ -128,11 +128,23 @@ class Moderator:
         return ModerationResult(batch.to_caller(moderated, keep=keep), decisions)
 
     def moderate_embeddings(
-        self, embeddings: torch.Tensor, *, metadata: Metadata = None
+        self,
+        embeddings: torch.Tensor,
+        *,
+        metadata: Metadata = None,
+        owners: torch.Tensor | None = None,
+        views: Sequence[list[dict[str, Any]] | None] | None = None,
     ) -> list[Decision]:
-        """Decide from precomputed image embeddings [B, D] (replay, backtests); logs like moderate()."""
+        """Decide from precomputed embeddings (replay, backtests); logs like moderate().
+
+        embeddings: [B, D], one per image; or [N, D] views of images with `owners` [N] naming
+        each row's image (non-decreasing), and optionally `views` describing them per image.
+        """
         embeddings = torch.as_tensor(embeddings).to(self.policy.device)
-        decisions = self._decide(embeddings, _per_image(metadata, embeddings.shape[0]))
+        n_images = embeddings.shape[0] if owners is None else _image_count(owners, views)
+        decisions = self._decide(
+            embeddings, _per_image(metadata, n_images), owners=owners, views=views
+        )
         if self.log is not None:
             self._log(decisions, None)
         return decisions
@@ -155,15 +167,22 @@ class Moderator:
         embeddings: torch.Tensor,
         metas: list[dict[str, Any]],
         errors: list[str | None] | None = None,
+        *,
+        owners: torch.Tensor | None = None,
+        views: Sequence[list[dict[str, Any]] | None] | None = None,
     ) -> list[Decision]:
         embeddings = embeddings.float()  # scores in float32 whatever the tower's dtype
-        scores = score(self.policy, embeddings)
+        if owners is not None:
+            owners = owners.to(embeddings.device)
+        scores = score(self.policy, embeddings, owners, len(metas))
         return decide(
             self.policy,
             scores,
             errors=errors,
             embeddings=embeddings if self.store_embeddings else None,
             metadata=metas,
+            owners=owners,
+            views=views,
         )
 
     def _act(self, images, decisions: list[Decision]):
@@ -261,6 +280,13 @@ def load_compiled(
     )
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, encoder)
     return compiled, encoder
+
+
+def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
+    """How many images views belong to: len(views) when given, else the last owner + 1."""
+    if views is not None:
+        return len(views)
+    return int(owners[-1]) + 1 if owners.numel() else 0
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
