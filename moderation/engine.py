@@ -13,7 +13,14 @@ import torch
 
 from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
-from moderation.images import ValueRange, batch_sha256, clip_preprocess, encode_png, to_image_batch
+from moderation.images import (
+    ImageBatch,
+    ValueRange,
+    batch_sha256,
+    clip_preprocess,
+    encode_png,
+    to_image_batch,
+)
 from moderation.scoring import score
 from moderation.storage.records import policy_record, record_of
 
@@ -105,18 +112,12 @@ class Moderator:
         if len(batch) == 0:
             return ModerationResult(batch.to_caller(), [])
         try:
-            # Non-finite inputs become NaN pixel rows here, so they cannot score as clean.
-            pixels = clip_preprocess(
-                batch,
-                size=self.encoder.image_size,
-                mean=self.encoder.image_mean,
-                std=self.encoder.image_std,
-            )
-            embeddings = self.encoder.encode_image(pixels)  # [B, D]
+            pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            embeddings = self.encoder.encode_image(pixels)  # [N, D]
             errors: list[str | None] = [None] * len(batch)
             for i in batch.invalid_indices():  # one host sync for the batch
                 errors[i] = "the input image holds NaN or infinite values"
-            decisions = self._decide(embeddings, metas, errors)
+            decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
@@ -126,6 +127,22 @@ class Moderator:
         # Allowed images go back as the caller's own tensors, bit for bit.
         keep = torch.tensor([not apply or d.action == "allow" for d in decisions])
         return ModerationResult(batch.to_caller(moderated, keep=keep), decisions)
+
+    def _views(
+        self, batch: ImageBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]] | None] | None]:
+        """CLIP pixel values of the views each image is judged on, which image each view belongs
+        to (None: one view per image) and the views' descriptions (None: not described).
+
+        Non-finite inputs become NaN pixel rows, so they cannot score as clean.
+        """
+        pixels = clip_preprocess(
+            batch,
+            size=self.encoder.image_size,
+            mean=self.encoder.image_mean,
+            std=self.encoder.image_std,
+        )  # [B, 3, S, S]: CLIP's centre crop
+        return pixels, None, None
 
     def moderate_embeddings(
         self,
