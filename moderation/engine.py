@@ -103,16 +103,31 @@ class Moderator:
         metadata: Metadata = None,
         value_range: ValueRange = "auto",
         apply: bool = True,
+        pixel_values: torch.Tensor | None = None,
     ) -> ModerationResult:
-        """Decide on every image, apply the actions (unless apply=False) and log the decisions."""
+        """Decide on every image, apply the actions (unless apply=False) and log the decisions.
+
+        pixel_values: [B, 3, S, S] CLIP pixel values the caller already made from these images
+        (diffusers' feature extractor), judged instead of the views of `images`, which are still
+        what is acted on, hashed and held. Only for `compat: diffusers` policies, whose coverage
+        is diffusers' own centre crop; any other policy judges the views it builds itself.
+        """
         if self.encoder is None:
             raise ModerationError("this Moderator has no image encoder; use moderate_embeddings")
+        if pixel_values is not None and self.policy.compat != "diffusers":
+            raise ModerationError(
+                f"policy {self.policy.name!r} judges every pixel of an image, so it builds its "
+                "own views: pass pixel_values only with a `compat: diffusers` policy"
+            )
         batch = to_image_batch(images, device=self.encoder.device, value_range=value_range)
         metas = _per_image(metadata, len(batch))
         if len(batch) == 0:
             return ModerationResult(batch.to_caller(), [])
         try:
-            pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            if pixel_values is None:
+                pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            else:
+                pixels, owners, views = _given_pixels(pixel_values, len(batch)), None, None
             embeddings = self.encoder.encode_image(pixels)  # [N, D]
             errors: list[str | None] = [None] * len(batch)
             for i in batch.invalid_indices():  # one host sync for the batch
@@ -243,6 +258,12 @@ class Moderator:
         self.log.flush()  # a decision still queued for writing is not in the database yet
         return ReviewQueue(self.log.url).release(decision_id, self.log.held)
 
+    def to(self, device: torch.device | str) -> Moderator:
+        """Move the policy to `device`, after the encoder moved there (a diffusers pipeline's
+        `.to()`); the encoder is its owner's to move."""
+        self.policy = self.policy.to(device)
+        return self
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
@@ -297,6 +318,17 @@ def load_compiled(
     )
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, encoder)
     return compiled, encoder
+
+
+def _given_pixels(pixel_values: torch.Tensor, n_images: int) -> torch.Tensor:
+    """The caller's pixel values, one row per image (else the batch fails closed)."""
+    if not torch.is_tensor(pixel_values) or pixel_values.ndim < 2:
+        raise ModerationError("pixel_values must be a tensor with one row per image")
+    if pixel_values.shape[0] != n_images:
+        raise ModerationError(
+            f"pixel_values has {pixel_values.shape[0]} rows for {n_images} images"
+        )
+    return pixel_values
 
 
 def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -28,7 +26,7 @@ def generate(pipe, output_type="np"):
     )
 
 
-def one_concept_policy(direction, threshold, action) -> CompiledPolicy:
+def one_concept_policy(direction, threshold, action, **fields) -> CompiledPolicy:
     return CompiledPolicy(
         name="pipeline-test",
         version="1",
@@ -40,6 +38,7 @@ def one_concept_policy(direction, threshold, action) -> CompiledPolicy:
         concept_matrix=F.normalize(direction[None]),
         thresholds=torch.tensor([threshold], dtype=torch.float32),
         escalate="review",
+        **fields,
     )
 
 
@@ -66,8 +65,8 @@ def setup():
     }
 
 
-def install(setup, action):
-    policy = one_concept_policy(setup["direction"], setup["threshold"], action)
+def install(setup, action, **fields):
+    policy = one_concept_policy(setup["direction"], setup["threshold"], action, **fields)
     ours = PolicySafetyChecker(policy, setup["encoder"])
     setup["pipe"].safety_checker = ours
     return ours
@@ -160,5 +159,167 @@ def test_drop_in_for_diffusers_own_checker(setup):
     mine = generate(pipe)
     assert theirs.nsfw_content_detected == mine.nsfw_content_detected == [True, False]
     assert np.array_equal(theirs.images, mine.images)
-    policy = dataclasses.replace(ours.policy)
-    assert policy.compat == "diffusers" and len(policy.concept_names) == 17
+    assert ours.policy.compat == "diffusers" and len(ours.policy.concept_names) == 17
+    assert ours.policy.thresholds[0].item() == pytest.approx(setup["threshold"])
+
+
+def test_blur_pt(setup):
+    """output_type="pt": the flagged tensor comes back blurred in [0, 1], the other untouched."""
+    install(setup, "blur")
+    out = generate(setup["pipe"], output_type="pt")
+    assert out.nsfw_content_detected == [True, False]
+    images = out.images.permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+    assert images[0].min() >= 0 and images[0].max() <= 1
+    assert total_variation(images[0]) < 0.5 * total_variation(setup["plain"][0])
+    assert np.array_equal(images[1], setup["plain"][1])
+
+
+def vae_batch(seed=0):
+    """Two [3, 32, 32] images as diffusers hands them over: VAE output, overshooting [-1, 1]."""
+    return 1.3 * torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1.3
+
+
+def test_a_policy_judges_the_images_not_clip_input(setup):
+    """Without `compat: diffusers` the views come from `images` (what the user sees): a
+    different clip_input changes nothing, a different image changes its own decision."""
+    ours = install(setup, "blur")
+    images = vae_batch()
+    runs = []
+    for clip_input, batch in [
+        (torch.zeros(2, 3, 224, 224), images.clone()),
+        (torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)), images.clone()),
+        (torch.zeros(2, 3, 224, 224), torch.cat([images[1:], images[1:]])),
+    ]:
+        ours(clip_input=clip_input, images=batch)
+        runs.append([d.embedding for d in ours.last_decisions])
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not np.array_equal(runs[2][0], runs[0][0])
+    assert np.array_equal(runs[2][1], runs[0][1])
+
+
+def test_a_compat_policy_judges_clip_input(setup):
+    """`compat: diffusers` scores the pipeline's clip_input, as diffusers does (parity)."""
+    ours = PolicySafetyChecker.from_checker(setup["checker"])
+    clip_input = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    for images in (vae_batch(0), vae_batch(1)):
+        ours(clip_input=clip_input, images=images)
+        expected = setup["encoder"].encode_image(clip_input).numpy()
+        assert np.array_equal(np.stack([d.embedding[0] for d in ours.last_decisions]), expected)
+
+
+def test_pixel_values_are_refused_for_a_policy_that_builds_its_views(setup):
+    from moderation import Moderator
+    from moderation.errors import ModerationError
+    from moderation.integrations.towers import ModuleEncoder
+
+    policy = one_concept_policy(setup["direction"], setup["threshold"], "blur")
+    moderator = Moderator(policy, ModuleEncoder(setup["encoder"], policy))
+    with pytest.raises(ModerationError) as err:
+        moderator.moderate(vae_batch(), pixel_values=torch.zeros(2, 3, 224, 224))
+    assert str(err.value) == (
+        "policy 'pipeline-test' judges every pixel of an image, so it builds its own views: "
+        "pass pixel_values only with a `compat: diffusers` policy"
+    )
+
+
+class TowerOnFire(Exception):
+    pass
+
+
+def on_fire(module, args):
+    raise TowerOnFire("the vision tower is on fire")
+
+
+def test_an_encoder_that_raises_gives_on_error_for_every_image(setup):
+    ours = install(setup, "blackout", on_error="blur")
+    hook = setup["encoder"].vision_model.register_forward_pre_hook(on_fire)
+    try:
+        out = generate(setup["pipe"])
+    finally:
+        hook.remove()
+    assert out.nsfw_content_detected == [True, True]
+    assert [(d.verdict, d.action) for d in ours.last_decisions] == [("error", "blur")] * 2
+    assert ours.last_decisions[0].error == "TowerOnFire: the vision tower is on fire"
+    for shown, plain in zip(out.images, setup["plain"], strict=True):
+        assert total_variation(shown) < 0.5 * total_variation(plain)  # blurred, never as it was
+
+
+@pytest.mark.parametrize(
+    ("images", "error"),
+    [
+        (
+            torch.rand(2, 4, 8, 8),
+            "ImageInputError: images: expected 3 channels, got 4",
+        ),
+        (
+            [torch.rand(3, 8, 8), np.random.default_rng(0).random((8, 8, 3), dtype=np.float32)],
+            "ImageInputError: images: a list mixes numpy and tensor images",
+        ),
+    ],
+    ids=["four-channels", "mixed-list"],
+)
+def test_bad_input_fails_closed(setup, images, error):
+    ours = install(setup, "blur")
+    out, flags = ours(clip_input=torch.zeros(2, 3, 224, 224), images=images)
+    assert flags == [True, True]
+    assert [d.error for d in ours.last_decisions] == [error] * 2
+    assert [d.action for d in ours.last_decisions] == ["blackout"] * 2
+    assert all(float(np.abs(np.asarray(image)).max()) == 0 for image in out)
+
+
+def test_pil_and_uint8_lists_are_acted_on(setup):
+    """Lists of PIL images or uint8 arrays (callers other than diffusers) keep their form."""
+    from PIL import Image
+
+    ours = install(setup, "blur")
+    hwc = (setup["plain"] * 255).round().astype(np.uint8)  # [2, H, W, 3]
+    for images in ([Image.fromarray(a) for a in hwc], list(hwc.copy())):
+        out, flags = ours(images=images)
+        assert flags == [True, False]
+        assert type(out[0]) is type(images[1])
+        shown = [np.asarray(x) for x in out]
+        assert shown[0].dtype == np.uint8 and not np.array_equal(shown[0], hwc[0])
+        assert np.array_equal(shown[1], hwc[1])
+
+
+def test_caller_metadata_goes_with_each_call(setup):
+    ours = install(setup, "blur")
+    ours.metadata = {"user": "u-1", "app": "demo"}
+    with ours.caller(prompt=PROMPT, seed=0):
+        with ours.caller(user="u-2"):
+            generate(setup["pipe"])
+            inner = [d.metadata for d in ours.last_decisions]
+        generate(setup["pipe"])
+        outer = [d.metadata for d in ours.last_decisions]
+    generate(setup["pipe"])
+    after = [d.metadata for d in ours.last_decisions]
+    ours.metadata = None
+    assert inner == [{"user": "u-2", "app": "demo", "prompt": PROMPT, "seed": 0}] * 2
+    assert outer == [{"user": "u-1", "app": "demo", "prompt": PROMPT, "seed": 0}] * 2
+    assert after == [{"user": "u-1", "app": "demo"}] * 2
+
+
+def test_metadata_for_the_wrong_number_of_images_fails_closed(setup):
+    ours = install(setup, "blur")
+    ours.metadata = [{"prompt": PROMPT}]
+    try:
+        out = generate(setup["pipe"])
+    finally:
+        ours.metadata = None
+    assert out.nsfw_content_detected == [True, True]
+    assert [d.error for d in ours.last_decisions] == [
+        "ModerationError: metadata has 1 entries for 2 images"
+    ] * 2
+    assert [d.metadata for d in ours.last_decisions] == [{}, {}]
+
+
+def test_review_without_a_log_says_no_one_will_see_it(setup, caplog):
+    install(setup, "review")
+    with caplog.at_level("WARNING", logger="moderation.integrations.diffusers"):
+        generate(setup["pipe"])
+        generate(setup["pipe"])
+    said = [r.getMessage() for r in caplog.records if "need review" in r.getMessage()]
+    assert said == [
+        "moderation: 1 images need review but this checker logs no decisions, so no reviewer "
+        "will see them: build it with db=URL or call checker.log_to(URL)"
+    ]

@@ -1,76 +1,112 @@
 """PolicySafetyChecker: a policy in the `safety_checker` slot of a diffusers pipeline.
 
-Called like `StableDiffusionSafetyChecker` (`checker(images=..., clip_input=...)` returns
-`(images, has_nsfw_concepts)`), but every image gets a `Decision` (kept in `last_decisions`) and
-the policy's action: black, blurred, pixelated or a review placeholder instead of always black.
+A thin adapter over `Moderator`: called like `StableDiffusionSafetyChecker`
+(`checker(images=..., clip_input=...)` returns `(images, has_nsfw_concepts)`), every image gets a
+`Decision` (kept in `last_decisions`, logged with `db=`), the policy's action instead of always
+black, and any failure gives `on_error` for the whole batch. It saves and loads with its pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
+
+# diffusers saves and loads a pipeline component whose class derives from one of its known bases,
+# and looks that base up by name in the component's own module: keep `ModelMixin` imported here.
+from diffusers import ModelMixin
 from torch import nn
 
-from moderation.actions import apply_actions
-from moderation.decision import Decision, decide
-from moderation.scoring import score
+from moderation.decision import Decision
+from moderation.engine import Moderator, error_decisions
+from moderation.errors import ModerationError
+from moderation.integrations.slot_images import (
+    act_in_place,
+    as_shown,
+    blackout_in_place,
+    count_images,
+)
+from moderation.integrations.towers import ModuleEncoder, VisionTower, module_device
 from policy.compiled import CompiledPolicy
+
+__all__ = ["PolicySafetyChecker", "VisionTower"]
 
 logger = logging.getLogger(__name__)
 
-
-class VisionTower(nn.Module):
-    """A CLIP vision tower and its projection (shared, not copied) as an `nn.Module` encoder."""
-
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module) -> None:
-        super().__init__()
-        self.vision_model = vision_model
-        self.visual_projection = visual_projection
-
-    @torch.no_grad()
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] CLIP-normalised pixels -> [B, D] embeddings, exactly as diffusers."""
-        weight = self.visual_projection.weight
-        pooled = self.vision_model(pixel_values.to(weight.device, weight.dtype))[1]  # [B, hidden]
-        return self.visual_projection(pooled)  # [B, D]
+# Caller metadata of the `with checker.caller(...)` blocks around this context: {id(checker): {}}.
+_CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
+    "moderation_checker_caller", default=None
+)
 
 
-class PolicySafetyChecker(nn.Module):
+class PolicySafetyChecker(ModelMixin):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
 
     main_input_name = "clip_input"
 
-    def __init__(self, compiled_policy: CompiledPolicy, encoder) -> None:
+    def __init__(
+        self,
+        compiled_policy: CompiledPolicy,
+        encoder: Any,
+        *,
+        log: Any = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """encoder: an `nn.Module` with `encode_image`, or anything holding `vision_model` and
-        `visual_projection` (a `ClipEncoder`, diffusers' own checker), whose modules are shared."""
+        `visual_projection` (a `ClipEncoder`, diffusers' own checker), whose modules are shared.
+        log: a `moderation.storage.DecisionLog` that every decision is written to."""
         super().__init__()
         if not (isinstance(encoder, nn.Module) and hasattr(encoder, "encode_image")):
-            encoder = VisionTower(encoder.vision_model, encoder.visual_projection)
+            encoder = VisionTower.of(encoder)
         self.encoder = encoder
-        self.policy = compiled_policy.to(_module_device(encoder, compiled_policy.device))
+        policy = compiled_policy.to(module_device(encoder, compiled_policy.device))
+        self._engine_encoder = ModuleEncoder(encoder, policy)
+        self.moderator = Moderator(policy, self._engine_encoder, log=log)
+        self.metadata = metadata  # caller metadata logged with every image of every call
         self.last_decisions: list[Decision] = []
+        self._warned_unlogged = False
+
+    # -- building ----------------------------------------------------------------------------
 
     @classmethod
     def from_policy(
         cls,
         path: str | Path,
-        model: str | None = None,
+        model: str | Path | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        text_model: str | Path | None = None,
+        db: str | None = None,
+        held_dir: str | Path | None = None,
+        spool_dir: str | Path | None = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> PolicySafetyChecker:
-        """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact."""
+        """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact;
+        log every decision to `db` if given."""
         from moderation.engine import load_compiled
 
-        compiled, encoder = load_compiled(path, model=model, device=device, dtype=dtype)
-        return cls(compiled, encoder)
+        compiled, encoder = load_compiled(
+            path, model=model, device=device, dtype=dtype, text_model=text_model
+        )
+        log = _decision_log(db, held_dir, spool_dir)
+        return cls(compiled, VisionTower.of(encoder), log=log, metadata=metadata)
 
     @classmethod
     def from_checker(
-        cls, checker: nn.Module, policy: CompiledPolicy | None = None
+        cls,
+        checker: nn.Module,
+        policy: CompiledPolicy | None = None,
+        *,
+        db: str | None = None,
+        held_dir: str | Path | None = None,
+        spool_dir: str | Path | None = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> PolicySafetyChecker:
         """Wrap a loaded `StableDiffusionSafetyChecker`: its own concepts unless a policy is given.
 
@@ -89,12 +125,83 @@ class PolicySafetyChecker(nn.Module):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
-        return cls(policy, checker)
+        log = _decision_log(db, held_dir, spool_dir)
+        return cls(policy, checker, log=log, metadata=metadata)
+
+    def log_to(
+        self,
+        db: str,
+        *,
+        held_dir: str | Path | None = None,
+        spool_dir: str | Path | None = None,
+    ) -> PolicySafetyChecker:
+        """Log every decision from now on to `db` (held originals in held_dir, default
+        $MODERATION_HELD_DIR or ./held; spool in spool_dir, default $MODERATION_SPOOL_DIR or ./spool)."""
+        previous = self.moderator.log
+        log = _decision_log(db, held_dir, spool_dir)
+        self.moderator = Moderator(self.policy, self._engine_encoder, log=log)
+        if previous is not None:
+            previous.close()
+        return self
+
+    # -- saving and loading with a pipeline --------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Write the compiled policy and the vision tower into save_directory (see pretrained)."""
+        from moderation.integrations.pretrained import save_checker
+
+        if kwargs.get("push_to_hub"):
+            raise ModerationError("a PolicySafetyChecker is saved to a folder, not pushed to a hub")
+        save_checker(
+            save_directory,
+            self.policy,
+            self.encoder,
+            class_name=type(self).__name__,
+            logged=self.moderator.log is not None,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        db: str | None = None,
+        held_dir: str | Path | None = None,
+        spool_dir: str | Path | None = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        **loading: Any,
+    ) -> PolicySafetyChecker:
+        """Load a folder written by save_pretrained (on the CPU in float32 unless told; diffusers'
+        torch_dtype and device_map are honoured, its other loading options do not apply)."""
+        from moderation.integrations.pretrained import load_checker
+
+        dtype = dtype or loading.get("torch_dtype")
+        device = device or _device_of_map(loading.get("device_map"))
+        policy, encoder, manifest = load_checker(
+            pretrained_model_name_or_path, device=device, dtype=dtype
+        )
+        if db is None and manifest.get("logged"):
+            logger.warning(
+                "moderation: the checker saved in %s logged its decisions; its database URL is "
+                "not saved: call checker.log_to(URL) (pipe.safety_checker.log_to(URL)) to log again",
+                pretrained_model_name_or_path,
+            )
+        log = _decision_log(db, held_dir, spool_dir)
+        return cls(policy, VisionTower.of(encoder), log=log, metadata=metadata)
+
+    # -- what a pipeline reads ---------------------------------------------------------------
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The compiled policy, on the encoder's device."""
+        return self.moderator.policy
 
     @property
     def device(self) -> torch.device:
         """The encoder's device (diffusers' pipeline reads it from every component)."""
-        return _module_device(self.encoder, self.policy.device)
+        return module_device(self.encoder, self.policy.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,19 +213,54 @@ class PolicySafetyChecker(nn.Module):
         """Follow `.to()`/`.cuda()`: the policy is a dataclass, not parameters; it stays float32."""
         super()._apply(fn, recurse)
         moved = fn(torch.empty(0, device=self.policy.device))
-        self.policy = self.policy.to(moved.device)
+        self.moderator.to(moved.device)
         return self
 
+    # -- caller metadata ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def caller(self, **metadata: Any) -> Iterator[PolicySafetyChecker]:
+        """Metadata (prompt, seed, user, ...) logged with every image moderated inside the block,
+        over `checker.metadata`: `with checker.caller(prompt=p, user=u): pipe(p)`."""
+        outer = _CALLER.get() or {}
+        token = _CALLER.set({**outer, id(self): {**outer.get(id(self), {}), **metadata}})
+        try:
+            yield self
+        finally:
+            _CALLER.reset(token)
+
+    def _call_metadata(self) -> Any:
+        """This call's metadata: `checker.metadata` (one mapping, or one per image) + caller()."""
+        extra = (_CALLER.get() or {}).get(id(self), {})
+        base = self.metadata
+        if base is None or isinstance(base, Mapping):
+            return {**(base or {}), **extra}
+        if isinstance(base, Sequence) and not isinstance(base, (str, bytes)):
+            return [{**m, **extra} for m in base]
+        return base  # not metadata: the Moderator refuses it, and the batch fails closed
+
+    # -- moderation --------------------------------------------------------------------------
+
     @torch.no_grad()
-    def forward(self, clip_input: torch.Tensor, images):
+    def forward(self, clip_input: torch.Tensor | None = None, images: Any = None):
         """Moderate a batch; flagged images are changed in place; returns (images, flags)."""
-        embeddings = self.encoder.encode_image(clip_input)  # [B, D]
-        decisions = decide(self.policy, score(self.policy, embeddings), embeddings=embeddings)
+        count = count_images(images)
+        metadata = self._call_metadata()
+        try:
+            decisions = self._decide(clip_input, images, metadata, count)
+        except Exception as exc:  # fail closed: whatever went wrong, no image goes out unjudged
+            logger.exception("moderation failed for a batch of %d images", count)
+            decisions = self._fail(count, f"{type(exc).__name__}: {exc}", metadata)
         self.last_decisions = decisions
-        has_nsfw_concepts = [d.action != "allow" for d in decisions]
+        # An error decision is never shown as it is, whatever its action says.
+        actions = [
+            "blackout" if d.verdict == "error" and d.action == "allow" else d.action
+            for d in decisions
+        ]
+        has_nsfw_concepts = [a != "allow" for a in actions]
         flagged = [i for i, hit in enumerate(has_nsfw_concepts) if hit]
         if flagged:
-            _act_in_place(images, flagged, [decisions[i].action for i in flagged], self.policy)
+            images = self._act(images, flagged, [actions[i] for i in flagged])
             # One line per batch, like diffusers, but saying what happened to which image and why.
             reasons = "; ".join(
                 f"{i}: {decisions[i].action} ({_reason(decisions[i])})" for i in flagged
@@ -130,7 +272,89 @@ class PolicySafetyChecker(nn.Module):
                 self.policy.name,
                 reasons,
             )
+        self._warn_if_unreviewed(decisions)
         return images, has_nsfw_concepts
+
+    def _decide(self, clip_input: Any, images: Any, metadata: Any, count: int) -> list[Decision]:
+        """The Moderator's decisions: on `clip_input` under `compat: diffusers` (diffusers' own
+        centre crop, for parity), else on views of `images`, the full output the user sees."""
+        shown, value_range = as_shown(images)
+        compat = self.policy.compat == "diffusers"
+        if compat and clip_input is None:
+            raise ModerationError("a `compat: diffusers` policy judges clip_input: none was given")
+        result = self.moderator.moderate(
+            shown,
+            metadata=metadata,
+            value_range=value_range,
+            apply=False,  # acted on below, in the pipeline's own layout and range
+            pixel_values=clip_input if compat else None,
+        )
+        if len(result.decisions) != count:
+            raise ModerationError(f"{len(result.decisions)} decisions for {count} images")
+        return result.decisions
+
+    def _fail(self, count: int, message: str, metadata: Any) -> list[Decision]:
+        """Error decisions for the whole batch, recorded like any other decision."""
+        # The caller's metadata may be what failed (wrong length, not storable): then without it.
+        for attempt in (metadata, None):
+            try:
+                return self.moderator.fail([message] * count, metadata=attempt)
+            except Exception:
+                logger.exception("moderation: recording %d error decisions failed", count)
+        decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
+        logger.error(
+            "moderation: %d error decisions were NOT recorded: %s",
+            count,
+            ", ".join(d.decision_id for d in decisions),
+        )
+        return decisions
+
+    def _act(self, images: Any, indices: list[int], actions: list[str]) -> Any:
+        try:
+            return act_in_place(images, indices, actions, self.policy)
+        except Exception:  # fail closed: black out whatever should not be shown as it is
+            logger.exception("applying actions failed; blacking out every flagged image")
+            return blackout_in_place(images, indices)
+
+    def _warn_if_unreviewed(self, decisions: list[Decision]) -> None:
+        waiting = sum(d.needs_review for d in decisions)
+        if waiting and self.moderator.log is None and not self._warned_unlogged:
+            self._warned_unlogged = True
+            logger.warning(
+                "moderation: %d images need review but this checker logs no decisions, so no "
+                "reviewer will see them: build it with db=URL or call checker.log_to(URL)",
+                waiting,
+            )
+
+    # -- review ------------------------------------------------------------------------------
+
+    def release(self, decision_id: str) -> bytes:
+        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
+        return self.moderator.release(decision_id)
+
+    def close(self) -> None:
+        """Flush and close the decision log."""
+        self.moderator.close()
+
+
+def _decision_log(db: str | None, held_dir: Any, spool_dir: Any) -> Any:
+    if db is None:
+        return None
+    from moderation.storage import DecisionLog
+
+    return DecisionLog(
+        db,
+        held_dir=None if held_dir is None else Path(held_dir),
+        spool_dir=None if spool_dir is None else Path(spool_dir),
+    )
+
+
+def _device_of_map(device_map: Any) -> torch.device | str | None:
+    """The one device of a diffusers device_map ("cuda", {"": "cuda:0"}), None when it has none."""
+    if isinstance(device_map, Mapping):
+        devices = set(device_map.values())
+        return devices.pop() if len(devices) == 1 else None
+    return device_map if isinstance(device_map, (str, torch.device, int)) else None
 
 
 def _reason(decision: Decision) -> str:
@@ -140,48 +364,3 @@ def _reason(decision: Decision) -> str:
     if decision.fired:
         return ", ".join(decision.fired[:5]) + (", ..." if len(decision.fired) > 5 else "")
     return "special care" if decision.special_hits else "review band"
-
-
-def _module_device(module: nn.Module, default: torch.device) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else default
-
-
-def _act_in_place(images, indices: list[int], actions: list[str], policy: CompiledPolicy) -> None:
-    """Write each flagged image's action into `images` (diffusers' zeros for a blackout).
-
-    Tensors (batch or list) hold VAE output in [-1, 1] and the pipeline does not denormalise a
-    flagged image, so acted tensors are written in [0, 1]; numpy images are [0, 1], channels last.
-    """
-    is_tensor = torch.is_tensor(images) or torch.is_tensor(images[0])
-    others = []
-    for i, action in zip(indices, actions, strict=True):
-        if action == "blackout":
-            # Exactly what diffusers writes, so imported checkers give identical images.
-            if is_tensor:
-                images[i] = torch.zeros_like(images[i])
-            else:
-                images[i] = np.zeros(images[i].shape)
-        else:
-            others.append((i, action))
-    if not others:
-        return
-    rows = [i for i, _ in others]
-    if is_tensor:
-        batch = torch.stack([images[i] for i in rows]).float()  # [N, 3, H, W] in [-1, 1]
-        unit = (batch * 0.5 + 0.5).clamp(0, 1)  # the pipeline's denormalise
-    else:
-        batch_np = np.stack([np.asarray(images[i]) for i in rows])  # [N, H, W, 3] in [0, 1]
-        unit = torch.from_numpy(batch_np).float().permute(0, 3, 1, 2)
-    acted = apply_actions(
-        unit,
-        [a for _, a in others],
-        blur_radius=policy.blur_radius,
-        pixelate_block=policy.pixelate_block,
-        review_placeholder=policy.review_placeholder,
-    )  # [N, 3, H, W] in [0, 1]
-    for k, i in enumerate(rows):
-        if is_tensor:
-            images[i] = acted[k].to(images[i].dtype)
-        else:
-            images[i] = acted[k].permute(1, 2, 0).numpy().astype(np.asarray(images[i]).dtype)

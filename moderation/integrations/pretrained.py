@@ -1,0 +1,159 @@
+"""A PolicySafetyChecker's folder in a saved diffusers pipeline: write it, read it back.
+
+`pipe.save_pretrained(DIR)` calls the checker's `save_pretrained(DIR/safety_checker)`, which
+writes:
+
+    moderation_checker.json    what the folder is: format, class, policy digest, attention
+    policy.safetensors         the compiled policy (`CompiledPolicy.save`; its digest is checked)
+    config.json                the vision tower and its projection, as a transformers
+    model.safetensors            `CLIPVisionModelWithProjection` checkpoint
+    preprocessor_config.json   the tower's image size, mean and std (used to view `images`)
+
+Loading needs none of the original files (policy YAML, model folder) and no network. No database
+URL, folder or caller metadata is written: a URL may hold a password, and where a loaded
+pipeline logs is its caller's choice (`checker.log_to(URL)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from moderation.errors import ModerationError
+from policy.compiled import CompiledPolicy
+
+if TYPE_CHECKING:
+    from moderation.encoder import ClipEncoder
+
+MANIFEST = "moderation_checker.json"
+POLICY_FILE = "policy.safetensors"
+FORMAT = 1  # bump when the folder's layout or meaning changes
+
+
+def save_checker(
+    folder: str | Path,
+    policy: CompiledPolicy,
+    tower: nn.Module,
+    *,
+    class_name: str,
+    logged: bool,
+) -> Path:
+    """Write a checker's compiled policy and vision tower into `folder`; return the folder.
+
+    tower: holds `vision_model` (a transformers CLIP vision model), `visual_projection`,
+    `image_size`, `image_mean` and `image_std`.
+    """
+    vision_model = getattr(tower, "vision_model", None)
+    projection = getattr(tower, "visual_projection", None)
+    config = getattr(vision_model, "config", None)
+    if getattr(config, "model_type", None) != "clip_vision_model" or projection is None:
+        raise ModerationError(
+            f"cannot save this checker: its encoder ({type(tower).__name__}) is not a CLIP vision "
+            "tower with a projection; build it with from_policy or from_checker"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tower(folder, vision_model, projection, tower)
+    policy.save(folder / POLICY_FILE)
+    manifest = {
+        "format": FORMAT,
+        "class": class_name,
+        "policy": POLICY_FILE,
+        "policy_name": policy.name,
+        "policy_digest": policy.digest,
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        # Whether the saved checker logged its decisions (where to is not saved): a loaded one
+        # that does not says so, rather than dropping the log silently.
+        "logged": logged,
+    }
+    _write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def _save_tower(folder: Path, vision_model: nn.Module, projection: nn.Module, tower: Any) -> None:
+    """The tower as a CLIPVisionModelWithProjection checkpoint, its tensors shared, not copied."""
+    import copy
+
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    config = copy.deepcopy(vision_model.config)
+    config.projection_dim = int(projection.weight.shape[0])
+    config.architectures = ["CLIPVisionModelWithProjection"]
+    with torch.device("meta"):  # a skeleton; the real tensors are assigned below
+        model = CLIPVisionModelWithProjection(config)
+    source = vision_model
+    wanted = set(model.vision_model.state_dict())
+    # transformers 4 nests the transformer inside CLIPVisionModel; 5 does not.
+    if set(source.state_dict()) != wanted and hasattr(source, "vision_model"):
+        source = source.vision_model
+    model.vision_model.load_state_dict(source.state_dict(), strict=True, assign=True)
+    model.visual_projection.load_state_dict(projection.state_dict(), strict=True, assign=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    size = int(tower.image_size)
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(tower.image_mean),
+        image_std=list(tower.image_std),
+    ).save_pretrained(folder)
+
+
+def load_checker(
+    folder: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[CompiledPolicy, ClipEncoder, dict[str, Any]]:
+    """The compiled policy, the vision tower (a ClipEncoder) and the manifest saved in `folder`.
+
+    Loads on the CPU in float32 unless told otherwise, like every diffusers component.
+    """
+    from moderation.encoder import ClipEncoder
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    policy_path = folder / str(manifest.get("policy") or POLICY_FILE)
+    if policy_path.parent != folder:
+        raise ModerationError(f"{folder / MANIFEST}: the policy must be a file in this folder")
+    policy = CompiledPolicy.load(policy_path)  # checks its own digest
+    if policy.digest != manifest.get("policy_digest"):
+        raise ModerationError(
+            f"{policy_path}: policy digest {policy.digest[:12]} is not the one the checker was "
+            f"saved with ({str(manifest.get('policy_digest'))[:12]}): the folder was modified"
+        )
+    encoder = ClipEncoder.from_pretrained(
+        folder, device=device or "cpu", dtype=dtype or torch.float32
+    )
+    attention = manifest.get("attn_implementation")
+    if attention:  # the saved tower's attention, so embeddings match it bit for bit
+        encoder.vision_model.set_attn_implementation(attention)
+    return policy, encoder, manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The checker's manifest; errors name the file."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModerationError(
+            f"{folder}: not a saved PolicySafetyChecker ({MANIFEST} not found)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ModerationError(f"{path}: cannot read it: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ModerationError(f"{path}: not a checker folder of format {FORMAT} (found {found!r})")
+    return manifest
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a small file whole: to a temporary name, then renamed over the target."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
