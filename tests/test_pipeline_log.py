@@ -27,14 +27,14 @@ from tests.pg import pg_test_url, temporary_pg_database
 PROMPT = "a photo of a dolphin"
 
 
-def generate(pipe):
+def generate(pipe, output_type="np"):
     return pipe(
         PROMPT,
         num_inference_steps=2,
         num_images_per_prompt=2,
         height=64,
         width=64,
-        output_type="np",
+        output_type=output_type,
         generator=torch.Generator().manual_seed(0),
     )
 
