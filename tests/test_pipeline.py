@@ -195,6 +195,12 @@ def test_a_policy_judges_the_images_not_clip_input(setup):
     assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
     assert not np.array_equal(runs[2][0], runs[0][0])
     assert np.array_equal(runs[2][1], runs[0][1])
+    # Older pipelines hand over numpy [B, H, W, 3] in [0, 1]: the same pixels, the same verdict.
+    shown = (images.clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
+    ours(clip_input=torch.zeros(2, 3, 224, 224), images=shown)
+    assert all(
+        np.array_equal(d.embedding, e) for d, e in zip(ours.last_decisions, runs[0], strict=True)
+    )
 
 
 def test_a_compat_policy_judges_clip_input(setup):

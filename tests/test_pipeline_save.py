@@ -4,6 +4,7 @@ network or the database URL (which is never written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -236,9 +237,8 @@ def test_a_folder_that_is_not_a_checker_is_refused(tmp_path):
 
 def test_a_modified_checker_folder_is_refused(tmp_path):
     ours = saved_checker(tmp_path)
-    other = CompiledPolicy(
-        **{**ours.policy.__dict__, "thresholds": ours.policy.thresholds + 0.5, "digest": ""}
-    )
+    fields = {f.name: getattr(ours.policy, f.name) for f in dataclasses.fields(CompiledPolicy)}
+    other = CompiledPolicy(**{**fields, "thresholds": ours.policy.thresholds + 0.5, "digest": ""})
     other.save(tmp_path / POLICY_FILE)
     with pytest.raises(ModerationError) as err:
         PolicySafetyChecker.from_pretrained(tmp_path)
