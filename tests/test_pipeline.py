@@ -140,36 +140,6 @@ def test_review_gets_a_placeholder(setup):
     assert total_variation(out.images[0]) < 0.5 * total_variation(setup["plain"][0])
 
 
-def test_drop_in_for_diffusers_own_checker(setup):
-    """from_checker(pipe.safety_checker) flags and blacks out exactly what diffusers' does."""
-    checker = setup["checker"]
-    encoder = setup["encoder"]
-    with torch.no_grad():
-        direction = setup["direction"]
-        checker.concept_embeds[0] = direction
-        checker.concept_embeds_weights.fill_(1.0)
-        checker.concept_embeds_weights[0] = setup["threshold"]
-        checker.special_care_embeds_weights.fill_(1.0)
-    pipe = setup["pipe"]
-    pipe.safety_checker = checker
-    theirs = generate(pipe)
-    ours = PolicySafetyChecker.from_checker(checker)
-    assert ours.encoder.vision_model is encoder.vision_model  # shared, not copied
-    pipe.safety_checker = ours
-    mine = generate(pipe)
-    assert theirs.nsfw_content_detected == mine.nsfw_content_detected == [True, False]
-    assert np.array_equal(theirs.images, mine.images)
-    # The same flags because the policy is the checker's own (edited) concepts, not by chance.
-    policy = ours.policy
-    assert policy.compat == "diffusers" and len(policy.concept_names) == 17
-    assert torch.equal(policy.concept_matrix, F.normalize(checker.concept_embeds))
-    assert torch.equal(policy.thresholds, checker.concept_embeds_weights)
-    assert torch.equal(policy.special_matrix, F.normalize(checker.special_care_embeds))
-    assert torch.equal(policy.special_thresholds, checker.special_care_embeds_weights)
-    assert policy.adjustment == 0.01 and policy.escalate == "allow"
-    assert (policy.on_error, policy.actions) == ("blackout", ("blackout",) * 17)
-
-
 def test_blur_pt(setup):
     """output_type="pt": the flagged tensor comes back blurred in [0, 1], the other untouched."""
     install(setup, "blur")
@@ -336,3 +306,33 @@ def test_review_without_a_log_says_no_one_will_see_it(setup, caplog):
         "moderation: 1 images need review but this checker logs no decisions, so no reviewer "
         "will see them: build it with db=URL or call checker.log_to(URL)"
     ]
+
+
+def test_drop_in_for_diffusers_own_checker(setup):
+    """from_checker(pipe.safety_checker) flags and blacks out exactly what diffusers' does."""
+    checker = setup["checker"]
+    encoder = setup["encoder"]
+    with torch.no_grad():
+        direction = setup["direction"]
+        checker.concept_embeds[0] = direction
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.concept_embeds_weights[0] = setup["threshold"]
+        checker.special_care_embeds_weights.fill_(1.0)
+    pipe = setup["pipe"]
+    pipe.safety_checker = checker
+    theirs = generate(pipe)
+    ours = PolicySafetyChecker.from_checker(checker)
+    assert ours.encoder.vision_model is encoder.vision_model  # shared, not copied
+    pipe.safety_checker = ours
+    mine = generate(pipe)
+    assert theirs.nsfw_content_detected == mine.nsfw_content_detected == [True, False]
+    assert np.array_equal(theirs.images, mine.images)
+    # The same flags because the policy is the checker's own (edited) concepts, not by chance.
+    policy = ours.policy
+    assert policy.compat == "diffusers" and len(policy.concept_names) == 17
+    assert torch.equal(policy.concept_matrix, F.normalize(checker.concept_embeds))
+    assert torch.equal(policy.thresholds, checker.concept_embeds_weights)
+    assert torch.equal(policy.special_matrix, F.normalize(checker.special_care_embeds))
+    assert torch.equal(policy.special_thresholds, checker.special_care_embeds_weights)
+    assert policy.adjustment == 0.01 and policy.escalate == "allow"
+    assert (policy.on_error, policy.actions) == ("blackout", ("blackout",) * 17)
