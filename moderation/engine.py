@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,8 @@ from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
 from moderation.images import ValueRange, batch_sha256, clip_preprocess, encode_png, to_image_batch
 from moderation.scoring import score
-from moderation.storage.records import policy_record, record_of
+from moderation.storage.errors import PartlyRecordedError
+from moderation.storage.records import check_metadata, policy_record, record_of
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder
@@ -29,10 +30,18 @@ Metadata = dict[str, Any] | Sequence[dict[str, Any]] | None
 
 @dataclass
 class ModerationResult:
-    """The images as the caller may show them, and one decision per image."""
+    """The images as the caller may show them, and one decision per image.
+
+    `unrecorded` lists the ids of decisions that are in neither the database nor the spool (a
+    full disk, an unwritable spool while the database is down); `log_error` says what went wrong
+    with recording this batch, including a batch that is only in the spool because the database
+    refused it. The images are moderated either way.
+    """
 
     images: Any  # same kind, layout, range and device as the input
     decisions: list[Decision]
+    unrecorded: list[str] = field(default_factory=list)
+    log_error: str | None = None
 
     @property
     def flagged(self) -> list[bool]:
@@ -60,6 +69,9 @@ class Moderator:
         self.policy = policy.to(device)
         self.log = log
         self.store_embeddings = store_embeddings
+        # Every decision id this Moderator could not record, and why (see ModerationResult).
+        self.unrecorded: list[str] = []
+        self.log_errors: list[str] = []
         if log is not None:
             log.register_policy(policy_record(self.policy))
 
@@ -121,11 +133,13 @@ class Moderator:
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
         moderated = self._act(batch.images, decisions) if apply else batch.images
+        unrecorded, log_error = [], None
         if self.log is not None:
-            self._log(decisions, batch.images)
+            unrecorded, log_error = self._log(decisions, batch.images)
         # Allowed images go back as the caller's own tensors, bit for bit.
         keep = torch.tensor([not apply or d.action == "allow" for d in decisions])
-        return ModerationResult(batch.to_caller(moderated, keep=keep), decisions)
+        images = batch.to_caller(moderated, keep=keep)
+        return ModerationResult(images, decisions, unrecorded, log_error)
 
     def moderate_embeddings(
         self, embeddings: torch.Tensor, *, metadata: Metadata = None
@@ -187,16 +201,35 @@ class Moderator:
 
     # -- logging and review ------------------------------------------------------------------
 
-    def _log(self, decisions: list[Decision], images) -> None:
-        hashes = batch_sha256(images) if images is not None else [None] * len(decisions)
-        records = []
-        for i, d in enumerate(decisions):
-            d.image_sha256 = hashes[i]
-            held = None
-            if images is not None and d.needs_review:
-                held = encode_png(images[i])
-            records.append(record_of(d, held))
-        self.log.write(records)
+    def _log(self, decisions: list[Decision], images) -> tuple[list[str], str | None]:
+        """Record the decisions; never raises (the images are moderated already). Returns the ids
+        recorded nowhere and the problem, if any; both are also kept on the Moderator."""
+        try:
+            hashes = batch_sha256(images) if images is not None else [None] * len(decisions)
+            records = []
+            for i, d in enumerate(decisions):
+                d.image_sha256 = hashes[i]
+                held = None
+                if images is not None and d.needs_review:
+                    held = encode_png(images[i])
+                records.append(record_of(d, held))
+            self.log.write(records)
+        except PartlyRecordedError as err:  # recorded, in the spool or without its original
+            logger.error("%s", err)
+            self.log_errors.append(str(err))
+            return [], str(err)
+        except Exception as err:
+            ids = getattr(err, "decision_ids", None) or [d.decision_id for d in decisions]
+            reason = (
+                str(err) if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
+            )
+            logger.error(
+                "%d decisions were not recorded (%s): %s", len(ids), reason, ", ".join(ids)
+            )
+            self.unrecorded += ids
+            self.log_errors.append(reason)
+            return ids, reason
+        return [], None
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
@@ -267,10 +300,14 @@ def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
+        # Refused before anything is acted on: metadata the log could not store (see README).
+        check_metadata(metadata)
         return [dict(metadata) for _ in range(n)]
     metas = [dict(m) for m in metadata]
     if len(metas) != n:
         raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
+    for i, meta in enumerate(metas):
+        check_metadata(meta, f"metadata of image {i}")
     return metas
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import create_engine, make_url, text
 
@@ -37,4 +37,31 @@ def temporary_pg_database(server_url: str, prefix: str = "moderation_test") -> I
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def pg_database_later(
+    server_url: str, prefix: str = "moderation_later"
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """The URL of a database that does not exist yet (so it is unreachable), and a function
+    that creates and migrates it: an outage and its end under one URL. Dropped at the end."""
+    from moderation.storage import upgrade
+
+    server = make_url(db.resolve_db_url(server_url))
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    url = server.set(database=name).render_as_string(hide_password=False)
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+
+    def create() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        upgrade(url)
+
+    try:
+        yield url, create
+    finally:
+        db.dispose(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -8,12 +8,16 @@ import click
 
 from moderation.cli.app import main
 from moderation.cli.options import (
+    clean,
     db_option,
     echo_json,
     echo_table,
     failures,
     fmt_float,
     model_options,
+    output_errors,
+    regular_target,
+    writing,
 )
 from moderation.errors import ModerationError
 
@@ -62,6 +66,7 @@ def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
 @click.option("--prompt", help="Caller metadata: the prompt that made the images.")
 @click.option("--user", help="Caller metadata: user or app id.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, as a list.")
+@output_errors
 def check_command(
     images,
     policy_path,
@@ -96,11 +101,13 @@ def check_command(
             policy_path, model=model, device=device, text_model=text_model, db=db
         )
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
     caller = {k: v for k, v in {"prompt": prompt, "user": user}.items() if v is not None}
     results: list[tuple[Path, object]] = []
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with (
+        failures(),
         moderator,
         tqdm(total=len(files), unit="img", disable=len(batches) < 2, leave=False) as bar,
     ):
@@ -113,18 +120,67 @@ def check_command(
             )
             bar.update(len(chunk))
     errors = sum(d.verdict == "error" for _, d in results)
+    unrecorded = set(moderator.unrecorded)
     if as_json:
-        echo_json([{"file": str(f), **d.to_dict()} for f, d in results])
+        echo_json(
+            [
+                {
+                    "file": str(f),
+                    **d.to_dict(),
+                    "recorded": db is not None and d.decision_id not in unrecorded,
+                }
+                for f, d in results
+            ]
+        )
     else:
         _print_table(results)
         counts = {
             v: sum(d.verdict == v for _, d in results) for v in ("allow", "flag", "review", "error")
         }
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-        logged = f"; logged to {db}" if db else ""
-        click.echo(f"\n{len(results)} images: {summary}{logged}")
+        click.echo(f"\n{len(results)} images: {summary}{_recorded(moderator)}")
+    if moderator.log_errors:
+        raise click.ClickException(_not_recorded(moderator, len(results)))
     if errors:
         raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
+
+
+def _recorded(moderator) -> str:
+    """Where the decisions went, for the summary line; nothing when any went wrong."""
+    from moderation.storage import display_url
+
+    log = moderator.log
+    if log is None or moderator.log_errors:
+        return ""
+    counts, where = log.counts, clean(display_url(log.url))
+    parts = []
+    if counts.logged:
+        many = f" {counts.logged} decisions" if counts.spooled else ""
+        parts.append(f"logged{many} to {where}")
+    if counts.spooled:
+        parts.append(
+            f"spooled {counts.spooled} decisions to {clean(log.spool.folder)} (database unreachable)"
+        )
+    if counts.replayed:
+        parts.append(f"replayed {counts.replayed} earlier spooled decisions into {where}")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _not_recorded(moderator, total: int) -> str:
+    """The one-line error of a run whose decisions were not all recorded as they should be."""
+    reason = clean(moderator.log_errors[0])
+    more = len(moderator.log_errors) - 1
+    also = f" (and {more} more recording problems)" if more > 0 else ""
+    ids = moderator.unrecorded
+    if not ids:
+        return f"{reason}{also}"
+    shown = ", ".join(ids[:MAX_IDS_SHOWN])
+    if len(ids) > MAX_IDS_SHOWN:
+        shown += f" and {len(ids) - MAX_IDS_SHOWN} more (--json marks each image's `recorded`)"
+    return f"{len(ids)} of {total} decisions were not recorded ({reason}){also}: {shown}"
+
+
+MAX_IDS_SHOWN = 20  # decision ids named in the error line of a run that could not record them
 
 
 def _check_chunk(moderator, chunk, caller, out_paths):
@@ -146,8 +202,10 @@ def _check_chunk(moderator, chunk, caller, out_paths):
             decided[f] = d
             if out_paths:
                 target = out_paths[f].with_suffix(".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(encode_png(image))
+                regular_target(target)  # never write through a link or into a device
+                with writing(target):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(encode_png(image))
     if bad:
         failed = moderator.fail(messages, metadata=[{**caller, "file": str(f)} for f in bad])
         decided.update(zip(bad, failed, strict=True))

@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from moderation.cli.app import policy
-from moderation.cli.options import echo_json, failures, json_option, model_options
+from moderation.cli.options import (
+    clean,
+    echo_json,
+    failures,
+    json_option,
+    model_options,
+    output_errors,
+    regular_target,
+)
 from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
 
 
@@ -44,6 +52,7 @@ def _plural(count: int, word: str) -> str:
     "--model", help="Check embedding widths against this model (folder or cached hub id)."
 )
 @json_option
+@output_errors
 def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     """Validate policy files (folders: every *.yaml / *.yml inside)."""
     embed_dim = None
@@ -111,6 +120,7 @@ def _as_json(result: dict) -> dict:
     help="Artifact to write (default: PATH with suffix .compiled.safetensors).",
 )
 @json_option
+@output_errors
 def compile_command(path, model, text_model, device, out, as_json):
     """Compile a policy into embedding matrices for its model."""
     from moderation.encoder import ClipEncoder
@@ -123,7 +133,8 @@ def compile_command(path, model, text_model, device, out, as_json):
         )
         compiled = compile_policy(loaded, encoder)
     out = out or path.with_suffix(".compiled.safetensors")
-    compiled.save(out)
+    regular_target(out)  # the artifact is written by rename, which would replace a device
+    _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,
         "version": compiled.version,
@@ -138,9 +149,10 @@ def compile_command(path, model, text_model, device, out, as_json):
         echo_json(summary)
     else:
         click.echo(
-            f"compiled {compiled.name} v{compiled.version}: {summary['concepts']} concepts, "
+            f"compiled {clean(compiled.name)} v{clean(compiled.version)}: "
+            f"{summary['concepts']} concepts, "
             f"{summary['special_care']} special-care, width {compiled.embed_dim}, "
-            f"model {compiled.model}\ndigest {compiled.digest}\nwrote {out}"
+            f"model {clean(compiled.model)}\ndigest {compiled.digest}\nwrote {clean(out)}"
         )
 
 
@@ -155,12 +167,15 @@ def compile_command(path, model, text_model, device, out, as_json):
 )
 @click.option("--force", is_flag=True, help="Overwrite the policy and embeddings files.")
 @json_option
+@output_errors
 def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: bool) -> None:
     """Write a compat: diffusers policy naming every concept of a safety checker CHECKPOINT."""
     from moderation.integrations.sd_checker import import_sd_checker
 
+    for target in (out, out.with_suffix(".safetensors")):
+        regular_target(target)
     with failures():
-        result = import_sd_checker(checkpoint, out, overwrite=force)
+        result = _save(lambda: import_sd_checker(checkpoint, out, overwrite=force), out)
     if as_json:
         data = {
             "policy": str(result.policy_path),
@@ -172,6 +187,18 @@ def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: 
         echo_json(data)
         return
     click.echo(
-        f"Wrote {result.policy_path}: {result.n_concepts} concepts, "
-        f"{result.n_special} special-care concepts (embeddings in {result.embeddings_path})"
+        f"Wrote {clean(result.policy_path)}: {result.n_concepts} concepts, "
+        f"{result.n_special} special-care concepts (embeddings in {clean(result.embeddings_path)})"
     )
+
+
+def _save(write, out: Path):
+    """Run a write; a full disk or an unwritable folder becomes one line (safetensors raises
+    its own error type for them)."""
+    from safetensors import SafetensorError
+
+    try:
+        return write()
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise click.ClickException(f"cannot write {clean(out)}: {clean(reason)}") from err
