@@ -19,6 +19,7 @@ from moderation.cli.options import (
     regular_target,
     writing,
 )
+from moderation.cli.recording import recording_failure, recording_summary
 from moderation.errors import ModerationError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -90,7 +91,7 @@ def check_command(
     files = [f for f, _ in found]
     out_names = dict(found)
     if not files:
-        raise click.ClickException("no image files found in " + ", ".join(map(str, images)))
+        raise click.ClickException("no image files found in " + ", ".join(map(clean, images)))
     db = None
     if not no_log:
         from moderation.storage import resolve_db_url
@@ -138,49 +139,11 @@ def check_command(
             v: sum(d.verdict == v for _, d in results) for v in ("allow", "flag", "review", "error")
         }
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-        click.echo(f"\n{len(results)} images: {summary}{_recorded(moderator)}")
+        click.echo(f"\n{len(results)} images: {summary}{recording_summary(moderator)}")
     if moderator.log_errors:
-        raise click.ClickException(_not_recorded(moderator, len(results)))
+        raise click.ClickException(recording_failure(moderator, len(results)))
     if errors:
         raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
-
-
-def _recorded(moderator) -> str:
-    """Where the decisions went, for the summary line; nothing when any went wrong."""
-    from moderation.storage import display_url
-
-    log = moderator.log
-    if log is None or moderator.log_errors:
-        return ""
-    counts, where = log.counts, clean(display_url(log.url))
-    parts = []
-    if counts.logged:
-        many = f" {counts.logged} decisions" if counts.spooled else ""
-        parts.append(f"logged{many} to {where}")
-    if counts.spooled:
-        parts.append(
-            f"spooled {counts.spooled} decisions to {clean(log.spool.folder)} (database unreachable)"
-        )
-    if counts.replayed:
-        parts.append(f"replayed {counts.replayed} earlier spooled decisions into {where}")
-    return "".join(f"; {part}" for part in parts)
-
-
-def _not_recorded(moderator, total: int) -> str:
-    """The one-line error of a run whose decisions were not all recorded as they should be."""
-    reason = clean(moderator.log_errors[0])
-    more = len(moderator.log_errors) - 1
-    also = f" (and {more} more recording problems)" if more > 0 else ""
-    ids = moderator.unrecorded
-    if not ids:
-        return f"{reason}{also}"
-    shown = ", ".join(ids[:MAX_IDS_SHOWN])
-    if len(ids) > MAX_IDS_SHOWN:
-        shown += f" and {len(ids) - MAX_IDS_SHOWN} more (--json marks each image's `recorded`)"
-    return f"{len(ids)} of {total} decisions were not recorded ({reason}){also}: {shown}"
-
-
-MAX_IDS_SHOWN = 20  # decision ids named in the error line of a run that could not record them
 
 
 def _check_chunk(moderator, chunk, caller, out_paths):

@@ -95,7 +95,7 @@ def _as_text(result: dict) -> str:
     counts = (
         f"{_plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
     )
-    return f"{result['path']}: ok ({counts})"
+    return f"{clean(result['path'])}: ok ({counts})"
 
 
 def _as_json(result: dict) -> dict:
@@ -126,14 +126,14 @@ def compile_command(path, model, text_model, device, out, as_json):
     from moderation.encoder import ClipEncoder
     from policy import compile_policy
 
+    out = out or path.with_suffix(".compiled.safetensors")
+    regular_target(out)  # the artifact is written by rename, which would replace a device
     with failures():
         loaded = load_policy(path)
         encoder = ClipEncoder.from_pretrained(
             model or loaded.resolved_model, device=device, text_model=text_model
         )
         compiled = compile_policy(loaded, encoder)
-    out = out or path.with_suffix(".compiled.safetensors")
-    regular_target(out)  # the artifact is written by rename, which would replace a device
     _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,

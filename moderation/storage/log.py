@@ -109,6 +109,7 @@ class DecisionLog:
         self._ready = False
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._unavailable: Exception | None = None  # why the database is down, while it is
         self._closed = False
         self._auto_replay = True  # off once a replay fails on bad data, until replay() works
         self._other_database: set[str] = set()  # spool files automatic replays leave alone
@@ -157,28 +158,27 @@ class DecisionLog:
             rows, held_problem = self._rows(records)
             reviews = [review_of(r) for r in records]
             refusal: Exception | None = None
-            unavailable: Exception | None = None
             if self._database_worth_trying():
                 try:
                     self._replay_before_write()
                     with self._transaction() as conn:
                         inserts.insert_decisions(conn, rows, reviews)
                     self._succeeded()
-                    self.counts.logged += len(rows)
-                    self._report_held(held_problem)
-                    return
                 except DatabaseUnavailableError as err:
-                    unavailable = err
                     self._failed(err)
                 except Exception as err:  # refused, wrong schema, anything: never drop a batch
                     refusal = err
+                else:
+                    self.counts.logged += len(rows)
+                    self._report_held(held_problem)
+                    return
             try:
                 self._spool_decisions(rows, reviews)
             except StorageError as err:
                 if refusal is not None:
                     why = f"the database refused them ({refusal})"
                 else:
-                    why = str(unavailable or f"database {display_url(self.url)} is unreachable")
+                    why = str(self._unavailable or f"database {display_url(self.url)} is down")
                 raise UnrecordedError(
                     f"{why}, and the spool cannot take them: {err}", [r["id"] for r in rows]
                 ) from err
@@ -307,8 +307,10 @@ class DecisionLog:
             log.warning("database %s is reachable again", display_url(self.url))
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._unavailable = None
 
     def _failed(self, err: Exception) -> None:
+        self._unavailable = err
         if not self._backoff:
             log.warning("%s; spooling decisions to %s", err, self.spool.folder)
         self._backoff = min(max(RETRY_MIN_S, self._backoff * 2), RETRY_MAX_S)

@@ -75,35 +75,46 @@ class Replayer:
         self.chunk_rows = chunk_rows
 
     def run(self, paths: list[Path], *, into_other_database: bool = False) -> ReplayReport:
-        """Replay every file in `paths` (claimed); files for another database are left alone."""
+        """Replay every file in `paths` (claimed); files for another database are left alone.
+
+        The policies of every file go in first (a decision may refer to a policy that an earlier
+        file of the same process carries), then each file's decisions.
+        """
         report = ReplayReport()
+        mine: list[Path] = []
         for path in paths:
             target = self.spool.target_of(path)
-            if not into_other_database and (target or {}).get("database") != self.database:
-                if target is None:
-                    why = "does not say which database it is for (an earlier version wrote it)"
-                else:
-                    why = f"is meant for {target.get('url') or target.get('database')}"
-                report.other_database.append(f"{path}: {why}")
-                report.other_files.append(path.name)
-                self.spool.release(path)
+            if into_other_database or (target or {}).get("database") == self.database:
+                mine.append(path)
                 continue
-            report.added += self._replay_file(path, report)
+            if target is None:
+                why = "does not say which database it is for (an earlier version wrote it)"
+            else:
+                why = f"is meant for {target.get('url') or target.get('database')}"
+            report.other_database.append(f"{path}: {why}")
+            report.other_files.append(path.name)
+            self.spool.release(path)
+        records = {path: self.spool.records(path) for path in mine}
+        work = {path: _FileWork() for path in mine}
+        policies = []
+        for path in mine:
+            for record in records[path]:
+                if record.kind == "policy":
+                    try:
+                        policies.append((path, record.payload()))
+                    except SpoolRecordError as err:
+                        work[path].unreadable.append((record, str(err)))
+        for path, policy, why in self._store_policies(policies):
+            work[path].refused_policies.append((policy, why))
+        for path in mine:
+            report.added += self._replay_file(path, records[path], work[path], report)
         return report
 
     # -- one file --------------------------------------------------------------------------
 
-    def _replay_file(self, path: Path, report: ReplayReport) -> int:
-        work = _FileWork()
-        records = self.spool.records(path)
-        policies = []
-        for record in records:
-            if record.kind == "policy":
-                try:
-                    policies.append(record.payload())
-                except SpoolRecordError as err:
-                    work.unreadable.append((record, str(err)))
-        self._store_policies(policies, work)
+    def _replay_file(
+        self, path: Path, records: list[SpoolRecord], work: _FileWork, report: ReplayReport
+    ) -> int:
         batches = []
         for record in records:
             if record.kind == "decisions":
@@ -119,25 +130,30 @@ class Replayer:
         self.spool.remove(path)
         return added
 
-    def _store_policies(self, policies: list[dict[str, Any]], work: _FileWork) -> None:
+    def _store_policies(
+        self, policies: list[tuple[Path, dict[str, Any]]]
+    ) -> list[tuple[Path, dict[str, Any], str]]:
+        """Insert policies (first row per digest wins); returns those refused, with why."""
         if not policies:
-            return
+            return []
         try:
             with self.transaction() as conn:
-                inserts.insert_policies(conn, policies)
-            return
+                inserts.insert_policies(conn, [policy for _, policy in policies])
+            return []
         except STOP:
             raise
         except Exception:
             pass  # find out which one, below
-        for policy in policies:
+        refused = []
+        for path, policy in policies:
             try:
                 with self.transaction() as conn:
                     inserts.insert_policies(conn, [policy])
             except STOP:
                 raise
             except Exception as err:
-                work.refused_policies.append((policy, first_line(err)))
+                refused.append((path, policy, first_line(err)))
+        return refused
 
     def _store(self, batches: list[_Batch], work: _FileWork) -> int:
         """Commit in transactions of about `chunk_rows` decisions; refusals are narrowed down."""

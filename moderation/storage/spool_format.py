@@ -60,7 +60,7 @@ class SpoolRecord:
     def payload(self) -> dict[str, Any]:
         """The decoded payload; SpoolRecordError when it is not a JSON object."""
         try:
-            data = json.loads(self.body)
+            data = json.loads(self.body.decode("utf-8"))  # we write UTF-8, never UTF-16
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SpoolRecordError(f"its payload is not JSON ({err})") from err
         if not isinstance(data, dict):
