@@ -48,11 +48,18 @@ class Decision:
     margin: float | None = None  # highest concept score; None when the image could not be scored
     top_concept: str | None = None
     error: str | None = None
-    embedding: np.ndarray | None = field(default=None, repr=False)  # [D] float32
+    embedding: np.ndarray | None = field(default=None, repr=False)  # [V, D] float32, per view
     image_sha256: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     decision_id: str = field(default_factory=new_decision_id)
     created_at: datetime = field(default_factory=utcnow)
+    # The views the image was judged on ({"frame": int, "box": [left, top, right, bottom]} in
+    # source pixels), None for one view of the whole input; per concept, which view gave its
+    # maximum cosine (None: view 0 for every concept).
+    views: list[dict[str, Any]] | None = None
+    concept_views: np.ndarray | None = field(default=None, repr=False)  # [C] int16
+    special_views: np.ndarray | None = field(default=None, repr=False)  # [S] int16
+    shadow_of: str | None = None  # the live decision's id, for a shadow policy's decision
 
     @property
     def flagged(self) -> bool:
@@ -134,8 +141,14 @@ def decide(
     errors: Sequence[str | None] | None = None,
     embeddings: torch.Tensor | None = None,
     metadata: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
+    owners: torch.Tensor | None = None,
+    views: Sequence[list[dict[str, Any]] | None] | None = None,
 ) -> list[Decision]:
-    """One Decision per image: the action is worked out on the device, then one host transfer."""
+    """One Decision per image: the action is worked out on the device, then one host transfer.
+
+    `embeddings` are kept in the decisions (one row per view; with `owners` [N], row i belongs
+    to image owners[i], as in `score`); `views` describes each image's views.
+    """
     import torch
 
     from policy.compiled import ACTION_RANK
@@ -147,6 +160,8 @@ def decide(
         raise ValueError(f"errors has {len(errors)} entries for a batch of {batch}")
     if isinstance(metadata, Sequence) and len(metadata) != batch:
         raise ValueError(f"metadata has {len(metadata)} entries for a batch of {batch}")
+    if views is not None and len(views) != batch:
+        raise ValueError(f"views has {len(views)} entries for a batch of {batch}")
 
     # Most severe action among fired concepts (allow where none fired).
     fired = scores.scores > 0  # [B, C]
@@ -177,16 +192,32 @@ def decide(
         margin[:, None],
         top[:, None],
     ]
-    if embeddings is not None:
+    one_view = owners is None
+    if embeddings is not None and one_view:
         columns.append(embeddings.detach().to(device))
+    if scores.concept_views is not None:
+        columns += [scores.concept_views, scores.special_views]
     host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
+    embedding_rows: list[np.ndarray] | None = None
+    if embeddings is not None and not one_view:
+        # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
+        flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
+        counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
+        embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
 
     c, s = n_concepts, n_special
     cosines, concept_scores = host[:, :c], host[:, c : 2 * c]
     special_cosines, special_scores = host[:, 2 * c : 2 * c + s], host[:, 2 * c + s : 2 * c + 2 * s]
     tail = host[:, 2 * c + 2 * s :]
     adjustment, action_rank, valid, margin_np, top_np = (tail[:, i] for i in range(5))
-    embedding_rows = tail[:, 5:] if embeddings is not None else None
+    at = 5
+    if embeddings is not None and one_view:
+        embedding_rows = list(tail[:, at : at + embeddings.shape[1], None].transpose(0, 2, 1))
+        at += embeddings.shape[1]  # B x [1, D]
+    concept_views = special_views = None
+    if scores.concept_views is not None:
+        concept_views = tail[:, at : at + c].astype(np.int16)  # [B, C]
+        special_views = tail[:, at + c : at + c + s].astype(np.int16)  # [B, S]
     fired_np = concept_scores > 0  # [B, C]
     special_fired_np = special_scores > 0  # [B, S]
 
@@ -207,6 +238,9 @@ def decide(
             "special_scores": special_scores[i],
             "embedding": None if embedding_rows is None else embedding_rows[i],
             "metadata": _metadata_for(metadata, i),
+            "views": None if views is None else views[i],
+            "concept_views": None if concept_views is None else concept_views[i],
+            "special_views": None if special_views is None else special_views[i],
         }
         if error is not None:
             decisions.append(Decision(verdict="error", action=on_error, error=error, **common))

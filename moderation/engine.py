@@ -13,7 +13,14 @@ import torch
 
 from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
-from moderation.images import ValueRange, batch_sha256, clip_preprocess, encode_png, to_image_batch
+from moderation.images import (
+    ImageBatch,
+    ValueRange,
+    batch_sha256,
+    clip_preprocess,
+    encode_png,
+    to_image_batch,
+)
 from moderation.scoring import score
 from moderation.storage.errors import PartlyRecordedError
 from moderation.storage.records import check_metadata, policy_record, record_of
@@ -117,18 +124,12 @@ class Moderator:
         if len(batch) == 0:
             return ModerationResult(batch.to_caller(), [])
         try:
-            # Non-finite inputs become NaN pixel rows here, so they cannot score as clean.
-            pixels = clip_preprocess(
-                batch,
-                size=self.encoder.image_size,
-                mean=self.encoder.image_mean,
-                std=self.encoder.image_std,
-            )
-            embeddings = self.encoder.encode_image(pixels)  # [B, D]
+            pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            embeddings = self.encoder.encode_image(pixels)  # [N, D]
             errors: list[str | None] = [None] * len(batch)
             for i in batch.invalid_indices():  # one host sync for the batch
                 errors[i] = "the input image holds NaN or infinite values"
-            decisions = self._decide(embeddings, metas, errors)
+            decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
@@ -141,12 +142,40 @@ class Moderator:
         images = batch.to_caller(moderated, keep=keep)
         return ModerationResult(images, decisions, unrecorded, log_error)
 
+    def _views(
+        self, batch: ImageBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]] | None] | None]:
+        """CLIP pixel values of the views each image is judged on, which image each view belongs
+        to (None: one view per image) and the views' descriptions (None: not described).
+
+        Non-finite inputs become NaN pixel rows, so they cannot score as clean.
+        """
+        pixels = clip_preprocess(
+            batch,
+            size=self.encoder.image_size,
+            mean=self.encoder.image_mean,
+            std=self.encoder.image_std,
+        )  # [B, 3, S, S]: CLIP's centre crop
+        return pixels, None, None
+
     def moderate_embeddings(
-        self, embeddings: torch.Tensor, *, metadata: Metadata = None
+        self,
+        embeddings: torch.Tensor,
+        *,
+        metadata: Metadata = None,
+        owners: torch.Tensor | None = None,
+        views: Sequence[list[dict[str, Any]] | None] | None = None,
     ) -> list[Decision]:
-        """Decide from precomputed image embeddings [B, D] (replay, backtests); logs like moderate()."""
+        """Decide from precomputed embeddings (replay, backtests); logs like moderate().
+
+        embeddings: [B, D], one per image; or [N, D] views of images with `owners` [N] naming
+        each row's image (non-decreasing), and optionally `views` describing them per image.
+        """
         embeddings = torch.as_tensor(embeddings).to(self.policy.device)
-        decisions = self._decide(embeddings, _per_image(metadata, embeddings.shape[0]))
+        n_images = embeddings.shape[0] if owners is None else _image_count(owners, views)
+        decisions = self._decide(
+            embeddings, _per_image(metadata, n_images), owners=owners, views=views
+        )
         if self.log is not None:
             self._log(decisions, None)
         return decisions
@@ -169,15 +198,22 @@ class Moderator:
         embeddings: torch.Tensor,
         metas: list[dict[str, Any]],
         errors: list[str | None] | None = None,
+        *,
+        owners: torch.Tensor | None = None,
+        views: Sequence[list[dict[str, Any]] | None] | None = None,
     ) -> list[Decision]:
         embeddings = embeddings.float()  # scores in float32 whatever the tower's dtype
-        scores = score(self.policy, embeddings)
+        if owners is not None:
+            owners = owners.to(embeddings.device)
+        scores = score(self.policy, embeddings, owners, len(metas))
         return decide(
             self.policy,
             scores,
             errors=errors,
             embeddings=embeddings if self.store_embeddings else None,
             metadata=metas,
+            owners=owners,
+            views=views,
         )
 
     def _act(self, images, decisions: list[Decision]):
@@ -294,6 +330,13 @@ def load_compiled(
     )
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, encoder)
     return compiled, encoder
+
+
+def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
+    """How many images views belong to: len(views) when given, else the last owner + 1."""
+    if views is not None:
+        return len(views)
+    return int(owners[-1]) + 1 if owners.numel() else 0
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:

@@ -30,7 +30,11 @@ class Scores:
     special_scores: torch.Tensor  # [B, S] float32; a special-care concept fires where > 0
     special_hit: torch.Tensor  # [B] bool
     adjustment: torch.Tensor  # [B] float32, added to every concept score of the image
-    valid: torch.Tensor  # [B] bool; False where the embedding or a score is NaN/inf
+    valid: torch.Tensor  # [B] bool; False where an embedding of the image or a score is NaN/inf
+    # With several views per image: which view (0-based, within its image) gave each concept's
+    # maximum cosine. None when every image was judged on one view.
+    concept_views: torch.Tensor | None = None  # [B, C] int64
+    special_views: torch.Tensor | None = None  # [B, S] int64
 
     @property
     def fired(self) -> torch.Tensor:
@@ -43,8 +47,18 @@ class Scores:
         return self.special_scores > 0
 
 
-def score(policy: CompiledPolicy, embeddings: torch.Tensor) -> Scores:
-    """Score image embeddings [B, D] against the policy (on the embeddings' device)."""
+def score(
+    policy: CompiledPolicy,
+    embeddings: torch.Tensor,
+    owners: torch.Tensor | None = None,
+    n_images: int | None = None,
+) -> Scores:
+    """Score embeddings [N, D] against the policy (on the embeddings' device).
+
+    Without `owners` every row is one image. With `owners` ([N] int64, non-decreasing: row i is
+    a view of image owners[i]) each concept's cosine is its maximum over the image's views, so an
+    image fires as soon as any view shows a concept; `n_images` (default owners[-1] + 1) images.
+    """
     if embeddings.ndim != 2 or embeddings.shape[1] != policy.embed_dim:
         raise ModerationError(
             f"embeddings of shape {tuple(embeddings.shape)} do not fit policy {policy.name!r}: "
@@ -53,13 +67,27 @@ def score(policy: CompiledPolicy, embeddings: torch.Tensor) -> Scores:
     device = embeddings.device
     # diffusers normalises with F.normalize (dim=1, eps=1e-12) and multiplies with torch.mm against
     # the transposed, already-normalised matrix: same calls and shapes, so the same bits.
-    unit = F.normalize(embeddings.float())  # [B, D]
+    unit = F.normalize(embeddings.float())  # [N, D]
     concept_matrix = policy.concept_matrix.to(device, torch.float32)  # [C, D]
     special_matrix = policy.special_matrix.to(device, torch.float32)  # [S, D]
     thresholds = policy.thresholds.to(device, torch.float32)  # [C]
     special_thresholds = policy.special_thresholds.to(device, torch.float32)  # [S]
-    cosines = torch.mm(unit, concept_matrix.t())  # [B, C]
-    special_cosines = torch.mm(unit, special_matrix.t())  # [B, S]
+    cosines = torch.mm(unit, concept_matrix.t())  # [N, C]
+    special_cosines = torch.mm(unit, special_matrix.t())  # [N, S]
+    finite = torch.isfinite(embeddings).all(dim=1)  # [N]
+    concept_views = special_views = None
+    if owners is not None:
+        if n_images is None:
+            n_images = int(owners[-1]) + 1 if owners.numel() else 0
+        owners = owners.to(device)
+        cosines, concept_views = max_over_views(cosines, owners, n_images)  # [B, C]
+        special_cosines, special_views = max_over_views(special_cosines, owners, n_images)
+        # One non-finite view makes the whole image unscored: it fails closed.
+        finite = (
+            torch.ones(n_images, dtype=torch.long, device=device)
+            .scatter_reduce(0, owners, finite.long(), "amin")
+            .bool()
+        )
 
     if policy.compat == "diffusers":
         scores, special_scores, special_hit, adjustment = _diffusers_scores(
@@ -71,11 +99,7 @@ def score(policy: CompiledPolicy, embeddings: torch.Tensor) -> Scores:
         adjustment = special_hit.to(torch.float32) * float(policy.adjustment)  # [B]
         scores = cosines - thresholds + adjustment[:, None]  # [B, C]
 
-    valid = (
-        torch.isfinite(embeddings).all(dim=1)
-        & torch.isfinite(scores).all(dim=1)
-        & torch.isfinite(special_scores).all(dim=1)
-    )
+    valid = finite & torch.isfinite(scores).all(dim=1) & torch.isfinite(special_scores).all(dim=1)
     return Scores(
         cosines=cosines,
         scores=scores,
@@ -84,7 +108,43 @@ def score(policy: CompiledPolicy, embeddings: torch.Tensor) -> Scores:
         special_hit=special_hit,
         adjustment=adjustment,
         valid=valid,
+        concept_views=concept_views,
+        special_views=special_views,
     )
+
+
+def max_over_views(
+    values: torch.Tensor, owners: torch.Tensor, n_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the maximum of `values` [N, K] over its rows, and which of its rows held it.
+
+    `owners` [N] (non-decreasing) names each row's image. Returns ([B, K] float32, [B, K] int64
+    row index within the image: the first view holding the maximum). NaN wins the maximum, so a
+    NaN view cannot hide behind a finite one. No host sync, no Python loop over views.
+    """
+    n, k = values.shape
+    device = values.device
+    index = owners[:, None].expand(n, k)  # [N, K]
+    best = values.new_full((n_images, k), float("-inf")).scatter_reduce(
+        0, index, values, "amax", include_self=True
+    )  # [B, K]
+    nan = (
+        torch.zeros(n_images, k, dtype=torch.long, device=device)
+        .scatter_reduce(0, index, torch.isnan(values).long(), "amax")
+        .bool()
+    )
+    best = torch.where(nan, torch.full_like(best, float("nan")), best)
+    # Row number of each view within its image: its row minus its image's first row.
+    first = torch.full((n_images,), n, dtype=torch.long, device=device).scatter_reduce(
+        0, owners, torch.arange(n, device=device), "amin"
+    )  # [B]
+    local = (torch.arange(n, device=device) - first[owners])[:, None].expand(n, k)  # [N, K]
+    holds = (values == best[owners]) | (torch.isnan(values) & nan[owners])
+    big = torch.full_like(local, n)
+    which = torch.full((n_images, k), n, dtype=torch.long, device=device).scatter_reduce(
+        0, index, torch.where(holds, local, big), "amin"
+    )  # [B, K]
+    return best, which.clamp_(max=max(n - 1, 0))
 
 
 def diffusers_arithmetic_dtype() -> torch.dtype:

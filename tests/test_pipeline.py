@@ -52,7 +52,7 @@ def setup():
     pipe = make_tiny_pipeline(safety_checker=probe)
     plain = generate(pipe)
     assert plain.nsfw_content_detected == [False, False]
-    e0, e1 = (d.embedding for d in probe.last_decisions)
+    e0, e1 = (d.embedding[0] for d in probe.last_decisions)  # one view each: [1, D]
     direction = torch.from_numpy(e0 / np.linalg.norm(e0) - e1 / np.linalg.norm(e1))
     cos = [float(F.cosine_similarity(direction, torch.from_numpy(e), dim=0)) for e in (e0, e1)]
     assert cos[0] > cos[1] + 0.05

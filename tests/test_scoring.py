@@ -149,7 +149,7 @@ def test_nan_embedding_is_an_error_with_on_error_action():
     for d in decisions[1:]:
         assert (d.verdict, d.action, d.error) == ("error", "pixelate", NON_FINITE)
         assert d.margin is None and d.top_concept is None and d.fired == ()
-    assert decisions[0].embedding.shape == (16,)
+    assert decisions[0].embedding.shape == (1, 16)  # one view
 
 
 def test_error_strings_and_allow_on_error_fail_closed():

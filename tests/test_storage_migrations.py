@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timezone
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -26,7 +27,6 @@ from moderation.storage import (
     upgrade,
 )
 from moderation.storage import db as storage_db
-from moderation.storage import schema as migrate
 from tests.pg import pg_test_url, temporary_pg_database
 
 TABLES = {"policies", "decisions", "review_items", "review_events"}
@@ -138,7 +138,11 @@ def test_db_commands(tmp_path):
     assert f"to {head_revision()}" in result.output
 
     result = runner.invoke(main, ["db", "current", "--db", url, "--json"])
-    assert json.loads(result.output) == {"url": url, "current": head_revision(), "head": "0001"}
+    assert json.loads(result.output) == {
+        "url": url,
+        "current": head_revision(),
+        "head": head_revision(),
+    }
 
     result = runner.invoke(main, ["db", "downgrade", "--db", url, "--revision", "base"])
     assert result.exit_code == 0 and "to base" in result.output
@@ -172,33 +176,123 @@ def test_immediate_transaction_takes_the_write_lock(tmp_path):
 
 
 @pytest.fixture
-def newer_code(monkeypatch):
-    """Pretend this version of the code ships a revision 0002 the database does not have."""
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
-    monkeypatch.setattr(migrate, "known_revisions", lambda: {"0001", "0002"})
-
-
-def test_database_behind_the_code_asks_for_upgrade(tmp_path, newer_code):
+def behind_url(tmp_path):
+    """A database one revision behind this version of the code."""
     url = f"sqlite:///{tmp_path / 'behind.db'}"
-    upgrade(url)
-    message = (
-        f"database {url} is at revision 0001, this version needs 0002; "
-        "run `moderation db upgrade --db URL` first"
-    )
-    with pytest.raises(SchemaVersionError) as caught:
-        get_engine(url)
-    assert str(caught.value) == message
+    upgrade(url, PREVIOUS)
+    yield url
     storage_db.dispose(url)
 
 
-def test_writes_to_an_old_schema_are_kept_and_reported(tmp_path, newer_code):
-    url = f"sqlite:///{tmp_path / 'behind.db'}"
-    upgrade(url)
+PREVIOUS = "0003"
+
+
+def test_database_behind_the_code_asks_for_upgrade(behind_url):
+    message = (
+        f"database {behind_url} is at revision {PREVIOUS}, this version needs {head_revision()}; "
+        "run `moderation db upgrade --db URL` first"
+    )
+    with pytest.raises(SchemaVersionError) as caught:
+        get_engine(behind_url)
+    assert str(caught.value) == message
+
+
+def test_writes_to_an_old_schema_are_kept_and_reported(tmp_path, behind_url):
+    url = behind_url
     policy = example_policy()
     with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
         with pytest.raises(SchemaVersionError):
             log.register_policy(policy)
-        with pytest.raises(StorageError, match="3 decisions were kept in the spool"):
+        with pytest.raises(StorageError, match="the 3 decisions are kept in the spool"):
             log.write(example_decisions(3, policy))
     assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
-    storage_db.dispose(url)
+
+
+def test_old_rows_survive_every_migration_up_and_down(empty_url):
+    """Rows written at 0001 are intact at head (new columns empty) and after going back down."""
+    upgrade(empty_url, "0001")
+    policy = example_policy()
+    old = {
+        "digest": policy.digest,
+        "name": policy.name,
+        "version": policy.version,
+        "model_id": policy.model_id,
+        "compat": None,
+        "source": policy.source,
+        "concepts": policy.concepts,
+        "special_concepts": policy.special_concepts,
+        "adjustment": 0.01,
+        "escalate": "review",
+        "review_band": 0.0,
+        "created_at": datetime(2025, 1, 1, tzinfo=timezone.utc),
+    }
+    decision = {
+        "id": "00000000-0000-4000-8000-000000000001",
+        "created_at": datetime(2025, 1, 1, tzinfo=timezone.utc),
+        "policy_digest": policy.digest,
+        "model_id": "tiny-clip",
+        "image_sha256": None,
+        "verdict": "review",
+        "action": "review",
+        "top_concept": "gore",
+        "margin": 0.01,
+        "fired": ["gore"],
+        "special_hits": [],
+        "adjustment": 0.0,
+        "cosines": b"\0" * 16,
+        "scores": b"\0" * 16,
+        "special_cosines": b"\0" * 4,
+        "special_scores": b"\0" * 4,
+        "embedding": b"\0" * 8,
+        "meta": {"prompt": "p"},
+        "error": None,
+        "held_path": "ab/abcd.png",
+    }
+    item = {
+        "decision_id": decision["id"],
+        "status": "pending",
+        "priority": 0,
+        "margin": 0.01,
+        "created_at": decision["created_at"],
+        "updated_at": decision["created_at"],
+    }
+    engine = storage_db.engine_for(empty_url)
+    with engine.begin() as conn:
+        for table, row in (("policies", old), ("decisions", decision), ("review_items", item)):
+            conn.execute(Base.metadata.tables[table].insert().values(**row))
+    storage_db.dispose(empty_url)
+
+    upgrade(empty_url, "head")
+    assert drift(empty_url) == []
+    with storage_db.engine_for(empty_url).connect() as conn:
+        got = conn.exec_driver_sql(
+            "SELECT id, held_path, views, concept_views, special_views, shadow_of FROM decisions"
+        ).one()
+        labels = conn.exec_driver_sql("SELECT labels FROM review_items").scalar_one()
+    assert tuple(got) == (decision["id"], "ab/abcd.png", None, None, None, None)
+    assert labels is None
+
+    downgrade(empty_url, "0001")
+    with storage_db.engine_for(empty_url).connect() as conn:
+        assert conn.exec_driver_sql("SELECT id, held_path FROM decisions").one() == (
+            decision["id"],
+            "ab/abcd.png",
+        )
+        columns = {c["name"] for c in inspect(conn).get_columns("decisions")}
+    assert {"views", "concept_views", "special_views", "shadow_of"}.isdisjoint(columns)
+    storage_db.dispose(empty_url)
+
+
+def test_downgrading_shadow_drops_only_shadow_rows(empty_url, tmp_path):
+    upgrade(empty_url)
+    policy = example_policy()
+    live, shadow = example_decisions(2, policy)
+    shadow.shadow_of = live.id
+    with DecisionLog(empty_url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
+        log.register_policy(policy)
+        log.write([live, shadow])
+    downgrade(empty_url, "0002")
+    with storage_db.engine_for(empty_url).connect() as conn:
+        ids = conn.exec_driver_sql("SELECT id FROM decisions").scalars().all()
+    assert ids == [live.id]
+    upgrade(empty_url)

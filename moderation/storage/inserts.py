@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from moderation.storage.errors import StorageError
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
-from moderation.storage.records import json_column
+from moderation.storage.records import NULLABLE_JSON_COLUMNS, json_column
 
 SYSTEM_ACTOR = "system"
 _SQLITE_IDS_PER_QUERY = 10000  # well under SQLite's 32766 bound parameters
@@ -24,7 +24,7 @@ _EVENTS: Table = ReviewEvent.__table__  # type: ignore[assignment]
 _COLUMNS = [c.name for c in _DECISIONS.columns]
 _values_of = operator.itemgetter(*_COLUMNS)
 _TIME_AT = _COLUMNS.index("created_at")
-_JSON_AT = [_COLUMNS.index(n) for n in ("fired", "special_hits", "meta")]
+_JSON_AT = [_COLUMNS.index(n) for n in ("fired", "special_hits", "meta", *NULLABLE_JSON_COLUMNS)]
 _EMPTY_JSON = {list: "[]", dict: "{}"}
 _PG_ARRAY_TYPES = {
     "String": "text[]",
@@ -136,7 +136,10 @@ def _sqlite_values(row: dict) -> tuple:
     values[_TIME_AT] = sqlite_time(values[_TIME_AT])
     for at in _JSON_AT:
         value = values[at]
-        values[at] = _EMPTY_JSON[type(value)] if not value else json_column(row, _COLUMNS[at])
+        if value is None or value:
+            values[at] = json_column(row, _COLUMNS[at])
+        else:
+            values[at] = _EMPTY_JSON[type(value)]
     return tuple(values)
 
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 models of the decision log and the review queue (see CONTRACTS.md)."""
+"""SQLAlchemy 2.0 models of the decision log and the review queue (migrations/ creates them)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (indexable, compact); plain JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+# For optional columns: Python None is SQL NULL (not the JSON value null), on every write path.
+NullableJSON = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -104,6 +106,7 @@ class DecisionRow(Base):
         Index("ix_decisions_created_at", "created_at"),
         Index("ix_decisions_policy_digest_created_at", "policy_digest", "created_at"),
         Index("ix_decisions_image_sha256", "image_sha256"),
+        Index("ix_decisions_shadow_of", "shadow_of"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4 text
@@ -122,15 +125,26 @@ class DecisionRow(Base):
     scores: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [C]
     special_cosines: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [S]
     special_scores: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE [S]
-    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 LE [D]
+    embedding: Mapped[bytes | None] = mapped_column(
+        LargeBinary
+    )  # float16 LE [V, D], one row per view
     meta: Mapped[dict[str, Any]] = mapped_column(JSONType)  # prompt, seed, user, app...
     error: Mapped[str | None] = mapped_column(Text)
-    held_path: Mapped[str | None] = mapped_column(String(200))  # relative to the held folder
+    held_path: Mapped[str | None] = mapped_column(Text)  # where the held original was stored
+    # The views the image was judged on ([{"frame", "box"}], NULL: one view of the whole image)
+    # and, per concept, which view gave its (maximum) cosine: int16 LE [C] and [S].
+    views: Mapped[list | None] = mapped_column(NullableJSON)
+    concept_views: Mapped[bytes | None] = mapped_column(LargeBinary)
+    special_views: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # A shadow decision (a candidate policy scored on live traffic, never acted on) points at
+    # the live decision of the same image; NULL for live decisions.
+    shadow_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("decisions.id"))
 
     policy: Mapped[PolicyRow] = relationship()
     review_items: Mapped[list[ReviewItem]] = relationship(
         back_populates="decision", order_by="ReviewItem.id"
     )
+    live: Mapped[DecisionRow | None] = relationship(remote_side="DecisionRow.id")
 
 
 class ReviewItem(Base):
@@ -157,6 +171,8 @@ class ReviewItem(Base):
     reviewer: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
     reopened_from: Mapped[int | None] = mapped_column(Integer, ForeignKey("review_items.id"))
+    # What the reviewer said the image shows, recorded with the verdict (NULL before one).
+    labels: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 
     decision: Mapped[DecisionRow] = relationship(back_populates="review_items")
 

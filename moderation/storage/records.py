@@ -58,19 +58,33 @@ class DecisionRecord:
     scores: np.ndarray  # [C] float32
     special_cosines: np.ndarray  # [S] float32
     special_scores: np.ndarray  # [S] float32
-    embedding: np.ndarray | None  # [D] float16
+    embedding: np.ndarray | None  # [V, D] float16, one row per view ([D] is taken as one view)
     meta: dict
     error: str | None
     needs_review: bool = False
     priority: int = 0  # 1 = special-care escalation
     held_image: bytes | None = None  # PNG bytes of the original, stored before the row is written
+    views: list[dict] | None = None  # [{"frame": int, "box": [l, t, r, b]}]; None: one whole view
+    concept_views: np.ndarray | None = None  # [C] int16: view of each concept's max cosine
+    special_views: np.ndarray | None = None  # [S] int16
+    shadow_of: str | None = None  # id of the live decision this shadow decision accompanies
 
 
 F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")
-_BINARY_COLUMNS = ("cosines", "scores", "special_cosines", "special_scores", "embedding")
+I16 = np.dtype("<i2")
+_BINARY_COLUMNS = (
+    "cosines",
+    "scores",
+    "special_cosines",
+    "special_scores",
+    "embedding",
+    "concept_views",
+    "special_views",
+)
 _DATETIME_COLUMNS = ("created_at",)
 _JSON_COLUMNS = ("fired", "special_hits", "meta")
+NULLABLE_JSON_COLUMNS = ("views",)  # None is SQL NULL, not JSON null
 
 
 # -- what both backends can store ------------------------------------------------------------
@@ -172,13 +186,16 @@ def check_policy_record(record: PolicyRecord) -> None:
             raise StorageError(f"{label}: {path} {problem}")
 
 
-def encode_array(values: np.ndarray | None, dtype: np.dtype, what: str) -> bytes | None:
-    """A 1-D array as little-endian bytes of `dtype` (None stays None)."""
+def encode_array(
+    values: np.ndarray | None, dtype: np.dtype, what: str, *, ndim: int = 1
+) -> bytes | None:
+    """A 1-D (or, with ndim=2, [rows, width]) array as little-endian bytes of `dtype`."""
     if values is None:
         return None
     array = np.asarray(values)
-    if array.ndim != 1:
-        raise StorageError(f"{what} must be a 1-D array, got shape {tuple(array.shape)}")
+    if array.ndim not in range(1, ndim + 1):
+        shape = "a 1-D array" if ndim == 1 else "a 1-D or 2-D array"
+        raise StorageError(f"{what} must be {shape}, got shape {tuple(array.shape)}")
     return array.astype(dtype, copy=False).tobytes()
 
 
@@ -226,10 +243,14 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "scores": encode_array(record.scores, F32, f"{where}: scores"),
         "special_cosines": encode_array(record.special_cosines, F32, f"{where}: special_cosines"),
         "special_scores": encode_array(record.special_scores, F32, f"{where}: special_scores"),
-        "embedding": encode_array(record.embedding, F16, f"{where}: embedding"),
+        "embedding": encode_array(record.embedding, F16, f"{where}: embedding", ndim=2),
         "meta": dict(record.meta or {}),
         "error": storable_text(record.error),
         "held_path": held_path,
+        "views": None if record.views is None else [dict(v) for v in record.views],
+        "concept_views": encode_array(record.concept_views, I16, f"{where}: concept_views"),
+        "special_views": encode_array(record.special_views, I16, f"{where}: special_views"),
+        "shadow_of": record.shadow_of,
     }
 
 
@@ -255,13 +276,21 @@ def record_from_row(row: Any) -> DecisionRecord:
     values = {n: get(n) for n in names if n not in ("needs_review", "priority", "held_image")}
     for name in ("cosines", "scores", "special_cosines", "special_scores"):
         values[name] = decode_array(values[name], F32)
-    values["embedding"] = decode_array(values["embedding"], F16)
+    for name in ("concept_views", "special_views"):
+        values[name] = decode_array(values[name], I16)
+    views = values["views"]
+    embedding = decode_array(values["embedding"], F16)
+    if embedding is not None:
+        embedding = embedding.reshape(len(views) if views else 1, -1)  # [V, D]
+    values["embedding"] = embedding
     values["created_at"] = utc(values["created_at"])
     return DecisionRecord(**values)
 
 
-def json_column(row: dict[str, Any], column: str) -> str:
+def json_column(row: dict[str, Any], column: str) -> str | None:
     """JSON text of a JSON column of a decisions row; StorageError names the decision."""
+    if row[column] is None and column in NULLABLE_JSON_COLUMNS:
+        return None  # SQL NULL
     try:
         return json_dumps(row[column])
     except (TypeError, ValueError) as err:
@@ -351,6 +380,10 @@ def record_of(d: Decision, held_image: bytes | None = None) -> DecisionRecord:
         special_cosines=d.special_cosines,
         special_scores=d.special_scores,
         embedding=None if d.embedding is None else d.embedding.astype(np.float16),
+        views=d.views,
+        concept_views=d.concept_views,
+        special_views=d.special_views,
+        shadow_of=d.shadow_of,
         meta=d.metadata,
         error=d.error,
         needs_review=d.needs_review,

@@ -28,7 +28,10 @@ from moderation.storage.spool_format import encode_record
 
 # Errors that stop a replay (retry later), as opposed to a refusal of particular records.
 STOP = (DatabaseUnavailableError, SchemaVersionError)
-_DECISION_COLUMNS = frozenset(c.name for c in DecisionRow.__table__.columns)
+_COLUMNS = DecisionRow.__table__.columns
+_REQUIRED = frozenset(c.name for c in _COLUMNS if not c.nullable)
+# Columns added since a file was spooled are nullable: an older version's rows replay with NULL.
+_OPTIONAL = tuple(c.name for c in _COLUMNS if c.nullable)
 
 Transaction = Callable[[], AbstractContextManager[Connection]]
 
@@ -209,10 +212,10 @@ def _decode(record: SpoolRecord) -> _Batch:
         raise SpoolRecordError(f"it has {len(json_rows)} rows but {len(reviews)} reviews")
     rows = []
     for i, data in enumerate(json_rows):
-        if not isinstance(data, dict) or not _DECISION_COLUMNS <= data.keys():
+        if not isinstance(data, dict) or not _REQUIRED <= data.keys():
             raise SpoolRecordError(f"its row {i} is not a complete decisions row")
         try:
-            rows.append(row_from_json(data))
+            rows.append(row_from_json({**dict.fromkeys(_OPTIONAL), **data}))
         except (TypeError, ValueError, binascii.Error) as err:
             raise SpoolRecordError(f"its row {i} cannot be decoded ({err})") from err
     for i, review in enumerate(reviews):
