@@ -173,11 +173,10 @@ def test_csv_export_neutralises_formulas_and_escapes_controls(hostile_db, tmp_pa
     assert rejected["top_concept"] == "gore\\x1b[2J\\u202e"
     assert rejected["error"] == "bad\\x1b[31m file\\nforged"
     assert json.loads(rejected["fired"]) == [HOSTILE_CONCEPT, "=cmd|' /C calc'!A0"]  # [ first
-    assert float(rejected["margin"]) < 0 or rejected["margin"][0] != "'"  # numbers stay numbers
+    float(rejected["margin"])  # numbers stay numbers: a negative margin is not a formula
     for cell in (c for r in rows for c in r.values()):
-        assert (
-            not cell.startswith(("=", "+", "-", "@", "\t", "\r")) or cell.lstrip("-")[:1].isdigit()
-        )
+        if cell.startswith(("=", "+", "-", "@", "\t", "\r")):
+            float(cell)  # only a number may start like a formula
     lines = run("review", "export", "--format", "jsonl", "--db", hostile_db).stdout.splitlines()
     exact = [json.loads(line) for line in lines if json.loads(line)["review_status"] == "rejected"]
     assert exact[0]["review_reason"] == "=1+1\tx" and exact[0]["reviewer"] == "@alice"
@@ -426,3 +425,16 @@ def test_check_out_into_an_unwritable_place_is_one_line(tmp_path, compiled_polic
         "file\n"
     )
     assert not (tmp_path / "victim").exists()
+
+
+def test_import_sd_checker_refuses_to_replace_what_is_not_a_regular_file(
+    tmp_path, tiny_checker_dir
+):
+    out = tmp_path / "checker.yaml"
+    (tmp_path / "checker.safetensors").symlink_to(tmp_path / "victim")
+    result = run("policy", "import-sd-checker", tiny_checker_dir, "--out", out, "--force", code=1)
+    assert result.output == (
+        f"Error: refusing to write {tmp_path / 'checker.safetensors'}: it is a symbolic link, "
+        "not a regular file\n"
+    )
+    assert not (tmp_path / "victim").exists() and not out.exists()
