@@ -23,7 +23,8 @@ from moderation.images import (
 )
 from moderation.scoring import score
 from moderation.storage.errors import PartlyRecordedError
-from moderation.storage.records import check_metadata, policy_record, record_of
+from moderation.storage.records import policy_record, record_of
+from moderation.storage.storable import check_metadata
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder

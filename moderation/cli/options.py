@@ -89,7 +89,7 @@ def _output_error(err: OSError) -> click.ClickException:
     if err.filename is None:
         _silence_stdout()
         return click.ClickException(f"cannot write to standard output: {reason}")
-    return click.ClickException(f"cannot write {clean(err.filename)}: {reason}")
+    return click.ClickException(f"{clean(err.filename)}: {reason}")  # files we write: `writing`
 
 
 def output_errors(command: F) -> F:

@@ -35,7 +35,6 @@ from moderation.storage.models import DecisionRow
 from moderation.storage.records import (
     DecisionRecord,
     PolicyRecord,
-    check_policy_record,
     decision_row,
     policy_row,
     record_from_row,
@@ -44,6 +43,7 @@ from moderation.storage.records import (
 )
 from moderation.storage.replay import Replayer, ReplayReport
 from moderation.storage.spool import Spool
+from moderation.storage.storable import check_policy_record
 
 log = logging.getLogger("moderation.storage")
 

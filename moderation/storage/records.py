@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ import numpy as np
 
 from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
-from moderation.storage.models import DecisionRow, PolicyRow
+from moderation.storage.storable import storable_text
 
 if TYPE_CHECKING:
     from moderation.decision import Decision
@@ -85,105 +84,6 @@ _BINARY_COLUMNS = (
 _DATETIME_COLUMNS = ("created_at",)
 _JSON_COLUMNS = ("fired", "special_hits", "meta")
 NULLABLE_JSON_COLUMNS = ("views",)  # None is SQL NULL, not JSON null
-
-
-# -- what both backends can store ------------------------------------------------------------
-# PostgreSQL refuses NUL in text and in jsonb, and strings longer than their column; SQLite takes
-# both. Values are checked before anything is acted on (metadata, policies), so that a decision
-# is never refused by one backend and kept by the other.
-
-
-def _column_length(table: Any, column: str) -> int:
-    return table.__table__.c[column].type.length
-
-
-_POLICY_LENGTHS = {
-    name: _column_length(PolicyRow, name)
-    for name in ("digest", "name", "version", "model_id", "compat", "escalate")
-}
-CONCEPT_NAME_LENGTH = _column_length(DecisionRow, "top_concept")  # any concept can be the top one
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def text_problem(text: str) -> str | None:
-    """Why a string cannot be stored on every backend (None when it can)."""
-    if "\0" in text:
-        return "holds a NUL character (\\x00), which PostgreSQL cannot store"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "holds a lone surrogate (not valid Unicode text)"
-    return None
-
-
-def storable_text(text: str | None) -> str | None:
-    """Our own message text, with what a backend cannot store escaped (NUL, lone surrogates)."""
-    if text is None or text_problem(text) is None:
-        return text
-    return text.replace("\0", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _walk_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(key path, string) of every string in a JSON-like value, dict keys included."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}[{key!r}]"
-            if isinstance(key, str):
-                yield f"{where} (the key)", key
-            yield from _walk_strings(item, where)
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _walk_strings(item, f"{path}[{i}]")
-
-
-def check_metadata(meta: dict[str, Any], what: str = "metadata") -> None:
-    """Refuse caller metadata that the decision log could not store on every backend.
-
-    It must be JSON (numbers, strings, lists, dicts; numpy values become numbers), finite, and
-    free of NUL characters and lone surrogates: such metadata is refused, never altered.
-    """
-    try:
-        json_dumps(meta)
-    except (TypeError, ValueError) as err:
-        raise StorageError(f"{what} cannot be stored as JSON: {err}") from err
-    for path, text in _walk_strings(meta, what):
-        problem = text_problem(text)
-        if problem is not None:
-            raise StorageError(f"{path} {problem}; remove it")
-
-
-def check_policy_record(record: PolicyRecord) -> None:
-    """Refuse a policy whose names do not fit the decision log's columns on every backend."""
-    label = f"policy {_short(record.name)}"
-    for name, limit in _POLICY_LENGTHS.items():
-        value = getattr(record, name)
-        if value is not None and len(value) > limit:
-            raise StorageError(
-                f"{label}: {name} is {len(value)} characters long; the decision log stores "
-                f"at most {limit}"
-            )
-    for concept in [*record.concepts, *record.special_concepts]:
-        name = str(concept.get("name", ""))
-        if len(name) > CONCEPT_NAME_LENGTH:
-            raise StorageError(
-                f"{label}: concept name {_short(name)} is {len(name)} characters long; the "
-                f"decision log stores at most {CONCEPT_NAME_LENGTH}"
-            )
-    row = policy_row(record)
-    try:
-        json_dumps(row["concepts"])
-        json_dumps(row["special_concepts"])
-    except (TypeError, ValueError) as err:
-        raise StorageError(f"{label}: its concept table cannot be stored as JSON: {err}") from err
-    for path, text in _walk_strings(row, "policy"):
-        problem = text_problem(text)
-        if problem is not None:
-            raise StorageError(f"{label}: {path} {problem}")
 
 
 def encode_array(

@@ -186,14 +186,16 @@ class Spool:
         return [r.payload() for r in self.records(path) if r.kind == kind]
 
     def target_of(self, path: Path) -> dict[str, Any] | None:
-        """The database a claimed file is meant for (None: unknown, e.g. an older version's file)."""
-        for record in self.records(path):
-            if record.kind == "target":
-                try:
-                    return record.payload()
-                except SpoolRecordError:
-                    return None
-        return None
+        """The database a claimed file is meant for (None: unknown, e.g. an older version's file).
+
+        Only the first intact record is read: this version writes the target first."""
+        first = next(scan(self._fd_of(path)), None)
+        if first is None or first.kind != "target":
+            return None
+        try:
+            return first.payload()
+        except SpoolRecordError:
+            return None
 
     def quarantine(self, source: Path, records: list[bytes]) -> Path:
         """Write records set aside from `source` to `quarantine/<source name>`, durably."""
