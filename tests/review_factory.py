@@ -108,10 +108,10 @@ def review_policy(name: str = "nsfw-basic", version: str = "1") -> CompiledPolic
     from policy import compile_policy, load_policy
 
     axes = {f"e{i}": axis(i) for i in range(4)}
-    folder = Path(tempfile.mkdtemp(prefix="review-policy-"))
-    path = folder / f"{name}.yaml"
-    path.write_text(POLICY_YAML.format(name=name, version=version, **axes), encoding="utf-8")
-    return compile_policy(load_policy(path), _WidthOnly(), cache=False)
+    with tempfile.TemporaryDirectory(prefix="review-policy-") as folder:
+        path = Path(folder) / f"{name}.yaml"
+        path.write_text(POLICY_YAML.format(name=name, version=version, **axes), encoding="utf-8")
+        return compile_policy(load_policy(path), _WidthOnly(), cache=False)
 
 
 def embedding(cosines: Sequence[float], special: Sequence[float] = (0.0,)) -> list[float]:
