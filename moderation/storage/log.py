@@ -113,9 +113,13 @@ class DecisionLog:
             return
         with self._lock:
             self._check_open()
-            # Held originals go to disk first: a row must never point at a missing file.
+            # Held originals go to disk first: a row must never point at a missing file. It
+            # records the absolute path, so readers with another held folder still find it.
+            held = self.held
             rows = [
-                decision_row(r, None if r.held_image is None else self.held.put(r.held_image))
+                decision_row(
+                    r, None if r.held_image is None else held.absolute(held.put(r.held_image))
+                )
                 for r in records
             ]
             reviews = [review_of(r) for r in records]
