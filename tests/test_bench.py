@@ -156,7 +156,32 @@ def test_bench_json_has_the_documented_shape(tiny_result):
     assert log["database"].startswith("SQLite")
     assert (log["decisions"], log["rows"], log["lost"], log["failed"]) == (300, 300, 0, 0)
     assert log["embedding_dim"] == 32
-    assert {t["met"] for t in data["targets"]} <= {True, False, None}
+
+
+@pytest.mark.slow
+def test_bench_judges_this_runs_numbers_against_the_targets(tiny_result):
+    """At these sizes: one end-to-end target per batch size and one logging target (the
+    10,000-concept targets need that row), each met or not from the measured numbers."""
+    output, data = tiny_result
+    e2e, (log,) = data["end_to_end"], data["logging"]
+    targets = data["targets"]
+    assert [t["target"] for t in targets[:2]] == [
+        "end to end, batch 1: ours <= 1.10x the bare forward",
+        "end to end, batch 2: ours <= 1.10x the bare forward",
+    ]
+    for target, row in zip(targets[:2], e2e, strict=True):
+        assert target["measured"] == f"{row['ours_x_forward']:.3f}x"
+        assert target["met"] is (row["ours_x_forward"] <= 1.10)
+    assert len(targets) == 3
+    database = log["database"].split(" (")[0]
+    assert targets[2]["target"] == f"logging to {database}: >= 5,000 decisions/s, 0 lost"
+    assert targets[2]["measured"] == f"{log['per_second']:,.0f}/s, 0 lost"
+    assert targets[2]["met"] is (log["per_second"] >= 5000)
+    table = output[output.index("\nTargets\n") :].splitlines()
+    for target in targets:
+        (line,) = [line for line in table if line.startswith(target["target"])]
+        word = "yes" if target["met"] else "NO"
+        assert line.split() == f"{target['target']} {target['measured']} {word}".split()
 
 
 def test_run_bench_sections_subset_without_a_model():

@@ -122,19 +122,35 @@ def test_decide_actions_verdicts_margin():
 
 
 def test_most_severe_action_and_special_care_escalation():
-    policy = make_policy(3, 1, 8, actions=["blur", "blackout", "pixelate"], escalate="pixelate")
-    embeddings = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    policy = make_policy(
+        3,
+        1,
+        8,
+        actions=["blur", "blackout", "pixelate"],
+        escalate="pixelate",
+        thresholds=[0.3, 0.4, 0.4],
+    )
+    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([0.3]), digest="")
+    embeddings = torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
     result = score(policy, embeddings)
     decisions = decide(policy, result)
     rank = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
+    seen = {"mixed actions": 0, "escalated": 0}
     for i, d in enumerate(decisions):
         fired = [policy.actions[j] for j in range(3) if result.scores[i, j] > 0]
         expected = max([rank[a] for a in fired], default=0)
+        seen["mixed actions"] += len(set(fired)) > 1
         if bool(result.special_hit[i]):
+            seen["escalated"] += expected < rank["pixelate"]
             expected = max(expected, rank["pixelate"])
             assert d.special_hits == ("s0",)
+        else:
+            assert d.special_hits == ()
         assert rank[d.action] == expected
         assert d.fired == tuple(f"c{j}" for j in range(3) if result.scores[i, j] > 0)
+    # The batch exercises every rule: each action wins somewhere, and escalation changes some.
+    assert {d.action for d in decisions} == {"allow", "blur", "pixelate", "blackout"}
+    assert seen["mixed actions"] > 0 and seen["escalated"] > 0
 
 
 def test_nan_embedding_is_an_error_with_on_error_action():

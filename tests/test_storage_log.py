@@ -156,8 +156,15 @@ def test_write_is_idempotent_and_queues_reviews_once(log, url):
         events = conn.execute(select(ReviewEvent.__table__)).all()
     assert {i.status for i in items} == {"pending"}
     assert sum(i.priority for i in items) == 5
-    assert {e.event for e in events} == {"created"}
+    assert {(e.event, e.actor) for e in events} == {("created", "system")}
     assert {e.item_id for e in events} == {i.id for i in items}
+    assert sorted((e.item_id, e.details["priority"], e.details["margin"]) for e in events) == [
+        (i.id, i.priority, i.margin) for i in items
+    ]
+    queued = [r for r in records if r.needs_review]
+    assert [(i.decision_id, i.priority, i.margin) for i in items] == [
+        (r.id, r.priority, pytest.approx(r.margin)) for r in queued
+    ]
     assert items[0].created_at == records[0].created_at
 
 

@@ -248,13 +248,14 @@ class DecisionLog:
 
     def _rows(self, records: list[DecisionRecord]) -> tuple[list[dict], _HeldProblem | None]:
         """Rows of the records; held originals go to disk first (a row never points at a
-        missing file). An original that cannot be stored leaves its row without one."""
+        missing file). A row records the absolute path, so readers with another held folder
+        still find it; an original that cannot be stored leaves its row without one."""
         rows, missing, problem = [], [], None
         for r in records:
             held_path = None
             if r.held_image is not None:
                 try:
-                    held_path = self.held.put(r.held_image)
+                    held_path = self.held.absolute(self.held.put(r.held_image))
                 except StorageError as err:
                     missing.append(r.id)
                     problem = problem or err
