@@ -1,4 +1,4 @@
-"""Test helpers: throwaway PostgreSQL databases so test modules never collide."""
+"""Test helpers: the PostgreSQL server of the tests, and databases created later (outages)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterator
 
 from sqlalchemy import create_engine, make_url, text
 
+from moderation.bench.scratch import temporary_pg_database
 from moderation.storage import db
+
+__all__ = ["pg_database_later", "pg_test_url", "temporary_pg_database"]
 
 PG_ENV = "MODERATION_TEST_PG_URL"
 
@@ -18,26 +21,6 @@ def pg_test_url() -> str | None:
     """The PostgreSQL server named by `MODERATION_TEST_PG_URL`, if set."""
     url = os.environ.get(PG_ENV)
     return db.resolve_db_url(url) if url else None
-
-
-@contextlib.contextmanager
-def temporary_pg_database(server_url: str, prefix: str = "moderation_test") -> Iterator[str]:
-    """Create a uniquely named database on the server, yield its URL, then drop it."""
-    server = make_url(db.resolve_db_url(server_url))
-    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = server.set(database=name).render_as_string(hide_password=False)
-        try:
-            yield url
-        finally:
-            db.dispose(url)
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 @contextlib.contextmanager

@@ -88,7 +88,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
-    known = set(mods)
+    # Test modules are known too, so that an import of one from runtime code is seen.
+    known = set(mods) | {module_name(p) for p in (ROOT / "tests").glob("*.py")}
     return {name: imports_of(name, path, known) for name, path in mods.items()}
 
 

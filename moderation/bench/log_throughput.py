@@ -106,8 +106,8 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
         raise BenchError(
             f"--db-url {db.display_url(url)}: only SQLite and PostgreSQL are supported"
         )
+    from moderation.bench.scratch import temporary_pg_database
     from moderation.storage import upgrade
-    from tests.pg import temporary_pg_database
 
     with contextlib.ExitStack() as stack:
         try:
