@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,8 @@ defaults: {{threshold: 0.21, action: blackout, severity: medium}}
 review_band: 0
 on_error: blackout
 actions:
-  blur: {{radius: 24}}
-  pixelate: {{block: 16}}
+  blur: {{radius: 0.05}}
+  pixelate: {{block: 0.03}}
   review: {{placeholder: blur}}
 categories: [sexual, violence]
 concepts:
@@ -95,7 +94,7 @@ def test_every_field_is_filled(policy_path, encoder, tiny_clip_dir):
     assert compiled.special_names == ("young child",)
     assert (compiled.adjustment, compiled.escalate) == (0.01, "review")
     assert (compiled.review_band, compiled.on_error, compiled.compat) == (0.0, "blackout", None)
-    assert (compiled.blur_radius, compiled.pixelate_block) == (24.0, 16)
+    assert (compiled.blur_radius, compiled.pixelate_block) == (0.05, 0.03)
     assert compiled.review_placeholder == "blur"
     assert compiled.source == policy_path.read_text(encoding="utf-8")
     assert compiled.concept_matrix.shape == (4, 32) and compiled.special_matrix.shape == (1, 32)
@@ -131,33 +130,25 @@ def test_matrix_is_the_prompt_ensemble_and_raw_vectors_normalised_at_once(policy
     )
 
 
-def checkpoint_policy(folder: Path, model, n_concepts: int = 17, n_special: int = 3):
-    """A policy that reads every concept and threshold from a safety checker's tensors.
-
-    Stand-in until the schema has `EmbeddingRef.checkpoint` and checkpoint thresholds: the policy is
-    loaded with placeholder vectors, then its concepts get `{checkpoint, row}` references.
-    """
-    placeholder = [1.0] * 32
+def checkpoint_policy(
+    folder: Path, model, n_concepts: int = 17, n_special: int = 3, special_tensor="special_care"
+):
+    """A policy YAML that reads every concept and threshold from a safety checker's tensors."""
     lines = [f"policy: sd\nmodel: {model}\ncompat: diffusers\nconcepts:"]
-    lines += [f"  - {{name: c{i}, embedding: {placeholder}}}" for i in range(n_concepts)]
+    lines += [
+        f"  - {{name: c{i}, embedding: {{checkpoint: concept_embeds, row: {i}}},"
+        f" threshold: {{checkpoint: concept_embeds_weights, row: {i}}}}}"
+        for i in range(n_concepts)
+    ]
     lines += ["special_care:\n  concepts:"]
-    lines += [f"    - {{name: s{i}, embedding: {placeholder}}}" for i in range(n_special)]
+    lines += [
+        f"    - {{name: s{i}, embedding: {{checkpoint: {special_tensor}_embeds, row: {i}}},"
+        f" threshold: {{checkpoint: special_care_embeds_weights, row: {i}}}}}"
+        for i in range(n_special)
+    ]
     path = folder / "sd.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    policy = load_policy(path)
-    for prefix, concepts in (
-        ("concept", policy.concepts),
-        ("special_care", policy.special_concepts),
-    ):
-        for row, concept in enumerate(concepts):
-            concept.embedding = types.SimpleNamespace(
-                file=None, tensor=None, checkpoint=f"{prefix}_embeds", row=row
-            )
-            concept.threshold = types.SimpleNamespace(
-                checkpoint=f"{prefix}_embeds_weights", row=row
-            )
-            concept._vector = None
-    return policy
+    return load_policy(path)
 
 
 def test_checkpoint_concepts_give_diffusers_cosines_bit_for_bit(tmp_path, tiny_checker_dir):
@@ -184,8 +175,9 @@ def test_checkpoint_concepts_give_diffusers_cosines_bit_for_bit(tmp_path, tiny_c
 
 def test_checkpoint_rows_out_of_range_and_unknown_tensors(tmp_path, tiny_checker_dir):
     encoder = ClipEncoder.from_pretrained(tiny_checker_dir)
-    policy = checkpoint_policy(tmp_path, tiny_checker_dir, n_concepts=18, n_special=1)
-    policy.special_concepts[0].embedding.checkpoint = "special_embeds"
+    policy = checkpoint_policy(
+        tmp_path, tiny_checker_dir, n_concepts=18, n_special=1, special_tensor="special"
+    )
     with pytest.raises(PolicyError) as info:
         compile_policy(policy, encoder, cache=False)
     lines = str(info.value).splitlines()
@@ -274,8 +266,8 @@ DECISION_EDITS = {
     "review-band": ("review_band: 0", "review_band: 0.015"),
     "compat": ("review_band: 0", "review_band: 0\ncompat: diffusers"),
     "on-error": ("on_error: blackout", "on_error: review"),
-    "blur-radius": ("radius: 24", "radius: 12"),
-    "pixelate-block": ("block: 16", "block: 8"),
+    "blur-radius": ("radius: 0.05", "radius: 0.1"),
+    "pixelate-block": ("block: 0.03", "block: 0.06"),
     "review-placeholder": ("placeholder: blur", "placeholder: blackout"),
     "model": ("TINY", "COPY"),  # the same weights in another folder
 }
@@ -283,7 +275,7 @@ SAME_DECISION_EDITS = {
     "comment": ("# A policy", "# Another comment on a policy"),
     "added-comment": ("review_band: 0", "review_band: 0  # stricter soon"),
     "blank-lines": ("on_error: blackout\n", "\n\non_error: blackout\n\n"),
-    "spacing": ("{radius: 24}", "{ radius:   24 }"),
+    "spacing": ("{radius: 0.05}", "{ radius:   0.05 }"),
 }
 
 
