@@ -37,6 +37,11 @@ _UNIT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 _HALF_UNIT_TOLERANCE = 2e-2
 
 
+def _n(count: int, word: str) -> str:
+    plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
+    return f"{count} {word if count == 1 else plural}"
+
+
 def _quoted(values: tuple[str, ...]) -> str:
     return ", ".join(repr(v) for v in values)
 
@@ -77,7 +82,7 @@ class _Found:
                 self.add(f"{field}[{i}] {problem}")
                 break
         if count is not None and len(values) != count:
-            self.add(f"{field} has {len(values)} names but {what} has {count} rows")
+            self.add(f"{field} has {_n(len(values), 'name')} for the {_n(count, 'row')} of {what}")
         return True
 
     def per_concept(self, field: str, values: Any, count: int, allowed: tuple[Any, ...]) -> None:
@@ -85,7 +90,10 @@ class _Found:
             self.add(f"{field} must be a list, got {kind_of(values)}")
             return
         if len(values) != count:
-            self.add(f"{field} has {len(values)} entries but concept_matrix has {count} rows")
+            self.add(
+                f"{field} has {_n(len(values), 'entry')} for the {_n(count, 'row')} of"
+                " concept_matrix"
+            )
         bad = next((i for i, v in enumerate(values) if v not in allowed), None)
         if bad is not None:
             self.add(f"{field}[{bad}] must be one of {_quoted(allowed)}, got {values[bad]!r}")
@@ -118,7 +126,7 @@ def _thresholds(found: _Found, field: str, thresholds: Any, count: int, names: t
         found.add(f"{field} must be a floating-point tensor, got {kind_of(thresholds)}")
         return
     if tuple(thresholds.shape) != (count,):
-        found.add(f"{field} has shape {list(thresholds.shape)} for {count} concepts")
+        found.add(f"{field} has shape {list(thresholds.shape)} for {_n(count, 'concept')}")
         return
     values = thresholds.detach().float()
     outside = ~((values >= -1) & (values <= 1))  # NaN is outside too
@@ -151,7 +159,7 @@ def problems(policy: Any) -> list[str]:
         found.per_concept("actions", p.actions, count, ACTIONS)
         found.per_concept("severities", p.severities, count, SEVERITIES)
         if not isinstance(p.categories, tuple) or len(p.categories) != count:
-            found.add(f"categories must be a list of {count} entries (a name or null each)")
+            found.add(f"categories must be a list of {_n(count, 'entry')} (a name or null each)")
         elif any(c is not None and not isinstance(c, str) for c in p.categories):
             found.add("categories must hold names or null")
         _thresholds(found, "thresholds", p.thresholds, count, p.concept_names)

@@ -15,6 +15,10 @@ import numpy as np
 
 from policy.schema import EmbeddingRef
 
+# Rows of one safetensors tensor read one by one before the whole tensor is read at once: a few
+# rows of a large file stay cheap, and 100,000 rows cost one read instead of 100,000 slices.
+WHOLE_TENSOR_AFTER = 64
+
 
 class EmbeddingProblem(Exception):
     """Why an embedding could not be read; `subpath` is the key under `embedding` at fault."""
@@ -26,6 +30,8 @@ class EmbeddingProblem(Exception):
 
 def float32(values: Any) -> np.ndarray:
     """A float32 copy; values too large for float32 become inf, reported as not finite."""
+    if isinstance(values, np.ndarray) and values.dtype == np.float32:
+        return values.copy()
     with np.errstate(over="ignore"):
         return np.array(values, dtype=np.float32)
 
@@ -142,10 +148,16 @@ class EmbeddingFiles:
             key = (path, tensor)
             if key not in self._slices:
                 view = handle.get_slice(tensor)  # reads only the rows asked for
-                self._slices[key] = (view, tuple(view.get_shape()))
-            view, shape = self._slices[key]
+                self._slices[key] = [view, tuple(view.get_shape()), 0]
+            entry = self._slices[key]
+            view, shape, reads = entry
             index = _pick_row(shape, ref.row, f"tensor '{tensor}'")
-            vector = view[:] if index is None else view[index]
+            if index is None:
+                return float32(view[:])
+            if reads == WHOLE_TENSOR_AFTER:  # many rows of one tensor: read it all, once
+                entry[0] = view = float32(view[:])
+            entry[2] = reads + 1
+            vector = view[index]
         except EmbeddingProblem:
             raise
         except Exception as exc:  # safetensors reports bad dtypes with its own types

@@ -31,6 +31,7 @@ from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path
 Position = tuple[int, int]  # (line, col), 1-based
 
 _TAG = "tag:yaml.org,2002:"
+_STR = _TAG + "str"
 _SYNTAX_PATH = "(yaml)"
 # YAML 1.1 resolvers replaced by YAML 1.2 core ones; timestamps are dropped (dates stay strings).
 _DROPPED = {_TAG + "bool", _TAG + "float", _TAG + "timestamp"}
@@ -199,7 +200,8 @@ class _Builder:
             # The key as written: `yes:` and `1:` stay the names "yes" and "1".
             key = key_node.value
             key_path = (*path, key)
-            self.build_scalar(key_node, key_path)  # rejects tags on keys
+            if key_node.tag != _STR:
+                self.build_scalar(key_node, key_path)  # rejects tags on keys
             if key in mapping:
                 line, _ = self.result.keys[key_path]
                 self.fail(key_node, key_path, f"duplicate key '{key}' (first given on line {line})")
@@ -221,6 +223,9 @@ class _Builder:
             if tag == "bool":
                 return self.loader.construct_yaml_bool(node)
             if tag == "int":
+                value = node.value
+                if value.isdecimal() and value.isascii() and (value[0] != "0" or value == "0"):
+                    return int(value)  # a plain decimal (PyYAML reads 0123 as octal, 1_0 as 10)
                 return self.loader.construct_yaml_int(node)
         except (ValueError, KeyError):
             return self.fail(node, path, f"cannot read {node.value[:40]!r} as !!{tag}")
