@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moderation.encoder import ClipEncoder
 from moderation.synthetic import build_safety_checker
@@ -140,3 +141,14 @@ def test_shipped_policies_compile_with_relative_strengths(encoder, tiny_checker_
     checker = load_policy(REPO / "policies" / "sd-safety-checker.yaml")
     compiled = compile_policy(checker, ClipEncoder.from_pretrained(tiny_checker_dir), cache=False)
     assert compiled.compat == "diffusers" and compiled.adjustment == 0.01
+
+
+def test_the_reference_example_validates(tmp_path):
+    # docs/policy-language.md's first example, with its embeddings file beside it.
+    doc = (REPO / "docs" / "policy-language.md").read_text(encoding="utf-8")
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    save_file({"concept_embeds": torch.randn(4, 8)}, str(tmp_path / "concepts.safetensors"))
+    (tmp_path / "p.yaml").write_text(example, encoding="utf-8")
+    policy = load_policy(tmp_path / "p.yaml")
+    assert [c.name for _, c in policy.iter_concepts()] == ["gore", "sd-3", "minor"]
+    assert (policy.actions.blur.radius, policy.actions.pixelate.block) == (0.05, 0.05)
