@@ -105,7 +105,7 @@ def _matrix(found: _Found, field: str, matrix: Any, names: tuple[str, ...]) -> i
         shape = list(matrix.shape) if isinstance(matrix, torch.Tensor) else kind_of(matrix)
         found.add(f"{field} must be a 2-D floating-point tensor, got {shape}")
         return None
-    if matrix.shape[0] and matrix.shape[1]:
+    if matrix.shape[0] and matrix.shape[1] and matrix.device.type != "meta":  # meta: no values
         values = matrix.detach().float()
         bad_rows = ~torch.isfinite(values).all(dim=1)  # [N]
         norms = values.norm(dim=1)  # [N]
@@ -127,6 +127,8 @@ def _thresholds(found: _Found, field: str, thresholds: Any, count: int, names: t
         return
     if tuple(thresholds.shape) != (count,):
         found.add(f"{field} has shape {list(thresholds.shape)} for {_n(count, 'concept')}")
+        return
+    if thresholds.device.type == "meta":
         return
     values = thresholds.detach().float()
     outside = ~((values >= -1) & (values <= 1))  # NaN is outside too
