@@ -222,8 +222,8 @@ def decide(
     special_fired_np = special_scores > 0  # [B, S]
 
     actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
-    # Fail closed: an unscored image never passes, whatever on_error says.
-    on_error = policy.on_error if policy.on_error != "allow" else "blackout"
+    # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
+    on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names
     decisions = []
     for i in range(batch):

@@ -138,7 +138,7 @@ class ClipEncoder:
         self._ckpt = ckpt
         self._stored: dict[str, Tensor] = {}
         self.text_model = self.text_projection = self.tokenizer = None
-        self.text_fingerprint = None
+        self.text_fingerprint = self.max_text_tokens = None
         if kind == "sd-safety-checker":
             vision = self._load_safety_checker(ckpt)
         elif "CLIPModel" in architectures:
@@ -188,6 +188,7 @@ class ClipEncoder:
         self.text_projection = model.text_projection.to(self.device, torch.float32)
         max_positions = int(model.config.text_config.max_position_embeddings)
         self._max_tokens = min(max_positions, int(self.tokenizer.model_max_length))
+        self.max_text_tokens = self._max_tokens
         self.text_fingerprint = hashlib.sha256(
             f"{ckpt.fingerprint()}\0float32\0{self.device.type}".encode()
         ).hexdigest()
@@ -223,15 +224,18 @@ class ClipEncoder:
     def has_text_tower(self) -> bool:
         return self.text_model is not None
 
+    def _no_text_tower(self) -> EncoderError:
+        return EncoderError(
+            f"model {self.model_id} ({self.kind}) has no text tower, so it cannot embed "
+            "prompts: pass text_model= a CLIP checkpoint with a text tower (for the Stable "
+            "Diffusion checker, openai/clip-vit-large-patch14), or give the concepts "
+            "`embedding:` vectors instead of `prompts:`"
+        )
+
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         """[N, D] projected text embeddings (not normalised), float32 on the CPU."""
         if not self.has_text_tower:
-            raise EncoderError(
-                f"model {self.model_id} ({self.kind}) has no text tower, so it cannot embed "
-                "prompts: pass text_model= a CLIP checkpoint with a text tower (for the Stable "
-                "Diffusion checker, openai/clip-vit-large-patch14), or give the concepts "
-                "`embedding:` vectors instead of `prompts:`"
-            )
+            raise self._no_text_tower()
         rows = [torch.zeros((0, self.embed_dim))]
         with torch.inference_mode():
             for prompt in prompts:
@@ -246,6 +250,14 @@ class ClipEncoder:
                 )[1]
                 rows.append(self.text_projection(pooled).float().cpu())
         return torch.cat(rows)
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens each prompt takes untruncated (start and end included): the compiler refuses
+        prompts longer than `max_text_tokens`, which `encode_text` would cut off silently."""
+        if not self.has_text_tower:
+            raise self._no_text_tower()
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, S, S] preprocessed pixels -> [B, D] projected embeddings (not normalised)."""

@@ -31,8 +31,8 @@ defaults: {{threshold: 0.21, action: blackout, severity: medium}}
 review_band: 0
 on_error: blackout
 actions:
-  blur: {{radius: 24}}
-  pixelate: {{block: 16}}
+  blur: {{radius: 0.05}}
+  pixelate: {{block: 0.03}}
   review: {{placeholder: blur}}
 categories: [sexual, violence]
 concepts:
@@ -94,7 +94,7 @@ def test_every_field_is_filled(policy_path, encoder, tiny_clip_dir):
     assert compiled.special_names == ("young child",)
     assert (compiled.adjustment, compiled.escalate) == (0.01, "review")
     assert (compiled.review_band, compiled.on_error, compiled.compat) == (0.0, "blackout", None)
-    assert (compiled.blur_radius, compiled.pixelate_block) == (24.0, 16)
+    assert (compiled.blur_radius, compiled.pixelate_block) == (0.05, 0.03)
     assert compiled.review_placeholder == "blur"
     assert compiled.source == policy_path.read_text(encoding="utf-8")
     assert compiled.concept_matrix.shape == (4, 32) and compiled.special_matrix.shape == (1, 32)
@@ -316,8 +316,8 @@ DECISION_EDITS = {
     "review-band": ("review_band: 0", "review_band: 0.015"),
     "compat": ("review_band: 0", "review_band: 0\ncompat: diffusers"),
     "on-error": ("on_error: blackout", "on_error: review"),
-    "blur-radius": ("radius: 24", "radius: 12"),
-    "pixelate-block": ("block: 16", "block: 8"),
+    "blur-radius": ("radius: 0.05", "radius: 0.1"),
+    "pixelate-block": ("block: 0.03", "block: 0.06"),
     "review-placeholder": ("placeholder: blur", "placeholder: blackout"),
     "model": ("TINY", "COPY"),  # the same weights in another folder
 }
@@ -325,7 +325,7 @@ SAME_DECISION_EDITS = {
     "comment": ("# A policy", "# Another comment on a policy"),
     "added-comment": ("review_band: 0", "review_band: 0  # stricter soon"),
     "blank-lines": ("on_error: blackout\n", "\n\non_error: blackout\n\n"),
-    "spacing": ("{radius: 24}", "{ radius:   24 }"),
+    "spacing": ("{radius: 0.05}", "{ radius:   0.05 }"),
 }
 
 

@@ -46,7 +46,7 @@ def setup():
     """A pipeline, an encoder, the unmoderated output and a concept that only image 0 matches."""
     checker = build_safety_checker(seed=1)
     encoder = VisionTower(checker.vision_model, checker.visual_projection)
-    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 2.0, "blackout"), encoder)
+    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 1.0, "blackout"), encoder)
     pipe = make_tiny_pipeline(safety_checker=probe)
     plain = generate(pipe)
     assert plain.nsfw_content_detected == [False, False]
