@@ -19,8 +19,9 @@ from policy.errors import PolicyError
 from policy.schema import ACTION_RANK
 
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `views` (an artifact without it was judged on the centre crop)
 
+VIEWS = ("cover", "center", "tiles")
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
 
 
@@ -45,6 +46,9 @@ class CompiledPolicy:
     review_band: float = 0.0
     on_error: str = "blackout"
     compat: str | None = None
+    # The square views an image is judged on: "cover", "center" or "tiles" (see
+    # moderation.preprocess); None means the default: "center" under compat, else "cover".
+    views: str | None = None
     blur_radius: float = 24.0
     pixelate_block: int = 16
     review_placeholder: str = "blur"
@@ -52,6 +56,14 @@ class CompiledPolicy:
     digest: str = ""
 
     def __post_init__(self) -> None:
+        if self.views is None:
+            object.__setattr__(self, "views", "center" if self.compat == "diffusers" else "cover")
+        if self.views not in VIEWS or (self.compat == "diffusers" and self.views != "center"):
+            raise PolicyError.about_file(
+                f"<compiled policy {self.name}>",
+                f"views must be one of {', '.join(VIEWS)} ('center' under compat: diffusers), "
+                f"got {self.views!r}",
+            )
         dim = self.concept_matrix.shape[-1]
         if self.special_matrix is None:
             object.__setattr__(self, "special_matrix", self.concept_matrix.new_zeros((0, dim)))
