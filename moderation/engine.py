@@ -156,8 +156,8 @@ class Moderator:
     ) -> tuple[
         torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
     ]:
-        """CLIP pixel values of the views each image is judged on (the policy's `views`: each
-        view of each judged frame), which image each view belongs to (None: one view per image),
+        """CLIP pixel values of the views each image is judged on (the policy's `views` of each
+        judged frame: an animation's centre crops too under `center`), which image each view belongs to (None: one view per image),
         the views' descriptions (None: CLIP's centre crop) and, per image, why it could not be
         covered (None: it was).
 
@@ -169,7 +169,8 @@ class Moderator:
             "mean": encoder.image_mean,
             "std": encoder.image_std,
         }
-        if self.policy.views == "center":
+        animated = any(f is not None for f in batch.frames)
+        if self.policy.views == "center" and not animated:  # CLIP's own crop, bit for bit
             return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
         frames = [batch.frames_of(i) for i in range(len(batch))]
         return judged_views(frames, batch.invalid, self.policy.views, **settings)

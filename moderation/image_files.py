@@ -67,16 +67,20 @@ class ImageFile:
 def read_image(
     source: str | Path | Image.Image,
     *,
-    max_pixels: int = MAX_PIXELS,
-    decode_pixels: int | None = DECODE_PIXELS,
-    max_frames: int = MAX_FRAMES,
+    max_pixels: int | None = None,
+    decode_pixels: int | None = None,
+    max_frames: int | None = None,
 ) -> ImageFile:
     """Decode a file (or a PIL image) within a memory budget; errors name the file.
 
-    A PIL image already in memory is not reduced (`decode_pixels` applies to files), but the
-    frames of an animated one are sampled and bounded like a file's.
+    Defaults: MAX_PIXELS, DECODE_PIXELS and MAX_FRAMES. A PIL image already in memory is not
+    reduced (`decode_pixels` applies to files), but the frames of an animated one are sampled
+    and bounded like a file's.
     """
     name = "image" if isinstance(source, Image.Image) else str(source)
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    decode_pixels = DECODE_PIXELS if decode_pixels is None else decode_pixels
+    max_frames = MAX_FRAMES if max_frames is None else max_frames
     try:
         with warnings.catch_warnings():
             # Our own max_pixels decides; PIL's warning below its error limit is noise here.
@@ -147,13 +151,14 @@ def _decode(
     return ImageFile(_stack(frames), tuple(chosen), tuple(kept), count, path, factor)
 
 
-def sample_frames(durations_ms: list[int], max_frames: int = MAX_FRAMES) -> list[int]:
+def sample_frames(durations_ms: list[int], max_frames: int | None = None) -> list[int]:
     """Numbers of the frames judged of an animation whose frames last `durations_ms` (sorted).
 
     Every frame when there are at most `max_frames`; else the first, the last, the frames on
     screen at max_frames - 2 evenly spaced instants, frames evenly spaced by number until there
     are max_frames, and every frame shown for LONG_FRAME_MS or more.
     """
+    max_frames = MAX_FRAMES if max_frames is None else max_frames
     count = len(durations_ms)
     if count <= max_frames:
         return list(range(count))

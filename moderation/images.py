@@ -18,9 +18,6 @@ import torch
 from PIL import Image
 
 from moderation.image_files import (
-    DECODE_PIXELS,
-    MAX_FRAMES,
-    MAX_PIXELS,
     ImageFile,
     ImageInputError,
     read_image,
@@ -174,9 +171,9 @@ def to_image_batch(
     value_range: ValueRange = "auto",
     dtype: torch.dtype = torch.float32,
     signed: Sequence[torch.Tensor | None] | None = None,
-    max_pixels: int = MAX_PIXELS,
-    decode_pixels: int | None = DECODE_PIXELS,
-    max_frames: int = MAX_FRAMES,
+    max_pixels: int | None = None,
+    decode_pixels: int | None = None,
+    max_frames: int | None = None,
 ) -> ImageBatch:
     """Convert a tensor, numpy array, PIL image, file path, ImageFile, or a list of them.
 
@@ -188,7 +185,8 @@ def to_image_batch(
     Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
     RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are zeroed and flagged in `invalid`
     (the engine gives them an error decision). uint8 is always 0..255. Files and PIL images are
-    decoded by `read_image` (budget, bit depth, animation frames). `device` defaults to the
+    decoded by `read_image` (its budgets: `max_pixels`, `decode_pixels`, `max_frames`; bit
+    depth; animation frames). `device` defaults to the
     first tensor's device, else the CPU.
     """
     if value_range not in ("auto", "-1,1", "0,1"):
