@@ -19,7 +19,7 @@ from moderation.preprocess import ViewError, plan_views
 
 # Knobs: one call is moderated in chunks of at most this many input pixels (their float32
 # [0,1] copies and resize passes: ~12-30 bytes a pixel) and views (one vision forward each).
-CHUNK_PIXELS = 1 << 26  # 67 MP, e.g. four 4096 x 4096 images or 256 of 512 x 512
+CHUNK_PIXELS = 1 << 25  # 33.5 MP, e.g. two 4096 x 4096 images or 128 of 512 x 512
 CHUNK_VIEWS = 256
 
 

@@ -141,6 +141,8 @@ class ImageBatch:
         kept = None if keep is None else keep[s.start : s.start + s.count]
         signed = None if self.signed is None else self.signed[s.start : s.start + s.count]
         if s.kind == "tensor":
+            if kept is not None and kept.device.type == "cpu" and bool(kept.all()):
+                return s.original
             if s.dtype == torch.uint8:
                 out = _to_uint8(part)
             else:  # a float input always comes with a range decision
@@ -368,8 +370,8 @@ def _take(images: Images, start: int, count: int) -> torch.Tensor:
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0,1] float -> uint8 with round-half-even; exact IEEE ops, so equal on every device."""
-    x = torch.nan_to_num(x.float(), nan=0.0)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    x = torch.nan_to_num(x.float(), nan=0.0)  # our copy: the rest works in place
+    return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
 # --- hashing and PNG ----------------------------------------------------------------------------

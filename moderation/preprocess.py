@@ -44,7 +44,7 @@ MAX_COVER_VIEWS = 16
 # Knob: tiles are cut from the frame resized so that its short side is TILE_SCALE x S.
 TILE_SCALE = 2
 # Knob: pixels of the frames resized in one call (bounds the memory of the resize passes).
-RESIZE_PIXELS = 1 << 25
+RESIZE_PIXELS = 1 << 24
 
 
 class ViewError(ModerationError):
