@@ -130,6 +130,7 @@ def _decode(
         frame = _to_array(_reduce(_to_rgb(image, name), (width, height), factor), orientation)
         return ImageFile(_stack([frame]), (0,), (0,), 1, path, factor)
     durations = _durations(image, count)
+    count = len(durations)
     chosen = sample_frames(durations, max_frames)
     if len(chosen) > 4 * max_frames:
         raise ImageInputError(
@@ -145,6 +146,8 @@ def _decode(
             frames.append(_to_array(rgb, orientation))
         if number >= chosen[-1]:
             break
+    if len(frames) != len(chosen):  # the file ended early the second time it was read
+        raise ImageInputError(f"{name}: cannot read image (frames missing)")
     # Re-animated, each judged frame stays until the next judged one: the loop keeps its length.
     shown = [_shown_ms(d) for d in durations]
     kept = [sum(shown[a:b]) for a, b in zip(chosen, [*chosen[1:], count], strict=True)]
