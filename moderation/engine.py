@@ -110,7 +110,9 @@ class Moderator:
         """Decide on every image, apply the actions (unless apply=False) and log the decisions.
 
         A large call is moderated in chunks (`moderation.chunks`: bounded pixels and views), so
-        its memory is one chunk's whatever the batch size; the results come back as one.
+        its memory is one chunk's whatever the batch size; the results come back as one. Bad
+        input raises before anything is judged, except a file that fails to decode: it raises
+        ImageInputError naming it, after the chunks before it were judged and logged.
         """
         if self.encoder is None:
             raise ModerationError("this Moderator has no image encoder; use moderate_embeddings")
@@ -157,9 +159,9 @@ class Moderator:
         torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
     ]:
         """CLIP pixel values of the views each image is judged on (the policy's `views` of each
-        judged frame: an animation's centre crops too under `center`), which image each view belongs to (None: one view per image),
-        the views' descriptions (None: CLIP's centre crop) and, per image, why it could not be
-        covered (None: it was).
+        judged frame; under `center`, an animation's frames are centre-cropped too), which
+        image each view belongs to (None: one view per image), the views' descriptions (None:
+        CLIP's centre crop) and, per image, why it could not be covered (None: it was).
 
         Inputs that cannot be judged become NaN pixel rows, so they cannot score as clean.
         """
