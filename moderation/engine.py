@@ -11,16 +11,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from moderation.chunks import Chunk, join_results, split_call
 from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
 from moderation.images import (
     ImageBatch,
     ValueRange,
     batch_sha256,
+    check_items,
     clip_preprocess,
     encode_png,
     to_image_batch,
 )
+from moderation.preprocess import judged_views
 from moderation.scoring import score
 from moderation.storage.errors import PartlyRecordedError
 from moderation.storage.records import policy_record, record_of
@@ -117,19 +120,46 @@ class Moderator:
         value_range: ValueRange = "auto",
         apply: bool = True,
     ) -> ModerationResult:
-        """Decide on every image, apply the actions (unless apply=False) and log the decisions."""
+        """Decide on every image, apply the actions (unless apply=False) and log the decisions.
+
+        A large call is moderated in chunks (`moderation.chunks`: bounded pixels and views), so
+        its memory is one chunk's whatever the batch size; the results come back as one. Bad
+        input raises before anything is judged, except a file that fails to decode: it raises
+        ImageInputError naming it, after the chunks before it were judged and logged.
+        """
         if self.encoder is None:
             raise ModerationError("this Moderator has no image encoder; use moderate_embeddings")
-        batch = to_image_batch(images, device=self.encoder.device, value_range=value_range)
-        metas = _per_image(metadata, len(batch))
-        if len(batch) == 0:
-            return ModerationResult(batch.to_caller(), [])
+        check_items(images, value_range)  # bad input fails before any chunk is judged
+        chunks = split_call(images, value_range, self.policy.views, self.encoder.image_size)
+        metas = _per_image(metadata, sum(c.count for c in chunks))
+        if not chunks:
+            return ModerationResult(to_image_batch(images).to_caller(), [])
+        parts = [
+            self._moderate_chunk(
+                chunk, metas[chunk.start : chunk.start + chunk.count], value_range, apply
+            )
+            for chunk in chunks
+        ]
+        errors = list(dict.fromkeys(p.log_error for p in parts if p.log_error))
+        return ModerationResult(
+            join_results([p.images for p in parts], images),
+            [d for p in parts for d in p.decisions],
+            [i for p in parts for i in p.unrecorded],
+            "; ".join(errors) or None,
+        )
+
+    def _moderate_chunk(
+        self, chunk: Chunk, metas: list[dict[str, Any]], value_range: ValueRange, apply: bool
+    ) -> ModerationResult:
+        batch = to_image_batch(
+            chunk.images, device=self.encoder.device, value_range=value_range, signed=chunk.signed
+        )
         try:
-            pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            pixels, owners, views, view_errors = self._views(batch)
             embeddings = self.encoder.encode_image(pixels)  # [N, D]
-            errors: list[str | None] = [None] * len(batch)
-            for i in batch.invalid_indices():  # one host sync for the batch
-                errors[i] = "the input image holds NaN or infinite values"
+            errors = [  # one host transfer for the batch
+                e or v for e, v in zip(batch.input_errors(), view_errors, strict=True)
+            ]
             decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
@@ -145,19 +175,27 @@ class Moderator:
 
     def _views(
         self, batch: ImageBatch
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]] | None] | None]:
-        """CLIP pixel values of the views each image is judged on, which image each view belongs
-        to (None: one view per image) and the views' descriptions (None: not described).
+    ) -> tuple[
+        torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
+    ]:
+        """CLIP pixel values of the views each image is judged on (the policy's `views` of each
+        judged frame; under `center`, an animation's frames are centre-cropped too), which
+        image each view belongs to (None: one view per image), the views' descriptions (None:
+        CLIP's centre crop) and, per image, why it could not be covered (None: it was).
 
-        Non-finite inputs become NaN pixel rows, so they cannot score as clean.
+        Inputs that cannot be judged become NaN pixel rows, so they cannot score as clean.
         """
-        pixels = clip_preprocess(
-            batch,
-            size=self.encoder.image_size,
-            mean=self.encoder.image_mean,
-            std=self.encoder.image_std,
-        )  # [B, 3, S, S]: CLIP's centre crop
-        return pixels, None, None
+        encoder = self.encoder
+        settings = {
+            "size": encoder.image_size,
+            "mean": encoder.image_mean,
+            "std": encoder.image_std,
+        }
+        animated = any(f is not None for f in batch.frames)
+        if self.policy.views == "center" and not animated:  # CLIP's own crop, bit for bit
+            return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
+        frames = [batch.frames_of(i) for i in range(len(batch))]
+        return judged_views(frames, batch.invalid, self.policy.views, **settings)
 
     def moderate_embeddings(
         self,

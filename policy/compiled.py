@@ -17,13 +17,18 @@ import torch
 
 from policy.compiled_rules import problems
 from policy.errors import PolicyError, PolicyIssue
-from policy.limits import BLUR_RADIUS_DEFAULT, DIFFUSERS_ADJUSTMENT, PIXELATE_BLOCK_DEFAULT
+from policy.limits import (
+    BLUR_RADIUS_DEFAULT,
+    DIFFUSERS_ADJUSTMENT,
+    PIXELATE_BLOCK_DEFAULT,
+)
 from policy.schema import ACTION_RANK
 
 __all__ = ["ACTION_RANK", "DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPolicy"]
 
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
-# 2: blur_radius and pixelate_block are fractions of the image's shorter side, not pixels.
+# 2: blur_radius and pixelate_block are fractions of the image's shorter side, not pixels;
+#    `views` (an artifact without it was judged on the centre crop).
 FORMAT_VERSION = 2
 
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
@@ -51,6 +56,9 @@ class CompiledPolicy:
     review_band: float = 0.0
     on_error: str = "blackout"
     compat: str | None = None
+    # The square views an image is judged on: "cover", "center" or "tiles" (see
+    # moderation.preprocess); None means the default: "center" under compat, else "cover".
+    views: str | None = None
     blur_radius: float = BLUR_RADIUS_DEFAULT  # Gaussian sigma / the image's shorter side
     pixelate_block: float = PIXELATE_BLOCK_DEFAULT  # block side / the image's shorter side
     review_placeholder: str = "blur"
@@ -62,6 +70,8 @@ class CompiledPolicy:
         for name in _SEQUENCES:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.views is None:
+            object.__setattr__(self, "views", "center" if self.compat == "diffusers" else "cover")
         if self.special_matrix is None and isinstance(self.concept_matrix, torch.Tensor):
             dim = self.concept_matrix.shape[-1]
             object.__setattr__(self, "special_matrix", self.concept_matrix.new_zeros((0, dim)))

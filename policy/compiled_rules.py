@@ -21,6 +21,7 @@ from policy.limits import (
     MODEL_MAX,
     NAME_MAX,
     VERSION_MAX,
+    VIEWS,
     adjustment_problem,
     blur_problem,
     name_problem,
@@ -192,7 +193,10 @@ def problems(policy: Any) -> list[str]:
     else:
         found.choice("on_error", p.on_error, FAIL_CLOSED)
     found.choice("compat", p.compat, (None, "diffusers"))
+    found.choice("views", p.views, VIEWS)
     if p.compat == "diffusers":
+        if p.views != "center":
+            found.add(f"views must be 'center' when compat is 'diffusers', got {p.views!r}")
         if p.review_band != 0:
             found.add("review_band must be 0 when compat is 'diffusers'")
         if special_count and p.adjustment != DIFFUSERS_ADJUSTMENT:

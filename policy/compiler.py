@@ -256,6 +256,7 @@ def compile_policy(
         review_band=float(policy.review_band),
         on_error=policy.on_error,
         compat=policy.compat,
+        views=policy.effective_views,
         blur_radius=float(policy.actions.blur.radius),
         pixelate_block=float(policy.actions.pixelate.block),
         review_placeholder=policy.actions.review.placeholder,

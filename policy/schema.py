@@ -243,6 +243,9 @@ class Policy(_Model):
     description: str | None = None
     model: Annotated[str, AfterValidator(_not_blank), _storable(MODEL_MAX)] = DEFAULT_MODEL
     compat: Literal["diffusers"] | None = None
+    # What the model sees of an image: `cover` (default) every pixel, `center` CLIP's centre
+    # crop (the default, and the only choice, under compat: diffusers), `tiles` cover + tiles.
+    views: Literal["cover", "center", "tiles"] | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     review_band: Annotated[float, _between(0, 0.5, high_open=True)] = 0.0
     on_error: Annotated[Action, AfterValidator(_fail_closed)] = "blackout"
@@ -295,6 +298,11 @@ class Policy(_Model):
     def effective_action(self, concept: Concept) -> Action:
         return concept.action or self.defaults.action
 
+    @property
+    def effective_views(self) -> str:
+        """`views`, defaulting to `cover`, or to `center` under compat: diffusers."""
+        return self.views or ("center" if self.compat == "diffusers" else "cover")
+
     def effective_severity(self, concept: Concept) -> Severity:
         return concept.severity or self.defaults.severity
 
@@ -336,6 +344,14 @@ class Policy(_Model):
                 " checker's own adjustment, which its arithmetic hard-codes)"
             )
             found.append((("special_care", "adjustment"), message))
+        if self.compat == "diffusers" and self.views not in (None, "center"):
+            found.append(
+                (
+                    ("views",),
+                    "must be 'center' when compat is 'diffusers': diffusers' checker judges "
+                    "CLIP's single centre crop (drop compat to judge every pixel)",
+                )
+            )
         if not self.concepts and not self.special_concepts:
             found.append((("concepts",), "the policy needs at least one concept"))
         return found

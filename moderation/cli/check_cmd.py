@@ -148,27 +148,27 @@ def check_command(
 
 def _check_chunk(moderator, chunk, caller, out_paths):
     """Moderate one chunk of files; unreadable files become error decisions (fail closed)."""
-    from moderation.images import encode_png, load_image_file
+    from moderation.image_files import read_image, save_result
 
-    good, tensors, bad, messages = [], [], [], []
+    good, decoded, bad, messages = [], [], [], []
     for f in chunk:
         try:
-            tensors.append(load_image_file(f))
+            decoded.append(read_image(f))  # every judged frame of an animation
             good.append(f)
         except ModerationError as exc:
             bad.append(f)
             messages.append(str(exc))
     decided = {}
     if good:
-        result = moderator.moderate(tensors, metadata=[{**caller, "file": str(f)} for f in good])
-        for f, image, d in zip(good, result.images, result.decisions, strict=True):
+        result = moderator.moderate(decoded, metadata=[{**caller, "file": str(f)} for f in good])
+        for f, file, image, d in zip(good, decoded, result.images, result.decisions, strict=True):
             decided[f] = d
             if out_paths:
                 target = out_paths[f].with_suffix(".png")
                 regular_target(target)  # never write through a link or into a device
                 with writing(target):
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(encode_png(image))
+                    save_result(target, image, file, allowed=d.action == "allow")
     if bad:
         failed = moderator.fail(messages, metadata=[{**caller, "file": str(f)} for f in bad])
         decided.update(zip(bad, failed, strict=True))
