@@ -49,6 +49,7 @@ class Moderator:
         *,
         log: DecisionLog | None = None,
         store_embeddings: bool = True,
+        hash_images: bool = False,
     ) -> None:
         if encoder is not None and policy.embed_dim != encoder.embed_dim:
             raise ModerationError(
@@ -60,6 +61,8 @@ class Moderator:
         self.policy = policy.to(device)
         self.log = log
         self.store_embeddings = store_embeddings
+        # Without a log, Decision.image_sha256 costs a host copy per batch: only when asked.
+        self.hash_images = hash_images
         if log is not None:
             log.register_policy(policy_record(self.policy))
 
@@ -120,6 +123,9 @@ class Moderator:
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
+        if self.log is not None or self.hash_images:
+            for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
+                d.image_sha256 = digest  # of the pixels judged, before any action
         moderated = self._act(batch.images, decisions) if apply else batch.images
         if self.log is not None:
             self._log(decisions, batch.images)
@@ -188,10 +194,8 @@ class Moderator:
     # -- logging and review ------------------------------------------------------------------
 
     def _log(self, decisions: list[Decision], images) -> None:
-        hashes = batch_sha256(images) if images is not None else [None] * len(decisions)
         records = []
         for i, d in enumerate(decisions):
-            d.image_sha256 = hashes[i]
             held = None
             if images is not None and d.needs_review:
                 held = encode_png(images[i])
@@ -264,13 +268,19 @@ def load_compiled(
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
+    """One dict per image, each checked to be storable before any image is touched."""
+    from moderation.metadata import check_metadata
+
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
+        check_metadata(metadata)
         return [dict(metadata) for _ in range(n)]
     metas = [dict(m) for m in metadata]
     if len(metas) != n:
         raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
+    for i, meta in enumerate(metas):
+        check_metadata(meta, f"metadata[{i}]")
     return metas
 
 
