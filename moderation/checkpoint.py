@@ -96,7 +96,6 @@ class Checkpoint:
         Offline (HF_HUB_OFFLINE) or with the hub unreachable, only the cache is read, and a model
         that is not there fails at once; otherwise transformers looks it up on the hub as usual.
         """
-        import huggingface_hub
         from huggingface_hub import constants, try_to_load_from_cache
 
         try:
@@ -108,7 +107,7 @@ class Checkpoint:
         cached_config = Path(cached) if isinstance(cached, str) else None
         where = f"not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         local_copy = "or pass --model FOLDER with a local copy of the checkpoint"
-        if huggingface_hub.is_offline_mode():
+        if _offline_mode():
             if cached_config is None:
                 raise EncoderError(
                     f"model {model_id}: {where}; HF_HUB_OFFLINE is set, so it cannot be "
@@ -243,6 +242,15 @@ class Checkpoint:
 # Knob: how long the one reachability check of the hub may take. A missing DNS entry or a
 # refused connection fail at once; this bounds a network that silently drops packets.
 HUB_PROBE_TIMEOUT_S = 2.0
+
+
+def _offline_mode() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (is_offline_mode() where it has one)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    is_offline = getattr(huggingface_hub, "is_offline_mode", None)
+    return bool(is_offline() if is_offline is not None else constants.HF_HUB_OFFLINE)
 
 
 def hub_unreachable() -> str | None:

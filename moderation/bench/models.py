@@ -48,7 +48,7 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         return check_device(device)
     except EncoderError as exc:
-        raise BenchError(f"--{exc}") from None
+        raise BenchError(f"--{exc}") from None  # "--device X: why", as the option is named
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
