@@ -62,10 +62,11 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """Batch 1, two repeats, small counts: about 3 minutes on 2 CPU cores (ViT-L/14 widths).
 
-        On a CPU one ViT-L/14 forward takes seconds and every end-to-end round runs five paths,
-        so the rows are what costs: batch 4 alone took 7 of the 10 minutes the earlier quick
-        sizes needed there. No warm-up: the first call of every path, at batch 1, happens before
-        any row is timed.
+        On a CPU one ViT-L/14 image takes seconds through a tower and every end-to-end round
+        runs four tower paths, so the rows are what costs: with the earlier quick sizes, batch 4
+        (a warm-up round and two repeats) took about 7 of the 13 minutes measured on a shared
+        2-core machine. No warm-up: the first call of every path, at batch 1, happens before any
+        row is timed.
         """
         base = {
             "batch_sizes": (1,),
