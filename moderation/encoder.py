@@ -39,12 +39,55 @@ def resolve_device(
     device: torch.device | str | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     """Defaults: cuda when available, else cpu; float16 on cuda, float32 elsewhere."""
+    device = check_device(device)
+    return device, dtype if dtype is not None else default_dtype(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on cuda (half the memory, tensor cores), float32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The torch device asked for (default: cuda when available, else cpu), checked to be usable.
+
+    An unknown name or a device this machine lacks is an EncoderError naming it: one line for the
+    user, not a traceback from deep inside the first tensor moved there.
+    """
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return device, dtype
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EncoderError(
+            f"device {str(device)!r}: not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch build ({torch.__version__}) has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise EncoderError(f"device {resolved}: CUDA is not available ({why}); use cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise EncoderError(
+                f"device {resolved}: this machine has {count} CUDA device(s) (cuda:0 to "
+                f"cuda:{count - 1})"
+            )
+    elif resolved.type == "meta":
+        raise EncoderError(f"device {resolved}: holds no data, so it cannot run a model")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise EncoderError(f"device {resolved}: MPS (Apple GPU) is not available here; use cpu")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)
+        except (RuntimeError, AssertionError) as exc:
+            # torch's own text can run to a page: keep its first sentence.
+            reason = str(exc).strip().split(". ")[0].splitlines()[0][:160] or type(exc).__name__
+            raise EncoderError(f"device {resolved}: not usable here ({reason}); use cpu") from None
+    return resolved
 
 
 @functools.cache

@@ -69,6 +69,7 @@ class Moderator:
         *,
         log: DecisionLog | None = None,
         store_embeddings: bool = True,
+        hash_images: bool = False,
     ) -> None:
         if encoder is not None and policy.embed_dim != encoder.embed_dim:
             raise ModerationError(
@@ -83,6 +84,8 @@ class Moderator:
         # Every decision id this Moderator could not record, and why (see ModerationResult).
         self.unrecorded: list[str] = []
         self.log_errors: list[str] = []
+        # Without a log, Decision.image_sha256 costs a host copy per batch: only when asked.
+        self.hash_images = hash_images
         if log is not None:
             log.register_policy(policy_record(self.policy))
 
@@ -164,6 +167,9 @@ class Moderator:
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
+        if self.log is not None or self.hash_images:
+            for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
+                d.image_sha256 = digest  # of the pixels judged, before any action
         moderated = self._act(batch.images, decisions) if apply else batch.images
         unrecorded, log_error = [], None
         if self.log is not None:
@@ -280,10 +286,8 @@ class Moderator:
         """Record the decisions; never raises (the images are moderated already). Returns the ids
         recorded nowhere and the problem, if any; both are also kept on the Moderator."""
         try:
-            hashes = batch_sha256(images) if images is not None else [None] * len(decisions)
             records = []
             for i, d in enumerate(decisions):
-                d.image_sha256 = hashes[i]
                 held = None
                 if images is not None and d.needs_review:
                     held = encode_png(images[i])
@@ -379,6 +383,7 @@ def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
+    """One dict per image, each checked to be storable before any image is touched."""
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
@@ -389,7 +394,7 @@ def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
     if len(metas) != n:
         raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
     for i, meta in enumerate(metas):
-        check_metadata(meta, f"metadata of image {i}")
+        check_metadata(meta, f"metadata[{i}]")
     return metas
 
 

@@ -322,3 +322,62 @@ def test_our_path_reads_no_scalar_per_image_where_diffusers_reads_one_per_concep
             theirs[batch] = reads.count
     assert ours[1] == ours[4] <= 1  # per batch, not per image
     assert theirs[4] >= 4 * (17 + 3)  # one .item() per image and concept
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        (
+            "banana",
+            "--device 'banana': not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)",
+        ),
+        ("meta", "--device meta: holds no data, so it cannot run a model"),
+    ],
+)
+def test_bench_bad_device_is_one_line(device, message):
+    result = CliRunner().invoke(_main(), ["bench", "--size", "tiny", "--device", device])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
+
+
+# On 2 CPU cores one ViT-L/14 image through a vision tower takes seconds (2-9 s measured while
+# the machine was shared): this many keep `--quick` within the few minutes the README promises.
+QUICK_TOWER_IMAGES = 16
+
+
+def test_quick_sends_few_images_through_the_vision_towers(monkeypatch):
+    """Images through our tower and diffusers' in `bench --quick` (its defaults, tiny widths).
+
+    The first call of each of 4 paths, 2 rounds of those 4 at batch 1, and one embedding for the
+    per-step row: 13. The earlier quick sizes (batches 1 and 4, one warm-up) sent 69.
+    """
+    import moderation.bench.models as bench_models
+
+    images = []
+    real_load = bench_models.load_models
+
+    def load_and_count(**kwargs):
+        models = real_load(**kwargs)
+        for tower in (models.encoder.vision_model, models.checker.vision_model):
+            tower.register_forward_hook(lambda _m, args, _out: images.append(len(args[0])))
+        return models
+
+    monkeypatch.setattr(bench_models, "load_models", load_and_count)
+    result = _invoke(["bench", "--quick", "--size", "tiny", "--sections", "e2e"])
+    assert result.exit_code == 0, result.output
+    assert 0 < sum(images) <= QUICK_TOWER_IMAGES
+
+
+def test_quick_help_says_what_it_runs_and_how_long():
+    result = _invoke(["bench", "--help"])
+    assert "--quick" in result.output
+    help_text = " ".join(result.output.split())
+    assert "Batch 1 only, 2 repeats" in help_text and "minutes on 2 CPU cores" in help_text
+
+
+def _main():
+    import moderation.cli.bench_cmd  # noqa: F401 - registers `bench`
+    from moderation.cli import main
+
+    return main

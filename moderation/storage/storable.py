@@ -7,7 +7,7 @@ by one backend and kept by the other; our own message text is escaped instead (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -67,20 +67,43 @@ def _walk_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _walk_strings(item, f"{path}[{i}]")
 
 
-def check_metadata(meta: dict[str, Any], what: str = "metadata") -> None:
-    """Refuse caller metadata that the decision log could not store on every backend.
+class MetadataError(StorageError):
+    """Caller metadata that the decision log could not store on every backend."""
+
+
+def check_metadata(meta: Mapping[str, Any], what: str = "metadata") -> None:
+    """Refuse caller metadata that the decision log could not store on every backend, naming
+    the key at fault.
 
     It must be JSON (numbers, strings, lists, dicts; numpy values become numbers), finite, and
-    free of NUL characters and lone surrogates: such metadata is refused, never altered.
+    free of NUL characters and lone surrogates (what Python makes of undecodable bytes in a
+    command line or a file name): such metadata is refused, never altered.
     """
     try:
         json_dumps(meta)
-    except (TypeError, ValueError) as err:
-        raise StorageError(f"{what} cannot be stored as JSON: {err}") from err
+    except (TypeError, ValueError):
+        _name_the_json_problem(meta, what)
     for path, text in _walk_strings(meta, what):
         problem = text_problem(text)
         if problem is not None:
-            raise StorageError(f"{path} {problem}; remove it")
+            raise MetadataError(f"{path} {problem}; remove it")
+
+
+def _name_the_json_problem(meta: Mapping[str, Any], what: str) -> None:
+    for key, value in meta.items():
+        label = f"{what}[{key!r}]"
+        try:
+            json_dumps({key: None})
+        except (TypeError, ValueError) as err:
+            raise MetadataError(f"{label}: the key cannot be stored as JSON: {err}") from None
+        try:
+            json_dumps(value)
+        except (TypeError, ValueError) as err:
+            reason = str(err)
+            if reason.startswith("Out of range float"):  # the json module's words for NaN/inf
+                reason = "NaN and infinity are not JSON numbers"
+            raise MetadataError(f"{label} cannot be stored as JSON: {reason}") from None
+    raise MetadataError(f"{what} cannot be stored as JSON")  # keys and values alone were fine
 
 
 def check_policy_record(record: PolicyRecord) -> None:
