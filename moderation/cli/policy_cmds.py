@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -65,6 +66,29 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 param_hint="'--model'",
             )
     results = []
+    # Warnings are printed with their file below (and listed in --json), not logged as well.
+    loader_log = logging.getLogger("policy.loader")
+    level, loader_log.level = loader_log.level, logging.ERROR
+    try:
+        _validate_all(paths, embed_dim, results)
+    finally:
+        loader_log.setLevel(level)
+    invalid = sum("error" in result for result in results)
+    if as_json:
+        echo_json({"ok": not invalid, "files": [_as_json(r) for r in results]})
+    else:
+        for result in results:
+            click.echo(_as_text(result))
+            for warning in result["policy"].warnings if "policy" in result else ():
+                click.echo(f"warning: {clean(str(warning))}", err=True)
+    if invalid:
+        verb = "is" if invalid == 1 else "are"
+        raise click.ClickException(
+            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
+        )
+
+
+def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[dict]) -> None:
     for given in paths:
         files = _policy_files(given)
         if not files:
@@ -75,17 +99,6 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 results.append({"path": file, "policy": _validate_one(file, embed_dim)})
             except PolicyError as error:
                 results.append({"path": file, "error": error})
-    invalid = sum("error" in result for result in results)
-    if as_json:
-        echo_json({"ok": not invalid, "files": [_as_json(r) for r in results]})
-    else:
-        for result in results:
-            click.echo(_as_text(result))
-    if invalid:
-        verb = "is" if invalid == 1 else "are"
-        raise click.ClickException(
-            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
-        )
 
 
 def _as_text(result: dict) -> str:
@@ -107,6 +120,7 @@ def _as_json(result: dict) -> dict:
         "concepts": len(loaded.concepts) if loaded else None,
         "special_care": len(loaded.special_concepts) if loaded else None,
         "issues": [issue._asdict() for issue in error.issues] if error else [],
+        "warnings": [w._asdict() for w in loaded.warnings] if loaded else [],
     }
 
 
