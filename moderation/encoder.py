@@ -229,7 +229,9 @@ class ClipEncoder:
         # whether they were compiled by a float16 or a float32 worker.
         self.text_model = model.text_model.to(self.device, torch.float32)
         self.text_projection = model.text_projection.to(self.device, torch.float32)
-        max_positions = int(model.config.text_config.max_position_embeddings)
+        # A CLIPModel nests its text settings; a CLIPTextModelWithProjection's config is them.
+        text_config = getattr(model.config, "text_config", model.config)
+        max_positions = int(text_config.max_position_embeddings)
         self._max_tokens = min(max_positions, int(self.tokenizer.model_max_length))
         self.max_text_tokens = self._max_tokens
         self.text_fingerprint = hashlib.sha256(

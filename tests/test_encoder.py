@@ -177,6 +177,28 @@ def test_text_model_gives_a_checker_a_text_tower(tiny_checker_dir, tiny_clip_dir
     assert enc.text_fingerprint == clip_encoder.text_fingerprint
 
 
+def test_a_bare_text_tower_with_projection_is_a_text_model(
+    tmp_path, tiny_checker_dir, clip_encoder
+):
+    """CLIPTextModelWithProjection (the text half of a CLIP, saved on its own) works too."""
+    from transformers import CLIPModel, CLIPTextModelWithProjection
+
+    clip = CLIPModel.from_pretrained(clip_encoder.model_id)
+    text_config = clip.config.text_config
+    text_config.projection_dim = clip.config.projection_dim
+    tower = CLIPTextModelWithProjection(text_config)
+    tower.text_model.load_state_dict(clip.text_model.state_dict())
+    tower.text_projection.load_state_dict(clip.text_projection.state_dict())
+    folder = tmp_path / "text-tower"
+    tower.save_pretrained(folder)
+    clip_encoder.tokenizer.save_pretrained(folder)
+    enc = ClipEncoder.from_pretrained(tiny_checker_dir, text_model=folder)
+    prompts = ["a photo", "a painting of a dolphin"]
+    # Same weights; the standalone tower may pick another attention kernel, so not bit for bit.
+    torch.testing.assert_close(enc.encode_text(prompts), clip_encoder.encode_text(prompts))
+    assert enc.max_text_tokens == clip_encoder.max_text_tokens == 77
+
+
 def test_text_model_must_match_the_projection_width(tmp_path, tiny_checker_dir):
     narrow = make_tiny_clip(tmp_path / "narrow", projection_dim=16)
     with pytest.raises(EncoderError, match="projects text to 16 dimensions .* images to 32"):
