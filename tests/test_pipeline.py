@@ -47,7 +47,7 @@ def setup():
     """A pipeline, an encoder, the unmoderated output and a concept that only image 0 matches."""
     checker = build_safety_checker(seed=1)
     encoder = VisionTower(checker.vision_model, checker.visual_projection)
-    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 2.0, "blackout"), encoder)
+    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 1.0, "blackout"), encoder)
     pipe = make_tiny_pipeline(safety_checker=probe)
     plain = generate(pipe)
     assert plain.nsfw_content_detected == [False, False]
@@ -203,6 +203,10 @@ def test_pixel_values_are_refused_for_a_policy_that_builds_its_views(setup):
         "policy 'pipeline-test' judges every pixel of an image, so it builds its own views: "
         "pass pixel_values only with a `compat: diffusers` policy"
     )
+    compat = PolicySafetyChecker.from_checker(setup["checker"]).moderator
+    with pytest.raises(ModerationError) as err:
+        compat.moderate(vae_batch(), value_range="-1,1", pixel_values=torch.zeros(3, 3, 224, 224))
+    assert str(err.value) == "pixel_values must be a tensor with one row for each of 2 images"
 
 
 class TowerOnFire(Exception):

@@ -191,3 +191,14 @@ def test_metadata_the_log_cannot_store_fails_closed_and_is_logged(setup, tmp_pat
         "cannot be stored as JSON: object is not JSON serializable" in r.error
         for r in rows.values()
     )
+
+
+def test_decisions_that_cannot_be_recorded_are_named(setup, tmp_path):
+    """A log that cannot record (closed here) loses no decision silently: the checker names them."""
+    url = f"sqlite:///{tmp_path}/moderation.db"
+    checker = checker_for(setup, url, tmp_path)
+    checker.moderator.log.close()
+    out = generate(setup["pipe"])
+    assert out.nsfw_content_detected == [True, False]  # moderated all the same
+    assert checker.last_unrecorded == [d.decision_id for d in checker.last_decisions]
+    assert logged(url) == {}

@@ -69,6 +69,7 @@ class PolicySafetyChecker(ModelMixin):
         self.moderator = Moderator(policy, self._engine_encoder, log=log)
         self.metadata = metadata  # caller metadata logged with every image of every call
         self.last_decisions: list[Decision] = []
+        self.last_unrecorded: list[str] = []  # ids of last_decisions in neither database nor spool
         self._warned_unlogged = False
 
     # -- building ----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class PolicySafetyChecker(ModelMixin):
     ) -> PolicySafetyChecker:
         """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact;
         log every decision to `db` if given."""
-        from moderation.engine import load_compiled
+        from moderation.loading import load_compiled
 
         compiled, encoder = load_compiled(
             path, model=model, device=device, dtype=dtype, text_model=text_model
@@ -246,6 +247,7 @@ class PolicySafetyChecker(ModelMixin):
         """Moderate a batch; flagged images are changed in place; returns (images, flags)."""
         count = count_images(images)
         metadata = self._call_metadata()
+        self.last_unrecorded = []
         try:
             decisions = self._decide(clip_input, images, metadata, count)
         except Exception as exc:  # fail closed: whatever went wrong, no image goes out unjudged
@@ -291,6 +293,7 @@ class PolicySafetyChecker(ModelMixin):
         )
         if len(result.decisions) != count:
             raise ModerationError(f"{len(result.decisions)} decisions for {count} images")
+        self.last_unrecorded = list(result.unrecorded)  # the engine has said so in its log
         return result.decisions
 
     def _fail(self, count: int, message: str, metadata: Any) -> list[Decision]:
@@ -302,6 +305,7 @@ class PolicySafetyChecker(ModelMixin):
             except Exception:
                 logger.exception("moderation: recording %d error decisions failed", count)
         decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
+        self.last_unrecorded = [d.decision_id for d in decisions]
         logger.error(
             "moderation: %d error decisions were NOT recorded: %s",
             count,
