@@ -187,7 +187,9 @@ def _read_artifact(file: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         with safe_open(file, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             names = set(f.keys())
-            tensors = {n: f.get_tensor(n) for n in _TENSORS if n in names}
+            # Fresh (aligned) copies: a matrix product over a view into the file's buffer can
+            # round differently in the last bit from one over the compiled policy's own tensors.
+            tensors = {n: f.get_tensor(n).clone() for n in _TENSORS if n in names}
     except Exception as exc:  # safetensors raises several types for unreadable files
         raise PolicyError.about_file(file, f"not a compiled policy: {exc}") from exc
     missing = [n for n in _TENSORS if n not in names]

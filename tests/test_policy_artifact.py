@@ -307,3 +307,34 @@ def test_every_error_path_uses_the_policys_on_error(on_error, encoder, monkeypat
     assert not any(
         torch.equal(out, image) for out, image in zip(result.images, images, strict=True)
     )
+
+
+@pytest.mark.parametrize("n_concepts", [3, 17, 40])
+def test_a_loaded_artifact_scores_bit_for_bit_like_the_policy_it_saved(tmp_path, n_concepts):
+    """safetensors hands tensors back at any 8-byte offset, and a matrix product over a
+    misaligned buffer may round differently: the loaded policy's tensors must be fresh copies."""
+    import torch.nn.functional as F
+
+    from moderation.scoring import score
+
+    g = torch.Generator().manual_seed(n_concepts)
+    compiled = CompiledPolicy(
+        name="bits",
+        version="1",
+        model="tiny",
+        concept_names=tuple(f"c{i}" for i in range(n_concepts)),
+        categories=(None,) * n_concepts,
+        severities=("medium",) * n_concepts,
+        actions=("blur",) * n_concepts,
+        concept_matrix=F.normalize(torch.randn(n_concepts, 768, generator=g)),
+        thresholds=0.1 * torch.rand(n_concepts, generator=g),
+        special_names=("s",),
+        special_matrix=F.normalize(torch.randn(1, 768, generator=g)),
+        special_thresholds=torch.tensor([0.05]),
+    )
+    loaded = CompiledPolicy.load(compiled.save(tmp_path / "bits.safetensors"))
+    for name in ("concept_matrix", "thresholds", "special_matrix", "special_thresholds"):
+        assert getattr(loaded, name).data_ptr() % 64 == 0, name
+    embeddings = torch.randn(9, 768, generator=g)
+    ours, theirs = score(compiled, embeddings), score(loaded, embeddings)
+    assert torch.equal(ours.cosines, theirs.cosines) and torch.equal(ours.scores, theirs.scores)

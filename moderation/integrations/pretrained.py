@@ -120,7 +120,7 @@ def load_checker(
     policy_path = folder / str(manifest.get("policy") or POLICY_FILE)
     if policy_path.parent != folder:
         raise ModerationError(f"{folder / MANIFEST}: the policy must be a file in this folder")
-    policy = _aligned(CompiledPolicy.load(policy_path))  # checks its own digest
+    policy = CompiledPolicy.load(policy_path)  # checks its fields and its digest
     if policy.digest != manifest.get("policy_digest"):
         raise ModerationError(
             f"{policy_path}: policy digest {policy.digest[:12]} is not the one the checker was "
@@ -133,16 +133,6 @@ def load_checker(
     if attention:  # the saved tower's attention, so embeddings match it bit for bit
         encoder.vision_model.set_attn_implementation(attention)
     return policy, encoder, manifest
-
-
-def _aligned(policy: CompiledPolicy) -> CompiledPolicy:
-    """The policy with its tensors in fresh allocations. safetensors hands tensors back at any
-    8-byte offset, and BLAS takes another code path for misaligned rows: the cosines then differ
-    in the last bit from those of the policy that was saved (measured), which could flip a flag."""
-    import dataclasses
-
-    names = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
-    return dataclasses.replace(policy, **{n: getattr(policy, n).clone() for n in names})
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
