@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from moderation.review.labels import render as render_labels
 from moderation.review.queries import utc
 
 
@@ -120,6 +121,8 @@ def render_show(shown: dict[str, Any]) -> str:
         f"  held image {dec['held_file'] or '-'}",
         f"  meta {meta}",
     ]
+    if item.get("labels") is not None:
+        lines.insert(2, f"  labels: {render_labels(item['labels'])}")
     if dec["error"]:
         lines.append(f"  error {dec['error']}")
     lines.append(
