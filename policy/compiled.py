@@ -48,6 +48,8 @@ class CompiledPolicy:
     blur_radius: float = 24.0
     pixelate_block: int = 16
     review_placeholder: str = "blur"
+    # "CONCEPT:SHA256" of every example image an `examples:` concept was computed from.
+    example_sha256: tuple[str, ...] = ()
     source: str = field(default="", repr=False)
     digest: str = ""
 
@@ -88,6 +90,10 @@ class CompiledPolicy:
         """sha256 over everything that can change a decision (the YAML text itself does not)."""
         meta = self._metadata()
         meta.pop("source")
+        if not meta["example_sha256"]:
+            meta.pop(
+                "example_sha256"
+            )  # digests of policies without example images stay as they were
         h = hashlib.sha256()
         h.update(json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True).encode())
         for name in _TENSORS:

@@ -14,6 +14,8 @@ from torch import Tensor
 from policy.compiled import CompiledPolicy
 from policy.encoding import EncodingError, PolicyEncoder
 from policy.errors import KeyPath, PolicyError, PolicyIssue
+from policy.examples import encode_examples
+from policy.extends import DEFINITION_KEYS
 from policy.schema import Concept, Policy
 
 if TYPE_CHECKING:
@@ -45,15 +47,25 @@ def _from_checkpoint(encoder: PolicyEncoder, ref: Any, key: str) -> Tensor:
 
 
 def resolve_concept(
-    policy: Policy, concept: Concept, encoder: PolicyEncoder, prompt_vectors: dict[str, Tensor]
+    policy: Policy,
+    concept: Concept,
+    encoder: PolicyEncoder,
+    prompt_vectors: dict[str, Tensor],
+    example_vectors: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(raw vector [D] float32, threshold [] float32) of one concept.
 
     The one place that knows how the schema spells a concept's source: `prompts` (an ensemble:
     each prompt's unit vector averaged, then normalised), an `embedding` the loader resolved into
-    `concept.vector`, or an embedding/threshold `{checkpoint: NAME, row: I}` read from the model.
+    `concept.vector`, `examples` (example images, see policy/examples.py; embedded here unless
+    `example_vectors` has them), or an embedding/threshold `{checkpoint: NAME, row: I}` read from
+    the model.
     """
-    if concept.prompts is not None:
+    if concept.examples is not None:
+        if example_vectors is None or concept.name not in example_vectors:
+            example_vectors = encode_examples(policy, encoder, only=concept.name)[0]
+        vector = example_vectors[concept.name]
+    elif concept.prompts is not None:
         units = torch.nn.functional.normalize(
             torch.stack([prompt_vectors[p] for p in concept.prompts]), dim=-1
         )  # [P, D]
@@ -157,15 +169,18 @@ def compile_policy(
     ~/.cache/moderation/prompts), a folder or a PromptCache, or False for none.
     """
     prompt_vectors = _encode_prompts(policy, encoder, _prompt_cache(cache))
+    example_vectors, example_sha256 = encode_examples(policy, encoder)
     vectors: list[Tensor] = []
     thresholds: list[Tensor] = []
     issues: list[PolicyIssue] = []
     for path, concept in policy.iter_concepts():
         try:
-            vector, threshold = resolve_concept(policy, concept, encoder, prompt_vectors)
+            vector, threshold = resolve_concept(
+                policy, concept, encoder, prompt_vectors, example_vectors
+            )
             _check(vector, threshold, encoder)
         except _Problem as problem:
-            source = "prompts" if concept.prompts is not None else "embedding"
+            source = next(k for k in DEFINITION_KEYS if getattr(concept, k) is not None)
             where: KeyPath = (*path, *(problem.subpath or (source,)))
             issues.append(policy.issue(where, f"concept '{concept.name}': {problem.message}"))
             continue
@@ -199,5 +214,6 @@ def compile_policy(
         blur_radius=float(policy.actions.blur.radius),
         pixelate_block=int(policy.actions.pixelate.block),
         review_placeholder=policy.actions.review.placeholder,
+        example_sha256=example_sha256,
         source=policy.source_text or "",
     )
