@@ -51,7 +51,7 @@ def plot_concept(policy_name: str, c: ConceptCalibration, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
+    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     marks = [c.threshold] + ([c.suggested_threshold] if c.suggested_threshold is not None else [])
@@ -85,7 +85,8 @@ def plot_concept(policy_name: str, c: ConceptCalibration, path: Path) -> None:
     )
     axes.set_ylabel("labelled images")
     axes.set_xlim(low, high)
-    axes.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    # Below the axes, so that it never hides a bar.
+    figure.legend(loc="outside lower center", ncols=2, fontsize="small", frameon=False)
     note = "no labelled images" if values.size == 0 else None
     if c.refused:
         note = "no suggestion: " + c.refused

@@ -31,6 +31,10 @@ def _positive(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
     return pairs
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -207,7 +211,7 @@ def calibrate_command(
         click.echo(
             f"\nWrote {out}: "
             + (
-                f"{len(changes)} thresholds changed ({moved})"
+                f"{_count(len(changes), 'threshold')} changed ({moved})"
                 if changes
                 else "no threshold changed"
             )
