@@ -217,4 +217,4 @@ def calibrate_command(
             )
         )
     if plot_dir is not None:
-        click.echo(f"Plots: {len(data['plots'])} PNG files in {plot_dir}")
+        click.echo(f"Plots: {_count(len(data['plots']), 'PNG file')} in {plot_dir}")
