@@ -21,6 +21,7 @@ POLICY = """\
 # Logos, learnt from example images.
 policy: logos
 model: {model}
+defaults: {{action: review}}
 concepts:
   - name: red-logo
     examples: examples/red
@@ -106,6 +107,33 @@ def test_an_image_labelled_both_ways_is_left_out(folders, tmp_path):
     logo = data["concepts"]["red-logo"]
     assert (logo["positives"], logo["negatives"], logo["conflicts"]) == (5, 6, 1)
     assert data["labels"]["distinct_images"] == 13
+
+
+def test_one_image_in_the_log_and_a_folder_counts_once(folders, tmp_path):
+    """Identity is the engine's pixel hash: a reviewed decision and a file of the same image
+    are one image; where they disagree it is left out for that concept."""
+    from moderation.engine import Moderator
+    from moderation.review.queue import ReviewQueue
+
+    policy, red, clean = folders
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    with Moderator.from_policy(
+        policy, db=url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held"
+    ) as moderator:
+        decision = moderator.moderate(str(red / "r0.png")).decisions[0]
+    assert decision.fired == ("red-logo",)
+    queue = ReviewQueue(url)
+    queue.reject(queue.list()[0].id, "alice", reason="a logo")  # shows red-logo, not spare
+    shutil.copy(red / "r0.png", clean / "r0-again.png")
+    data = calibrate(policy, db=url, positives=[("red-logo", red)], negatives=[clean],
+                     min_examples=1).to_dict()  # fmt: skip
+    assert data["labels"]["decisions"] == 1 and data["labels"]["images"] == 14
+    assert data["labels"]["distinct_images"] == 13
+    logo, spare = data["concepts"]["red-logo"], data["concepts"]["spare"]
+    # red-logo: the log and --positive say shown, --negative says not: left out
+    assert (logo["positives"], logo["negatives"], logo["conflicts"]) == (5, 6, 1)
+    # spare: the log and --negative agree it is not shown: one negative, not two
+    assert (spare["positives"], spare["negatives"], spare["conflicts"]) == (0, 7, 0)
 
 
 def test_an_unreadable_file_is_named(folders):

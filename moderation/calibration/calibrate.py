@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from moderation.calibration.labelset import LabelledSet
 from moderation.calibration.metrics import Confusion, Target, best_cut, short_threshold
 from moderation.calibration.samples import (
     CalibrationError,
-    LabelledSet,
     check_sqlite_exists,
     from_folders,
     from_log,
@@ -52,6 +52,7 @@ class ConceptCalibration:
     suggested_threshold: float | None = None
     suggested: Confusion | None = None
     refused: str | None = None
+    labelled: np.ndarray | None = field(default=None, repr=False)  # [N] bool: which images
 
     @property
     def changed(self) -> bool:
@@ -162,8 +163,9 @@ def calibrate(
     labels = LabelledSet()
     if use_log:
         from_log(url, compiled, labels)
-    folders = [(Path(d), {c: True}) for c, d in positives]
-    folders += [(Path(d), dict.fromkeys(names, False)) for d in negatives]
+    everything = frozenset(names)
+    folders = [(Path(d), frozenset({c}), frozenset({c})) for c, d in positives]
+    folders += [(Path(d), everything, frozenset()) for d in negatives]
     if folders:
         cache = cache if cache is not None else ImageEmbeddingCache()
         from_folders(folders, compiled, encoder, labels, cache=cache, progress=progress)
@@ -234,9 +236,10 @@ def _calibrate_concepts(report: Calibration, excluded: dict[str, int]) -> None:
     special_thresholds = policy.special_thresholds.cpu().numpy()
     columns = [(n, False, i) for i, n in enumerate(policy.concept_names)]
     columns += [(n, True, k) for k, n in enumerate(policy.special_names)]
-    for name, special, index in columns:
-        has = np.array([name in s.labels for s in samples], dtype=bool) & valid  # [N]
-        positive = np.array([s.labels.get(name, False) for s in samples], dtype=bool)[has]
+    labels = report.labels.columns([name for name, _, _ in columns])  # [N] int8 each
+    for (name, special, index), label in zip(columns, labels, strict=True):
+        has = (label >= 0) & valid  # [N]
+        positive = label[has] == 1
         if special:
             values = scored["special_cosines"][has, index].astype(np.float64)
             fired = scored["special_scores"][has, index] > 0
@@ -248,11 +251,12 @@ def _calibrate_concepts(report: Calibration, excluded: dict[str, int]) -> None:
         entry = ConceptCalibration(
             name, special, index, values, positive, plain(threshold), Confusion.of(fired, positive)
         )
+        entry.labelled = has
         entry.conflicts = report.labels.conflicts.get(name, 0)
         entry.excluded = excluded.get(name, 0)
         _suggest(entry, fired, report.target, report.min_examples)
         report.concepts.append(entry)
-    _rescore(report, samples, valid)
+    _rescore(report, samples)
 
 
 def _plural(count: int, word: str) -> str:
@@ -282,7 +286,7 @@ def _suggest(entry: ConceptCalibration, fired: np.ndarray, target: Target, minim
     entry.suggested_threshold = entry.threshold if same else short_threshold(cut)
 
 
-def _rescore(report: Calibration, samples: list, valid: np.ndarray) -> None:
+def _rescore(report: Calibration, samples: list) -> None:
     """Counts of the suggested thresholds, scored by the engine's own arithmetic: every regular
     concept at once (they do not affect each other), each special-care concept on its own."""
     policy = report.policy
@@ -294,17 +298,11 @@ def _rescore(report: Calibration, samples: list, valid: np.ndarray) -> None:
             thresholds[c.index] = c.suggested_threshold
         scored = _score_all(dataclasses.replace(policy, thresholds=thresholds), embeddings)
         for c in regular:
-            c.suggested = _counts(c, samples, valid, scored["scores"][:, c.index] > 0)
+            c.suggested = Confusion.of(scored["scores"][c.labelled, c.index] > 0, c.positive)
     for c in report.concepts:
         if c.special and c.suggested_threshold is not None:
             special = policy.special_thresholds.clone()
             special[c.index] = c.suggested_threshold
             scored = _score_all(dataclasses.replace(policy, special_thresholds=special), embeddings)
-            c.suggested = _counts(c, samples, valid, scored["special_scores"][:, c.index] > 0)
-
-
-def _counts(
-    c: ConceptCalibration, samples: list, valid: np.ndarray, fired: np.ndarray
-) -> Confusion:
-    has = np.array([c.name in s.labels for s in samples], dtype=bool) & valid
-    return Confusion.of(fired[has], c.positive)
+            fired = scored["special_scores"][c.labelled, c.index] > 0
+            c.suggested = Confusion.of(fired, c.positive)

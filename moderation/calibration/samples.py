@@ -16,15 +16,14 @@ What counts, per concept C of the policy being calibrated (docs/calibration.md):
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, make_url, select
 
+from moderation.calibration.labelset import LabelledSet, Labels, Sample
 from moderation.errors import ModerationError
 from moderation.review.labels import item_labels, policy_names
 from moderation.storage.errors import database_errors, display_url
@@ -42,58 +41,6 @@ ENCODE_CHUNK = 16  # knob: folder images decoded and encoded at a time (bounds m
 
 class CalibrationError(ModerationError):
     """Calibration cannot run on what it was given (a database, a folder, a concept name)."""
-
-
-@dataclass
-class Sample:
-    """One labelled image: its view embeddings and, per concept, whether it shows it."""
-
-    key: str  # the image's pixel sha256, else "decision:ID"
-    where: str  # "decision ID" or the file, for messages
-    embedding: np.ndarray  # [V, D] float32
-    labels: dict[str, bool]
-    file_sha256: str | None = None  # sha256 of a folder image's bytes
-
-
-@dataclass
-class LabelledSet:
-    """Every labelled image, one Sample per distinct image."""
-
-    samples: dict[str, Sample] = field(default_factory=dict)
-    decisions: int = 0
-    images: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    conflicts: Counter = field(default_factory=Counter)  # concept -> images left out
-    disputed: dict[str, set[str]] = field(default_factory=dict)  # concept -> sample keys
-
-    def add(self, sample: Sample) -> None:
-        """Add an image, or merge its labels into the same image seen before."""
-        known = self.samples.get(sample.key)
-        if known is None:
-            self.samples[sample.key] = sample
-            return
-        for concept, shows in sample.labels.items():
-            disputed = self.disputed.setdefault(concept, set())
-            if sample.key in disputed:
-                continue
-            if concept not in known.labels:
-                known.labels[concept] = shows
-            elif known.labels[concept] != shows:
-                del known.labels[concept]
-                disputed.add(sample.key)
-                self.conflicts[concept] += 1
-        known.file_sha256 = known.file_sha256 or sample.file_sha256
-
-    def exclude(self, concept: str, pixel: set[str], files: set[str]) -> int:
-        """Drop the label for `concept` of the images given by pixel or file hash; how many."""
-        dropped = 0
-        for sample in self.samples.values():
-            if concept in sample.labels and (
-                sample.key in pixel or (sample.file_sha256 or "") in files
-            ):
-                del sample.labels[concept]
-                dropped += 1
-        return dropped
 
 
 # -- the decision log ------------------------------------------------------------------------
@@ -117,8 +64,11 @@ def from_log(url: str, compiled: CompiledPolicy, into: LabelledSet) -> None:
         engine = get_engine(url)
         with engine.connect() as conn:
             policies = {row.digest: row for row in conn.execute(select(PolicyRow.__table__))}
+            # One set of names per policy, shared by all its decisions' labels.
+            names = {d: frozenset(sum(policy_names(p), [])) for d, p in policies.items()}
             for row in _reviewed(conn):
-                sample = _decision_sample(row, policies[row.policy_digest], compiled, into)
+                digest = row.policy_digest
+                sample = _decision_sample(row, policies[digest], names[digest], compiled, into)
                 if sample is not None:
                     into.add(sample)
                     into.decisions += 1
@@ -147,7 +97,7 @@ def _reviewed(conn: Any) -> Iterator[Any]:
 
 
 def _decision_sample(
-    row: Any, policy: Any, compiled: CompiledPolicy, into: LabelledSet
+    row: Any, policy: Any, names: frozenset[str], compiled: CompiledPolicy, into: LabelledSet
 ) -> Sample | None:
     labels = item_labels(row.item_status, row.item_labels, policy, row)
     if labels is None:
@@ -168,13 +118,11 @@ def _decision_sample(
     if not np.isfinite(embedding).all():
         into.skipped["unscorable"] += 1
         return None
-    names, special = policy_names(policy)
-    shows = set(labels["shows"])
     return Sample(
         key=row.image_sha256 or f"decision:{row.id}",
         where=f"decision {row.id}",
         embedding=embedding,
-        labels={name: name in shows for name in names + special},
+        labels=Labels(names, labels["shows"]),
     )
 
 
@@ -194,7 +142,7 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def from_folders(
-    labelled: Sequence[tuple[Path, dict[str, bool]]],
+    labelled: Sequence[tuple[Path, frozenset[str], frozenset[str]]],
     compiled: CompiledPolicy,
     encoder: ClipEncoder,
     into: LabelledSet,
@@ -202,10 +150,13 @@ def from_folders(
     cache: Any,
     progress: bool = False,
 ) -> None:
-    """Add the images of each (folder, labels) pair, encoded by the engine (cached by hash)."""
+    """Add the images of each (folder, names it speaks about, names it shows), encoded by the
+    engine (cached by hash)."""
     from tqdm import tqdm
 
-    jobs = [(path, labels) for folder, labels in labelled for path in image_files(folder)]
+    jobs = [
+        (path, (known, shows)) for folder, known, shows in labelled for path in image_files(folder)
+    ]
     encode = FolderEncoder(compiled, encoder, cache)
     with tqdm(
         total=len(jobs), unit="img", desc="encoding", disable=not progress, file=sys.stderr
@@ -215,7 +166,7 @@ def from_folders(
             for (path, labels), (pixel, file_hash, embedding) in zip(
                 chunk, encode([p for p, _ in chunk]), strict=True
             ):
-                into.add(Sample(pixel, str(path), embedding, dict(labels), file_hash))
+                into.add(Sample(pixel, str(path), embedding, Labels(*labels), file_hash))
                 into.images += 1
             bar.update(len(chunk))
 

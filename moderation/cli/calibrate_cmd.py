@@ -185,7 +185,7 @@ def calibrate_command(
             negatives=negatives,
             target=target,
             min_examples=min_examples,
-            progress=sys.stderr.isatty() and not as_json,
+            progress=sys.stderr.isatty(),  # the bar goes to stderr: --json output stays clean
         )
         data = report.to_dict()
         changes = {c.name: (c.special, c.suggested_threshold) for c in report.concepts if c.changed}
