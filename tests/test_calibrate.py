@@ -243,3 +243,17 @@ def test_usage_errors(labelled, url, tmp_path):
         f"Error: no database at sqlite:///{tmp_path / 'none.db'} (nothing to read labels from)\n"
     )
     assert not (tmp_path / "none.db").exists()
+    garbled = calibrate(str(policy), "--db", "::::", code=1)
+    assert garbled.output == "Error: invalid database URL '::::'\n"
+
+
+def test_help_names_every_option():
+    result = CliRunner().invoke(main, ["policy", "calibrate", "--help"])
+    assert result.exit_code == 0
+    for option in ("--db URL", "--positive CONCEPT=DIR", "--negative DIR", "--target-precision P",
+                   "--max-false-positive-rate F", "--min-examples N", "--out NEW.yaml",
+                   "--plot DIR", "--json"):  # fmt: skip
+        assert option in result.output, option
+    for command in (["review", "reject", "--help"], ["review", "approve", "--help"]):
+        text = CliRunner().invoke(main, command).output
+        assert "--concept NAME" in text and "--no-concepts" in text

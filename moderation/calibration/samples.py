@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, make_url, select
+from sqlalchemy.exc import ArgumentError
 
 from moderation.calibration.labelset import LabelledSet, Labels, Sample
 from moderation.errors import ModerationError
@@ -48,7 +49,10 @@ class CalibrationError(ModerationError):
 
 def check_sqlite_exists(url: str) -> None:
     """Refuse a SQLite URL to a file that does not exist (reading must not create one)."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CalibrationError(f"invalid database URL {display_url(url)!r}") from None
     path = parsed.database
     if parsed.get_backend_name() == "sqlite" and path not in (None, "", ":memory:"):
         if not Path(path).exists():
