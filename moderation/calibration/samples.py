@@ -192,24 +192,22 @@ class FolderEncoder:
 
         from moderation.images import ImageInputError, image_sha256, load_image_file
 
-        images, out = [], []
+        out = []
         for path in paths:
             try:
                 data = path.read_bytes()
-                image = load_image_file(path)  # [3, H, W]: decoded as the engine decodes files
+                pixel = image_sha256(load_image_file(path))  # the log's image_sha256 of it
             except OSError as exc:
                 raise CalibrationError(f"{path}: cannot read ({exc.strerror})") from None
             except ImageInputError as exc:
                 raise CalibrationError(str(exc)) from None
-            images.append(image)
-            out.append([image_sha256(image), hashlib.sha256(data).hexdigest(), None])
+            out.append([pixel, hashlib.sha256(data).hexdigest(), None])
         for entry in out:
             entry[2] = self.cache.get(self.key, entry[0], self.dim)
         missing = [i for i, entry in enumerate(out) if entry[2] is None]
         if missing:
-            result = self.moderator.moderate(
-                [images[i] for i in missing], value_range="0,1", apply=False
-            )
+            # The engine reads the files itself: its decoding, its views.
+            result = self.moderator.moderate([str(paths[i]) for i in missing], apply=False)
             for i, decision in zip(missing, result.decisions, strict=True):
                 if decision.verdict == "error" or decision.embedding is None:
                     raise CalibrationError(
