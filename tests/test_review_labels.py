@@ -138,6 +138,8 @@ def test_unknown_concept_is_refused_and_nothing_changes(logged):
     assert str(caught.value) == message
     assert queue.show(nudity)["item"]["status"] == "pending"
     assert stored(queue, nudity) is None
+    with pytest.raises(ReviewError, match=rf"^item {nudity}: a concept name must be text, not 3$"):
+        queue.reject(nudity, "alice", reason="x", concepts=[3])
 
 
 def test_cli_concepts_show_and_errors(logged, url):

@@ -74,7 +74,9 @@ def make_labels(
     else:
         shows = set()
         for raw in concepts:
-            name = (raw or "").strip()
+            if not isinstance(raw, str):
+                raise ReviewError(f"item {item_id}: a concept name must be text, not {raw!r}")
+            name = raw.strip()
             if name not in known:
                 listed = ", ".join(_shown(n) for n in names[:LISTED])
                 if len(names) > LISTED:
