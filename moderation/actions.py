@@ -1,4 +1,9 @@
-"""Image actions on float [0,1] tensors, batched on their own device: blur, pixelate, blackout."""
+"""Image actions on float [0,1] tensors, batched on their own device: blur, pixelate, blackout.
+
+`apply_actions` takes blur and pixelate strengths as fractions of each image's shorter side (as a
+policy gives them), so that an action hides the same at 512x512 and at 4096x4096;
+`gaussian_blur` and `pixelate` themselves work in pixels.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from moderation.errors import ModerationError
+from policy.limits import (
+    BLUR_RADIUS_DEFAULT,
+    PIXELATE_BLOCK_DEFAULT,
+    blur_problem,
+    pixelate_problem,
+)
 
 ACTIONS = ("allow", "review", "blur", "pixelate", "blackout")  # increasing severity
 PLACEHOLDERS = ("allow", "blur", "pixelate", "blackout")  # what `review` may show meanwhile
+# However small the image, a blur is at least this sigma and a block at least this side (pixels),
+# so that no strength leaves an image unchanged.
+MIN_BLUR_PIXELS = 1.0
+MIN_BLOCK_PIXELS = 2
 
 # Largest blur sigma (pixels) done at full resolution; above it we blur a downsampled copy.
 DIRECT_BLUR_MAX_SIGMA = 4.0
@@ -90,19 +105,31 @@ def pixelate(x: torch.Tensor, block: int) -> torch.Tensor:
     return _like(means.index_select(2, rows).index_select(3, cols), x)
 
 
+def blur_sigma(shape: Sequence[int], radius: float) -> float:
+    """Gaussian sigma in pixels for images of `shape` (..., H, W): radius x the shorter side."""
+    return max(radius * min(shape[-2:]), MIN_BLUR_PIXELS)
+
+
+def block_pixels(shape: Sequence[int], block: float) -> int:
+    """Pixelate block side in pixels for images of `shape` (..., H, W): block x the shorter side."""
+    return max(round(block * min(shape[-2:])), MIN_BLOCK_PIXELS)
+
+
 def apply_actions(
     images: torch.Tensor | list[torch.Tensor],
     actions: Sequence[str],
     *,
-    blur_radius: float = 24,
-    pixelate_block: int = 16,
+    blur_radius: float = BLUR_RADIUS_DEFAULT,
+    pixelate_block: float = PIXELATE_BLOCK_DEFAULT,
     review_placeholder: str = "blur",
 ) -> torch.Tensor | list[torch.Tensor]:
     """New images with each image's action applied; `review` shows `review_placeholder`.
 
-    Accepts [B,3,H,W] or a list of [3,H,W] float [0,1] tensors and returns the same form. Images
-    are grouped by action (and by size for lists): one batched call per group, no host sync.
-    `allow` images come back bit-identical (as copies); the input is never modified.
+    Accepts [B,3,H,W] or a list of [3,H,W] float [0,1] tensors and returns the same form.
+    `blur_radius` (Gaussian sigma) and `pixelate_block` (block side) are fractions of each
+    image's shorter side, as in a policy. Images are grouped by action (and by size for lists):
+    one batched call per group, no host sync. `allow` images come back bit-identical (as
+    copies); the input is never modified.
     """
     count = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
     if isinstance(images, torch.Tensor) and images.ndim != 4:
@@ -113,10 +140,16 @@ def apply_actions(
         raise ActionError(
             f"review placeholder {review_placeholder!r} is not one of {', '.join(PLACEHOLDERS)}"
         )
+    for name, problem in (
+        ("blur_radius", blur_problem(float(blur_radius))),
+        ("pixelate_block", pixelate_problem(float(pixelate_block))),
+    ):
+        if problem:  # e.g. a radius in pixels from before strengths were relative
+            raise ActionError(f"{name} {problem}")
     kinds = [_effective(action, i, review_placeholder) for i, action in enumerate(actions)]
     act: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "blur": lambda x: gaussian_blur(x, blur_radius),
-        "pixelate": lambda x: pixelate(x, pixelate_block),
+        "blur": lambda x: gaussian_blur(x, blur_sigma(x.shape, blur_radius)),
+        "pixelate": lambda x: pixelate(x, block_pixels(x.shape, pixelate_block)),
         "blackout": blackout,
     }
     if isinstance(images, torch.Tensor):

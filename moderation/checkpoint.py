@@ -41,18 +41,23 @@ class Checkpoint:
         local: bool,
         config: dict,
         weights_file: Path | None = None,
+        *,
+        cache_only: bool = False,
     ) -> None:
         self.model_id = model_id
         self.folder = folder  # holds config.json (a cache snapshot for hub ids)
         self.local = local
         self.config = config  # {} for a bare weight file
+        # A hub id read from the cache without the hub (offline, or the hub cannot be reached):
+        # its files are read from the snapshot folder, so nothing tries the network again.
+        self.cache_only = cache_only
         self._weights_file = weights_file  # set when the caller named the file itself
         self._bin: dict[Path, dict[str, Tensor]] = {}
 
     @property
     def source(self) -> str:
         """What to hand to `from_pretrained`: the folder, or the hub id (so the cache is used)."""
-        return str(self.folder) if self.local else self.model_id
+        return str(self.folder) if self.local or self.cache_only else self.model_id
 
     @property
     def architecture(self) -> str:
@@ -82,6 +87,42 @@ class Checkpoint:
         if isinstance(model, Path) or looks_like_path(model_id):
             what = "file or folder" if weights_only else "folder"
             raise EncoderError(f"model {model_id}: no such {what}")
+        return cls._from_hub(model_id)
+
+    @classmethod
+    def _from_hub(cls, model_id: str) -> Checkpoint:
+        """A hub id: the offline state is known up front, so no lookup waits on retries.
+
+        Offline (HF_HUB_OFFLINE) or with the hub unreachable, only the cache is read, and a model
+        that is not there fails at once; otherwise transformers looks it up on the hub as usual.
+        """
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model_id, "config.json")
+        except ValueError as exc:  # HFValidationError: not of the form name or org/name
+            raise EncoderError(
+                f"model {model_id}: not a local folder, and not a Hugging Face hub id ({exc})"
+            ) from None
+        cached_config = Path(cached) if isinstance(cached, str) else None
+        where = f"not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        local_copy = "or pass --model FOLDER with a local copy of the checkpoint"
+        if _offline_mode():
+            if cached_config is None:
+                raise EncoderError(
+                    f"model {model_id}: {where}; HF_HUB_OFFLINE is set, so it cannot be "
+                    f"downloaded: download it once with HF_HUB_OFFLINE unset, {local_copy}"
+                )
+            return cls._from_cache(model_id, cached_config)
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            if cached_config is None:
+                raise EncoderError(
+                    f"model {model_id}: {where}, and the hub ({constants.ENDPOINT}) cannot be "
+                    f"reached ({unreachable}): connect to the network, {local_copy} "
+                    "(HF_HUB_OFFLINE=1 uses the cache without trying the network)"
+                )
+            return cls._from_cache(model_id, cached_config)
         from transformers.utils import cached_file
 
         try:
@@ -89,13 +130,18 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise EncoderError(
                 f"model {model_id}: not a local folder, and not found on the Hugging Face hub "
-                f"or in its cache (offline with no cached copy?): {exc}"
+                f"or in its cache: {exc}"
             ) from exc
         return cls(model_id, config_file.parent, False, _read_config(model_id, config_file))
 
+    @classmethod
+    def _from_cache(cls, model_id: str, config_file: Path) -> Checkpoint:
+        config = _read_config(model_id, config_file)
+        return cls(model_id, config_file.parent, False, config, cache_only=True)
+
     def file(self, name: str) -> Path | None:
         """A file of the checkpoint, or None when it has none by that name."""
-        if self.local:
+        if self.local or self.cache_only:
             path = self.folder / name
             return path if path.is_file() else None
         from transformers.utils import cached_file
@@ -164,7 +210,7 @@ class Checkpoint:
         """One tensor exactly as stored (dtype and shape of the file)."""
         path, index = self.weights()
         if index is not None:
-            shard = self.folder / index[name] if self.local else self.file(index[name])
+            shard = self.file(index[name])
             if shard is None or not shard.is_file():
                 raise EncoderError(f"model {self.model_id}: shard {index[name]} is missing")
             path = shard
@@ -191,6 +237,34 @@ class Checkpoint:
         if path not in self._bin:
             self._bin[path] = _load_torch(path)
         return self._bin[path]
+
+
+# Knob: how long the one reachability check of the hub may take. A missing DNS entry or a
+# refused connection fail at once; this bounds a network that silently drops packets.
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+def _offline_mode() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (is_offline_mode() where it has one)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    is_offline = getattr(huggingface_hub, "is_offline_mode", None)
+    return bool(is_offline() if is_offline is not None else constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable() -> str | None:
+    """None when the Hugging Face hub answers (any HTTP status), else why it cannot be reached.
+
+    One request, no retries, through huggingface_hub's own session (its proxies and HF_ENDPOINT).
+    """
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # httpx/requests transport errors of several types
+        return str(exc).strip() or type(exc).__name__
+    return None
 
 
 def _read_config(model_id: str, config_file: Path) -> dict:

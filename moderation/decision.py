@@ -101,9 +101,17 @@ class Decision:
                     "threshold": float(thresholds[i]),
                     "score": float(self.scores[i]),
                     "fired": name in self.fired,
+                    # which of `views` gave the cosine (None: the image was one view)
+                    "view": self.view_of(i),
                 }
             )
         return rows
+
+    def view_of(self, concept: int) -> int | None:
+        """Index in `views` of the view that gave concept `concept` its cosine (None: one view)."""
+        if self.views is None:
+            return None
+        return int(self.concept_views[concept]) if self.concept_views is not None else 0
 
     def to_dict(self, *, top: int | None = 5) -> dict[str, Any]:
         """A JSON-able summary: the stable shape printed by `--json`."""
@@ -126,6 +134,7 @@ class Decision:
             },
             "model": self.policy.model,
             "concepts": self.explain(top=top),
+            "views": self.views,  # what the image was judged on (None: CLIP's centre crop)
             "metadata": self.metadata,
         }
 
@@ -222,8 +231,8 @@ def decide(
     special_fired_np = special_scores > 0  # [B, S]
 
     actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
-    # Fail closed: an unscored image never passes, whatever on_error says.
-    on_error = policy.on_error if policy.on_error != "allow" else "blackout"
+    # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
+    on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names
     decisions = []
     for i in range(batch):

@@ -1,13 +1,15 @@
 """Prepare the offline demo: a tiny random CLIP checkpoint and a folder of sample images.
 
-`python -m moderation.demo [FOLDER]` writes FOLDER/tiny-clip and FOLDER/images (default: demo/).
-The tiny model has random weights, so its decisions show the machinery, not judgement: run the
-same commands with `--model openai/clip-vit-large-patch14` on a machine that can download it.
+`python -m moderation.demo [FOLDER]` writes FOLDER/tiny-clip, FOLDER/images and
+FOLDER/tiny-policy.yaml (default: demo/). The tiny model has random weights, so its decisions show
+the machinery, not judgement: run the same commands with `--model openai/clip-vit-large-patch14`
+on a machine that can download it.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,7 @@ def tiny_model_policy(default: Path, out: Path) -> Path:
     data = yaml.safe_load(default.read_text(encoding="utf-8"))
     data["policy"] = "default-tiny-demo"
     data["description"] = "policies/default.yaml with thresholds for the random tiny demo model"
+    data["model"] = "tiny-clip"  # the folder `prepare` writes beside this file
     data["defaults"]["threshold"] = 0.0
     data["review_band"] = 0.06
     for concept in data["concepts"]:
@@ -77,5 +80,24 @@ def prepare(folder: Path) -> None:
     )
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m moderation.demo",
+        description="Write the offline demo: a random tiny CLIP checkpoint (FOLDER/tiny-clip), "
+        "12 sample images (FOLDER/images) and the default policy with thresholds for that model "
+        "(FOLDER/tiny-policy.yaml). Its decisions show the machinery, not judgement.",
+    )
+    parser.add_argument(
+        "folder",
+        nargs="?",
+        default="demo",
+        type=Path,
+        metavar="FOLDER",
+        help="where to write (default: demo)",
+    )
+    args = parser.parse_args(argv)
+    prepare(args.folder)
+
+
 if __name__ == "__main__":
-    prepare(Path(sys.argv[1] if len(sys.argv) > 1 else "demo"))
+    main()

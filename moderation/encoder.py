@@ -42,12 +42,55 @@ def resolve_device(
     device: torch.device | str | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     """Defaults: cuda when available, else cpu; float16 on cuda, float32 elsewhere."""
+    device = check_device(device)
+    return device, dtype if dtype is not None else default_dtype(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on cuda (half the memory, tensor cores), float32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The torch device asked for (default: cuda when available, else cpu), checked to be usable.
+
+    An unknown name or a device this machine lacks is an EncoderError naming it: one line for the
+    user, not a traceback from deep inside the first tensor moved there.
+    """
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return device, dtype
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EncoderError(
+            f"device {str(device)!r}: not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch build ({torch.__version__}) has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise EncoderError(f"device {resolved}: CUDA is not available ({why}); use cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise EncoderError(
+                f"device {resolved}: this machine has {count} CUDA device(s) (cuda:0 to "
+                f"cuda:{count - 1})"
+            )
+    elif resolved.type == "meta":
+        raise EncoderError(f"device {resolved}: holds no data, so it cannot run a model")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise EncoderError(f"device {resolved}: MPS (Apple GPU) is not available here; use cpu")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)
+        except (RuntimeError, AssertionError) as exc:
+            # torch's own text can run to a page: keep its first sentence.
+            reason = str(exc).strip().split(". ")[0].splitlines()[0][:160] or type(exc).__name__
+            raise EncoderError(f"device {resolved}: not usable here ({reason}); use cpu") from None
+    return resolved
 
 
 @functools.cache
@@ -141,7 +184,7 @@ class ClipEncoder:
         self._ckpt = ckpt
         self._stored: dict[str, Tensor] = {}
         self.text_model = self.text_projection = self.tokenizer = None
-        self.text_fingerprint = None
+        self.text_fingerprint = self.max_text_tokens = None
         if kind == "sd-safety-checker":
             vision = self._load_safety_checker(ckpt)
         elif "CLIPModel" in architectures:
@@ -189,8 +232,11 @@ class ClipEncoder:
         # whether they were compiled by a float16 or a float32 worker.
         self.text_model = model.text_model.to(self.device, torch.float32)
         self.text_projection = model.text_projection.to(self.device, torch.float32)
-        max_positions = int(model.config.text_config.max_position_embeddings)
+        # A CLIPModel nests its text settings; a CLIPTextModelWithProjection's config is them.
+        text_config = getattr(model.config, "text_config", model.config)
+        max_positions = int(text_config.max_position_embeddings)
         self._max_tokens = min(max_positions, int(self.tokenizer.model_max_length))
+        self.max_text_tokens = self._max_tokens
         self.text_fingerprint = hashlib.sha256(
             f"{ckpt.fingerprint()}\0float32\0{self.device.type}".encode()
         ).hexdigest()
@@ -226,15 +272,18 @@ class ClipEncoder:
     def has_text_tower(self) -> bool:
         return self.text_model is not None
 
+    def _no_text_tower(self) -> EncoderError:
+        return EncoderError(
+            f"model {self.model_id} ({self.kind}) has no text tower, so it cannot embed "
+            "prompts: pass text_model= a CLIP checkpoint with a text tower (for the Stable "
+            "Diffusion checker, openai/clip-vit-large-patch14), or give the concepts "
+            "`embedding:` vectors instead of `prompts:`"
+        )
+
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         """[N, D] projected text embeddings (not normalised), float32 on the CPU."""
         if not self.has_text_tower:
-            raise EncoderError(
-                f"model {self.model_id} ({self.kind}) has no text tower, so it cannot embed "
-                "prompts: pass text_model= a CLIP checkpoint with a text tower (for the Stable "
-                "Diffusion checker, openai/clip-vit-large-patch14), or give the concepts "
-                "`embedding:` vectors instead of `prompts:`"
-            )
+            raise self._no_text_tower()
         rows = [torch.zeros((0, self.embed_dim))]
         with torch.inference_mode():
             for prompt in prompts:
@@ -249,6 +298,14 @@ class ClipEncoder:
                 )[1]
                 rows.append(self.text_projection(pooled).float().cpu())
         return torch.cat(rows)
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens each prompt takes untruncated (start and end included): the compiler refuses
+        prompts longer than `max_text_tokens`, which `encode_text` would cut off silently."""
+        if not self.has_text_tower:
+            raise self._no_text_tower()
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, S, S] preprocessed pixels -> [B, D] projected embeddings (not normalised)."""

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from moderation.chunks import Chunk, join_results, split_call
 from moderation.decision import Decision, decide
 from moderation.errors import ModerationError
 from moderation.images import (
     ImageBatch,
     ValueRange,
     batch_sha256,
+    check_items,
     clip_preprocess,
     encode_png,
     to_image_batch,
 )
+from moderation.preprocess import judged_views
 from moderation.scoring import score
+from moderation.storage.errors import PartlyRecordedError
 from moderation.storage.records import policy_record, record_of
+from moderation.storage.storable import check_metadata
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder
@@ -36,10 +41,18 @@ Metadata = dict[str, Any] | Sequence[dict[str, Any]] | None
 
 @dataclass
 class ModerationResult:
-    """The images as the caller may show them, and one decision per image."""
+    """The images as the caller may show them, and one decision per image.
+
+    `unrecorded` lists the ids of decisions that are in neither the database nor the spool (a
+    full disk, an unwritable spool while the database is down); `log_error` says what went wrong
+    with recording this batch, including a batch that is only in the spool because the database
+    refused it. The images are moderated either way.
+    """
 
     images: Any  # same kind, layout, range and device as the input
     decisions: list[Decision]
+    unrecorded: list[str] = field(default_factory=list)
+    log_error: str | None = None
 
     @property
     def flagged(self) -> list[bool]:
@@ -56,6 +69,7 @@ class Moderator:
         *,
         log: DecisionLog | None = None,
         store_embeddings: bool = True,
+        hash_images: bool = False,
     ) -> None:
         if encoder is not None and policy.embed_dim != encoder.embed_dim:
             raise ModerationError(
@@ -67,6 +81,11 @@ class Moderator:
         self.policy = policy.to(device)
         self.log = log
         self.store_embeddings = store_embeddings
+        # Every decision id this Moderator could not record, and why (see ModerationResult).
+        self.unrecorded: list[str] = []
+        self.log_errors: list[str] = []
+        # Without a log, Decision.image_sha256 costs a host copy per batch: only when asked.
+        self.hash_images = hash_images
         if log is not None:
             log.register_policy(policy_record(self.policy))
 
@@ -104,45 +123,85 @@ class Moderator:
         value_range: ValueRange = "auto",
         apply: bool = True,
     ) -> ModerationResult:
-        """Decide on every image, apply the actions (unless apply=False) and log the decisions."""
+        """Decide on every image, apply the actions (unless apply=False) and log the decisions.
+
+        A large call is moderated in chunks (`moderation.chunks`: bounded pixels and views), so
+        its memory is one chunk's whatever the batch size; the results come back as one. Bad
+        input raises before anything is judged, except a file that fails to decode: it raises
+        ImageInputError naming it, after the chunks before it were judged and logged.
+        """
         if self.encoder is None:
             raise ModerationError("this Moderator has no image encoder; use moderate_embeddings")
-        batch = to_image_batch(images, device=self.encoder.device, value_range=value_range)
-        metas = _per_image(metadata, len(batch))
-        if len(batch) == 0:
-            return ModerationResult(batch.to_caller(), [])
+        check_items(images, value_range)  # bad input fails before any chunk is judged
+        chunks = split_call(images, value_range, self.policy.views, self.encoder.image_size)
+        metas = _per_image(metadata, sum(c.count for c in chunks))
+        if not chunks:
+            return ModerationResult(to_image_batch(images).to_caller(), [])
+        parts = [
+            self._moderate_chunk(
+                chunk, metas[chunk.start : chunk.start + chunk.count], value_range, apply
+            )
+            for chunk in chunks
+        ]
+        errors = list(dict.fromkeys(p.log_error for p in parts if p.log_error))
+        return ModerationResult(
+            join_results([p.images for p in parts], images),
+            [d for p in parts for d in p.decisions],
+            [i for p in parts for i in p.unrecorded],
+            "; ".join(errors) or None,
+        )
+
+    def _moderate_chunk(
+        self, chunk: Chunk, metas: list[dict[str, Any]], value_range: ValueRange, apply: bool
+    ) -> ModerationResult:
+        batch = to_image_batch(
+            chunk.images, device=self.encoder.device, value_range=value_range, signed=chunk.signed
+        )
         try:
-            pixels, owners, views = self._views(batch)  # [N, 3, S, S], [N] or None, per image
+            pixels, owners, views, view_errors = self._views(batch)
             embeddings = self.encoder.encode_image(pixels)  # [N, D]
-            errors: list[str | None] = [None] * len(batch)
-            for i in batch.invalid_indices():  # one host sync for the batch
-                errors[i] = "the input image holds NaN or infinite values"
+            errors = [  # one host transfer for the batch
+                e or v for e, v in zip(batch.input_errors(), view_errors, strict=True)
+            ]
             decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
             decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
+        if self.log is not None or self.hash_images:
+            for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
+                d.image_sha256 = digest  # of the pixels judged, before any action
         moderated = self._act(batch.images, decisions) if apply else batch.images
+        unrecorded, log_error = [], None
         if self.log is not None:
-            self._log(decisions, batch.images)
+            unrecorded, log_error = self._log(decisions, batch.images)
         # Allowed images go back as the caller's own tensors, bit for bit.
         keep = torch.tensor([not apply or d.action == "allow" for d in decisions])
-        return ModerationResult(batch.to_caller(moderated, keep=keep), decisions)
+        images = batch.to_caller(moderated, keep=keep)
+        return ModerationResult(images, decisions, unrecorded, log_error)
 
     def _views(
         self, batch: ImageBatch
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]] | None] | None]:
-        """CLIP pixel values of the views each image is judged on, which image each view belongs
-        to (None: one view per image) and the views' descriptions (None: not described).
+    ) -> tuple[
+        torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
+    ]:
+        """CLIP pixel values of the views each image is judged on (the policy's `views` of each
+        judged frame; under `center`, an animation's frames are centre-cropped too), which
+        image each view belongs to (None: one view per image), the views' descriptions (None:
+        CLIP's centre crop) and, per image, why it could not be covered (None: it was).
 
-        Non-finite inputs become NaN pixel rows, so they cannot score as clean.
+        Inputs that cannot be judged become NaN pixel rows, so they cannot score as clean.
         """
-        pixels = clip_preprocess(
-            batch,
-            size=self.encoder.image_size,
-            mean=self.encoder.image_mean,
-            std=self.encoder.image_std,
-        )  # [B, 3, S, S]: CLIP's centre crop
-        return pixels, None, None
+        encoder = self.encoder
+        settings = {
+            "size": encoder.image_size,
+            "mean": encoder.image_mean,
+            "std": encoder.image_std,
+        }
+        animated = any(f is not None for f in batch.frames)
+        if self.policy.views == "center" and not animated:  # CLIP's own crop, bit for bit
+            return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
+        frames = [batch.frames_of(i) for i in range(len(batch))]
+        return judged_views(frames, batch.invalid, self.policy.views, **settings)
 
     def moderate_embeddings(
         self,
@@ -223,16 +282,33 @@ class Moderator:
 
     # -- logging and review ------------------------------------------------------------------
 
-    def _log(self, decisions: list[Decision], images) -> None:
-        hashes = batch_sha256(images) if images is not None else [None] * len(decisions)
-        records = []
-        for i, d in enumerate(decisions):
-            d.image_sha256 = hashes[i]
-            held = None
-            if images is not None and d.needs_review:
-                held = encode_png(images[i])
-            records.append(record_of(d, held))
-        self.log.write(records)
+    def _log(self, decisions: list[Decision], images) -> tuple[list[str], str | None]:
+        """Record the decisions; never raises (the images are moderated already). Returns the ids
+        recorded nowhere and the problem, if any; both are also kept on the Moderator."""
+        try:
+            records = []
+            for i, d in enumerate(decisions):
+                held = None
+                if images is not None and d.needs_review:
+                    held = encode_png(images[i])
+                records.append(record_of(d, held))
+            self.log.write(records)
+        except PartlyRecordedError as err:  # recorded, in the spool or without its original
+            logger.error("%s", err)
+            self.log_errors.append(str(err))
+            return [], str(err)
+        except Exception as err:
+            ids = getattr(err, "decision_ids", None) or [d.decision_id for d in decisions]
+            reason = (
+                str(err) if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
+            )
+            logger.error(
+                "%d decisions were not recorded (%s): %s", len(ids), reason, ", ".join(ids)
+            )
+            self.unrecorded += ids
+            self.log_errors.append(reason)
+            return ids, reason
+        return [], None
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
@@ -307,13 +383,18 @@ def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
 
 
 def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
+    """One dict per image, each checked to be storable before any image is touched."""
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
+        # Refused before anything is acted on: metadata the log could not store (see README).
+        check_metadata(metadata)
         return [dict(metadata) for _ in range(n)]
     metas = [dict(m) for m in metadata]
     if len(metas) != n:
         raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
+    for i, meta in enumerate(metas):
+        check_metadata(meta, f"metadata[{i}]")
     return metas
 
 

@@ -1,4 +1,8 @@
-"""Image inputs: conversion to [0,1] tensors, CLIP preprocessing in torch, hashing and PNG."""
+"""Image inputs: conversion to [0,1] tensors (per-object value range), batches, hashing and PNG.
+
+CLIP preprocessing and views live in `moderation.preprocess`, file decoding in
+`moderation.image_files`; the names callers used from here are re-exported.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +15,45 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from moderation.errors import ModerationError
+from moderation.image_files import (
+    ImageFile,
+    ImageInputError,
+    read_image,
+)
+from moderation.preprocess import CLIP_MEAN, CLIP_STD, TALL_CROPS, clip_pixels, clip_resize_size
 
-# OpenAI CLIP normalisation (equal to transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Above this height/crop ratio, resample tall images vertically first (memory, see below).
-TALL_CROPS = 16
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "TALL_CROPS",
+    "ImageBatch",
+    "ImageFile",
+    "ImageInputError",
+    "batch_sha256",
+    "clip_preprocess",
+    "clip_resize_size",
+    "encode_png",
+    "image_sha256",
+    "load_image_file",
+    "read_image",
+    "to_image_batch",
+]
 
 ValueRange = Literal["auto", "-1,1", "0,1"]
-ImageItem = torch.Tensor | np.ndarray | Image.Image | str | Path
+ImageItem = torch.Tensor | np.ndarray | Image.Image | ImageFile | str | Path
 Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0,1]
 
-
-class ImageInputError(ModerationError):
-    """An input image cannot be read, or has the wrong type, shape or dtype."""
+# A float value this far beyond its range (in [0,1] units) is not overshoot but a wrong range,
+# e.g. 0-255 floats: the image is not judged. A VAE's decoded [-1,1] output overshoots by a
+# few tenths (a tiny random one by 0.5: [-1.22, 1.53]); 0-255 floats reach 2 at value 2.
+RANGE_SLACK = 1.0
+NON_FINITE_INPUT = "the input image holds NaN or infinite values"
+OUT_OF_RANGE_INPUT = (
+    "the input image holds float values far outside [0,1] and [-1,1] "
+    "(0-255 floats? pass uint8, or divide by 255)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,11 +74,16 @@ class ImageBatch:
     """Images as float [0,1] tensors on one device, plus what is needed to give results back."""
 
     images: Images  # [B,3,H,W] when all sizes agree, else B x [3,H,W]; float [0,1]
-    invalid: torch.Tensor  # [B] bool on the device: input held NaN/inf (zeroed here); fail closed
+    invalid: torch.Tensor  # [B] bool on the device: not judgeable (NaN/inf or out of range)
     paths: list[str | None]  # file path per image, None for in-memory inputs
-    signed: torch.Tensor | None  # 0-d bool: float inputs were read as [-1,1]; None without floats
+    signed: torch.Tensor | None  # [B] bool: read as [-1,1]; None without float inputs
     sources: list[_Source] = field(repr=False)
     single: bool = field(default=True, repr=False)  # caller passed one object, not a list
+    out_of_range: torch.Tensor | None = field(default=None, repr=False)  # [B] bool
+    # Per image: the judged frames of an animation, [F,3,H,W] uint8 (frame 0 is `images[i]`),
+    # and their numbers in the file; None for a still image.
+    frames: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    frame_numbers: list[tuple[int, ...] | None] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.images) if isinstance(self.images, list) else self.images.shape[0]
@@ -71,17 +100,33 @@ class ImageBatch:
             return [tuple(self.images.shape[-2:])] * len(self)
         return [tuple(t.shape[-2:]) for t in self.images]
 
+    def frames_of(self, index: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(frames [F,3,H,W] float [0,1] or uint8, frame numbers) that image `index` is judged on."""
+        frames = self.frames[index] if self.frames else None
+        if frames is None:
+            return self.images[index].unsqueeze(0), (0,)
+        return frames, self.frame_numbers[index]
+
     def invalid_indices(self) -> list[int]:
-        """Indices of non-finite inputs (one host sync)."""
+        """Indices of inputs that cannot be judged (one host sync)."""
         return torch.nonzero(self.invalid).flatten().tolist()
+
+    def input_errors(self) -> list[str | None]:
+        """Per image, why its input cannot be judged (None: it can); one host transfer."""
+        ranged = self.out_of_range if self.out_of_range is not None else self.invalid & False
+        invalid, ranged = torch.stack([self.invalid, ranged]).cpu().tolist()
+        return [
+            (OUT_OF_RANGE_INPUT if r else NON_FINITE_INPUT) if bad else None
+            for bad, r in zip(invalid, ranged, strict=True)
+        ]
 
     def to_caller(self, images: Images | None = None, *, keep: Any = None) -> Any:
         """Return `images` (default: this batch's) in the caller's own format, range and device.
 
         Tensors come back with the original dtype, device, range and batch axis; numpy arrays in
-        their layout and dtype; PIL images and files as RGB PIL images. `keep` ([B] bool) returns
-        the caller's own tensor/array for those images, bit for bit (uint8 inputs round-trip
-        exactly anyway; a [-1,1] float may not).
+        their layout and dtype; PIL images and files as RGB PIL images (an animation as its
+        first frame). `keep` ([B] bool) returns the caller's own tensor/array for those images,
+        bit for bit (uint8 inputs round-trip exactly anyway; a [-1,1] float may not).
         """
         images = self.images if images is None else images
         if len(images) != len(self):
@@ -94,11 +139,14 @@ class ImageBatch:
     def _source_to_caller(self, s: _Source, images: Images, keep: torch.Tensor | None) -> Any:
         part = _take(images, s.start, s.count)  # [n,3,H,W] float [0,1]
         kept = None if keep is None else keep[s.start : s.start + s.count]
+        signed = None if self.signed is None else self.signed[s.start : s.start + s.count]
         if s.kind == "tensor":
+            if kept is not None and kept.device.type == "cpu" and bool(kept.all()):
+                return s.original
             if s.dtype == torch.uint8:
                 out = _to_uint8(part)
             else:  # a float input always comes with a range decision
-                out = torch.where(self.signed, part * 2 - 1, part)
+                out = torch.where(signed.to(part.device)[:, None, None, None], part * 2 - 1, part)
             out = out.to(device=s.device, dtype=s.dtype)
             if kept is not None:
                 original = s.original if s.batched else s.original.unsqueeze(0)
@@ -110,8 +158,7 @@ class ImageBatch:
             hwc = _to_uint8(part).permute(0, 2, 3, 1).cpu().numpy()  # [n,H,W,3]
         else:
             hwc = part.permute(0, 2, 3, 1).float().cpu().numpy()
-            if self.signed is not None and bool(self.signed):
-                hwc = hwc * 2 - 1
+            hwc = np.where(signed.cpu().numpy()[:, None, None, None], hwc * 2 - 1, hwc)
             hwc = hwc.astype(s.dtype)
         if kept is not None:
             original = s.original if s.batched else s.original[None]
@@ -125,15 +172,24 @@ def to_image_batch(
     device: torch.device | str | None = None,
     value_range: ValueRange = "auto",
     dtype: torch.dtype = torch.float32,
+    signed: Sequence[torch.Tensor | None] | None = None,
+    max_pixels: int | None = None,
+    decode_pixels: int | None = None,
+    max_frames: int | None = None,
 ) -> ImageBatch:
-    """Convert a tensor, numpy array, PIL image, file path, or a list of them, to an ImageBatch.
+    """Convert a tensor, numpy array, PIL image, file path, ImageFile, or a list of them.
 
     Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]. With `value_range="auto"`
-    one decision is made for the whole call: [-1,1] if any finite value of any float input is
-    below 0, else [0,1]. It is a single on-device reduction, no host sync; a [0,1] image is never
-    negative, while a [-1,1] batch is almost never entirely non-negative. uint8 is always 0..255.
-    Values outside the range are clamped; NaN/inf are zeroed and flagged in `invalid`.
-    `device` defaults to the first tensor's device, else the CPU.
+    the decision is made per object the caller passed: [-1,1] if any finite value of that object
+    is below 0, else [0,1] (a batched tensor is one generator's output, so one decision for all
+    its images; each item of a list decides for itself). It is an on-device reduction, no host
+    sync. `signed` (per item, a 0-d bool or None) overrides it, for one object split in chunks.
+    Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
+    RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are zeroed and flagged in `invalid`
+    (the engine gives them an error decision). uint8 is always 0..255. Files and PIL images are
+    decoded by `read_image` (its budgets: `max_pixels`, `decode_pixels`, `max_frames`; bit
+    depth; animation frames). `device` defaults to the
+    first tensor's device, else the CPU.
     """
     if value_range not in ("auto", "-1,1", "0,1"):
         raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
@@ -142,34 +198,40 @@ def to_image_batch(
     if device is None:
         device = next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
     device = torch.device(device)
+    decode = {"max_pixels": max_pixels, "decode_pixels": decode_pixels, "max_frames": max_frames}
 
-    parts: list[tuple[torch.Tensor, bool]] = []  # ([n,3,H,W] on device, is_float)
+    converted, nonfinite, ranged, signs = [], [], [], []
     sources: list[_Source] = []
     paths: list[str | None] = []
+    frames: list[torch.Tensor | None] = []
+    numbers: list[tuple[int, ...] | None] = []
+    any_float = False
     for i, item in enumerate(items):
         label = "images" if single else f"image {i}"
-        part, is_float, source = _read_item(item, label, single, len(paths), device, dtype)
-        parts.append((part, is_float))
-        sources.append(source)
-        paths.extend([str(item) if source.kind == "file" else None] * source.count)
-
-    floats = [p for p, is_float in parts if is_float]
-    signed = None
-    if floats and value_range == "auto":
-        signed = torch.stack([((p < 0) & torch.isfinite(p)).any() for p in floats]).any()
-    elif floats:
-        signed = torch.tensor(value_range == "-1,1", device=device)
-
-    converted, invalid = [], []
-    for part, is_float in parts:
-        bad = torch.zeros(part.shape[0], dtype=torch.bool, device=device)
+        part, is_float, source, file = _read_item(item, label, single, len(paths), device, decode)
+        n = part.shape[0]
+        no = torch.zeros(n, dtype=torch.bool, device=device)
         if is_float:
-            finite = torch.isfinite(part)
-            bad = ~finite.flatten(1).all(1)
-            part = torch.where(finite, part, torch.zeros((), dtype=dtype, device=device))
-            part = torch.where(signed, part * 0.5 + 0.5, part).clamp_(0, 1)
+            any_float = True
+            sign = signed[i] if signed is not None and signed[i] is not None else None
+            if sign is None:
+                sign = auto_signed(part) if value_range == "auto" else value_range == "-1,1"
+            sign = torch.as_tensor(sign, device=device)
+            part, bad, far = _float_to_unit(part, sign, dtype, device)
+            nonfinite.append(bad)
+            ranged.append(far)
+            signs.append(sign.expand(n))
+        else:
+            part = part.to(device=device, dtype=dtype).div_(255)
+            nonfinite.append(no)
+            ranged.append(no)
+            signs.append(no)
         converted.append(part)
-        invalid.append(bad)
+        sources.append(source)
+        paths.extend([file.path if file is not None else None] * n)
+        animated = file is not None and file.frames.shape[0] > 1
+        frames.extend([file.frames.to(device) if animated else None] * n)
+        numbers.extend([file.frame_numbers if animated else None] * n)
 
     sizes = {tuple(p.shape[-2:]) for p in converted}
     if len(sizes) <= 1:
@@ -177,39 +239,79 @@ def to_image_batch(
         out: Images = converted[0] if len(converted) == 1 else torch.cat(converted or [empty])
     else:
         out = [t for p in converted for t in p.unbind(0)]
-    mask = torch.cat(invalid) if invalid else torch.zeros(0, dtype=torch.bool, device=device)
-    return ImageBatch(out, mask, paths, signed, sources, single)
+
+    def cat(masks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=device)
+
+    far = cat(ranged)
+    batch = ImageBatch(
+        out, cat(nonfinite) | far, paths, cat(signs) if any_float else None, sources, single
+    )
+    batch.out_of_range, batch.frames, batch.frame_numbers = far, frames, numbers
+    return batch
+
+
+def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange = "auto") -> None:
+    """Raise ImageInputError for the first object to_image_batch would refuse (nothing decoded)."""
+    if value_range not in ("auto", "-1,1", "0,1"):
+        raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
+    single = not isinstance(images, (list, tuple))
+    for i, item in enumerate([images] if single else images):
+        label = "images" if single else f"image {i}"
+        if isinstance(item, (torch.Tensor, np.ndarray)):
+            _check_shape(item, label, single, channels_last=isinstance(item, np.ndarray))
+            _check_dtype(item.dtype, label)
+        elif not isinstance(item, (ImageFile, Image.Image, str, Path)):
+            _read_item(item, label, single, 0, torch.device("cpu"), {})  # raises its error
+
+
+def auto_signed(part: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the device: the object holds a finite negative value, so it is [-1,1]."""
+    return ((part < 0) & (part > float("-inf"))).any()
+
+
+def _float_to_unit(
+    part: torch.Tensor, sign: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float [n,3,H,W] -> (our [0,1] copy, [n] non-finite, [n] out of range), in one copy."""
+    x = part.to(device=device, dtype=dtype, copy=True)
+    bad = ~torch.isfinite(x).flatten(1).all(1)  # [n]
+    x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    x.mul_(torch.where(sign, 0.5, 1.0)).add_(torch.where(sign, 0.5, 0.0))
+    far = ((x < -RANGE_SLACK) | (x > 1 + RANGE_SLACK)).flatten(1).any(1)  # [n]
+    return x.clamp_(0, 1), bad, far
 
 
 def _read_item(
-    item: Any, label: str, single: bool, start: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, bool, _Source]:
-    """One caller object -> ([n,3,H,W] on device, is_float, source); float range not yet applied."""
+    item: Any, label: str, single: bool, start: int, device: torch.device, decode: dict
+) -> tuple[torch.Tensor, bool, _Source, ImageFile | None]:
+    """One caller object -> ([n,3,H,W], is_float, source, decoded file); not yet converted."""
     if isinstance(item, torch.Tensor):
         t = _check_shape(item, label, single, channels_last=False)
         is_float = _check_dtype(item.dtype, label)
-        part = t.to(device) if t.ndim == 4 else t.to(device).unsqueeze(0)
+        part = t if t.ndim == 4 else t.unsqueeze(0)
         source = _Source("tensor", start, part.shape[0], t.ndim == 4, t.dtype, t.device, item)
-        return _scale(part, is_float, dtype), is_float, source
+        return part, is_float, source, None
     if isinstance(item, np.ndarray):
         a = _check_shape(item, label, single, channels_last=True)
         is_float = _check_dtype(a.dtype, label)
         array = np.ascontiguousarray(a)
         hwc = torch.from_numpy(array if array.flags.writeable else array.copy())
-        part = hwc.to(device).reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
+        part = hwc.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
         source = _Source("numpy", start, part.shape[0], a.ndim == 4, a.dtype, None, item)
-        return _scale(part, is_float, dtype), is_float, source
-    if isinstance(item, Image.Image):
-        rgb, kind = _pil_to_rgb(item), "pil"
+        return part, is_float, source, None
+    if isinstance(item, ImageFile):
+        file, kind = item, "file"
+    elif isinstance(item, Image.Image):
+        file, kind = read_image(item, **decode), "pil"
     elif isinstance(item, (str, Path)):
-        rgb, kind = _open_rgb(item), "file"
+        file, kind = read_image(item, **decode), "file"
     else:
         raise ImageInputError(
             f"{label}: unsupported image type {type(item).__name__} "
             "(expected a tensor, numpy array, PIL image or file path)"
         )
-    part = _pil_to_tensor(rgb, device, dtype).unsqueeze(0)
-    return part, False, _Source(kind, start, 1, False)
+    return file.frames[:1], False, _Source(kind, start, 1, False), file
 
 
 def _check_shape(x: Any, label: str, single: bool, *, channels_last: bool) -> Any:
@@ -238,54 +340,25 @@ def _check_dtype(dtype: Any, label: str) -> bool:
     raise ImageInputError(f"{label}: unsupported dtype {dtype} (expected uint8 or float)")
 
 
-def _scale(part: torch.Tensor, is_float: bool, dtype: torch.dtype) -> torch.Tensor:
-    return part.to(dtype) if is_float else part.to(dtype) / 255
-
-
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    """RGB like transformers' do_convert_rgb: transparency is composited onto white."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _pil_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H,W,3]
-    return hwc.to(device).permute(2, 0, 1).to(dtype) / 255
-
-
-def _open_rgb(path: str | Path) -> Image.Image:
-    """Open any format PIL reads, honour EXIF orientation, convert to RGB; errors name the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            try:
-                # Viewers apply EXIF orientation; moderate what people will see.
-                image = ImageOps.exif_transpose(image)
-            except (ValueError, TypeError, OSError, SyntaxError):
-                pass  # a broken EXIF block must not make the picture unreadable
-            return _pil_to_rgb(image)
-    except FileNotFoundError:
-        raise ImageInputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageInputError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise ImageInputError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageInputError(f"{path}: cannot identify image file") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageInputError(f"{path}: image too large ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageInputError(f"{path}: cannot read image ({exc})") from None
-
-
 def load_image_file(path: str | Path, *, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Read an image file as a float [0,1] tensor [3,H,W]."""
-    return _pil_to_tensor(_open_rgb(path), torch.device(device), torch.float32)
+    """Read an image file as a float [0,1] tensor [3,H,W] (an animation's first frame)."""
+    return read_image(path).frames[0].to(torch.device(device), torch.float32).div_(255)
+
+
+def clip_preprocess(
+    images: Images | ImageBatch,
+    *,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """CLIP pixel values [B,3,size,size] of the images' centre crops (`preprocess.clip_pixels`).
+
+    Given an ImageBatch, rows of inputs that cannot be judged are NaN, so they fail closed.
+    """
+    if isinstance(images, ImageBatch):
+        return clip_pixels(images.images, size=size, mean=mean, std=std, invalid=images.invalid)
+    return clip_pixels(images, size=size, mean=mean, std=std)
 
 
 def _take(images: Images, start: int, count: int) -> torch.Tensor:
@@ -297,86 +370,8 @@ def _take(images: Images, start: int, count: int) -> torch.Tensor:
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0,1] float -> uint8 with round-half-even; exact IEEE ops, so equal on every device."""
-    x = torch.nan_to_num(x.float(), nan=0.0)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-# --- CLIP preprocessing -------------------------------------------------------------------------
-
-
-def clip_resize_size(height: int, width: int, size: int = 224) -> tuple[int, int]:
-    """Size after resizing the shortest side to `size`, computed exactly as transformers does."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)  # transformers truncates; keep the float expression
-    return (new_long, size) if width <= height else (size, new_long)
-
-
-def clip_preprocess(
-    images: Images | ImageBatch,
-    *,
-    size: int = 224,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
-) -> torch.Tensor:
-    """CLIP pixel values [B,3,size,size] (float32) on the images' device, without PIL.
-
-    Matches `CLIPImageProcessor` (shortest side to `size` with bicubic + antialias, centre crop,
-    mean/std). Images of different sizes are processed in one call per size. Given an ImageBatch,
-    rows of non-finite inputs are filled with NaN so their embeddings fail closed downstream.
-    """
-    invalid = None
-    if isinstance(images, ImageBatch):
-        images, invalid = images.images, images.invalid
-    if isinstance(images, torch.Tensor):
-        x = images if images.ndim == 4 else images.unsqueeze(0)
-        out = _clip_same_size(x, size, mean, std)
-    elif not images:
-        out = torch.empty(0, 3, size, size, device=invalid.device if invalid is not None else None)
-    else:
-        out = torch.empty(len(images), 3, size, size, device=images[0].device)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(images):
-            groups.setdefault(tuple(t.shape[-2:]), []).append(i)
-        for idx in groups.values():
-            group = torch.stack([images[i] for i in idx])
-            out[torch.tensor(idx, device=out.device)] = _clip_same_size(group, size, mean, std)
-    if invalid is not None:
-        out = out.masked_fill(invalid[:, None, None, None], float("nan"))
-    return out
-
-
-def _clip_same_size(
-    x: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] (or uint8) -> normalised [B,3,size,size] float32."""
-    x = x.float() if x.is_floating_point() else x.float() / 255
-    if x.shape[0] == 0:
-        return x.new_empty(0, 3, size, size)
-    height, width = x.shape[-2:]
-    new_h, new_w = clip_resize_size(height, width, size)
-    top, left = (new_h - size) // 2, (new_w - size) // 2  # floor, like transformers' center_crop
-    # PIL resamples horizontally, then vertically, clipping to 0..255 in between; so do we (one
-    # 2-D pass differs by up to 14/255 at edges). Cropping between the passes is exact, as each
-    # pass treats rows (columns) independently, and it bounds memory by size x long side. A tall
-    # image whose vertical output would exceed TALL_CROPS crops goes vertical-first for the same
-    # reason; that only moves where overshoot is clipped (Pillow 13 picks the order per image too).
-    if new_h > TALL_CROPS * size:
-        x = _resize_axis(x, new_h, axis=-2)[..., top : top + size, :]
-        x = _resize_axis(x, new_w, axis=-1)[..., left : left + size]
-    else:
-        x = _resize_axis(x, new_w, axis=-1)[..., left : left + size]
-        x = _resize_axis(x, new_h, axis=-2)[..., top : top + size, :]
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def _resize_axis(x: torch.Tensor, length: int, *, axis: int) -> torch.Tensor:
-    """Bicubic antialiased resize of one axis of [B,3,H,W] (PIL's filter), clamped to [0,1]."""
-    if x.shape[axis] == length:
-        return x
-    target = (length, x.shape[-1]) if axis == -2 else (x.shape[-2], length)
-    return F.interpolate(x, size=target, mode="bicubic", antialias=True).clamp_(0, 1)
+    x = torch.nan_to_num(x.float(), nan=0.0)  # our copy: the rest works in place
+    return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
 # --- hashing and PNG ----------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from moderation.errors import ModerationError
-from policy.compiled import CompiledPolicy
+from policy.compiled import DIFFUSERS_ADJUSTMENT, CompiledPolicy
 
-# diffusers adds this Python float once a special-care concept fires (the policy's adjustment).
-_DIFFUSERS_ADJUSTMENT = 0.01
+# diffusers adds this Python float once a special-care concept fires. A `compat: diffusers`
+# policy cannot hold another adjustment (CompiledPolicy refuses it), so this is the policy's own.
+_DIFFUSERS_ADJUSTMENT = DIFFUSERS_ADJUSTMENT
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,13 +15,31 @@ from pathlib import Path
 
 import torch
 
-from policy.errors import PolicyError
+from policy.compiled_rules import problems
+from policy.errors import PolicyError, PolicyIssue
+from policy.limits import (
+    BLUR_RADIUS_DEFAULT,
+    DIFFUSERS_ADJUSTMENT,
+    PIXELATE_BLOCK_DEFAULT,
+)
 from policy.schema import ACTION_RANK
 
+__all__ = ["ACTION_RANK", "DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPolicy"]
+
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
-FORMAT_VERSION = 1
+# 2: blur_radius and pixelate_block are fractions of the image's shorter side, not pixels;
+#    `views` (an artifact without it was judged on the centre crop).
+FORMAT_VERSION = 2
 
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
+_SEQUENCES = (
+    "concept_names",
+    "categories",
+    "severities",
+    "actions",
+    "special_names",
+    "example_sha256",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,8 +63,11 @@ class CompiledPolicy:
     review_band: float = 0.0
     on_error: str = "blackout"
     compat: str | None = None
-    blur_radius: float = 24.0
-    pixelate_block: int = 16
+    # The square views an image is judged on: "cover", "center" or "tiles" (see
+    # moderation.preprocess); None means the default: "center" under compat, else "cover".
+    views: str | None = None
+    blur_radius: float = BLUR_RADIUS_DEFAULT  # Gaussian sigma / the image's shorter side
+    pixelate_block: float = PIXELATE_BLOCK_DEFAULT  # block side / the image's shorter side
     review_placeholder: str = "blur"
     # "CONCEPT:SHA256" of every example image an `examples:` concept was computed from.
     example_sha256: tuple[str, ...] = ()
@@ -54,10 +75,20 @@ class CompiledPolicy:
     digest: str = ""
 
     def __post_init__(self) -> None:
-        dim = self.concept_matrix.shape[-1]
-        if self.special_matrix is None:
+        """Validate every field (policy.compiled_rules): a CompiledPolicy that exists is usable."""
+        for name in _SEQUENCES:
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.views is None:
+            object.__setattr__(self, "views", "center" if self.compat == "diffusers" else "cover")
+        if self.special_matrix is None and isinstance(self.concept_matrix, torch.Tensor):
+            dim = self.concept_matrix.shape[-1]
             object.__setattr__(self, "special_matrix", self.concept_matrix.new_zeros((0, dim)))
             object.__setattr__(self, "special_thresholds", self.concept_matrix.new_zeros((0,)))
+        found = problems(self)
+        if found:
+            label = f"compiled policy {self.name!r}" if isinstance(self.name, str) else "policy"
+            raise PolicyError(PolicyIssue(label, None, None, "", m) for m in found)
         if not self.digest:
             object.__setattr__(self, "digest", self._compute_digest())
 
@@ -90,10 +121,8 @@ class CompiledPolicy:
         """sha256 over everything that can change a decision (the YAML text itself does not)."""
         meta = self._metadata()
         meta.pop("source")
-        if not meta["example_sha256"]:
-            meta.pop(
-                "example_sha256"
-            )  # digests of policies without example images stay as they were
+        if not meta["example_sha256"]:  # digests of policies without example images stay as
+            meta.pop("example_sha256")  # they were
         h = hashlib.sha256()
         h.update(json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True).encode())
         for name in _TENSORS:
@@ -133,25 +162,66 @@ class CompiledPolicy:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> CompiledPolicy:
-        """Read an artifact written by save(); the digest is recomputed and must match."""
-        from safetensors import safe_open
+        """Read an artifact written by save(): every field is validated, then the digest checked.
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {n: f.get_tensor(n) for n in _TENSORS}
-        except Exception as exc:  # safetensors raises several types for unreadable files
-            raise PolicyError.about_file(str(path), f"not a compiled policy: {exc}") from exc
-        if meta.get("format") != str(FORMAT_VERSION) or "policy" not in meta:
+        Any problem is one PolicyError naming the file; a valid digest is not enough (it only
+        says the fields are the ones the digest was computed over, not that they are sound).
+        """
+        file = str(path)
+        meta, tensors = _read_artifact(file)
+        found = meta.get("format")
+        if found == "1":
             raise PolicyError.about_file(
-                str(path), f"not a compiled policy of format {FORMAT_VERSION}"
+                file,
+                "compiled by an older version (format 1, blur and pixelate in pixels):"
+                " compile its policy again with `moderation policy compile`",
             )
-        data = json.loads(meta["policy"])
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        compiled = cls(**data, **tensors)
+        if found != str(FORMAT_VERSION) or "policy" not in meta:
+            raise PolicyError.about_file(file, f"not a compiled policy of format {FORMAT_VERSION}")
+        data = _policy_fields(file, meta["policy"])
+        try:
+            compiled = cls(**data, **tensors)
+        except PolicyError as exc:  # the same rules as in code, but naming the artifact
+            raise PolicyError(issue._replace(file=file) for issue in exc.issues) from None
         if compiled.digest != meta.get("digest"):
             raise PolicyError.about_file(
-                str(path), "digest mismatch: the artifact was modified or is corrupt"
+                file, "digest mismatch: the artifact was modified or is corrupt"
             )
         return compiled.to(device) if device is not None else compiled
+
+
+def _read_artifact(file: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, the four tensors) of a safetensors file; exactly those tensors, no others."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            tensors = {n: f.get_tensor(n) for n in _TENSORS if n in names}
+    except Exception as exc:  # safetensors raises several types for unreadable files
+        raise PolicyError.about_file(file, f"not a compiled policy: {exc}") from exc
+    missing = [n for n in _TENSORS if n not in names]
+    extra = sorted(names - set(_TENSORS))
+    if missing or extra:
+        parts = [f"missing tensor {n!r}" for n in missing] + [
+            f"unknown tensor {n!r}" for n in extra
+        ]
+        raise PolicyError.about_file(file, f"not a compiled policy: {', '.join(parts)}")
+    return meta, tensors
+
+
+def _policy_fields(file: str, text: str) -> dict:
+    """The JSON metadata as constructor arguments: an object with exactly the expected keys."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise PolicyError.about_file(file, f"metadata 'policy' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError.about_file(file, "metadata 'policy' must be a JSON object")
+    expected = {f.name for f in dataclasses.fields(CompiledPolicy)} - {*_TENSORS, "digest"}
+    unknown, missing = sorted(set(data) - expected), sorted(expected - set(data))
+    if unknown or missing:
+        parts = [f"unknown key {k!r}" for k in unknown] + [f"missing key {k!r}" for k in missing]
+        raise PolicyError.about_file(file, f"metadata 'policy': {', '.join(parts)}")
+    return {k: tuple(v) if k in _SEQUENCES and isinstance(v, list) else v for k, v in data.items()}

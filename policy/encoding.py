@@ -31,9 +31,16 @@ class PolicyEncoder(Protocol):
     model_id: str  # recorded in the compiled policy when the policy names no model of its own
     embed_dim: int  # projection width: every concept vector must have it
     text_fingerprint: str | None  # identifies the text tower's embeddings (prompt-cache key)
+    # The most tokens the text tower reads (start and end tokens included); a longer prompt would
+    # be cut off silently, so the compiler refuses it. None: no text tower, or no limit.
+    max_text_tokens: int | None
 
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         """[N, D] projected text embeddings; raise EncodingError without a text tower."""
+        ...
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens each prompt takes before any truncation, start and end tokens included."""
         ...
 
     def checkpoint_tensor(self, name: str) -> Tensor:

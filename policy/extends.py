@@ -166,6 +166,8 @@ class _Merge:
             self.out.values[dst] = loaded.values[src]
         if src in loaded.keys:
             self.out.keys[dst] = loaded.keys[src]
+        if src in loaded.scalar_items:  # a list of scalars keeps its items' positions compact
+            self.out.scalar_items[dst] = loaded.scalar_items[src]
         self.out.origins[dst] = loaded.origins.get(src, (layer.file, src))
 
     def copy(self, layer: _Layer, src: KeyPath, dst: KeyPath, value: Any) -> Any:
@@ -174,7 +176,7 @@ class _Merge:
         if isinstance(value, dict):
             for key, item in value.items():
                 self.copy(layer, (*src, key), (*dst, key), item)
-        elif isinstance(value, list):
+        elif isinstance(value, list) and src not in layer.loaded.scalar_items:
             for i, item in enumerate(value):
                 self.copy(layer, (*src, i), (*dst, i), item)
         return value

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import typing
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from policy.embedding_files import EmbeddingFiles, EmbeddingProblem
 from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_of
 from policy.examples import resolve_examples
 from policy.extends import flatten_extends
-from policy.schema import EMBEDDING_TAGS, THRESHOLD_TAGS, CheckpointRef, EmbeddingRef, Policy
-from policy.yaml_loader import LoadedYaml, load_yaml
+from policy.schema import EMBEDDING_TAGS, THRESHOLD_TAGS, CheckpointRef, Policy
+from policy.yaml_loader import LoadedYaml, load_yaml, paused_gc
+
+log = logging.getLogger(__name__)
+
+# Inline embedding numbers above which loading warns (YAML takes ~5 us of CPU per number, so
+# about a second; 260 concepts of ViT-L/14's 768 values). Embedding files take microseconds a row.
+INLINE_NUMBERS_WARNING = 200_000
 
 _EXPECTED = {
     "float_type": "a number",
@@ -43,6 +52,11 @@ def load_policy(path: str | os.PathLike[str], *, embed_dim: int | None = None) -
     """Load a policy file; raise PolicyError listing every problem at FILE:LINE:COL."""
     file = os.fspath(path)
     text = _read_text(file)
+    with paused_gc():
+        return _load(file, text, embed_dim)
+
+
+def _load(file: str, text: str, embed_dim: int | None) -> Policy:
     # `extends`: the bases merged in first, each value remembering its file (policy/extends.py).
     loaded = flatten_extends(load_yaml(text, file), file, _read_text)
     policy = _validate(loaded, file)
@@ -57,7 +71,24 @@ def load_policy(path: str | os.PathLike[str], *, embed_dim: int | None = None) -
     )
     if issues:
         raise PolicyError(sorted(issues, key=_file_order))
+    policy._warnings = _inline_warnings(policy)
+    for warning in policy._warnings:
+        log.warning("%s", warning)
     return policy
+
+
+def _inline_warnings(policy: Policy) -> list[PolicyIssue]:
+    """A warning when inline embeddings hold so many numbers that parsing them is slow."""
+    inline = [(path, c) for path, c in policy.iter_concepts() if isinstance(c.embedding, list)]
+    numbers = sum(len(c.embedding) for _, c in inline)  # type: ignore[arg-type]
+    if numbers < INLINE_NUMBERS_WARNING:
+        return []
+    message = (
+        f"{len(inline)} concepts give their embeddings inline ({numbers} numbers), which is slow"
+        " to read (YAML parses each number on its own): put them in a .safetensors or .npy file"
+        " beside the policy and name rows with `embedding: {file: F, tensor: T, row: I}`"
+    )
+    return [policy.issue((*inline[0][0], "embedding"), message)]
 
 
 def check_embed_dim(policy: Policy, embed_dim: int) -> None:
@@ -223,25 +254,37 @@ def _resolve_model(model: str, folder: Path) -> str:
 def _resolve_embeddings(policy: Policy) -> list[PolicyIssue]:
     """Set `concept.vector` for every concept with an embedding; return what went wrong."""
     issues = []
-    for path, concept in policy.iter_concepts():
-        if concept.embedding is None or isinstance(concept.embedding, CheckpointRef):
-            continue  # checkpoint rows are read by the compiler, from the model
-        at = (*path, "embedding")
-        try:
+    with ExitStack() as stack:
+        readers: dict[Path, EmbeddingFiles] = {}  # one per folder (a base's, with extends)
+        for path, concept in policy.iter_concepts():
+            if concept.embedding is None or isinstance(concept.embedding, CheckpointRef):
+                continue  # checkpoint rows are read by the compiler, from the model
+            at = (*path, "embedding")
             # Relative to the file the embedding was written in (a base policy's, with extends).
-            vector = _read_embedding(concept.embedding, policy.folder_of(at))  # [D] float32
-        except _EmbeddingProblem as problem:
-            issues.append(policy.issue((*at, *problem.subpath), problem.message))
-            continue
-        bad = np.flatnonzero(~np.isfinite(vector))
-        if bad.size:
-            message = f"embedding value {bad[0]} is not finite ({vector[bad[0]]})"
-            issues.append(policy.issue(at, message))
-        elif not vector.any():
-            issues.append(policy.issue(at, "embedding is all zeros"))
-        else:
-            concept._vector = vector
+            folder = policy.folder_of(at)
+            files = readers.get(folder)
+            if files is None:
+                files = readers[folder] = stack.enter_context(EmbeddingFiles(folder))
+            try:
+                vector = files.read(concept.embedding)  # [D] float32
+            except EmbeddingProblem as problem:
+                issues.append(policy.issue((*at, *problem.subpath), problem.message))
+                continue
+            issue = _vector_issue(policy, at, vector)
+            if issue is not None:
+                issues.append(issue)
+            else:
+                concept._vector = vector
     return issues
+
+
+def _vector_issue(policy: Policy, at: KeyPath, vector: np.ndarray) -> PolicyIssue | None:
+    if not np.isfinite(vector).all():
+        bad = int(np.flatnonzero(~np.isfinite(vector))[0])
+        return policy.issue(at, f"embedding value {bad} is not finite ({vector[bad]})")
+    if not vector.any():
+        return policy.issue(at, "embedding is all zeros")
+    return None
 
 
 def _values(count: int) -> str:
@@ -264,110 +307,3 @@ def _width_issues(policy: Policy, embed_dim: int | None) -> list[PolicyIssue]:
             issues.append(policy.issue(at, message))
         first = first or (at, width)
     return issues
-
-
-class _EmbeddingProblem(Exception):
-    """Why an embedding could not be read; `subpath` is the key under `embedding` at fault."""
-
-    def __init__(self, message: str, *subpath: str) -> None:
-        super().__init__(message)
-        self.message, self.subpath = message, subpath
-
-
-def _read_embedding(embedding: list[float] | EmbeddingRef, folder: Path) -> np.ndarray:
-    """The raw embedding as float32 [D], from the policy or a file inside its folder."""
-    if isinstance(embedding, list):
-        return _float32(embedding)
-    path = _inside(folder, embedding.file)
-    if path.suffix.lower() == ".npy":
-        if embedding.tensor is not None:
-            raise _EmbeddingProblem("'tensor' applies only to .safetensors files", "tensor")
-        vector = _read_npy(path, embedding.file, embedding.row)
-    elif path.suffix.lower() == ".safetensors":
-        vector = _read_safetensors(path, embedding)
-    else:
-        message = f"'{embedding.file}' is not a .safetensors or .npy file"
-        raise _EmbeddingProblem(message, "file")
-    if vector.size == 0:
-        raise _EmbeddingProblem("embedding has no values")
-    return vector
-
-
-def _float32(values: Any) -> np.ndarray:
-    """A float32 copy; values too large for float32 become inf, reported as not finite."""
-    with np.errstate(over="ignore"):
-        return np.array(values, dtype=np.float32)
-
-
-def _inside(folder: Path, name: str) -> Path:
-    """The file `name` relative to the policy's folder, refusing anything that leads out of it."""
-    if Path(name).is_absolute():
-        message = f"'{name}' must be a path relative to the policy's folder"
-        raise _EmbeddingProblem(message, "file")
-    try:
-        path = (folder / name).resolve()  # follows symlinks, so a link pointing out is caught too
-        inside, found = path.is_relative_to(folder.resolve()), path.is_file()
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
-        raise _EmbeddingProblem(f"'{name}' is not a usable file name ({exc})", "file") from None
-    if not inside:
-        raise _EmbeddingProblem(f"'{name}' is outside the policy's folder", "file")
-    if not found:
-        raise _EmbeddingProblem(f"file '{name}' not found", "file")
-    return path
-
-
-def _pick_row(shape: tuple[int, ...], row: int | None, what: str) -> int | None:
-    """Index of the wanted row of a 2-D array, None for a 1-D one."""
-    if len(shape) == 1:
-        if row is not None:
-            raise _EmbeddingProblem(f"{what} is 1-D, so it has no row {row}", "row")
-        return None
-    if len(shape) != 2:
-        raise _EmbeddingProblem(f"{what} has shape {tuple(shape)}; expected 1-D or 2-D")
-    if row is None:
-        if shape[0] == 1:
-            return 0
-        raise _EmbeddingProblem(f"{what} has {shape[0]} rows; say which with 'row'")
-    if row >= shape[0]:
-        raise _EmbeddingProblem(f"row {row} is out of range: {what} has {shape[0]} rows", "row")
-    return row
-
-
-def _read_npy(path: Path, name: str, row: int | None) -> np.ndarray:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise _EmbeddingProblem(f"cannot read '{name}': {exc}", "file") from None
-    if not isinstance(array, np.ndarray):  # a .npz archive under a .npy name
-        array.close()
-        raise _EmbeddingProblem(f"'{name}' is not a .npy array", "file")
-    if array.dtype.kind not in "fiu":
-        raise _EmbeddingProblem(f"'{name}' holds {array.dtype} values, not numbers", "file")
-    index = _pick_row(array.shape, row, f"'{name}'")
-    return _float32(array if index is None else array[index])
-
-
-def _read_safetensors(path: Path, ref: EmbeddingRef) -> np.ndarray:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as handle:
-            names = list(handle.keys())
-            tensor = ref.tensor
-            if tensor is None and len(names) != 1:
-                message = f"'{ref.file}' holds {len(names)} tensors ({', '.join(names)}); say which with 'tensor'"
-                raise _EmbeddingProblem(message)
-            if tensor is not None and tensor not in names:
-                message = (
-                    f"tensor '{tensor}' not found in '{ref.file}' (it has: {', '.join(names)})"
-                )
-                raise _EmbeddingProblem(message, "tensor")
-            tensor = tensor or names[0]
-            view = handle.get_slice(tensor)  # reads only the row asked for
-            index = _pick_row(tuple(view.get_shape()), ref.row, f"tensor '{tensor}'")
-            vector = view[:] if index is None else view[index]
-    except _EmbeddingProblem:
-        raise
-    except Exception as exc:  # safetensors reports bad headers and dtypes with its own types
-        raise _EmbeddingProblem(f"cannot read '{ref.file}': {exc}", "file") from None
-    return _float32(vector)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +22,18 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from policy.errors import KeyPath, PolicyIssue, format_path, kind_of
+from policy.limits import (
+    BLUR_RADIUS_DEFAULT,
+    DIFFUSERS_ADJUSTMENT,
+    MODEL_MAX,
+    NAME_MAX,
+    PIXELATE_BLOCK_DEFAULT,
+    VERSION_MAX,
+    adjustment_problem,
+    blur_problem,
+    name_problem,
+    pixelate_problem,
+)
 from policy.yaml_loader import LoadedYaml
 
 Action = Literal["allow", "review", "blur", "pixelate", "blackout"]
@@ -55,11 +67,30 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _checked(problem_of: Callable[[Any], str | None]) -> AfterValidator:
+    """A validator raising the message of one of policy.limits' checks."""
+
+    def check(value: Any) -> Any:
+        problem = problem_of(value)
+        if problem:
+            raise PydanticCustomError("limit", problem)
+        return value
+
+    return AfterValidator(check)
+
+
+def _storable(limit: int) -> AfterValidator:
+    return _checked(lambda value: name_problem(value, limit))
+
+
 def _version(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PydanticCustomError(
             "version_type", "expected an integer or a string, got {kind}", {"kind": kind_of(value)}
         )
+    problem = name_problem(str(value), VERSION_MAX)
+    if problem:
+        raise PydanticCustomError("name", problem)
     return value
 
 
@@ -91,6 +122,7 @@ def _folder(file: str) -> Path:
 
 
 Text = Annotated[str, AfterValidator(_not_blank)]
+Name = Annotated[str, AfterValidator(_not_blank), _storable(NAME_MAX)]
 Cosine = Annotated[float, _between(-1, 1)]
 InlineEmbedding = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)]
 
@@ -139,8 +171,8 @@ Threshold = Annotated[
 class Concept(_Model):
     """One named concept, matched by text prompts or by a raw embedding."""
 
-    name: Text
-    category: Text | None = None
+    name: Name
+    category: Name | None = None
     severity: Severity | None = None
     prompts: Annotated[list[Text], Field(min_length=1)] | None = None
     embedding: Embedding | None = None
@@ -191,15 +223,15 @@ class Defaults(_Model):
 
 
 class BlurSettings(_Model):
-    """Gaussian blur strength for the `blur` action."""
+    """Gaussian blur for the `blur` action: sigma as a fraction of the image's shorter side."""
 
-    radius: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 24.0
+    radius: Annotated[float, _checked(blur_problem)] = BLUR_RADIUS_DEFAULT
 
 
 class PixelateSettings(_Model):
-    """Block size in pixels for the `pixelate` action."""
+    """Block side for the `pixelate` action, as a fraction of the image's shorter side."""
 
-    block: Annotated[int, Field(ge=2)] = 16
+    block: Annotated[float, _checked(pixelate_problem)] = PIXELATE_BLOCK_DEFAULT
 
 
 class ReviewSettings(_Model):
@@ -219,7 +251,7 @@ class ActionSettings(_Model):
 class SpecialCare(_Model):
     """Concepts that, once matched, make every other concept stricter and escalate the action."""
 
-    adjustment: Cosine = 0.01
+    adjustment: Annotated[float, _checked(adjustment_problem)] = DIFFUSERS_ADJUSTMENT
     escalate: Action | None = "review"
     concepts: Annotated[list[Concept], Field(min_length=1)]
 
@@ -227,16 +259,19 @@ class SpecialCare(_Model):
 class Policy(_Model):
     """A whole policy file; the loader also sets its source and resolved embeddings."""
 
-    policy: Text
+    policy: Name
     version: Annotated[int | str, PlainValidator(_version)] = 1
     description: str | None = None
-    model: Text = DEFAULT_MODEL
+    model: Annotated[str, AfterValidator(_not_blank), _storable(MODEL_MAX)] = DEFAULT_MODEL
     compat: Literal["diffusers"] | None = None
+    # What the model sees of an image: `cover` (default) every pixel, `center` CLIP's centre
+    # crop (the default, and the only choice, under compat: diffusers), `tiles` cover + tiles.
+    views: Literal["cover", "center", "tiles"] | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     review_band: Annotated[float, _between(0, 0.5, high_open=True)] = 0.0
     on_error: Annotated[Action, AfterValidator(_fail_closed)] = "blackout"
     actions: ActionSettings = Field(default_factory=ActionSettings)
-    categories: list[Text] | None = None
+    categories: list[Name] | None = None
     concepts: list[Concept] = Field(default_factory=list)
     special_care: SpecialCare | None = None
 
@@ -245,11 +280,17 @@ class Policy(_Model):
     _source_text: str | None = PrivateAttr(default=None)
     _resolved_model: str | None = PrivateAttr(default=None)
     _yaml: LoadedYaml | None = PrivateAttr(default=None)
+    _warnings: list[PolicyIssue] = PrivateAttr(default_factory=list)
 
     @property
     def source_path(self) -> Path | None:
         """The policy file as the caller named it (None when not loaded from a file)."""
         return self._source_path
+
+    @property
+    def warnings(self) -> list[PolicyIssue]:
+        """What the loader found legal but worth changing (logged too), at FILE:LINE:COL."""
+        return list(self._warnings)
 
     @property
     def source_text(self) -> str | None:
@@ -277,6 +318,11 @@ class Policy(_Model):
 
     def effective_action(self, concept: Concept) -> Action:
         return concept.action or self.defaults.action
+
+    @property
+    def effective_views(self) -> str:
+        """`views`, defaulting to `cover`, or to `center` under compat: diffusers."""
+        return self.views or ("center" if self.compat == "diffusers" else "cover")
 
     def effective_severity(self, concept: Concept) -> Severity:
         return concept.severity or self.defaults.severity
@@ -320,6 +366,21 @@ class Policy(_Model):
                 found.append((("categories", i), f"category '{category}' is declared twice"))
         if self.compat == "diffusers" and self.review_band != 0:
             found.append((("review_band",), "must be 0 when compat is 'diffusers'"))
+        special = self.special_care
+        if self.compat == "diffusers" and special and special.adjustment != DIFFUSERS_ADJUSTMENT:
+            message = (
+                f"must be {DIFFUSERS_ADJUSTMENT} when compat is 'diffusers' (the safety"
+                " checker's own adjustment, which its arithmetic hard-codes)"
+            )
+            found.append((("special_care", "adjustment"), message))
+        if self.compat == "diffusers" and self.views not in (None, "center"):
+            found.append(
+                (
+                    ("views",),
+                    "must be 'center' when compat is 'diffusers': diffusers' checker judges "
+                    "CLIP's single centre crop (drop compat to judge every pixel)",
+                )
+            )
         if not self.concepts and not self.special_concepts:
             found.append((("concepts",), "the policy needs at least one concept"))
         return found

@@ -1,15 +1,18 @@
-"""Test helpers: throwaway PostgreSQL databases so test modules never collide."""
+"""Test helpers: the PostgreSQL server of the tests, and databases created later (outages)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import create_engine, make_url, text
 
+from moderation.bench.scratch import temporary_pg_database
 from moderation.storage import db
+
+__all__ = ["pg_database_later", "pg_test_url", "temporary_pg_database"]
 
 PG_ENV = "MODERATION_TEST_PG_URL"
 
@@ -21,20 +24,27 @@ def pg_test_url() -> str | None:
 
 
 @contextlib.contextmanager
-def temporary_pg_database(server_url: str, prefix: str = "moderation_test") -> Iterator[str]:
-    """Create a uniquely named database on the server, yield its URL, then drop it."""
+def pg_database_later(
+    server_url: str, prefix: str = "moderation_later"
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """The URL of a database that does not exist yet (so it is unreachable), and a function
+    that creates and migrates it: an outage and its end under one URL. Dropped at the end."""
+    from moderation.storage import upgrade
+
     server = make_url(db.resolve_db_url(server_url))
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    url = server.set(database=name).render_as_string(hide_password=False)
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    try:
+
+    def create() -> None:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = server.set(database=name).render_as_string(hide_password=False)
-        try:
-            yield url
-        finally:
-            db.dispose(url)
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        upgrade(url)
+
+    try:
+        yield url, create
     finally:
+        db.dispose(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

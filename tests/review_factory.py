@@ -1,4 +1,9 @@
-"""Builders for review-queue tests: policy, decision and review-item rows, a clock, a claim worker.
+"""Review-queue test data made by the product: a compiled policy, the engine's decisions, and the
+decision log's own review items and `created` events; plus a clock and a claim worker.
+
+Images are stood in for by engineered embeddings: with one orthogonal axis per concept, an
+embedding has exactly the cosines it was built with, so a test chooses what each concept sees and
+the engine (`Moderator.moderate_embeddings`) decides what that means.
 
 Run as a script it is the claim worker of the concurrency tests:
 `python tests/review_factory.py URL NAME BATCH` prints `ready`, waits for a line on stdin, then
@@ -7,50 +12,55 @@ claims (and approves) batches until the queue is empty and prints the claimed id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import random
 import sys
-import uuid
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, select
 
+from moderation.storage import DecisionLog, db
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from moderation.storage.records import policy_record, record_of
+
+if TYPE_CHECKING:
+    from moderation.decision import Decision
+    from policy import CompiledPolicy
 
 PG_URL = os.environ.get("MODERATION_TEST_PG_URL")
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
-ACTION_RANK = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
-CONCEPTS = [
-    {
-        "name": "nudity",
-        "category": "sexual",
-        "severity": "high",
-        "threshold": 0.25,
-        "action": "blur",
-    },
-    {
-        "name": "gore",
-        "category": "violence",
-        "severity": "critical",
-        "threshold": 0.30,
-        "action": "blackout",
-    },
-    {
-        "name": "weapons",
-        "category": "violence",
-        "severity": "medium",
-        "threshold": 0.28,
-        "action": "review",
-    },
-]
-SPECIAL = [{"name": "minor", "threshold": 0.20}]
+META = {"prompt": "a test image", "seed": 7, "user": "u1"}
+DIM = 8  # axes 0-2: concepts, 3: special care, 7: the rest of an image's direction
+REST_AXIS = DIM - 1
+POLICY_YAML = """\
+policy: {name}
+version: {version}
+model: tiny-clip
+review_band: 0.02
+defaults: {{threshold: 0.25, action: blackout, severity: high}}
+categories: [sexual, violence]
+concepts:
+  - {{name: nudity, category: sexual, embedding: {e0}, threshold: 0.25, action: blur}}
+  - {{name: gore, category: violence, embedding: {e1}, threshold: 0.30, severity: critical}}
+  - {{name: weapons, category: violence, embedding: {e2}, threshold: 0.28, action: review,
+      severity: medium}}
+special_care:
+  adjustment: 0.01
+  escalate: review
+  concepts:
+    - {{name: minor, embedding: {e3}, threshold: 0.20}}
+"""
 TABLES = (PolicyRow, DecisionRow, ReviewItem, ReviewEvent)
 
 
@@ -68,153 +78,148 @@ class Clock:
         return self.t
 
 
-def f32(values: list[float]) -> bytes:
-    """float32 little-endian bytes, as the decision log stores cosines and scores."""
-    return np.asarray(values, dtype="<f4").tobytes()
+def axis(i: int) -> list[float]:
+    return [1.0 if j == i else 0.0 for j in range(DIM)]
 
 
-def policy_row(name: str = "nsfw-basic", version: str = "1", **overrides) -> dict:
-    """A `policies` row; the digest is derived from name and version unless given."""
-    row = {
-        "digest": hashlib.sha256(f"{name}:{version}".encode()).hexdigest(),
-        "name": name,
-        "version": version,
-        "model_id": "tiny-clip",
-        "compat": None,
-        "source": f"name: {name}\nversion: {version}\n",
-        "concepts": CONCEPTS,
-        "special_concepts": SPECIAL,
-        "adjustment": 0.01,
-        "escalate": "review",
-        "review_band": 0.02,
-        "created_at": T0,
-    }
-    row.update(overrides)
-    return row
+class _WidthOnly:
+    """The compiler's encoder for a policy of literal embeddings: a width, no text tower."""
+
+    model_id = "tiny-clip"
+    embed_dim = DIM
+    text_fingerprint = None
+
+    def encode_text(self, prompts):
+        from policy.encoding import EncodingError
+
+        raise EncodingError("these test policies use literal embeddings only")
+
+    def checkpoint_tensor(self, name):
+        from policy.encoding import EncodingError
+
+        raise EncodingError(f"no checkpoint tensor {name!r}")
 
 
-def decision_row(
-    policy: dict,
-    cosines: list[float],
-    special_cosines: list[float] | None = None,
-    *,
-    created_at: datetime = T0,
-    meta: dict | None = None,
-    **overrides,
-) -> dict:
-    """A `decisions` row scored like the engine does: score = cosine - threshold + adjustment."""
-    special_cosines = special_cosines if special_cosines is not None else [0.0]
-    special_scores = [
-        c - s["threshold"] for c, s in zip(special_cosines, policy["special_concepts"], strict=True)
-    ]
-    hits = [
-        s["name"] for s, x in zip(policy["special_concepts"], special_scores, strict=True) if x > 0
-    ]
-    adjustment = policy["adjustment"] if hits else 0.0
-    concepts = policy["concepts"]
-    scores = [c - k["threshold"] + adjustment for c, k in zip(cosines, concepts, strict=True)]
-    fired = [k["name"] for k, x in zip(concepts, scores, strict=True) if x > 0]
-    action = max(
-        (k["action"] for k in concepts if k["name"] in fired), key=ACTION_RANK.get, default="allow"
-    )
-    if hits and ACTION_RANK[action] < ACTION_RANK["review"]:
-        action = "review"
-    verdict = {"allow": "allow", "review": "review"}.get(action, "flag")
-    top = max(range(len(scores)), key=scores.__getitem__)
-    row = {
-        "id": str(uuid.uuid4()),
-        "created_at": created_at,
-        "policy_digest": policy["digest"],
-        "model_id": policy["model_id"],
-        "image_sha256": hashlib.sha256(str(cosines).encode()).hexdigest(),
-        "verdict": verdict,
-        "action": action,
-        "top_concept": concepts[top]["name"],
-        "margin": scores[top],
-        "fired": fired,
-        "special_hits": hits,
-        "adjustment": adjustment,
-        "cosines": f32(cosines),
-        "scores": f32(scores),
-        "special_cosines": f32(special_cosines),
-        "special_scores": f32(special_scores),
-        "embedding": None,
-        "meta": meta if meta is not None else {"prompt": "a test image", "seed": 7, "user": "u1"},
-        "error": None,
-        "held_path": None,
-    }
-    row.update(overrides)
-    return row
+@functools.cache
+def review_policy(name: str = "nsfw-basic", version: str = "1") -> CompiledPolicy:
+    """The review tests' policy, loaded and compiled by the real loader and compiler:
+    nudity (blur, 0.25), gore (blackout, 0.30), weapons (review, 0.28), special care minor (0.20,
+    +0.01, escalates to review), review band 0.02."""
+    from policy import compile_policy, load_policy
+
+    axes = {f"e{i}": axis(i) for i in range(4)}
+    with tempfile.TemporaryDirectory(prefix="review-policy-") as folder:
+        path = Path(folder) / f"{name}.yaml"
+        path.write_text(POLICY_YAML.format(name=name, version=version, **axes), encoding="utf-8")
+        return compile_policy(load_policy(path), _WidthOnly(), cache=False)
+
+
+def embedding(cosines: Sequence[float], special: Sequence[float] = (0.0,)) -> list[float]:
+    """A unit vector whose cosine with concept i is cosines[i] and with special care i special[i]."""
+    head = [*cosines, *special]
+    rest = 1.0 - sum(c * c for c in head)
+    assert len(head) < REST_AXIS and rest >= 0, head
+    return head + [0.0] * (REST_AXIS - len(head)) + [math.sqrt(rest)]
 
 
 @dataclass
 class Seeded:
-    """What `seed` wrote: the policy row, decision rows and review item ids (in insert order)."""
+    """What the engine decided and the log stored: decisions in time order, review item ids
+    (in the order of their decisions) and the item of each reviewed decision id."""
 
-    policy: dict
-    decisions: list[dict] = field(default_factory=list)
+    policy: CompiledPolicy
+    decisions: list[Decision] = field(default_factory=list)
     item_ids: list[int] = field(default_factory=list)
+    item_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reviewed(self) -> list[Decision]:
+        """The decisions that got a review item."""
+        return [d for d in self.decisions if d.decision_id in self.item_of]
+
+
+def decide(
+    images: Sequence[tuple[Sequence[float], Sequence[float]]],
+    policy: CompiledPolicy | None = None,
+) -> list[Decision]:
+    """The engine's decisions on engineered images, each given as (cosines, special cosines)."""
+    import torch
+
+    from moderation.engine import Moderator
+
+    policy = policy or review_policy()
+    vectors = torch.tensor([embedding(c, s) for c, s in images], dtype=torch.float32)  # [B, D]
+    return Moderator(policy).moderate_embeddings(vectors, metadata=META)
+
+
+def write(
+    url: str,
+    decisions: Sequence[Decision],
+    *,
+    start: datetime = T0,
+    step_s: float = 1.0,
+) -> Seeded:
+    """Log decisions through the real DecisionLog at start, start + step_s, ...; the log creates
+    the review items and events. Raises if any decision did not reach the database."""
+    policy = decisions[0].policy
+    for i, d in enumerate(decisions):
+        d.created_at = start + timedelta(seconds=i * step_s)
+        # What Moderator.moderate fills in from the pixels; here the embedding stands for them.
+        d.image_sha256 = hashlib.sha256(d.embedding.tobytes()).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="review-seed-") as scratch:
+        spool = Path(scratch) / "spool"
+        with DecisionLog(url, spool_dir=spool, held_dir=Path(scratch) / "held") as log:
+            log.register_policy(policy_record(policy))
+            log.write([record_of(d) for d in decisions])
+            assert not log.spool.has_pending(), "the seed went to the spool, not the database"
+    ids = [d.decision_id for d in decisions]
+    with db.engine_for(url).connect() as conn:
+        stored = conn.execute(
+            select(func.count()).select_from(DecisionRow).where(DecisionRow.id.in_(ids))
+        ).scalar_one()
+        items = conn.execute(
+            select(ReviewItem.decision_id, ReviewItem.id)
+            .where(ReviewItem.decision_id.in_(ids))
+            .order_by(ReviewItem.id)
+        ).all()
+    assert stored == len(ids), f"{len(ids) - stored} seeded decisions are not in the database"
+    item_of = dict(items)
+    return Seeded(policy, list(decisions), [item_of[i] for i in ids if i in item_of], item_of)
 
 
 def seed(
-    engine: Engine,
+    url: str,
     n: int = 5,
     *,
-    policy: dict | None = None,
+    policy: CompiledPolicy | None = None,
     start: datetime = T0,
     step_s: float = 1.0,
     rng_seed: int = 0,
     allowed: int = 0,
 ) -> Seeded:
-    """Insert a policy, `n` decisions that need review with a pending item each, `allowed` more."""
+    """`n` random decisions that the engine sends to review, then `allowed` clean ones.
+
+    The first, fourth, seventh... reviewed decision was queued by a special-care hit (priority 1),
+    the others by a concept (action review, or a score in the review band)."""
+    policy = policy or review_policy()
     rng = random.Random(rng_seed)
-    policy = policy or policy_row()
-    out = Seeded(policy)
-    for i in range(n + allowed):
-        at = start + timedelta(seconds=i * step_s)
-        if i < n:
-            cosines = [rng.uniform(0.1, 0.4) for _ in policy["concepts"]]
-            special = [rng.choice([0.1, 0.1, 0.1, 0.3]) for _ in policy["special_concepts"]]
-        else:
-            cosines = [0.0 for _ in policy["concepts"]]
-            special = [0.0 for _ in policy["special_concepts"]]
-        out.decisions.append(decision_row(policy, cosines, special, created_at=at))
-    with engine.begin() as conn:
-        if (
-            conn.execute(
-                select(PolicyRow.digest).where(PolicyRow.digest == policy["digest"])
-            ).first()
-            is None
-        ):
-            conn.execute(insert(PolicyRow), [policy])
-        conn.execute(insert(DecisionRow), out.decisions)
-        for d in out.decisions[:n]:
-            item_id = conn.execute(
-                insert(ReviewItem).values(
-                    decision_id=d["id"],
-                    status="pending",
-                    priority=1 if d["special_hits"] else 0,
-                    margin=d["margin"],
-                    created_at=d["created_at"],
-                    updated_at=d["created_at"],
-                )
-            ).inserted_primary_key[0]
-            out.item_ids.append(item_id)
-        events = [
-            {
-                "item_id": item_id,
-                "decision_id": d["id"],
-                "at": d["created_at"],
-                "actor": "engine",
-                "event": "created",
-                "reason": None,
-                "details": {},
-            }
-            for item_id, d in zip(out.item_ids, out.decisions[:n], strict=True)
+    wanted = {True: len(range(0, n, 3)), False: n - len(range(0, n, 3))}
+    pools: dict[bool, list[Decision]] = {True: [], False: []}
+    while any(len(pools[k]) < wanted[k] for k in pools):
+        candidates = [
+            (
+                [rng.uniform(0.1, 0.4) for _ in policy.concept_names],
+                [rng.choice([0.1, 0.1, 0.1, 0.3]) for _ in policy.special_names],
+            )
+            for _ in range(4 * n + 8)
         ]
-        if events:
-            conn.execute(insert(ReviewEvent), events)
-    return out
+        for d in decide(candidates, policy):
+            if d.needs_review:
+                pools[bool(d.special_hits)].append(d)
+    kept = [pools[i % 3 == 0].pop(0) for i in range(n)]
+    clean = ([0.0] * len(policy.concept_names), [0.0] * len(policy.special_names))
+    kept += decide([clean] * allowed, policy) if allowed else []
+    return write(url, kept, start=start, step_s=step_s)
 
 
 def row_counts(engine: Engine) -> dict[str, int]:
@@ -244,8 +249,6 @@ def pg_database(prefix: str) -> Iterator[str]:
 
 def empty_pg(url: str) -> None:
     """Delete every row so each test starts from an empty database (faster than TRUNCATE)."""
-    from moderation.storage import db
-
     with db.engine_for(url).begin() as conn:
         for table in ("review_events", "review_items", "decisions", "policies"):
             conn.exec_driver_sql(f"DELETE FROM {table}")

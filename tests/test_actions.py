@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -116,7 +118,8 @@ def test_allow_is_bit_identical_and_input_untouched():
 def test_mixed_actions_in_one_batch():
     x = torch.stack([natural(40, 30, i) for i in range(6)])
     actions = ["allow", "review", "blur", "pixelate", "blackout", "blur"]
-    out = apply_actions(x, actions, blur_radius=6, pixelate_block=8)
+    # Strengths are fractions of the shorter side (30 px): sigma 6 px, blocks of 8 px.
+    out = apply_actions(x, actions, blur_radius=0.2, pixelate_block=0.27)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.equal(out[0], x[0])
     blurred = gaussian_blur(x[[1, 2, 5]], 6)  # review shows the blur placeholder
@@ -128,7 +131,7 @@ def test_mixed_actions_in_one_batch():
 @pytest.mark.parametrize("placeholder", ["blackout", "pixelate", "allow"])
 def test_review_placeholder(placeholder):
     x = torch.rand(2, 3, 9, 9)
-    out = apply_actions(x, ["review", "allow"], review_placeholder=placeholder, pixelate_block=4)
+    out = apply_actions(x, ["review", "allow"], review_placeholder=placeholder, pixelate_block=0.45)
     expected = {"blackout": blackout(x[0]), "pixelate": pixelate(x[0], 4), "allow": x[0]}
     torch.testing.assert_close(out[0], expected[placeholder])
 
@@ -136,11 +139,13 @@ def test_review_placeholder(placeholder):
 def test_list_of_odd_sizes():
     images = [natural(31, 17, 0), natural(8, 45, 1), natural(31, 17, 2), natural(3, 3, 3)]
     before = [i.clone() for i in images]
-    out = apply_actions(images, ["blur", "pixelate", "blur", "blackout"], pixelate_block=16)
+    actions = ["blur", "pixelate", "blur", "blackout"]
+    out = apply_actions(images, actions, blur_radius=0.5, pixelate_block=0.5)
     assert isinstance(out, list) and [o.shape for o in out] == [i.shape for i in images]
-    torch.testing.assert_close(out[0], gaussian_blur(images[0], 24))
-    torch.testing.assert_close(out[2], gaussian_blur(images[2], 24))
-    torch.testing.assert_close(out[1], pixelate(images[1], 16))
+    # Each size gets its own pixels: half of 17 (sigma 8.5) and half of 8 (4-pixel blocks).
+    torch.testing.assert_close(out[0], gaussian_blur(images[0], 8.5))
+    torch.testing.assert_close(out[2], gaussian_blur(images[2], 8.5))
+    torch.testing.assert_close(out[1], pixelate(images[1], 4))
     assert torch.equal(out[3], torch.zeros(3, 3, 3))
     assert all(torch.equal(a, b) for a, b in zip(images, before, strict=True))
     kept = apply_actions(images[:1], ["allow"])
@@ -149,8 +154,10 @@ def test_list_of_odd_sizes():
 
 def test_whole_batch_single_action_and_odd_size():
     x = torch.rand(2, 3, 33, 47)
-    torch.testing.assert_close(apply_actions(x, ["blur", "blur"]), gaussian_blur(x, 24))
-    torch.testing.assert_close(apply_actions(x, ["pixelate"] * 2), pixelate(x, 16))
+    # The defaults, 0.05 and 0.03 of the shorter side (33 px): sigma 1.65 px, 1-px blocks, which
+    # the floor turns into 2-px blocks so that pixelate always changes the image.
+    torch.testing.assert_close(apply_actions(x, ["blur", "blur"]), gaussian_blur(x, 1.65))
+    torch.testing.assert_close(apply_actions(x, ["pixelate"] * 2), pixelate(x, 2))
 
 
 def test_empty_batch():
@@ -162,7 +169,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_float_dtypes(dtype):
     x = torch.rand(3, 3, 20, 20).to(dtype)
-    out = apply_actions(x, ["allow", "blur", "pixelate"], blur_radius=5, pixelate_block=4)
+    out = apply_actions(x, ["allow", "blur", "pixelate"], blur_radius=0.25, pixelate_block=0.2)
     assert out.dtype == dtype
     assert torch.equal(out[0], x[0])
     torch.testing.assert_close(out[1].float(), gaussian_blur(x[1].float(), 5), atol=1e-2, rtol=0)
@@ -185,6 +192,21 @@ def test_other_float_dtypes(dtype):
             lambda x: apply_actions(x[0], ["allow"] * 3),
             "images: expected [B,3,H,W], got shape [3, 4, 4]",
         ),
+        (  # a radius in pixels, as before strengths were relative
+            lambda x: apply_actions(x, ["blur", "allow"], blur_radius=24),
+            "blur_radius must be a fraction of the image's shorter side (at most 1), not pixels:"
+            " 24 px at 512 px is 0.0469",
+        ),
+        (
+            lambda x: apply_actions(x, ["pixelate", "allow"], pixelate_block=0.001),
+            "pixelate_block must be at least 0.02 of the image's shorter side: a weaker"
+            " pixelation leaves the image almost as it was",
+        ),
+        (
+            lambda x: apply_actions(x, ["blur", "allow"], blur_radius=0),
+            "blur_radius must be at least 0.01 of the image's shorter side: a weaker blur leaves"
+            " the image almost as it was",
+        ),
     ],
 )
 def test_bad_actions(call, message):
@@ -198,9 +220,44 @@ def test_hot_path_never_reads_tensor_values_on_the_host():
     x = torch.empty(4, 3, 512, 768, device="meta")
     for actions in (["allow", "review", "pixelate", "blackout"], ["blur"] * 4):
         assert apply_actions(x, actions).shape == x.shape
-    assert apply_actions(x, ["blur"] * 4, blur_radius=3).device.type == "meta"
+    assert apply_actions(x, ["blur"] * 4, blur_radius=0.1).device.type == "meta"
     images = [torch.empty(3, 10, 20, device="meta"), torch.empty(3, 7, 7, device="meta")]
     assert [o.shape for o in apply_actions(images, ["blur", "pixelate"])] == [
         (3, 10, 20),
         (3, 7, 7),
     ]
+
+
+def fundamental(row: torch.Tensor, periods: int) -> float:
+    """Amplitude of the sinusoid with `periods` periods across `row` (a discrete Fourier term)."""
+    x = torch.arange(row.numel(), dtype=torch.float64) * (2 * math.pi * periods / row.numel())
+    centred = row.double() - row.double().mean()
+    return float(2 * torch.hypot((centred * torch.cos(x)).mean(), (centred * torch.sin(x)).mean()))
+
+
+@pytest.mark.parametrize(("action", "periods"), [("blur", 4), ("pixelate", 16)])
+def test_strength_hides_the_same_at_512_and_4096(action, periods):
+    # The same picture (stripes: `periods` across the image) at 512x512 and 4096x4096 keeps the
+    # same share of its detail. With strengths in pixels, 4096 kept 99% where 512 kept 55-81%.
+    kept = {}
+    for side in (512, 4096):
+        xx = torch.arange(side, dtype=torch.float32) * (2 * math.pi * periods / side)
+        image = (0.5 + 0.5 * torch.sin(xx)).expand(1, 3, side, side).contiguous()
+        out = apply_actions(image, [action])
+        kept[side] = fundamental(out[0, 0, side // 2], periods) / fundamental(
+            image[0, 0, side // 2], periods
+        )
+        del image, out
+    assert kept[512] < 0.7, kept  # measured: blur 0.52 and 0.52, pixelate 0.48 and 0.49
+    assert abs(kept[512] - kept[4096]) < 0.02, kept
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 8])
+def test_tiny_images_are_still_changed(side):
+    # 0.05 of a 3-px side is a fraction of a pixel: the floors (sigma 1 px, 2-px blocks) apply.
+    image = checkerboard(side, side)[None]
+    for action in ("blur", "pixelate"):
+        out = apply_actions(image, [action])
+        if side > 1:
+            assert not torch.equal(out, image), action
+        assert out.shape == image.shape

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,8 @@ defaults: {{threshold: 0.21, action: blackout, severity: medium}}
 review_band: 0
 on_error: blackout
 actions:
-  blur: {{radius: 24}}
-  pixelate: {{block: 16}}
+  blur: {{radius: 0.05}}
+  pixelate: {{block: 0.03}}
   review: {{placeholder: blur}}
 categories: [sexual, violence]
 concepts:
@@ -95,7 +94,7 @@ def test_every_field_is_filled(policy_path, encoder, tiny_clip_dir):
     assert compiled.special_names == ("young child",)
     assert (compiled.adjustment, compiled.escalate) == (0.01, "review")
     assert (compiled.review_band, compiled.on_error, compiled.compat) == (0.0, "blackout", None)
-    assert (compiled.blur_radius, compiled.pixelate_block) == (24.0, 16)
+    assert (compiled.blur_radius, compiled.pixelate_block) == (0.05, 0.03)
     assert compiled.review_placeholder == "blur"
     assert compiled.source == policy_path.read_text(encoding="utf-8")
     assert compiled.concept_matrix.shape == (4, 32) and compiled.special_matrix.shape == (1, 32)
@@ -131,49 +130,72 @@ def test_matrix_is_the_prompt_ensemble_and_raw_vectors_normalised_at_once(policy
     )
 
 
-def checkpoint_policy(folder: Path, model, n_concepts: int = 17, n_special: int = 3):
-    """A policy that reads every concept and threshold from a safety checker's tensors.
+def checkpoint_yaml(model, rows: list[int], special_rows: list[int]) -> str:
+    """A policy whose every embedding and threshold is a `{checkpoint: NAME, row: N}` reference."""
+    lines = ["policy: sd", f"model: {model}", "compat: diffusers", "concepts:"]
+    for i, row in enumerate(rows):
+        lines += [
+            f"  - name: c{i}",
+            f"    embedding: {{checkpoint: concept_embeds, row: {row}}}",
+            f"    threshold: {{checkpoint: concept_embeds_weights, row: {row}}}",
+        ]
+    lines += ["special_care:", "  concepts:"]
+    for i, row in enumerate(special_rows):
+        lines += [
+            f"    - name: s{i}",
+            f"      embedding: {{checkpoint: special_care_embeds, row: {row}}}",
+            f"      threshold: {{checkpoint: special_care_embeds_weights, row: {row}}}",
+        ]
+    return "\n".join(lines) + "\n"
 
-    Stand-in until the schema has `EmbeddingRef.checkpoint` and checkpoint thresholds: the policy is
-    loaded with placeholder vectors, then its concepts get `{checkpoint, row}` references.
-    """
-    placeholder = [1.0] * 32
-    lines = [f"policy: sd\nmodel: {model}\ncompat: diffusers\nconcepts:"]
-    lines += [f"  - {{name: c{i}, embedding: {placeholder}}}" for i in range(n_concepts)]
-    lines += ["special_care:\n  concepts:"]
-    lines += [f"    - {{name: s{i}, embedding: {placeholder}}}" for i in range(n_special)]
+
+def checkpoint_policy(folder: Path, model, rows=range(17), special_rows=range(3), *, edit=None):
+    """Write checkpoint_yaml (optionally edited: (old, new) replaced once) and load it."""
+    text = checkpoint_yaml(model, list(rows), list(special_rows))
+    if edit is not None:
+        assert edit[0] in text
+        text = text.replace(*edit, 1)
     path = folder / "sd.yaml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    policy = load_policy(path)
-    for prefix, concepts in (
-        ("concept", policy.concepts),
-        ("special_care", policy.special_concepts),
-    ):
-        for row, concept in enumerate(concepts):
-            concept.embedding = types.SimpleNamespace(
-                file=None, tensor=None, checkpoint=f"{prefix}_embeds", row=row
-            )
-            concept.threshold = types.SimpleNamespace(
-                checkpoint=f"{prefix}_embeds_weights", row=row
-            )
-            concept._vector = None
-    return policy
+    path.write_text(text, encoding="utf-8")
+    return load_policy(path)
 
 
-def test_checkpoint_concepts_give_diffusers_cosines_bit_for_bit(tmp_path, tiny_checker_dir):
-    from diffusers.pipelines.stable_diffusion.safety_checker import (
-        StableDiffusionSafetyChecker,
-        cosine_distance,
+@pytest.fixture(scope="module")
+def checker(tiny_checker_dir):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    return StableDiffusionSafetyChecker.from_pretrained(
+        tiny_checker_dir, attn_implementation="eager"
     )
+
+
+def test_checkpoint_references_compile_to_the_checkpoints_rows(tmp_path, tiny_checker_dir, checker):
+    encoder = ClipEncoder.from_pretrained(tiny_checker_dir)
+    # Rows in another order than the concepts: each concept must read the row it names.
+    rows, special_rows = [16 - i for i in range(17)], [2, 0, 1]
+    policy = checkpoint_policy(tmp_path, tiny_checker_dir, rows, special_rows)
+    compiled = compile_policy(policy, encoder, cache=False)
+    assert compiled.concept_names == tuple(f"c{i}" for i in range(17))
+    assert torch.equal(compiled.concept_matrix, F.normalize(checker.concept_embeds[rows]))
+    assert torch.equal(compiled.thresholds, checker.concept_embeds_weights[rows])
+    assert torch.equal(
+        compiled.special_matrix, F.normalize(checker.special_care_embeds[special_rows])
+    )
+    assert torch.equal(
+        compiled.special_thresholds, checker.special_care_embeds_weights[special_rows]
+    )
+    assert compiled.compat == "diffusers" and compiled.model == str(tiny_checker_dir)
+
+
+def test_checkpoint_concepts_give_diffusers_cosines_bit_for_bit(
+    tmp_path, tiny_checker_dir, checker
+):
+    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
     encoder = ClipEncoder.from_pretrained(tiny_checker_dir)
     compiled = compile_policy(checkpoint_policy(tmp_path, tiny_checker_dir), encoder, cache=False)
-    checker = StableDiffusionSafetyChecker.from_pretrained(
-        tiny_checker_dir, attn_implementation="eager"
-    )
     assert torch.equal(compiled.thresholds, checker.concept_embeds_weights)
     assert torch.equal(compiled.special_thresholds, checker.special_care_embeds_weights)
-    assert compiled.compat == "diffusers" and compiled.model == str(tiny_checker_dir)
     torch.manual_seed(0)
     embeds = encoder.encode_image(torch.randn(4, 3, 224, 224))  # [B, D]
     ours = F.normalize(embeds) @ compiled.concept_matrix.T  # [B, C]
@@ -182,20 +204,40 @@ def test_checkpoint_concepts_give_diffusers_cosines_bit_for_bit(tmp_path, tiny_c
     assert torch.equal(special, cosine_distance(embeds, checker.special_care_embeds))
 
 
-def test_checkpoint_rows_out_of_range_and_unknown_tensors(tmp_path, tiny_checker_dir):
+@pytest.mark.parametrize(
+    ("edit", "where", "message"),
+    [
+        (
+            ("row: 3}\n    threshold", "row: 17}\n    threshold"),
+            "15:50 concepts[3].embedding.row",
+            "concept 'c3': row 17 is out of range: checkpoint tensor 'concept_embeds' of "
+            "{model} has 17 rows",
+        ),
+        (
+            ("concept_embeds_weights, row: 5}", "concept_embeds_weights, row: 20}"),
+            "22:58 concepts[5].threshold.row",
+            "concept 'c5': row 20 is out of range: checkpoint tensor 'concept_embeds_weights' "
+            "of {model} has 17 rows",
+        ),
+        (
+            ("special_care_embeds, row: 1}", "special_embeds, row: 1}"),
+            "62:31 special_care.concepts[1].embedding.checkpoint",
+            "concept 's1': model {model} has no tensor 'special_embeds'; it has: "
+            "concept_embeds, concept_embeds_weights, special_care_embeds, "
+            "special_care_embeds_weights",
+        ),
+    ],
+    ids=["row", "threshold-row", "tensor"],
+)
+def test_bad_checkpoint_references_name_file_line_and_column(
+    tmp_path, tiny_checker_dir, edit, where, message
+):
     encoder = ClipEncoder.from_pretrained(tiny_checker_dir)
-    policy = checkpoint_policy(tmp_path, tiny_checker_dir, n_concepts=18, n_special=1)
-    policy.special_concepts[0].embedding.checkpoint = "special_embeds"
+    policy = checkpoint_policy(tmp_path, tiny_checker_dir, edit=edit)
     with pytest.raises(PolicyError) as info:
         compile_policy(policy, encoder, cache=False)
-    lines = str(info.value).splitlines()
-    assert lines[0].endswith(
-        "concepts[17].embedding.row: concept 'c17': row 17 is out of range: checkpoint tensor "
-        f"'concept_embeds' of {tiny_checker_dir} has 17 rows"
-    )
-    assert f"{tmp_path / 'sd.yaml'}:" in lines[0]
-    assert "special_care.concepts[0].embedding.checkpoint: concept 's0': model " in lines[1]
-    assert "has no tensor 'special_embeds'; it has: concept_embeds," in lines[1]
+    model = str(tiny_checker_dir)
+    assert str(info.value) == f"{tmp_path / 'sd.yaml'}:{where}: {message.format(model=model)}"
 
 
 def test_width_must_match_the_model(tmp_path, encoder, tiny_clip_dir):
@@ -274,8 +316,8 @@ DECISION_EDITS = {
     "review-band": ("review_band: 0", "review_band: 0.015"),
     "compat": ("review_band: 0", "review_band: 0\ncompat: diffusers"),
     "on-error": ("on_error: blackout", "on_error: review"),
-    "blur-radius": ("radius: 24", "radius: 12"),
-    "pixelate-block": ("block: 16", "block: 8"),
+    "blur-radius": ("radius: 0.05", "radius: 0.1"),
+    "pixelate-block": ("block: 0.03", "block: 0.06"),
     "review-placeholder": ("placeholder: blur", "placeholder: blackout"),
     "model": ("TINY", "COPY"),  # the same weights in another folder
 }
@@ -283,7 +325,7 @@ SAME_DECISION_EDITS = {
     "comment": ("# A policy", "# Another comment on a policy"),
     "added-comment": ("review_band: 0", "review_band: 0  # stricter soon"),
     "blank-lines": ("on_error: blackout\n", "\n\non_error: blackout\n\n"),
-    "spacing": ("{radius: 24}", "{ radius:   24 }"),
+    "spacing": ("{radius: 0.05}", "{ radius:   0.05 }"),
 }
 
 

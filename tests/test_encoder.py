@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moderation.encoder import CLIP_MEAN, CLIP_STD, ClipEncoder, EncoderError, resolve_device
+from moderation.encoder import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ClipEncoder,
+    EncoderError,
+    check_device,
+    default_dtype,
+    resolve_device,
+)
 from moderation.errors import ModerationError
 from moderation.synthetic import build_safety_checker, make_safety_checker, make_tiny_clip
 
@@ -168,6 +177,28 @@ def test_text_model_gives_a_checker_a_text_tower(tiny_checker_dir, tiny_clip_dir
     assert enc.text_fingerprint == clip_encoder.text_fingerprint
 
 
+def test_a_bare_text_tower_with_projection_is_a_text_model(
+    tmp_path, tiny_checker_dir, clip_encoder
+):
+    """CLIPTextModelWithProjection (the text half of a CLIP, saved on its own) works too."""
+    from transformers import CLIPModel, CLIPTextModelWithProjection
+
+    clip = CLIPModel.from_pretrained(clip_encoder.model_id)
+    text_config = clip.config.text_config
+    text_config.projection_dim = clip.config.projection_dim
+    tower = CLIPTextModelWithProjection(text_config)
+    tower.text_model.load_state_dict(clip.text_model.state_dict())
+    tower.text_projection.load_state_dict(clip.text_projection.state_dict())
+    folder = tmp_path / "text-tower"
+    tower.save_pretrained(folder)
+    clip_encoder.tokenizer.save_pretrained(folder)
+    enc = ClipEncoder.from_pretrained(tiny_checker_dir, text_model=folder)
+    prompts = ["a photo", "a painting of a dolphin"]
+    # Same weights; the standalone tower may pick another attention kernel, so not bit for bit.
+    torch.testing.assert_close(enc.encode_text(prompts), clip_encoder.encode_text(prompts))
+    assert enc.max_text_tokens == clip_encoder.max_text_tokens == 77
+
+
 def test_text_model_must_match_the_projection_width(tmp_path, tiny_checker_dir):
     narrow = make_tiny_clip(tmp_path / "narrow", projection_dim=16)
     with pytest.raises(EncoderError, match="projects text to 16 dimensions .* images to 32"):
@@ -236,14 +267,46 @@ def test_half_precision_dtype(tiny_checker_dir, checker_encoder, pixels, dtype):
 
 
 def test_default_device_and_dtype():
-    assert resolve_device("cuda", None) == (torch.device("cuda"), torch.float16)
+    assert default_dtype(torch.device("cuda")) == torch.float16
+    assert default_dtype(torch.device("cpu")) == torch.float32
     assert resolve_device("cpu", None) == (torch.device("cpu"), torch.float32)
-    assert resolve_device(torch.device("cuda", 1), torch.float32) == (
-        torch.device("cuda", 1),
-        torch.float32,
-    )
+    assert resolve_device("cpu", torch.bfloat16) == (torch.device("cpu"), torch.bfloat16)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None, None)[0].type == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("banana", "device 'banana': not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)"),
+        ("", "device '': not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)"),
+        ("meta", "device meta: holds no data, so it cannot run a model"),
+    ],
+)
+def test_unknown_devices_are_named(device, message):
+    with pytest.raises(EncoderError) as info:
+        ClipEncoder.from_pretrained("never/loaded", device=device)
+    assert str(info.value) == message
+
+
+def test_a_device_this_machine_lacks_is_named():
+    if torch.cuda.is_available():  # then ask for one GPU more than there are
+        count = torch.cuda.device_count()
+        device = f"cuda:{count}"
+        message = (
+            f"device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+        )
+    else:
+        device = "cuda"
+        why = (
+            f"this torch build ({torch.__version__}) has no CUDA support"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible"
+        )
+        message = f"device cuda: CUDA is not available ({why}); use cpu"
+    with pytest.raises(EncoderError) as info:
+        check_device(device)
+    assert str(info.value) == message
 
 
 def test_encode_image_rejects_unprocessed_input(checker_encoder):
@@ -312,12 +375,88 @@ def test_bad_model_folders_are_named(tmp_path, make, message):
 
 
 def test_offline_hub_id_without_cache_is_named():
+    from huggingface_hub import constants
+
     with pytest.raises(EncoderError) as info:
         ClipEncoder.from_pretrained("nobody/no-such-clip")  # conftest sets HF_HUB_OFFLINE=1
-    message = str(info.value)
-    assert message.startswith("model nobody/no-such-clip: not a local folder, and not found")
-    assert "cache" in message
-    assert isinstance(info.value.__cause__, OSError)
+    assert str(info.value) == (
+        "model nobody/no-such-clip: not a local folder, and not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set, so it cannot be downloaded: "
+        "download it once with HF_HUB_OFFLINE unset, or pass --model FOLDER with a local copy "
+        "of the checkpoint"
+    )
+
+
+def _offline_env(tmp_path, **extra):
+    """The environment of a fresh process with an empty Hugging Face cache under tmp_path."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    return {**env, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(root), **extra}
+
+
+def test_offline_hub_id_fails_at_once_from_the_command_line(tmp_path, tiny_clip_dir):
+    """HF_HUB_OFFLINE=1 and an empty cache: one line naming it and --model FOLDER, no retries."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text("policy: p\nconcepts:\n  - {name: a, prompts: [x]}\n")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    done = subprocess.run(
+        [sys.executable, "-m", "moderation", "check", str(image), "--policy", str(policy)]
+        + ["--no-log", "--model", "org/not-cached"],
+        env=_offline_env(tmp_path, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    cache = tmp_path / "hf-home" / "hub"
+    assert done.stderr.strip().splitlines() == [
+        f"Error: model org/not-cached: not a local folder, and not in the Hugging Face cache "
+        f"({cache}); HF_HUB_OFFLINE is set, so it cannot be downloaded: download it once with "
+        "HF_HUB_OFFLINE unset, or pass --model FOLDER with a local copy of the checkpoint"
+    ]
+
+
+UNREACHABLE_SCRIPT = """
+import json, sys
+from moderation.encoder import ClipEncoder, EncoderError
+try:
+    ClipEncoder.from_pretrained("org/not-cached")
+    error = None
+except EncoderError as exc:
+    error = str(exc)
+cached = ClipEncoder.from_pretrained("org/tiny-clip")  # from the cache, the hub being down
+print(json.dumps({"error": error, "kind": cached.kind, "text": cached.has_text_tower}))
+"""
+
+
+def test_an_unreachable_hub_is_checked_once_then_the_cache_is_used(tmp_path, tiny_clip_dir):
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached is known after one request."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    fake_hub_repo(tmp_path / "hf-home" / "hub", "org/tiny-clip", tiny_clip_dir, ["c" * 40])
+    done = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_SCRIPT],
+        env=_offline_env(tmp_path, HF_ENDPOINT=endpoint),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Retrying" not in done.stderr  # huggingface_hub's retry loop never ran
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cache = tmp_path / "hf-home" / "hub"
+    assert result["error"] == (
+        f"model org/not-cached: not a local folder, and not in the Hugging Face cache ({cache}), "
+        f"and the hub ({endpoint}) cannot be reached ([Errno 111] Connection refused): connect "
+        "to the network, or pass --model FOLDER with a local copy of the checkpoint "
+        "(HF_HUB_OFFLINE=1 uses the cache without trying the network)"
+    )
+    assert (result["kind"], result["text"]) == ("clip", True)
 
 
 HUB_SCRIPT = """
@@ -374,7 +513,7 @@ def test_hub_ids_load_offline_from_the_cache(tmp_path, tiny_clip_dir, tiny_check
     assert result["kinds"] == ["clip", "sd-safety-checker"]
     assert result["same"] and result["updated"]
     assert result["rows"] == [17, 32]
-    assert result["error"].startswith("model org/not-cached: not a local folder, and not found")
+    assert result["error"].startswith("model org/not-cached: not a local folder, and not in")
 
 
 def test_checkpoint_missing_weights_is_an_error(tmp_path, tiny_checker_dir):

@@ -137,22 +137,24 @@ def test_database_down_1000_images_moderated_then_replayed(tmp_path, encoder, im
     small = images[:4, :, :32, :32]
     policy = write_policy(tmp_path, encoder, small, actions=["blackout"])
     spool = tmp_path / "spool"
-    down = DecisionLog("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", spool_dir=spool)
+    url = f"sqlite:///{tmp_path / 'later' / 'up.db'}"  # unreachable until its folder exists
+    down = DecisionLog(url, spool_dir=spool)
     batch = small.repeat(25, 1, 1, 1)  # 100 small images per call
     ids = []
     with Moderator(policy, encoder, log=down) as moderator:
         for _ in range(10):
             result = moderator.moderate(batch.clone())
+            assert (result.unrecorded, result.log_error) == ([], None)  # spooled is recorded
             ids += [d.decision_id for d in result.decisions]
             flagged = [i for i, d in enumerate(result.decisions) if d.action == "blackout"]
             assert flagged and torch.all(result.images[flagged] == -1)
-    assert len(set(ids)) == 1000
-    url = f"sqlite:///{tmp_path / 'up.db'}"
+    assert len(set(ids)) == 1000 and down.counts.spooled == 1000
+    (tmp_path / "later").mkdir()
     up = DecisionLog(url, spool_dir=spool)
     assert up.replay() == 1000
     assert up.replay() == 0
     up.close()
-    with sqlite3.connect(tmp_path / "up.db") as db:
+    with sqlite3.connect(tmp_path / "later" / "up.db") as db:
         assert db.execute("select count(*) from decisions").fetchone() == (1000,)
         stored = {r[0] for r in db.execute("select id from decisions")}
     assert stored == set(ids)

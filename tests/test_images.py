@@ -26,6 +26,8 @@ from moderation.images import (
     to_image_batch,
 )
 
+NON_FINITE = "the input image holds NaN or infinite values"
+
 try:  # transformers 5: CLIPImageProcessor() falls back to this class without torchvision
     from transformers import CLIPImageProcessorPil as ReferenceProcessor
 except ImportError:  # transformers 4: the PIL-based processor is CLIPImageProcessor itself
@@ -60,7 +62,7 @@ def test_tensor_minus_one_one_auto_and_round_trip():
     x = chw(natural_image(40, 50))[None].repeat(2, 1, 1, 1) * 2 - 1  # [2,3,40,50] in [-1,1]
     batch = to_image_batch(x)
     assert len(batch) == 2 and batch.images.shape == (2, 3, 40, 50)
-    assert bool(batch.signed)
+    assert batch.signed.tolist() == [True, True]
     torch.testing.assert_close(batch.images, (x + 1) / 2)
     back = batch.to_caller()
     assert back.dtype == x.dtype and back.shape == x.shape
@@ -68,14 +70,55 @@ def test_tensor_minus_one_one_auto_and_round_trip():
     assert torch.equal(batch.to_caller(keep=torch.tensor([True, True])), x)
 
 
-def test_auto_range_is_one_decision_per_batch():
+def test_auto_range_is_one_decision_per_batched_object():
     bright = torch.full((3, 8, 8), 0.9)  # a [-1,1] image that happens to have no negatives
     dark = torch.full((3, 8, 8), -0.5)
-    batch = to_image_batch(torch.stack([bright, dark]))
+    batch = to_image_batch(torch.stack([bright, dark]))  # one generator's output: one range
     torch.testing.assert_close(batch.images[0], torch.full((3, 8, 8), 0.95))
-    batch = to_image_batch([bright, dark])  # a list decides once too
-    torch.testing.assert_close(batch.images[0], torch.full((3, 8, 8), 0.95))
-    assert not bool(to_image_batch(bright[None]).signed)
+    assert batch.signed.tolist() == [True, True]
+    assert not to_image_batch(bright[None]).signed.any()
+
+
+def test_auto_range_is_decided_per_list_item():
+    # Regression (issue 8, item 4): one decision per call reread a [0,1] image passed in a list
+    # with a [-1,1] tensor as [-1,1] (0.25 -> 0.625), so the engine judged other pixels.
+    unit = torch.full((3, 8, 8), 0.25)
+    signed = torch.full((3, 8, 8), -0.5)
+    batch = to_image_batch([unit, signed])
+    assert batch.signed.tolist() == [False, True]
+    torch.testing.assert_close(batch.images[0], torch.full((3, 8, 8), 0.25))
+    torch.testing.assert_close(batch.images[1], torch.full((3, 8, 8), 0.25))
+    back = batch.to_caller()  # each in its own range
+    assert torch.equal(back[0], unit) and torch.equal(back[1], signed)
+    arrays = to_image_batch([np.full((4, 4, 3), 0.25, np.float32), signed])
+    assert arrays.signed.tolist() == [False, True]
+    np.testing.assert_array_equal(arrays.to_caller()[0], np.full((4, 4, 3), 0.25, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("image", "value_range"),
+    [
+        (torch.full((3, 4, 4), 200.0), "auto"),  # 0-255 floats
+        (torch.full((3, 4, 4), 3.5), "0,1"),
+        (torch.full((3, 4, 4), -3.5), "-1,1"),
+        (np.full((4, 4, 3), 128.0, np.float32), "auto"),
+    ],
+)
+def test_floats_far_outside_their_range_are_not_clamped_but_refused(image, value_range):
+    batch = to_image_batch([image, torch.full((3, 4, 4), 0.5)], value_range=value_range)
+    assert batch.invalid.tolist() == [True, False]
+    assert batch.input_errors() == [
+        "the input image holds float values far outside [0,1] and [-1,1] "
+        "(0-255 floats? pass uint8, or divide by 255)",
+        None,
+    ]
+
+
+def test_vae_overshoot_is_clamped_not_refused():
+    x = torch.tensor([-1.22, 1.53, 0.0, 2.9]).view(1, 1, 1, 4).repeat(1, 3, 1, 1)  # [-1,1]
+    batch = to_image_batch(x, value_range="-1,1")
+    assert batch.invalid.tolist() == [False]
+    assert batch.images[0, 0, 0].tolist() == [0.0, 1.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +145,7 @@ def test_float16_and_uint8_tensors_keep_their_dtype():
 def test_numpy_diffusers_layout_round_trip():
     arr = np.stack([natural_image(24, 32, 1), natural_image(24, 32, 2)])  # [2,H,W,3] float [0,1]
     batch = to_image_batch(arr)
-    assert batch.images.shape == (2, 3, 24, 32) and not bool(batch.signed)
+    assert batch.images.shape == (2, 3, 24, 32) and not batch.signed.any()
     back = batch.to_caller()
     assert isinstance(back, np.ndarray) and back.dtype == np.float32 and back.shape == arr.shape
     np.testing.assert_array_equal(back, arr)
@@ -178,7 +221,8 @@ def test_non_finite_inputs_are_flagged_not_fatal():
     assert batch.invalid_indices() == [1, 3]
     assert batch.invalid.dtype == torch.bool and batch.invalid.shape == (4,)
     assert torch.isfinite(batch.images).all()
-    assert not bool(batch.signed)  # -inf must not flip the range decision
+    assert not batch.signed.any()  # -inf must not flip the range decision
+    assert batch.input_errors() == [None, NON_FINITE, None, NON_FINITE]
     pixels = clip_preprocess(batch)  # invalid rows fail closed downstream
     assert torch.isnan(pixels[[1, 3]]).all() and torch.isfinite(pixels[[0, 2]]).all()
     arr = np.full((2, 4, 4, 3), 0.5, dtype=np.float32)

@@ -15,9 +15,16 @@ PACKAGES = ("policy", "moderation")
 # the engine, storage, review queue, integrations and CLI must not.
 SYNTHETIC = ("moderation.synthetic",)
 MAY_USE_SYNTHETIC = ("moderation.demo", "moderation.bench")
-# Modules directly in moderation/ that are not the engine core: the error base every package
-# shares, the entry point and the tools. Each is a node of its own in the package graph.
-STANDALONE = ("moderation.errors", "moderation.__main__", "moderation.demo", "moderation.synthetic")
+# Modules directly in moderation/ that are not the engine core: the error base and the output
+# escaping every package shares, the entry point and the tools. Each is a node of its own in the
+# package graph.
+STANDALONE = (
+    "moderation.errors",
+    "moderation.text",
+    "moderation.__main__",
+    "moderation.demo",
+    "moderation.synthetic",
+)
 
 
 def module_name(path: Path) -> str:
@@ -81,7 +88,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
-    known = set(mods)
+    # Test modules are known too, so that an import of one from runtime code is seen.
+    known = set(mods) | {module_name(p) for p in (ROOT / "tests").glob("*.py")}
     return {name: imports_of(name, path, known) for name, path in mods.items()}
 
 

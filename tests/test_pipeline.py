@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -48,7 +46,7 @@ def setup():
     """A pipeline, an encoder, the unmoderated output and a concept that only image 0 matches."""
     checker = build_safety_checker(seed=1)
     encoder = VisionTower(checker.vision_model, checker.visual_projection)
-    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 2.0, "blackout"), encoder)
+    probe = PolicySafetyChecker(one_concept_policy(torch.ones(32), 1.0, "blackout"), encoder)
     pipe = make_tiny_pipeline(safety_checker=probe)
     plain = generate(pipe)
     assert plain.nsfw_content_detected == [False, False]
@@ -160,5 +158,12 @@ def test_drop_in_for_diffusers_own_checker(setup):
     mine = generate(pipe)
     assert theirs.nsfw_content_detected == mine.nsfw_content_detected == [True, False]
     assert np.array_equal(theirs.images, mine.images)
-    policy = dataclasses.replace(ours.policy)
+    # The same flags because the policy is the checker's own (edited) concepts, not by chance.
+    policy = ours.policy
     assert policy.compat == "diffusers" and len(policy.concept_names) == 17
+    assert torch.equal(policy.concept_matrix, F.normalize(checker.concept_embeds))
+    assert torch.equal(policy.thresholds, checker.concept_embeds_weights)
+    assert torch.equal(policy.special_matrix, F.normalize(checker.special_care_embeds))
+    assert torch.equal(policy.special_thresholds, checker.special_care_embeds_weights)
+    assert policy.adjustment == 0.01 and policy.escalate == "allow"
+    assert (policy.on_error, policy.actions) == ("blackout", ("blackout",) * 17)

@@ -28,8 +28,8 @@ model: MODEL
 defaults: {{threshold: 0.2, action: blur, severity: medium}}
 review_band: 0.01
 actions:
-  blur: {{radius: 10}}
-  pixelate: {{block: 8}}
+  blur: {{radius: 0.1}}
+  pixelate: {{block: 0.08}}
 categories: [a, b]
 concepts:
   - name: nudity
@@ -57,7 +57,7 @@ extends: base.yaml
 policy: child
 remove: [weapons]
 actions:
-  blur: {{radius: 12}}
+  blur: {{radius: 0.12}}
 concepts:
   - name: nudity
     threshold: 0.22
@@ -74,8 +74,8 @@ model: MODEL
 defaults: {{threshold: 0.2, action: blur, severity: medium}}
 review_band: 0.01
 actions:
-  blur: {{radius: 12}}
-  pixelate: {{block: 8}}
+  blur: {{radius: 0.12}}
+  pixelate: {{block: 0.08}}
 categories: [a, b]
 concepts:
   - name: nudity
@@ -150,7 +150,8 @@ def test_child_and_base_differ_only_where_the_child_says(family, tmp_path):
     child = load_policy(family[0]).model_dump()
     base = load_policy(tmp_path / "base.yaml").model_dump()
     assert {k for k in base if base[k] != child[k]} == {"policy", "actions", "concepts"}
-    assert child["actions"]["blur"]["radius"] == 12 and child["actions"]["pixelate"]["block"] == 8
+    assert child["actions"]["blur"]["radius"] == 0.12
+    assert child["actions"]["pixelate"]["block"] == 0.08
     by_name = {c["name"]: c for c in base["concepts"]}
     assert [c["name"] for c in child["concepts"]] == ["nudity", "gore", "drugs"]
     assert child["concepts"][0] == {**by_name["nudity"], "threshold": 0.22}
@@ -161,7 +162,7 @@ def test_child_and_base_differ_only_where_the_child_says(family, tmp_path):
 def test_the_digest_covers_the_base(family, tmp_path, encoder):
     before = compile_policy(load_policy(family[0]), encoder, cache=False).digest
     base = tmp_path / "base.yaml"
-    base.write_text(base.read_text().replace("radius: 10", "radius: 11"), encoding="utf-8")
+    base.write_text(base.read_text().replace("radius: 0.1}", "radius: 0.11}"), encoding="utf-8")
     unchanged = compile_policy(load_policy(family[0]), encoder, cache=False).digest
     assert unchanged == before  # the child sets the blur radius itself
     base.write_text(base.read_text().replace("action: blackout", "action: blur"))
@@ -170,12 +171,12 @@ def test_the_digest_covers_the_base(family, tmp_path, encoder):
 
 def test_an_error_inside_the_base_names_the_base(family, tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text(base.read_text().replace("pixelate: {block: 8}", "pixelate: {block: 1}"))
+    base.write_text(base.read_text().replace("review_band: 0.01", "review_band: 0.7"))
     text = base.read_text().replace(f"    embedding: {E[1]}", "    threshold: 7")
     base.write_text(text)
     # gore is concepts[1] of base.yaml; the message names that file, line and path
     assert errors(family[0]) == (
-        f"{tmp_path / 'base.yaml'}:9:21 actions.pixelate.block: must be at least 2\n"
+        f"{tmp_path / 'base.yaml'}:6:14 review_band: must be at least 0 and less than 0.5\n"
         f"{tmp_path / 'base.yaml'}:18:16 concepts[1].threshold: must be between -1 and 1"
     )
 

@@ -34,7 +34,7 @@ defaults: {threshold: 0.21, action: blackout}
 review_band: 0.015
 on_error: blackout
 actions:
-  blur: {radius: 24}
+  blur: {radius: 0.05}
   review: {placeholder: blur}
 categories: [sexual, violence, self-harm]
 concepts:
@@ -100,7 +100,7 @@ def test_design_example_loads_with_effective_values(tmp_path, concept_file):
     assert nudity.vector is None and nudity.prompts == ["a photo of a naked person", "nude body"]
     assert sd3.vector.dtype == np.float32 and sd3.vector.shape == (8,)
     np.testing.assert_array_equal(sd3.vector, concept_file[3])
-    assert policy.review_band == 0.015 and policy.actions.blur.radius == 24
+    assert policy.review_band == 0.015 and policy.actions.blur.radius == 0.05
     assert [c.name for c in policy.special_concepts] == ["young child"]
     assert policy.special_care.adjustment == 0.01 and policy.special_care.escalate == "review"
     assert policy.source_text == DESIGN_EXAMPLE
@@ -121,7 +121,7 @@ def test_defaults_fill_everything_left_out(tmp_path):
     assert policy.effective_threshold(concept) == 0.2
     assert policy.effective_action(concept) == "blackout"
     assert policy.effective_severity(concept) == "medium"
-    assert policy.actions.pixelate.block == 16 and policy.actions.review.placeholder == "blur"
+    assert policy.actions.pixelate.block == 0.03 and policy.actions.review.placeholder == "blur"
     assert policy.special_concepts == [] and ACTION_RANK["blackout"] == 4
 
 
@@ -156,7 +156,7 @@ def test_every_issue_is_reported_in_file_order(tmp_path):
         f"{path}:7:11 concepts[1].name: expected a string, got integer",
         f"{path}:8:20 concepts[1].embedding[1]: expected a number, got string",
         f"{path}:9:15 concepts[1].severity: must be one of 'low', 'medium', 'high' or 'critical', got 'huge'",
-        f"{path}:10:28 special_care.adjustment: must be between -1 and 1",
+        f"{path}:10:28 special_care.adjustment: must be between 0 and 1",
     ]
 
 

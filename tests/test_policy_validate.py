@@ -186,7 +186,14 @@ def test_json_output(workdir):
     assert json.loads(result.stdout) == {
         "ok": False,
         "files": [
-            {"path": "good.yaml", "ok": True, "concepts": 2, "special_care": 1, "issues": []},
+            {
+                "path": "good.yaml",
+                "ok": True,
+                "concepts": 2,
+                "special_care": 1,
+                "issues": [],
+                "warnings": [],
+            },
             {
                 "path": "bad.yaml",
                 "ok": False,
@@ -201,6 +208,7 @@ def test_json_output(workdir):
                         "message": "must be between -1 and 1",
                     }
                 ],
+                "warnings": [],
             },
         ],
     }
@@ -231,3 +239,29 @@ def test_python_dash_m_exit_codes(workdir):
         for args in (["good.yaml", "bad.yaml"], [])
     ]
     assert codes == [1, 2]
+
+
+def test_warnings_are_printed_with_their_place_and_listed_in_json(tmp_path, monkeypatch):
+    import policy.loader
+
+    monkeypatch.setattr(policy.loader, "INLINE_NUMBERS_WARNING", 8)
+    path = tmp_path / "inline.yaml"
+    path.write_text(
+        "policy: inline\nconcepts:\n"
+        "  - {name: a, embedding: [0.1, 0.2, 0.3, 0.4]}\n"
+        "  - {name: b, embedding: [0.4, 0.3, 0.2, 0.1]}\n",
+        encoding="utf-8",
+    )
+    runner = CliRunner()
+    result = runner.invoke(main, ["policy", "validate", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert result.stdout == f"{path}: ok (2 concepts, 0 special-care)\n"
+    assert result.stderr == (
+        f"warning: {path}:3:26 concepts[0].embedding: 2 concepts give their embeddings inline"
+        " (8 numbers), which is slow to read (YAML parses each number on its own): put them in"
+        " a .safetensors or .npy file beside the policy and name rows with"
+        " `embedding: {file: F, tensor: T, row: I}`\n"
+    )
+    result = runner.invoke(main, ["policy", "validate", str(path), "--json"])
+    [warning] = json.loads(result.stdout)["files"][0]["warnings"]
+    assert (warning["line"], warning["col"], warning["path"]) == (3, 26, "concepts[0].embedding")

@@ -46,7 +46,8 @@ def db_url(tmp_path):
 
 @pytest.fixture
 def seeded(db_url):
-    return seed(ReviewQueue(db_url).engine, 4, rng_seed=3, allowed=2)
+    ReviewQueue(db_url)  # migrates the fresh file
+    return seed(db_url, 4, rng_seed=3, allowed=2)
 
 
 def run(*args: str, code: int = 0):
@@ -188,13 +189,13 @@ def test_show_text_and_json(db_url, seeded):
     text = run("show", str(item), "--db", db_url).output
     assert text.startswith(f"Item {item}: approved by alice: harmless\n")
     for expected in (
-        "Decision " + seeded.decisions[1]["id"],
+        "Decision " + seeded.decisions[1].decision_id,
         "Policy nsfw-basic version 1",
         "CONCEPT  SEVERITY  ACTION",
         "Special care: adjustment applied",
         'meta prompt="a test image" seed=7 user="u1"',
         "History (UTC):",
-        "engine  created",
+        "system  created",
         "alice   claimed",
         "alice   approved  harmless",
     ):
@@ -236,7 +237,7 @@ def test_export_jsonl_and_csv(db_url, seeded, tmp_path):
         for line in run("export", "--format", "jsonl", "--db", db_url).stdout.splitlines()
     ]
     assert len(rows) == 6
-    assert {r["decision_id"] for r in rows} == {d["id"] for d in seeded.decisions}
+    assert {r["decision_id"] for r in rows} == {d.decision_id for d in seeded.decisions}
     (rejected,) = [r for r in rows if r["review_item_id"] == item]
     assert (rejected["review_status"], rejected["reviewer"], rejected["review_reason"]) == (
         "rejected",
@@ -259,7 +260,7 @@ def test_export_jsonl_and_csv(db_url, seeded, tmp_path):
 @pytest.mark.skipif(not PG_URL, reason="MODERATION_TEST_PG_URL is not set")
 def test_cli_on_postgres():
     with pg_database("review_cli") as url:
-        seeded = seed(ReviewQueue(url).engine, 2)
+        seeded = seed(url, 2)
         (claim,) = run_json("claim", "--reviewer", "alice", "--db", url)
         run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", url)
         assert run_json("stats", "--db", url)["queue"]["approved"] == 1

@@ -87,7 +87,7 @@ def test_concurrent_claims_sqlite_wal(tmp_path):
     queue = ReviewQueue(url)
     with queue.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-    seeded = seed(queue.engine, ITEMS, step_s=0.001)
+    seeded = seed(url, ITEMS, step_s=0.001)
     results, seconds = drain(url)
     print(
         f"\nsqlite: {WORKERS} processes drained {ITEMS} items in {seconds:.2f}s, {[len(r) for r in results]}"
@@ -100,7 +100,7 @@ def test_concurrent_claims_sqlite_wal(tmp_path):
 @pytest.mark.skipif(not PG_URL, reason="MODERATION_TEST_PG_URL is not set")
 def test_concurrent_claims_postgres():
     with pg_database("review_concurrency") as url:
-        seeded = seed(ReviewQueue(url).engine, ITEMS, step_s=0.001)
+        seeded = seed(url, ITEMS, step_s=0.001)
         results, seconds = drain(url)
         print(
             f"\npostgres: {WORKERS} processes drained {ITEMS} items in {seconds:.2f}s, {[len(r) for r in results]}"

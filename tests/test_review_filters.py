@@ -13,7 +13,7 @@ from tests.review_factory import (
     T0,
     empty_pg,
     pg_database,
-    policy_row,
+    review_policy,
     row_counts,
     seed,
     sqlite_url,
@@ -43,9 +43,9 @@ def db_url(request, tmp_path):
 def seeded(db_url):
     """Two policies: five items of nsfw-basic v1, three of strict v2."""
     queue = ReviewQueue(db_url)
-    basic = seed(queue.engine, 5, rng_seed=1, allowed=2)
+    basic = seed(db_url, 5, rng_seed=1, allowed=2)
     strict = seed(
-        queue.engine, 3, rng_seed=2, policy=policy_row("strict", "2"), start=T0.replace(hour=13)
+        db_url, 3, rng_seed=2, policy=review_policy("strict", "2"), start=T0.replace(hour=13)
     )
     return queue, basic, strict
 
@@ -57,18 +57,17 @@ def ids(items) -> set[int]:
 def test_filter_by_policy_name_or_digest_prefix(seeded):
     queue, basic, strict = seeded
     assert ids(queue.list(policy="nsfw-basic")) == set(basic.item_ids)
-    assert ids(queue.list(policy=strict.policy["digest"][:8])) == set(strict.item_ids)
-    assert ids(queue.list(policy=strict.policy["digest"])) == set(strict.item_ids)
+    assert ids(queue.list(policy=strict.policy.digest[:8])) == set(strict.item_ids)
+    assert ids(queue.list(policy=strict.policy.digest)) == set(strict.item_ids)
     assert queue.list(policy="nsfw") == [], "names match exactly, only digests by prefix"
 
 
 def test_filter_by_fired_concept(seeded):
     queue, basic, strict = seeded
-    by_item = dict(
-        zip(basic.item_ids + strict.item_ids, basic.decisions[:5] + strict.decisions, strict=True)
-    )
+    by_item = {s.item_of[d.decision_id]: d for s in (basic, strict) for d in s.reviewed}
     for concept in ("nudity", "gore", "weapons"):
-        expected = {i for i, d in by_item.items() if concept in d["fired"]}
+        expected = {i for i, d in by_item.items() if concept in d.fired}
+        assert expected and expected != set(by_item), f"the seed should fire {concept} sometimes"
         assert ids(queue.list(concept=concept)) == expected
     assert queue.list(concept="minor") == [], "special-care hits are not fired concepts"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,7 +13,17 @@ from sqlalchemy import exc, select
 import moderation.review.queue as review_module
 from moderation.review.queue import ReviewError, ReviewQueue
 from moderation.storage.models import ReviewEvent, ReviewItem
-from tests.review_factory import PG_URL, T0, Clock, empty_pg, pg_database, seed, sqlite_url
+from tests.review_factory import (
+    PG_URL,
+    T0,
+    Clock,
+    decide,
+    empty_pg,
+    pg_database,
+    seed,
+    sqlite_url,
+    write,
+)
 
 LEASE = 60
 
@@ -65,9 +76,9 @@ def item(queue: ReviewQueue, item_id: int):
 
 
 def test_claim_takes_items_in_queue_order(queue):
-    seed(queue.engine, 6, rng_seed=1)
-    seed(queue.engine, 6, rng_seed=1)  # same scores and times: ties broken by id
-    seed(queue.engine, 6, rng_seed=1, start=T0.replace(hour=11))  # same scores, earlier
+    seed(queue.url, 6, rng_seed=1)
+    seed(queue.url, 6, rng_seed=1)  # same scores and times: ties broken by id
+    seed(queue.url, 6, rng_seed=1, start=T0.replace(hour=11))  # same scores, earlier
     with queue.engine.connect() as conn:
         rows = conn.execute(select(ReviewItem.__table__)).all()
     expected = [
@@ -80,13 +91,13 @@ def test_claim_takes_items_in_queue_order(queue):
 
 
 def test_claim_sets_lease_token_and_event(queue, clock):
-    seeded = seed(queue.engine, 3)
+    seeded = seed(queue.url, 3)
     (first,) = queue.claim("  alice ", 1)
     row = item(queue, first.item_id)
     assert (row.status, row.claim_owner, row.claim_token) == ("claimed", "alice", first.token)
     assert first.expires_at == clock() + timedelta(seconds=LEASE)
     assert row.claim_expires_at == first.expires_at
-    assert first.decision_id in {d["id"] for d in seeded.decisions}
+    assert first.decision_id in {d.decision_id for d in seeded.decisions}
     (second,) = queue.claim("bob", 1)
     assert second.item_id != first.item_id and second.token != first.token
     assert events(queue, first.item_id)[-1] == (
@@ -99,7 +110,7 @@ def test_claim_sets_lease_token_and_event(queue, clock):
 
 
 def test_expired_lease_is_taken_over_and_late_verdict_refused(queue, clock):
-    seed(queue.engine, 1)
+    seed(queue.url, 1)
     (alice,) = queue.claim("alice", 1)
     clock.advance(LEASE - 1)
     assert queue.claim("bob", 1) == [], "a live lease is not claimable"
@@ -113,7 +124,7 @@ def test_expired_lease_is_taken_over_and_late_verdict_refused(queue, clock):
     queue.reject(bob.item_id, "bob", reason="gore", token=bob.token)
     history = [(actor, event) for _, actor, event, _, _ in events(queue, alice.item_id)]
     assert history == [
-        ("engine", "created"),
+        ("system", "created"),
         ("alice", "claimed"),
         ("bob", "lease_expired"),
         ("bob", "claimed"),
@@ -124,7 +135,7 @@ def test_expired_lease_is_taken_over_and_late_verdict_refused(queue, clock):
 
 
 def test_expired_lease_refuses_its_owner_until_claimed_again(queue, clock):
-    seed(queue.engine, 1)
+    seed(queue.url, 1)
     (claim,) = queue.claim("alice", 1)
     clock.advance(LEASE + 5)
     message = f"item {claim.item_id}: lease expired at 2024-05-01 12:01:00 UTC; claim it again"
@@ -147,7 +158,7 @@ def test_expired_lease_refuses_its_owner_until_claimed_again(queue, clock):
 
 
 def test_token_mismatch_refused(queue):
-    seed(queue.engine, 1)
+    seed(queue.url, 1)
     (claim,) = queue.claim("alice", 1)
     with pytest.raises(
         ReviewError,
@@ -161,7 +172,7 @@ def test_token_mismatch_refused(queue):
 
 
 def test_foreign_live_claim_refused(queue):
-    seed(queue.engine, 1)
+    seed(queue.url, 1)
     (claim,) = queue.claim("bob", 1)
     with pytest.raises(ReviewError, match=rf"^item {claim.item_id}: claimed by bob, not alice$"):
         queue.approve(claim.item_id, "alice", token=claim.token)
@@ -170,7 +181,7 @@ def test_foreign_live_claim_refused(queue):
 @pytest.mark.parametrize("name", ["", "   ", None])
 @pytest.mark.parametrize("action", ["claim", "approve", "reject", "reopen"])
 def test_reviewer_name_required(queue, name, action):
-    seeded = seed(queue.engine, 1)
+    seeded = seed(queue.url, 1)
     item_id = seeded.item_ids[0]
     calls = {
         "claim": lambda: queue.claim(name, 1),
@@ -186,7 +197,7 @@ def test_reviewer_name_required(queue, name, action):
 
 @pytest.mark.parametrize("reason", ["", "  ", None])
 def test_reject_and_reopen_need_a_reason(queue, reason):
-    (item_id,) = seed(queue.engine, 1).item_ids
+    (item_id,) = seed(queue.url, 1).item_ids
     with pytest.raises(ReviewError, match="^a reason is required to reject an item$"):
         queue.reject(item_id, "alice", reason=reason)
     queue.approve(item_id, "alice")
@@ -195,7 +206,7 @@ def test_reject_and_reopen_need_a_reason(queue, reason):
 
 
 def test_direct_verdict_on_pending_item(queue):
-    first, second = seed(queue.engine, 2).item_ids
+    first, second = seed(queue.url, 2).item_ids
     with pytest.raises(ReviewError, match=rf"^item {first}: is not claimed, so the token"):
         queue.approve(first, "alice", token="some-token")
     queue.approve(first, "alice", reason="fine")
@@ -230,7 +241,7 @@ def test_unknown_item(queue):
 
 
 def test_reopen_creates_linked_item_and_keeps_old(queue, clock):
-    (old,) = seed(queue.engine, 1).item_ids
+    (old,) = seed(queue.url, 1).item_ids
     with pytest.raises(ReviewError, match=rf"^item {old}: is pending; only approved or rejected"):
         queue.reopen(old, "carol", reason="appeal")
     queue.reject(old, "alice", reason="gore")
@@ -261,7 +272,7 @@ def test_reopen_creates_linked_item_and_keeps_old(queue, clock):
 
 
 def test_audit_events_are_append_only_and_complete(queue, clock):
-    seed(queue.engine, 3)
+    seed(queue.url, 3)
     log = [events(queue)]
     x, y, z = (c.item_id for c in queue.claim("alice", 3))
     log.append(events(queue))
@@ -281,7 +292,7 @@ def test_audit_events_are_append_only_and_complete(queue, clock):
         assert after[: len(before)] == before
     kinds = [(e[0], e[1], e[2]) for e in log[-1]]
     new = kinds[-1][0]
-    assert sorted(kinds[:3]) == [(i, "engine", "created") for i in sorted((x, y, z))]
+    assert sorted(kinds[:3]) == [(i, "system", "created") for i in sorted((x, y, z))]
     assert kinds[3:] == [
         (x, "alice", "claimed"),
         (y, "alice", "claimed"),
@@ -301,60 +312,118 @@ def test_audit_events_are_append_only_and_complete(queue, clock):
     assert events(queue) == log[-1]
 
 
+# Engineered images: (cosines with nudity/gore/weapons, cosine with special-care minor). The policy
+# (tests/review_factory.py): thresholds 0.25/0.30/0.28 (actions blur/blackout/review), minor 0.20
+# (+0.01, escalates to review), review band 0.02.
+MINOR_AND_NUDITY = ([0.26, 0.2, 0.1], [0.3])  # nudity 0.26-0.25+0.01 fires: blur, minor: queued
+WEAPONS_NEAR_MISS = ([0.1, 0.1, 0.27], [0.1])  # weapons -0.01 is in the band: review
+GORE_AND_WEAPONS = ([0.1, 0.35, 0.3], [0.1])  # both fire, blackout wins: not queued
+WEAPONS = ([0.1, 0.1, 0.3], [0.1])  # weapons fires: review
+NUDITY_NEAR_MISS = ([0.24, 0.1, 0.1], [0.1])  # nudity -0.01 in the band: review
+CLEAN = ([0.0, 0.0, 0.0], [0.0])
+
+
 def test_show_explains_scores_policy_and_history(queue):
-    seeded = seed(queue.engine, 2, rng_seed=3)
-    item_id, decision = seeded.item_ids[0], seeded.decisions[0]
+    seeded = write(queue.url, decide([MINOR_AND_NUDITY, WEAPONS_NEAR_MISS]))
+    decision = seeded.decisions[0]
+    item_id = seeded.item_of[decision.decision_id]
     (claim,) = [c for c in queue.claim("alice", 2) if c.item_id == item_id]
     shown = queue.show(item_id)
-    policy = seeded.policy
     assert shown["item"]["status"] == "claimed" and shown["item"]["lease_live"] is True
     assert shown["item"]["claim_owner"] == "alice"
-    assert shown["decision"]["id"] == decision["id"]
-    assert shown["decision"]["image_sha256"] == decision["image_sha256"]
-    assert shown["decision"]["meta"] == {"prompt": "a test image", "seed": 7, "user": "u1"}
-    assert shown["decision"]["verdict"] == decision["verdict"]
-    assert shown["policy"]["digest"] == policy["digest"] and shown["policy"]["version"] == "1"
-    names = [c["name"] for c in shown["concepts"]]
-    assert names == [c["name"] for c in policy["concepts"]]
-    for row, spec in zip(shown["concepts"], policy["concepts"], strict=True):
-        assert row["threshold"] == spec["threshold"]
-        assert row["margin_to_threshold"] == pytest.approx(row["cosine"] - spec["threshold"])
-        assert row["score"] == pytest.approx(
-            row["cosine"] - spec["threshold"] + decision["adjustment"], abs=1e-6
-        )
-        assert row["fired"] == (spec["name"] in decision["fired"])
+    assert shown["item"]["priority"] == 1, "a special-care hit comes first"
+    assert shown["item"]["margin"] == pytest.approx(0.02, abs=1e-6)
+    dec = shown["decision"]
+    assert dec["id"] == decision.decision_id
+    assert dec["image_sha256"] == decision.image_sha256
+    assert dec["meta"] == {"prompt": "a test image", "seed": 7, "user": "u1"}
+    assert (dec["verdict"], dec["action"], dec["top_concept"]) == ("flag", "blur", "nudity")
+    assert dec["fired"] == ["nudity"] and dec["margin"] == pytest.approx(0.02, abs=1e-6)
+    assert dec["created_at"] == T0.isoformat() and dec["held_path"] is None
+    assert shown["policy"] == {
+        "name": "nsfw-basic",
+        "version": "1",
+        "digest": seeded.policy.digest,
+        "model_id": "tiny-clip",
+        "compat": None,
+        "review_band": pytest.approx(0.02),
+    }
+    rows = shown["concepts"]
+    assert [(c["name"], c["category"], c["severity"], c["action"]) for c in rows] == [
+        ("nudity", "sexual", "high", "blur"),
+        ("gore", "violence", "critical", "blackout"),
+        ("weapons", "violence", "medium", "review"),
+    ]
+    approx = functools.partial(pytest.approx, abs=1e-6)
+    assert [c["threshold"] for c in rows] == approx([0.25, 0.30, 0.28])
+    assert [c["cosine"] for c in rows] == approx([0.26, 0.2, 0.1])
+    assert [c["margin_to_threshold"] for c in rows] == approx([0.01, -0.1, -0.18])
+    assert [c["score"] for c in rows] == approx([0.02, -0.09, -0.17])  # + the 0.01 adjustment
+    assert [c["fired"] for c in rows] == [True, False, False]
     care = shown["special_care"]
-    assert care["adjustment_applied"] == decision["adjustment"] == 0.01
-    assert care["hits"] == ["minor"] and care["concepts"][0]["hit"] is True
-    assert care["concepts"][0]["cosine"] == pytest.approx(0.3)
-    assert [e["event"] for e in shown["events"]] == ["created", "claimed"]
+    assert care["adjustment_applied"] == approx(0.01) and care["adjustment"] == approx(0.01)
+    assert care["hits"] == ["minor"] and care["escalate"] == "review"
+    assert care["concepts"] == [
+        {
+            "name": "minor",
+            "threshold": approx(0.2),
+            "cosine": approx(0.3),
+            "score": approx(0.1),
+            "hit": True,
+        }
+    ]
+    assert [(e["actor"], e["event"]) for e in shown["events"]] == [
+        ("system", "created"),
+        ("alice", "claimed"),
+    ]
+    assert shown["events"][0]["details"] == {"priority": 1, "margin": approx(0.02)}
     assert shown["events"][1]["details"]["token"] == claim.token
+
+    near_miss = queue.show(seeded.item_of[seeded.decisions[1].decision_id])
+    assert (near_miss["decision"]["verdict"], near_miss["decision"]["action"]) == (
+        "review",
+        "review",
+    )
+    assert near_miss["decision"]["fired"] == [] and near_miss["item"]["priority"] == 0
+    assert near_miss["special_care"]["adjustment_applied"] == 0.0
+    assert near_miss["special_care"]["hits"] == []
+
+
+def test_only_what_the_engine_queues_gets_an_item(queue):
+    images = [MINOR_AND_NUDITY, WEAPONS_NEAR_MISS, GORE_AND_WEAPONS, WEAPONS, CLEAN]
+    seeded = write(queue.url, decide(images))
+    queued = [d.decision_id in seeded.item_of for d in seeded.decisions]
+    assert queued == [True, True, False, True, False]
+    assert [i.decision_id for i in queue.list()] == [
+        seeded.decisions[i].decision_id
+        for i in (0, 3, 1)  # priority, then margin
+    ]
 
 
 def test_stats(queue, clock):
-    seed(queue.engine, 4, allowed=3)
-    queue.claim("alice", 1)
+    images = [MINOR_AND_NUDITY, WEAPONS_NEAR_MISS, GORE_AND_WEAPONS, WEAPONS, NUDITY_NEAR_MISS]
+    seeded = write(queue.url, decide([*images, CLEAN, CLEAN, CLEAN]))
+    (a,) = queue.claim("alice", 1)
     (b,) = queue.claim("bob", 1)
+    assert [a.decision_id, b.decision_id] == [seeded.decisions[i].decision_id for i in (0, 3)]
     queue.approve(b.item_id, "bob")
     clock.advance(LEASE)
     stats = queue.stats()
     assert stats["queue"] == {"pending": 2, "claimed": 1, "approved": 1, "rejected": 0}
     assert stats["expired_leases"] == 1
-    with queue.engine.connect() as conn:
-        oldest_id, oldest_at = conn.execute(
-            select(ReviewItem.id, ReviewItem.created_at)
-            .where(ReviewItem.status == "pending")
-            .order_by(ReviewItem.created_at)
-        ).first()
+    oldest = seeded.item_of[seeded.decisions[1].decision_id]
+    oldest_at = T0 + timedelta(seconds=1)
     assert stats["oldest_pending"] == {
-        "item_id": oldest_id,
+        "item_id": oldest,
         "created_at": oldest_at.isoformat(),
         "age_seconds": (clock() - oldest_at).total_seconds(),
     }
-    assert stats["decisions"]["total"] == 7
-    assert sum(stats["decisions"]["by_action"].values()) == 7
-    assert stats["decisions"]["by_action"]["allow"] == 3
-    assert set(stats["decisions"]["by_concept"]) <= {"nudity", "gore", "weapons"}
+    assert stats["decisions"] == {
+        "total": 8,
+        "by_action": {"allow": 3, "blackout": 1, "blur": 1, "review": 3},
+        "by_verdict": {"allow": 3, "flag": 2, "review": 3},
+        "by_concept": {"weapons": 2, "gore": 1, "nudity": 1},
+    }
 
 
 @pytest.mark.parametrize(
@@ -376,7 +445,7 @@ def test_lease_checked(db_url):
 
 def test_sqlite_lock_contention_is_retried(tmp_path, monkeypatch):
     queue = ReviewQueue(sqlite_url(tmp_path), now=Clock())
-    seed(queue.engine, 1)
+    seed(queue.url, 1)
     real, failures = review_module.immediate_transaction, []
 
     @contextmanager

@@ -14,6 +14,7 @@ from moderation.decision import NON_FINITE, decide
 from moderation.errors import ModerationError
 from moderation.scoring import score
 from policy.compiled import CompiledPolicy
+from policy.errors import PolicyError
 
 
 def make_policy(
@@ -101,11 +102,16 @@ def test_decide_actions_verdicts_margin():
         review_band=0.02,
         escalate="review",
     )
-    embeddings = base.concept_matrix.clone()
+    # Near, not on, each concept: thresholds stay cosines (within [-1, 1]) on every side.
+    noise = 0.1 * torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    embeddings = F.normalize(base.concept_matrix + noise)
     cos = score(base, embeddings).cosines
-    thresholds = torch.stack([cos[0, 0] - 0.1, cos[1, 1] - 0.1, cos[2, 2] + 0.01, cos[3, 3] + 1])
+    thresholds = torch.stack(
+        [cos[0, 0] - 0.1, cos[1, 1] - 0.1, cos[2, 2] + 0.01, torch.tensor(1.0)]
+    )
+    assert cos[3, 3] < 1 - 0.02  # out of reach, and out of the review band
     policy = dataclasses.replace(
-        base, thresholds=thresholds, special_thresholds=torch.tensor([2.0]), digest=""
+        base, thresholds=thresholds, special_thresholds=torch.tensor([1.0]), digest=""
     )
     result = score(policy, embeddings)
     decisions = decide(policy, result, metadata={"prompt": "x"})
@@ -122,19 +128,35 @@ def test_decide_actions_verdicts_margin():
 
 
 def test_most_severe_action_and_special_care_escalation():
-    policy = make_policy(3, 1, 8, actions=["blur", "blackout", "pixelate"], escalate="pixelate")
-    embeddings = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    policy = make_policy(
+        3,
+        1,
+        8,
+        actions=["blur", "blackout", "pixelate"],
+        escalate="pixelate",
+        thresholds=[0.3, 0.4, 0.4],
+    )
+    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([0.3]), digest="")
+    embeddings = torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
     result = score(policy, embeddings)
     decisions = decide(policy, result)
     rank = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
+    seen = {"mixed actions": 0, "escalated": 0}
     for i, d in enumerate(decisions):
         fired = [policy.actions[j] for j in range(3) if result.scores[i, j] > 0]
         expected = max([rank[a] for a in fired], default=0)
+        seen["mixed actions"] += len(set(fired)) > 1
         if bool(result.special_hit[i]):
+            seen["escalated"] += expected < rank["pixelate"]
             expected = max(expected, rank["pixelate"])
             assert d.special_hits == ("s0",)
+        else:
+            assert d.special_hits == ()
         assert rank[d.action] == expected
         assert d.fired == tuple(f"c{j}" for j in range(3) if result.scores[i, j] > 0)
+    # The batch exercises every rule: each action wins somewhere, and escalation changes some.
+    assert {d.action for d in decisions} == {"allow", "blur", "pixelate", "blackout"}
+    assert seen["mixed actions"] > 0 and seen["escalated"] > 0
 
 
 def test_nan_embedding_is_an_error_with_on_error_action():
@@ -152,13 +174,23 @@ def test_nan_embedding_is_an_error_with_on_error_action():
     assert decisions[0].embedding.shape == (1, 16)  # one view
 
 
-def test_error_strings_and_allow_on_error_fail_closed():
-    policy = make_policy(thresholds=torch.full((6,), 2.0), on_error="allow")
+def test_error_strings_get_the_policy_on_error():
+    policy = make_policy(thresholds=torch.full((6,), 1.0), on_error="review")
     result = score(policy, torch.randn(2, 16))
     decisions = decide(policy, result, errors=[None, "decoder crashed"])
     assert decisions[0].verdict == "allow"
     assert (decisions[1].verdict, decisions[1].error) == ("error", "decoder crashed")
-    assert decisions[1].action == "blackout"  # never allow an image that was not judged
+    assert decisions[1].action == "review"
+
+
+def test_on_error_allow_cannot_reach_decide():
+    # Fail closed in one place: a policy that would pass unjudged images does not exist.
+    with pytest.raises(PolicyError) as info:
+        make_policy(on_error="allow")
+    assert str(info.value) == (
+        "compiled policy 'test': on_error must not be 'allow': an image that could not be"
+        " checked must not pass unchecked"
+    )
 
 
 def test_empty_batch():
@@ -190,8 +222,8 @@ def test_large_policy():
 
 @pytest.mark.parametrize("escalate, expected", [("review", True), ("blur", True), ("allow", False)])
 def test_special_care_hits_need_review_only_when_they_escalate(escalate, expected):
-    policy = make_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 2.0))
-    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([-2.0]), digest="")
+    policy = make_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 1.0))
+    policy = dataclasses.replace(policy, special_thresholds=torch.tensor([-1.0]), digest="")
     (decision,) = decide(policy, score(policy, torch.randn(1, 8)))
     assert decision.special_hits == ("s0",)
     assert decision.needs_review is expected

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -45,8 +46,10 @@ def check_import(checkpoint, out, checker):
         {"file": out.stem + ".safetensors", "tensor": "concept_embeds", "row": i}
         for i in range(n_concepts)
     ]
-    assert [c["embedding"]["row"] for c in special] == list(range(n_special))
-    assert {c["embedding"]["tensor"] for c in special} <= {"special_care_embeds"}
+    assert [c["embedding"] for c in special] == [
+        {"file": out.stem + ".safetensors", "tensor": "special_care_embeds", "row": i}
+        for i in range(n_special)
+    ]
     assert same_bits([c["threshold"] for c in concepts], checker.concept_embeds_weights)
     assert same_bits([c["threshold"] for c in special], checker.special_care_embeds_weights)
     tensors = load_file(out.with_suffix(".safetensors"))
@@ -167,10 +170,17 @@ def test_missing_tensors(tmp_path):
     [
         (
             {"concept_embeds_weights": torch.ones(3)},
-            "has shape (3,), expected one threshold per row",
+            "concept_embeds_weights has shape (3,), expected one threshold per row of "
+            "concept_embeds (2)",
         ),
-        ({"special_care_embeds": torch.ones(1, 5)}, "special_care_embeds rows are 5 wide"),
-        ({"concept_embeds": torch.full((2, 4), float("nan"))}, "concept_embeds holds NaN"),
+        (
+            {"special_care_embeds": torch.ones(1, 5)},
+            "special_care_embeds rows are 5 wide, concept_embeds rows 4",
+        ),
+        (
+            {"concept_embeds": torch.full((2, 4), float("nan"))},
+            "concept_embeds holds NaN or infinite values",
+        ),
         ({"concept_embeds": torch.ones(4)}, "concept_embeds must be [rows, width], not (4,)"),
     ],
 )
@@ -182,9 +192,9 @@ def test_bad_tensors(tmp_path, tensors, message):
         "special_care_embeds_weights": torch.ones(1),
     }
     save_file(good | tensors, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=None) as info:
+    with pytest.raises(CheckpointError) as info:
         read_checker_tensors(tmp_path / "model.safetensors")
-    assert message in str(info.value)
+    assert str(info.value) == f"{tmp_path / 'model.safetensors'}: {message}"
 
 
 def test_folder_without_weights_and_missing_path(tmp_path):
@@ -203,13 +213,26 @@ def test_existing_output_needs_force(tiny_checker_dir, tmp_path):
     assert invoke(tiny_checker_dir, "--out", out, "--force").exit_code == 0
 
 
-def test_written_policy_loads(tiny_checker_dir, tmp_path):
-    """Once the policy language lands, the imported file must validate as it is."""
-    loader = pytest.importorskip("policy.loader")
+def test_written_policy_compiles_to_the_checkers_tensors(tiny_checker_dir, tmp_path):
+    """The imported file loads and compiles as it is, to exactly the checker's rows and thresholds."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from moderation.encoder import ClipEncoder
+    from policy import compile_policy, load_policy
+
     out = tmp_path / "p.yaml"
     import_sd_checker(tiny_checker_dir, out)
-    source = loader.load_policy(out)
-    assert len(source.concepts) == 17
+    source = load_policy(out)
+    compiled = compile_policy(
+        source, ClipEncoder.from_pretrained(source.resolved_model), cache=False
+    )
+    checker = StableDiffusionSafetyChecker.from_pretrained(tiny_checker_dir)
+    assert compiled.concept_names == tuple(f"sd-{i}" for i in range(17))
+    assert torch.equal(compiled.concept_matrix, F.normalize(checker.concept_embeds))
+    assert same_bits(compiled.thresholds, checker.concept_embeds_weights)
+    assert torch.equal(compiled.special_matrix, F.normalize(checker.special_care_embeds))
+    assert same_bits(compiled.special_thresholds, checker.special_care_embeds_weights)
+    assert (compiled.compat, compiled.adjustment, compiled.escalate) == ("diffusers", 0.01, "allow")
 
 
 def test_relative_checkpoint_is_written_relative_to_the_policy(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from moderation.bench.records import example_decisions, example_policy
 from moderation.review import ReviewError, ReviewQueue
-from moderation.storage import DecisionLog, HeldStore, ReviewItem, StorageError
+from moderation.storage import DecisionLog, DecisionRow, HeldStore, ReviewItem, StorageError
 from moderation.storage import db as storage_db
 
 
@@ -60,7 +60,27 @@ def test_held_files_are_content_addressed_and_owner_only(log, tmp_path):
     assert len(files) == 2 and all(mode(p) == 0o600 for p in files)
     with storage_db.engine_for(log.url).connect() as conn:
         paths = conn.exec_driver_sql("SELECT held_path FROM decisions ORDER BY created_at").all()
-    assert [p for (p,) in paths][:2] == [f"{digest[:2]}/{digest}.png"] * 2
+    # The row records where the file is, not where a reader's held folder might be.
+    assert [p for (p,) in paths][:2] == [str(stored.resolve())] * 2
+
+
+def test_rows_with_relative_held_paths_are_found_under_the_folder(log, tmp_path, monkeypatch):
+    """Rows written before the log recorded absolute paths hold `<sha[:2]>/<sha>.png`."""
+    records = example_decisions(1, example_policy(), review_every=1)
+    records[0].held_image = PNG
+    log.write(records)
+    digest = hashlib.sha256(PNG).hexdigest()
+    relative = f"{digest[:2]}/{digest}.png"
+    with storage_db.engine_for(log.url).begin() as conn:
+        conn.execute(
+            update(DecisionRow).where(DecisionRow.id == records[0].id).values(held_path=relative)
+        )
+    set_status(log, records[0].id, "approved", reviewer="ana")
+    assert release(log, records[0].id) == PNG  # looked up under the log's held folder
+    monkeypatch.setenv("MODERATION_HELD_DIR", str(tmp_path / "held"))
+    shown = ReviewQueue(log.url).show(1)["decision"]
+    assert shown["held_path"] == relative
+    assert shown["held_file"] == str(tmp_path / "held" / digest[:2] / f"{digest}.png")
 
 
 def test_release_only_after_approval(log):
@@ -113,8 +133,9 @@ def test_corrupt_held_file_is_refused(tmp_path):
     store = HeldStore(tmp_path / "h")
     relative = store.put(PNG)
     (tmp_path / "h" / relative).write_bytes(b"tampered")
-    with pytest.raises(StorageError, match="is corrupt"):
-        store.get(relative)
+    for path in (relative, store.absolute(relative)):
+        with pytest.raises(StorageError, match="is corrupt"):
+            store.get(path)
 
 
 def test_held_image_is_stored_even_when_the_database_is_down(tmp_path):

@@ -27,7 +27,8 @@ from moderation.storage import db as storage_db
 from moderation.storage import log as log_module
 from moderation.storage import records as storage_records
 from moderation.storage import schema as storage_schema
-from tests.pg import pg_test_url, temporary_pg_database
+from moderation.storage.errors import PartlyRecordedError
+from tests.pg import pg_database_later, pg_test_url, temporary_pg_database
 
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
 
@@ -64,10 +65,39 @@ def url(request, tmp_path):
         yield url
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def outage(request, tmp_path):
+    """(URL of a database that is unreachable now, a function that brings it up), per backend."""
+    if request.param == "sqlite":
+        folder = tmp_path / "later"
+        url = f"sqlite:///{folder / 'log.db'}"
+        yield url, folder.mkdir
+        storage_db.dispose(url)
+    else:
+        with pg_database_later(request.getfixturevalue("pg_server")) as (url, create):
+            yield url, create
+
+
 @pytest.fixture
 def log(url, tmp_path):
     with DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
         yield log
+
+
+def spooled_ids(folder) -> set[str]:
+    """Ids of every decision in the spool files of a folder (read without claiming)."""
+    from moderation.storage.spool_format import scan
+
+    ids = set()
+    for path in folder.glob("*.spool"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for record in scan(fd):
+                if record.kind == "decisions":
+                    ids.update(row["id"] for row in record.payload()["rows"])
+        finally:
+            os.close(fd)
+    return ids
 
 
 def count(url: str, model) -> int:
@@ -126,15 +156,27 @@ def test_write_is_idempotent_and_queues_reviews_once(log, url):
         events = conn.execute(select(ReviewEvent.__table__)).all()
     assert {i.status for i in items} == {"pending"}
     assert sum(i.priority for i in items) == 5
-    assert {e.event for e in events} == {"created"}
+    assert {(e.event, e.actor) for e in events} == {("created", "system")}
     assert {e.item_id for e in events} == {i.id for i in items}
+    assert sorted((e.item_id, e.details["priority"], e.details["margin"]) for e in events) == [
+        (i.id, i.priority, i.margin) for i in items
+    ]
+    queued = [r for r in records if r.needs_review]
+    assert [(i.decision_id, i.priority, i.margin) for i in items] == [
+        (r.id, r.priority, pytest.approx(r.margin)) for r in queued
+    ]
     assert items[0].created_at == records[0].created_at
 
 
-def test_unregistered_policy_is_a_clear_error(log):
+def test_unregistered_policy_is_a_clear_error_and_the_batch_is_kept(log):
     records = example_decisions(2, example_policy("never-registered"))
-    with pytest.raises(StorageError, match="is the policy of every decision registered first"):
+    with pytest.raises(PartlyRecordedError) as caught:
         log.write(records)
+    assert "is the policy of every decision registered first?" in str(caught.value)
+    assert f"the 2 decisions are kept in the spool {log.spool.folder}" in str(caught.value)
+    assert caught.value.decision_ids == [r.id for r in records]
+    assert spooled_ids(log.spool.folder) == {r.id for r in records}
+    assert log.counts.refused == 2 and log.counts.logged == 0
 
 
 def test_database_down_spools_then_replays_exactly_once(url, tmp_path):
@@ -147,7 +189,7 @@ def test_database_down_spools_then_replays_exactly_once(url, tmp_path):
     assert [p.suffix for p in spool.iterdir()] == [".spool"]
 
     with DecisionLog(url, spool_dir=spool, held_dir=tmp_path / "held") as up:
-        assert up.replay() == 1000
+        assert up.replay(into_other_database=True) == 1000
         assert up.replay() == 0
     assert count(url, DecisionRow) == 1000
     assert count(url, ReviewItem) == 100
@@ -163,15 +205,19 @@ def test_unusable_sqlite_path_spools(tmp_path):
     assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
 
 
-def test_next_successful_write_replays_the_spool_first(url, tmp_path):
+def test_next_successful_write_replays_the_spool_first(outage, tmp_path):
+    url, bring_up = outage
     spool = tmp_path / "spool"
     policy = example_policy()
     first, second = example_decisions(20, policy, seed=1), example_decisions(5, policy, seed=2)
-    with DecisionLog(DOWN_PG, spool_dir=spool) as down:
+    with DecisionLog(url, spool_dir=spool) as down:
         down.register_policy(policy)
         down.write(first)
+        assert down.counts.spooled == 20
+    bring_up()
     with DecisionLog(url, spool_dir=spool) as up:
         up.write(second)
+        assert (up.counts.replayed, up.counts.logged) == (20, 5)
     assert count(url, DecisionRow) == 25
     assert list(spool.glob("*.spool")) == []
 
@@ -182,13 +228,27 @@ def test_db_replay_command(url, tmp_path):
     with DecisionLog(DOWN_PG, spool_dir=spool) as down:
         down.register_policy(policy)
         down.write(example_decisions(7, policy))
+    (path,) = spool.glob("*.spool")
     runner = CliRunner()
     args = ["db", "replay", "--db", url, "--spool", str(spool)]
     result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: replayed 0 decisions into {storage_db.display_url(url)}, and left 1 spool "
+        f"file(s) alone: {path}: is meant for {DOWN_PG} (replay them with --db set to their "
+        "database, or pass --into-other-database to replay them here)\n"
+    )
+    assert path.exists()
+    result = runner.invoke(main, [*args, "--into-other-database"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output == f"replayed 7 decisions from {spool}\n"
     result = runner.invoke(main, [*args, "--json"], catch_exceptions=False)
-    assert json.loads(result.output) == {"added": 0, "discarded": []}
+    assert json.loads(result.output) == {
+        "added": 0,
+        "discarded": [],
+        "quarantined": [],
+        "other_database": [],
+    }
 
 
 def test_replay_into_an_unreachable_database_fails_clearly(tmp_path):
@@ -224,19 +284,33 @@ def test_meta_that_is_not_json_is_named(log, bad):
     assert log.get(records[0].id) is None  # the batch is one transaction
 
 
-def test_a_poisoned_spool_does_not_block_new_decisions(url, tmp_path):
+def test_a_poisoned_spool_does_not_block_new_decisions(outage, tmp_path, caplog):
+    url, bring_up = outage
     spool = tmp_path / "spool"
-    orphan = example_decisions(3, example_policy("never-registered"), seed=5)
-    with DecisionLog(DOWN_PG, spool_dir=spool) as down:
-        down.write(orphan)  # its policy was never registered anywhere
     policy = example_policy()
+    orphan = example_decisions(3, example_policy("never-registered"), seed=5)
+    good = example_decisions(6, policy, seed=6)
+    with DecisionLog(url, spool_dir=spool) as down:
+        down.register_policy(policy)
+        down.write(good[:3])
+        down.write(orphan)  # its policy was never registered anywhere
+        down.write(good[3:])
+    (path,) = spool.glob("*.spool")
+    bring_up()
+    fresh = example_decisions(4, policy, seed=7)
     with DecisionLog(url, spool_dir=spool) as up:
-        up.register_policy(policy)
-        up.write(example_decisions(4, policy))
-        assert count(url, DecisionRow) == 4
-        with pytest.raises(StorageError, match="is the policy of every decision registered"):
-            up.replay()
-    assert len(list(spool.glob("*.spool"))) == 1  # kept for a human
+        up.write(fresh)  # replays the spool first: the orphans are set aside, named
+        assert up.counts.replayed == 6 and up.counts.quarantined == 3
+        (report,) = up.quarantined
+    assert report.startswith(
+        f"{path}: quarantined 3 decision(s) the database refused "
+        f"({', '.join(r.id for r in orphan)}): "
+    )
+    assert report.endswith(f"; kept in {spool / 'quarantine' / path.name}")
+    assert count(url, DecisionRow) == 10
+    assert list(spool.glob("*.spool")) == []
+    assert spooled_ids(spool / "quarantine") == {r.id for r in orphan}
+    assert any(report in r.getMessage() for r in caplog.records)
 
 
 def test_optional_fields_may_all_be_empty(log):

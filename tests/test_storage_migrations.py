@@ -203,7 +203,7 @@ def test_writes_to_an_old_schema_are_kept_and_reported(tmp_path, behind_url):
     with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
         with pytest.raises(SchemaVersionError):
             log.register_policy(policy)
-        with pytest.raises(StorageError, match="3 decisions were kept in the spool"):
+        with pytest.raises(StorageError, match="the 3 decisions are kept in the spool"):
             log.write(example_decisions(3, policy))
     assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
 

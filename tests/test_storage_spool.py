@@ -69,16 +69,40 @@ def test_zero_filled_tail_is_torn(tmp_path):
     assert payloads(tmp_path) == [0, 1]
 
 
-def test_corruption_mid_file_is_kept_aside(tmp_path):
+def test_corruption_mid_file_is_kept_aside_and_the_records_after_it_survive(tmp_path):
     path = write_records(tmp_path, 3)
     data = bytearray(path.read_bytes())
+    first = HEADER.size + HEADER.unpack(data[: HEADER.size])[2]
     data[HEADER.size + 2] ^= 0xFF  # flip a payload byte of the first record
     path.write_bytes(bytes(data))
     reports = Spool(tmp_path).recover()
-    assert "corrupt records" in reports[0]
+    assert reports == [
+        f"{path}: skipped {first} bytes of corrupt records (copied to {path.name}.corrupt-0) "
+        "at offset 0; the records after them are kept"
+    ]
     (kept,) = tmp_path.glob("*.corrupt-0")
-    assert kept.read_bytes() == bytes(data)
-    assert path.stat().st_size == 0
+    assert kept.read_bytes() == bytes(data[:first])
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert payloads(tmp_path) == [1, 2]
+    assert Spool(tmp_path).recover() == [], "set aside once, not on every replay"
+
+
+@pytest.mark.parametrize("damage", ["header", "length", "junk between"])
+def test_scan_resynchronises_after_any_damaged_record(tmp_path, damage):
+    path = write_records(tmp_path, 4)
+    data = bytearray(path.read_bytes())
+    size = HEADER.size + HEADER.unpack(data[: HEADER.size])[2]
+    second = slice(size, 2 * size)
+    if damage == "header":
+        data[second.start] ^= 0xFF  # the magic of record 1
+    elif damage == "length":
+        data[second.start + 5 : second.start + 9] = (size * 3).to_bytes(4, "little")
+    else:
+        data[second.start : second.start] = b"MSPL\x02" + os.urandom(200)
+    path.write_bytes(bytes(data))
+    Spool(tmp_path).recover()
+    expected = [0, 1, 2, 3] if damage == "junk between" else [0, 2, 3]
+    assert payloads(tmp_path) == expected
 
 
 def test_a_live_writers_file_is_not_claimed(tmp_path):
@@ -163,7 +187,7 @@ def test_sigkill_while_writing_loses_nothing(tmp_path, kill_urls):
 
     with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
         assert len(log.spool.discarded) == (1 if child_url == DOWN_PG else 0)
-        log.replay()
+        log.replay(into_other_database=child_url != url)
         with storage_db.engine_for(url).connect() as conn:
             stored = set(conn.execute(select(DecisionRow.id)).scalars())
     missing = reported - stored

@@ -8,7 +8,9 @@ One run, one device, one set of weights:
   b. end to end from the VAE's decoded [B,3,512,512] tensor in [-1,1]: diffusers' path as its
      pipeline runs it (tensor -> PIL -> CLIPImageProcessor -> checker) against our Moderator;
   c. the work after the encoder for N concepts: diffusers' loops against score + decide;
-  d. decision logging throughput through BackgroundDecisionLog to SQLite and PostgreSQL.
+  d. decision logging throughput through BackgroundDecisionLog to SQLite and PostgreSQL;
+  e. what full coverage costs: views and ms per image of `views: center|cover|tiles` at 1:1,
+     2:3 and 9:16.
 Times are medians of repeats after warm-up, with the device synchronised around each one.
 """
 
@@ -27,7 +29,7 @@ import torch
 from moderation.bench.models import BenchError
 
 SCHEMA_VERSION = 1
-SECTIONS = ("e2e", "concepts", "logging")
+SECTIONS = ("e2e", "concepts", "logging", "views")
 # Knob: a fast call (section c, our steps) is repeated until `fast_seconds` were timed, at most
 # this many times; slow calls just `repeats` times.
 MAX_REPEATS = 200
@@ -56,19 +58,31 @@ class BenchConfig:
     size: str = "vit-l"  # widths of the random model: "vit-l" or "tiny" (tests)
     loop_budget: int = 200_000  # images x concepts of diffusers' loops timed before scaling
     fast_seconds: float = 1.0  # fast calls repeat until this much was timed (noise on busy CPUs)
+    views_batch: int = 2  # images per call of section e
+    view_modes: tuple[str, ...] = ("center", "cover", "tiles")  # timed in section e
     seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        """Small batches, repeats and decision counts: minutes on a CPU, seconds with tiny widths."""
+        """Batch 1, two repeats, small counts: about 3 minutes on 2 CPU cores (ViT-L/14 widths).
+
+        On a CPU one ViT-L/14 image takes seconds through a tower and every end-to-end round
+        runs four tower paths, so the rows are what costs: with the earlier quick sizes, batch 4
+        (a warm-up round and two repeats) took about 7 of the 13 minutes measured on a shared
+        2-core machine. No warm-up: the first call of every path, at batch 1, happens before any
+        row is timed.
+        """
         base = {
-            "batch_sizes": (1, 4),
+            "batch_sizes": (1,),
             "concepts": (17, 1_000, 10_000),
             "concept_batch": 4,
             "repeats": 2,
+            "warmup": 0,
             "decisions": 2_000,
             "loop_budget": 20_000,
             "fast_seconds": 0.1,
+            "views_batch": 1,
+            "view_modes": ("center", "cover"),  # tiles: 10-23 views an image, counted only
         }
         return cls(**{**base, **overrides})
 
@@ -81,6 +95,10 @@ class BenchConfig:
             raise BenchError("--repeats: expected at least 1")
         if self.e2e_seconds < 0 or self.fast_seconds < 0:
             raise BenchError("--e2e-seconds: expected a non-negative number of seconds")
+        if self.views_batch < 1 or not set(self.view_modes) <= {"center", "cover", "tiles"}:
+            raise BenchError(
+                "views: expected a positive batch and modes among center, cover, tiles"
+            )
         if self.warmup < 0 or self.decisions < 1 or self.write_size < 1 or self.concept_batch < 1:
             raise BenchError("--warmup, --decisions and batch sizes must be positive")
         unknown = set(self.sections) - set(SECTIONS)

@@ -89,6 +89,7 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
     from sqlalchemy import exc, make_url
 
     from moderation.storage import db
+    from moderation.storage.errors import first_line
 
     if spec == "sqlite":
         yield f"sqlite:///{folder / 'bench.db'}", f"SQLite {sqlite3.sqlite_version} (temp file)"
@@ -96,8 +97,8 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
     url = db.resolve_db_url(spec)
     try:
         backend = make_url(url).get_backend_name()
-    except exc.ArgumentError as err:
-        raise BenchError(f"--db-url {spec!r}: {err}") from None
+    except (exc.ArgumentError, ValueError) as err:
+        raise BenchError(f"--db-url {db.display_url(spec)!r}: {err}") from None
     if backend == "sqlite":
         yield url, f"SQLite {sqlite3.sqlite_version} ({db.display_url(url)})"
         return
@@ -105,8 +106,8 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
         raise BenchError(
             f"--db-url {db.display_url(url)}: only SQLite and PostgreSQL are supported"
         )
+    from moderation.bench.scratch import temporary_pg_database
     from moderation.storage import upgrade
-    from tests.pg import temporary_pg_database
 
     with contextlib.ExitStack() as stack:
         try:
@@ -116,7 +117,7 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
         except (exc.SQLAlchemyError, OSError) as err:
             raise BenchError(
                 f"--db-url {db.display_url(url)}: cannot create a scratch database there (the "
-                f"bench writes into a throwaway database and drops it): {db.first_line(err)}"
+                f"bench writes into a throwaway database and drops it): {first_line(err)}"
             ) from None
         yield scratch, f"PostgreSQL {version} (scratch db on {db.display_url(url)})"
 

@@ -41,16 +41,14 @@ class BenchModels:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The requested torch device (default cuda when available), checked to exist."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested torch device (default cuda when available), checked as the encoder checks it."""
+    from moderation.encoder import check_device
+    from moderation.errors import EncoderError
+
     try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise BenchError(f"--device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {device}: CUDA is not available in this torch build/machine")
-    return resolved
+        return check_device(device)
+    except EncoderError as exc:
+        raise BenchError(f"--{exc}") from None  # "--device X: why", as the option is named
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:

@@ -95,7 +95,7 @@ def times(value: float) -> str:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """The whole report as printed: environment, tables a-d, targets."""
+    """The whole report as printed: environment, tables a-e, targets."""
     env, cfg, model = result["environment"], result["config"], result["model"]
     threads = f"{env['cpu_count']} cores, {env['torch_threads']} torch threads"
     lines = [
@@ -137,6 +137,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", _concepts_table(result["concepts"])]
     if result["logging"]:
         lines += ["", _logging_table(result["logging"], cfg)]
+    if result.get("views"):
+        lines += ["", views_table(result["views"])]
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])
@@ -276,4 +278,29 @@ def _logging_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
         "rows/transaction",
         "write() mean ms",
     )
+    return head + "\n" + table(headers, body)
+
+
+def views_table(rows: list[dict[str, Any]]) -> str:
+    """Section e as printed: views per image and ms per image for each mode."""
+    modes = list(rows[0]["ms_per_image"])
+    head = (
+        f"e. Coverage: views per image and ms per image (end to end, batch {rows[0]['batch']}) "
+        "of CLIP's centre crop ('center', what diffusers sees), 'cover' (every pixel, the "
+        "default) and 'tiles'; 'x center' = / the centre crop"
+    )
+    body = []
+    for r in rows:
+        line = [r["aspect"], f"{r['width']}x{r['height']}"]
+        line += [r["views_per_image"][m] for m in ("center", "cover", "tiles")]
+        for m in modes:
+            line.append(ms(r["ms_per_image"][m]))
+            if m != "center" and r["x_center"][m] is not None:
+                line.append(times(r["x_center"][m]))
+        body.append(line)
+    headers = ["aspect", "size", "views: center", "cover", "tiles"]
+    for m in modes:
+        headers.append(f"ms/image {m}")
+        if m != "center" and "center" in modes:
+            headers.append("x center")
     return head + "\n" + table(headers, body)

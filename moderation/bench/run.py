@@ -32,9 +32,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "end_to_end": [],
         "concepts": [],
         "logging": [],
+        "views": [],
     }
     started = time.perf_counter()
-    needs_model = config.model is not None or {"e2e", "logging"} & set(config.sections)
+    needs_model = config.model is not None or {"e2e", "logging", "views"} & set(config.sections)
     models = None
     if needs_model:
         say(f"loading models ({config.model or config.size}) on {device} in {dtype}")
@@ -69,6 +70,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 
             dim = models.encoder.embed_dim if models else _default_dim(config)
             result["concepts"] = run_concepts(config, device, dtype, dim, result["forward"], say)
+        if "views" in config.sections:
+            from moderation.bench.views import run_views
+
+            result["views"] = run_views(models, config, device, dtype, say)
     if "logging" in config.sections:
         from moderation.bench.log_throughput import run_logging
 

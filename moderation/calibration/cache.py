@@ -36,10 +36,17 @@ def default_cache_dir() -> Path:
 def _engine_code() -> str:
     """sha256 of the modules that turn an image into views: a change there empties the cache."""
     import moderation.engine
+    import moderation.image_files
     import moderation.images
+    import moderation.preprocess
 
     h = hashlib.sha256()
-    for module in (moderation.images, moderation.engine):
+    for module in (
+        moderation.image_files,
+        moderation.images,
+        moderation.preprocess,
+        moderation.engine,
+    ):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 

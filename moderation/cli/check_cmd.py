@@ -2,40 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 
 from moderation.cli.app import main
+from moderation.cli.check_inputs import (
+    ImageInput,
+    NotChecked,
+    assign_out_names,
+    collect_inputs,
+    display_path,
+)
 from moderation.cli.options import (
+    clean,
     db_option,
     echo_json,
     echo_table,
     failures,
     fmt_float,
     model_options,
+    output_errors,
+    regular_target,
+    writing,
 )
+from moderation.cli.recording import recording_failure, recording_summary
 from moderation.errors import ModerationError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, name under --out) for files as given and the images under folders (sorted, recursive).
-
-    The name mirrors the file's place under the folder it was found in, so two `a.png` in
-    different folders do not overwrite each other's result.
-    """
-    found: list[tuple[Path, Path]] = []
-    for p in paths:
-        if p.is_dir():
-            files = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
-            found += [(f, f.relative_to(p)) for f in files]
-        else:
-            found.append((p, Path(p.name)))
-    return found
+# Fired concepts named in the table before "+N more" (--json lists them all).
+TABLE_FIRED = 3
 
 
 @main.command("check")
@@ -56,12 +53,21 @@ def collect_images(paths: list[Path]) -> list[tuple[Path, Path]]:
     "-o",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write the moderated images (PNG) into this folder.",
+    help="Write the moderated images into this folder, as NAME.png (NAME: the input's name, "
+    "kept when it ends in .png; ~2, ~3... when taken).",
 )
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--prompt", help="Caller metadata: the prompt that made the images.")
 @click.option("--user", help="Caller metadata: user or app id.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, as a list.")
+@click.option(
+    "--top",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Concepts listed per image in --json, highest score first (0: all).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file, as a list.")
+@output_errors
 def check_command(
     images,
     policy_path,
@@ -74,18 +80,31 @@ def check_command(
     batch_size,
     prompt,
     user,
+    top,
     as_json,
 ):
-    """Check image files (or folders of them) against a policy."""
+    """Check image files (or folders of them, by content) against a policy."""
     from tqdm import tqdm
 
     from moderation.engine import Moderator
+    from moderation.storage.storable import MetadataError, check_metadata
 
-    found = collect_images(list(images))
-    files = [f for f, _ in found]
-    out_names = dict(found)
-    if not files:
-        raise click.ClickException("no image files found in " + ", ".join(map(str, images)))
+    caller = {k: v for k, v in {"prompt": prompt, "user": user}.items() if v is not None}
+    for key, value in caller.items():  # checked before any model loads or image is touched
+        try:
+            check_metadata({key: value})
+        except MetadataError:
+            raise click.BadParameter(
+                "not valid UTF-8 text (undecodable bytes?), so it cannot be logged",
+                param_hint=f"'--{key}'",
+            ) from None
+    found = collect_inputs(list(images))
+    inputs = [f for f in found if isinstance(f, ImageInput)]
+    if not inputs:
+        _report_not_checked(found, as_json)
+        raise click.ClickException("no image files found in " + ", ".join(map(clean, images)))
+    if out_dir:
+        assign_out_names(inputs, out_dir)
     db = None
     if not no_log:
         from moderation.storage import resolve_db_url
@@ -95,81 +114,185 @@ def check_command(
         moderator = Moderator.from_policy(
             policy_path, model=model, device=device, text_model=text_model, db=db
         )
+    moderator.hash_images = True  # the decision names the pixels it judged, logged or not
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    caller = {k: v for k, v in {"prompt": prompt, "user": user}.items() if v is not None}
-    results: list[tuple[Path, object]] = []
-    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+    decisions: dict[int, Any] = {}
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     with (
+        failures(),
         moderator,
-        tqdm(total=len(files), unit="img", disable=len(batches) < 2, leave=False) as bar,
+        failures(),
+        tqdm(total=len(inputs), unit="img", disable=len(batches) < 2, leave=False) as bar,
     ):
         for chunk in batches:
-            results += _check_chunk(
-                moderator,
-                chunk,
-                caller,
-                out_dir and {f: out_dir / out_names[f] for f in chunk},
-            )
+            decisions.update(_check_chunk(moderator, chunk, caller, out_dir))
             bar.update(len(chunk))
+    results = [(i, decisions[id(i)]) for i in inputs]
     errors = sum(d.verdict == "error" for _, d in results)
+    skipped = [f for f in found if isinstance(f, NotChecked)]
+    recorded = _recorded(moderator, db)
     if as_json:
-        echo_json([{"file": str(f), **d.to_dict()} for f, d in results])
+        echo_json([_json_row(f, decisions, top, out_dir, recorded) for f in found])
     else:
-        _print_table(results)
+        _print_table(results, out_dir)
+        _report_not_checked(found, as_json)
         counts = {
             v: sum(d.verdict == v for _, d in results) for v in ("allow", "flag", "review", "error")
         }
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-        logged = f"; logged to {db}" if db else ""
-        click.echo(f"\n{len(results)} images: {summary}{logged}")
+        extra = []
+        if skipped:
+            extra.append(f"{len(skipped)} file(s) not checked")
+        repeats = sum(len(i.also_given_as) for i in inputs)
+        if repeats:
+            extra.append(f"{repeats} repeated input(s) checked once")
+        more = "".join(f"; {e}" for e in extra)
+        click.echo(f"\n{len(results)} images: {summary}{more}{recording_summary(moderator)}")
+    problems = []
+    if moderator.log_errors:
+        problems.append(recording_failure(moderator, len(results)))
     if errors:
-        raise click.ClickException(f"{errors} image(s) could not be checked (see the error column)")
+        problems.append(
+            f"{errors} image(s) could not be judged (verdict error: see the note column)"
+        )
+    if skipped:
+        problems.append(f"{len(skipped)} file(s) were not checked (see 'not checked')")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
-def _check_chunk(moderator, chunk, caller, out_paths):
+def _check_chunk(moderator, chunk: list[ImageInput], caller, out_dir) -> dict[int, Any]:
     """Moderate one chunk of files; unreadable files become error decisions (fail closed)."""
-    from moderation.images import encode_png, load_image_file
+    from moderation.image_files import read_image, save_result
 
-    good, tensors, bad, messages = [], [], [], []
-    for f in chunk:
+    def meta(item: ImageInput) -> dict[str, Any]:
+        return {**caller, "file": display_path(item.path)}
+
+    good, decoded, bad, messages = [], [], [], []
+    for item in chunk:
         try:
-            tensors.append(load_image_file(f))
-            good.append(f)
+            decoded.append(read_image(item.path))  # every judged frame of an animation
+            good.append(item)
         except ModerationError as exc:
-            bad.append(f)
+            bad.append(item)
             messages.append(str(exc))
     decided = {}
     if good:
-        result = moderator.moderate(tensors, metadata=[{**caller, "file": str(f)} for f in good])
-        for f, image, d in zip(good, result.images, result.decisions, strict=True):
-            decided[f] = d
-            if out_paths:
-                target = out_paths[f].with_suffix(".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(encode_png(image))
+        result = moderator.moderate(decoded, metadata=[meta(i) for i in good])
+        for item, file, image, d in zip(
+            good, decoded, result.images, result.decisions, strict=True
+        ):
+            decided[id(item)] = d
+            if out_dir:
+                target = out_dir / item.out_name
+                regular_target(target)  # never write through a link or into a device
+                with writing(target):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    save_result(target, image, file, allowed=d.action == "allow")
     if bad:
-        failed = moderator.fail(messages, metadata=[{**caller, "file": str(f)} for f in bad])
-        decided.update(zip(bad, failed, strict=True))
-    return [(f, decided[f]) for f in chunk]
+        for item in bad:
+            item.out_name = None  # nothing was decoded, so nothing is written
+        failed = moderator.fail(messages, metadata=[meta(i) for i in bad])
+        decided.update((id(i), d) for i, d in zip(bad, failed, strict=True))
+    return decided
 
 
-def _print_table(results) -> None:
+def _recorded(moderator, db: str | None):
+    """Whether a decision is in the database or the spool (False for all with --no-log)."""
+    unrecorded = set(moderator.unrecorded)
+    return lambda d: db is not None and d.decision_id not in unrecorded
+
+
+def _json_row(
+    item: ImageInput | NotChecked,
+    decisions: dict[int, Any],
+    top: int,
+    out_dir: Path | None,
+    recorded=lambda _d: False,
+) -> dict:
+    """One entry of `check --json`: a checked file with its decision, or why it was not checked."""
+    if isinstance(item, NotChecked):
+        return {"file": display_path(item.path), "checked": False, "reason": item.reason}
+    d = decisions[id(item)]
+    row = {
+        "file": display_path(item.path),
+        "checked": True,
+        "out": display_path(out_dir / item.out_name) if out_dir and item.out_name else None,
+        **d.to_dict(top=top or None),
+        "recorded": recorded(d),
+    }
+    if item.also_given_as:
+        row["also_given_as"] = [display_path(p) for p in item.also_given_as]
+    row["concepts_listed"] = len(row["concepts"])
+    row["concepts_total"] = len(d.policy.concept_names)
+    row["special_care_concepts"] = _special_rows(d)
+    return _finite(row)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity (the scores of an image that could not be judged) as null: valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _special_rows(d) -> list[dict[str, Any]]:
+    """Every special-care concept's cosine, threshold and score (the policy's order)."""
+    thresholds = d.policy.special_thresholds.detach().cpu().tolist()
+    return [
+        {
+            "concept": name,
+            "cosine": float(d.special_cosines[i]),
+            "threshold": thresholds[i],
+            "score": float(d.special_scores[i]),
+            "fired": name in d.special_hits,
+        }
+        for i, name in enumerate(d.policy.special_names)
+    ]
+
+
+def _fired_text(fired: tuple[str, ...]) -> str:
+    if not fired:
+        return "-"
+    shown = ", ".join(fired[:TABLE_FIRED])
+    return shown if len(fired) <= TABLE_FIRED else f"{shown} +{len(fired) - TABLE_FIRED} more"
+
+
+def _print_table(results, out_dir) -> None:
     rows = []
-    for f, d in results:
+    for item, d in results:
+        written = display_path(out_dir / item.out_name) if out_dir and item.out_name else "-"
         top = d.explain(top=1)
         if d.verdict == "error" or not top:
-            rows.append((f, d.verdict, d.action, "-", "-", d.error or ""))
-            continue
-        t = top[0]
-        rows.append(
-            (
-                f,
+            cells = [d.verdict, d.action, "-", "-", "-", d.error or ""]
+        else:
+            t = top[0]
+            note = ", ".join(d.special_hits) and f"special care: {', '.join(d.special_hits)}"
+            cells = [
                 d.verdict,
                 d.action,
+                _fired_text(d.fired),
                 t["concept"],
                 f"{fmt_float(t['cosine'])} / {fmt_float(t['threshold'])}",
-                ", ".join(d.special_hits) and f"special care: {', '.join(d.special_hits)}",
-            )
-        )
-    echo_table(["image", "verdict", "action", "top concept", "cosine / threshold", "note"], rows)
+                note,
+            ]
+        rows.append([display_path(item.path), *cells, *([written] if out_dir else [])])
+    headers = ["image", "verdict", "action", "fired", "top concept", "cosine / threshold", "note"]
+    echo_table(headers + (["written to"] if out_dir else []), rows)
+
+
+def _report_not_checked(found, as_json: bool) -> None:
+    skipped = [f for f in found if isinstance(f, NotChecked)]
+    if not skipped:
+        return
+    if as_json:
+        echo_json([_json_row(f, {}, 0, None) for f in skipped])
+        return
+    click.echo()
+    echo_table(["not checked", "why"], [(display_path(f.path), f.reason) for f in skipped])

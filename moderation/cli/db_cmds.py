@@ -7,15 +7,34 @@ from pathlib import Path
 import click
 
 from moderation.cli.app import db
-from moderation.cli.options import db_option, echo_json, failures, json_option
+from moderation.cli.options import (
+    clean,
+    db_option,
+    echo_json,
+    failures,
+    json_option,
+    output_errors,
+)
 from moderation.storage import DecisionLog
 from moderation.storage import db as storage_db
 from moderation.storage import schema as migrate
+from moderation.storage.errors import OtherDatabaseError
+
+
+def _shown(url: str) -> str:
+    return clean(storage_db.display_url(url))
+
+
+def _warn_if_shared(url: str) -> None:
+    warning = storage_db.loose_mode_warning(url)
+    if warning:
+        click.echo(f"warning: {clean(warning)}", err=True)
 
 
 @db.command("upgrade")
 @db_option
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
+@output_errors
 def upgrade_cmd(db_url: str | None, revision: str) -> None:
     """Migrate the database up to a revision (creates it when missing)."""
     url = storage_db.resolve_db_url(db_url)
@@ -23,7 +42,8 @@ def upgrade_cmd(db_url: str | None, revision: str) -> None:
         before = migrate.current(url)
         migrate.upgrade(url, revision)
         after = migrate.current(url)
-    where = storage_db.display_url(url)
+    where = _shown(url)
+    _warn_if_shared(url)
     if before == after:
         click.echo(f"{where} is already at revision {after}")
     else:
@@ -33,25 +53,27 @@ def upgrade_cmd(db_url: str | None, revision: str) -> None:
 @db.command("downgrade")
 @click.option("--revision", required=True, help="Target revision (`base` drops every table).")
 @db_option
+@output_errors
 def downgrade_cmd(revision: str, db_url: str | None) -> None:
     """Migrate the database down to a revision."""
     url = storage_db.resolve_db_url(db_url)
     with failures():
+        storage_db.require_database(url)
         before = migrate.current(url)
         migrate.downgrade(url, revision)
         after = migrate.current(url)
-    click.echo(
-        f"downgraded {storage_db.display_url(url)} from {before or 'base'} to {after or 'base'}"
-    )
+    click.echo(f"downgraded {_shown(url)} from {before or 'base'} to {after or 'base'}")
 
 
 @db.command("current")
 @db_option
 @json_option
+@output_errors
 def current_cmd(db_url: str | None, as_json: bool) -> None:
     """Show the database's revision and the newest one this version knows."""
     url = storage_db.resolve_db_url(db_url)
     with failures():
+        storage_db.require_database(url)
         revision = migrate.current(url)
     head = migrate.head_revision()
     if as_json:
@@ -59,9 +81,8 @@ def current_cmd(db_url: str | None, as_json: bool) -> None:
         echo_json(shown)
         return
     state = "up to date" if revision == head else "run `moderation db upgrade`"
-    click.echo(
-        f"{storage_db.display_url(url)}: revision {revision or 'none'} (head {head}, {state})"
-    )
+    _warn_if_shared(url)
+    click.echo(f"{_shown(url)}: revision {revision or 'none'} (head {head}, {state})")
 
 
 @db.command("replay")
@@ -73,18 +94,43 @@ def current_cmd(db_url: str | None, as_json: bool) -> None:
     default=None,
     help="Spool folder to replay (default: $MODERATION_SPOOL_DIR, else ./spool).",
 )
+@click.option(
+    "--into-other-database",
+    is_flag=True,
+    help="Also replay spool files written for another database (or by an older version).",
+)
 @json_option
-def replay_cmd(db_url: str | None, spool_dir: Path | None, as_json: bool) -> None:
+@output_errors
+@output_errors
+def replay_cmd(
+    db_url: str | None, spool_dir: Path | None, into_other_database: bool, as_json: bool
+) -> None:
     """Write spooled decisions into the database (idempotent) and empty the spool."""
     from moderation.storage.log import default_spool_dir
 
     spool_dir = spool_dir or default_spool_dir()
+    refused = None
     with failures(), DecisionLog(db_url, spool_dir=spool_dir) as log:
-        added = log.replay()
+        try:
+            added = log.replay(into_other_database=into_other_database)
+        except OtherDatabaseError as err:
+            added, refused = log.last_replay.added, err
         discarded = list(log.spool.discarded)
+        report = log.last_replay
+    quarantined = report.quarantined if report else []
     if as_json:
-        echo_json({"added": added, "discarded": discarded})
-        return
-    for report in discarded:
-        click.echo(f"warning: {report}", err=True)
-    click.echo(f"replayed {added} decisions from {spool_dir}")
+        echo_json(
+            {
+                "added": added,
+                "discarded": discarded,
+                "quarantined": quarantined,
+                "other_database": report.other_database if report else [],
+            }
+        )
+    else:
+        for line in [*discarded, *quarantined]:
+            click.echo(f"warning: {clean(line)}", err=True)
+        if refused is None:
+            click.echo(f"replayed {added} decisions from {clean(str(spool_dir))}")
+    if refused is not None:
+        raise click.ClickException(clean(str(refused)))

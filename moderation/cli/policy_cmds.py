@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import click
 
 from moderation.cli.app import policy
-from moderation.cli.options import echo_json, failures, json_option, model_options
+from moderation.cli.options import (
+    clean,
+    echo_json,
+    failures,
+    json_option,
+    model_options,
+    output_errors,
+    regular_target,
+)
 from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
 
 
@@ -44,6 +53,7 @@ def _plural(count: int, word: str) -> str:
     "--model", help="Check embedding widths against this model (folder or cached hub id)."
 )
 @json_option
+@output_errors
 def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     """Validate policy files (folders: every *.yaml / *.yml inside)."""
     embed_dim = None
@@ -56,6 +66,29 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 param_hint="'--model'",
             )
     results = []
+    # Warnings are printed with their file below (and listed in --json), not logged as well.
+    loader_log = logging.getLogger("policy.loader")
+    level, loader_log.level = loader_log.level, logging.ERROR
+    try:
+        _validate_all(paths, embed_dim, results)
+    finally:
+        loader_log.setLevel(level)
+    invalid = sum("error" in result for result in results)
+    if as_json:
+        echo_json({"ok": not invalid, "files": [_as_json(r) for r in results]})
+    else:
+        for result in results:
+            click.echo(_as_text(result))
+            for warning in result["policy"].warnings if "policy" in result else ():
+                click.echo(f"warning: {clean(str(warning))}", err=True)
+    if invalid:
+        verb = "is" if invalid == 1 else "are"
+        raise click.ClickException(
+            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
+        )
+
+
+def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[dict]) -> None:
     for given in paths:
         files = _policy_files(given)
         if not files:
@@ -66,17 +99,6 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 results.append({"path": file, "policy": _validate_one(file, embed_dim)})
             except PolicyError as error:
                 results.append({"path": file, "error": error})
-    invalid = sum("error" in result for result in results)
-    if as_json:
-        echo_json({"ok": not invalid, "files": [_as_json(r) for r in results]})
-    else:
-        for result in results:
-            click.echo(_as_text(result))
-    if invalid:
-        verb = "is" if invalid == 1 else "are"
-        raise click.ClickException(
-            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
-        )
 
 
 def _as_text(result: dict) -> str:
@@ -86,7 +108,7 @@ def _as_text(result: dict) -> str:
     counts = (
         f"{_plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
     )
-    return f"{result['path']}: ok ({counts})"
+    return f"{clean(result['path'])}: ok ({counts})"
 
 
 def _as_json(result: dict) -> dict:
@@ -98,6 +120,7 @@ def _as_json(result: dict) -> dict:
         "concepts": len(loaded.concepts) if loaded else None,
         "special_care": len(loaded.special_concepts) if loaded else None,
         "issues": [issue._asdict() for issue in error.issues] if error else [],
+        "warnings": [w._asdict() for w in loaded.warnings] if loaded else [],
     }
 
 
@@ -111,19 +134,21 @@ def _as_json(result: dict) -> dict:
     help="Artifact to write (default: PATH with suffix .compiled.safetensors).",
 )
 @json_option
+@output_errors
 def compile_command(path, model, text_model, device, out, as_json):
     """Compile a policy into embedding matrices for its model."""
     from moderation.encoder import ClipEncoder
     from policy import compile_policy
 
+    out = out or path.with_suffix(".compiled.safetensors")
+    regular_target(out)  # the artifact is written by rename, which would replace a device
     with failures():
         loaded = load_policy(path)
         encoder = ClipEncoder.from_pretrained(
             model or loaded.resolved_model, device=device, text_model=text_model
         )
         compiled = compile_policy(loaded, encoder)
-    out = out or path.with_suffix(".compiled.safetensors")
-    compiled.save(out)
+    _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,
         "version": compiled.version,
@@ -138,9 +163,10 @@ def compile_command(path, model, text_model, device, out, as_json):
         echo_json(summary)
     else:
         click.echo(
-            f"compiled {compiled.name} v{compiled.version}: {summary['concepts']} concepts, "
+            f"compiled {clean(compiled.name)} v{clean(compiled.version)}: "
+            f"{summary['concepts']} concepts, "
             f"{summary['special_care']} special-care, width {compiled.embed_dim}, "
-            f"model {compiled.model}\ndigest {compiled.digest}\nwrote {out}"
+            f"model {clean(compiled.model)}\ndigest {compiled.digest}\nwrote {clean(out)}"
         )
 
 
@@ -155,12 +181,15 @@ def compile_command(path, model, text_model, device, out, as_json):
 )
 @click.option("--force", is_flag=True, help="Overwrite the policy and embeddings files.")
 @json_option
+@output_errors
 def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: bool) -> None:
     """Write a compat: diffusers policy naming every concept of a safety checker CHECKPOINT."""
     from moderation.integrations.sd_checker import import_sd_checker
 
+    for target in (out, out.with_suffix(".safetensors")):
+        regular_target(target)
     with failures():
-        result = import_sd_checker(checkpoint, out, overwrite=force)
+        result = _save(lambda: import_sd_checker(checkpoint, out, overwrite=force), out)
     if as_json:
         data = {
             "policy": str(result.policy_path),
@@ -172,6 +201,18 @@ def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: 
         echo_json(data)
         return
     click.echo(
-        f"Wrote {result.policy_path}: {result.n_concepts} concepts, "
-        f"{result.n_special} special-care concepts (embeddings in {result.embeddings_path})"
+        f"Wrote {clean(result.policy_path)}: {result.n_concepts} concepts, "
+        f"{result.n_special} special-care concepts (embeddings in {clean(result.embeddings_path)})"
     )
+
+
+def _save(write, out: Path):
+    """Run a write; a full disk or an unwritable folder becomes one line (safetensors raises
+    its own error type for them)."""
+    from safetensors import SafetensorError
+
+    try:
+        return write()
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise click.ClickException(f"cannot write {clean(out)}: {clean(reason)}") from err

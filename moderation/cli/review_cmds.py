@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import click
 
 from moderation.cli.app import review
-from moderation.cli.options import db_option, echo_json, failures, json_option
+from moderation.cli.options import (
+    clean,
+    db_option,
+    echo_json,
+    failures,
+    json_option,
+    open_output,
+    output_errors,
+    standard_output,
+    writing,
+)
 from moderation.cli.review_text import items_table, render_show, render_stats, table, when
 from moderation.review import ReviewQueue
 from moderation.review.report import EXPORT_FORMATS
+from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.models import REVIEW_STATUSES
 
 reviewer_option = click.option(
@@ -49,8 +62,11 @@ def _labels(concepts: tuple[str, ...], no_concepts: bool) -> list[str] | None:
 
 
 def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
+    """The queue of an existing database: a mistyped SQLite path must not create an empty one."""
     with failures():
-        return ReviewQueue(db_url, **kwargs)
+        url = resolve_db_url(db_url)
+        require_database(url)
+        return ReviewQueue(url, **kwargs)
 
 
 @review.command("list")
@@ -63,6 +79,7 @@ def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
 )
 @json_option
 @db_option
+@output_errors
 def list_cmd(status, policy, concept, since, limit, as_json, db_url):
     """List review items in queue order."""
     queue = _queue(db_url)
@@ -81,6 +98,7 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
 @click.argument("item_id", type=int)
 @json_option
 @db_option
+@output_errors
 def show_cmd(item_id, as_json, db_url):
     """Explain one item: concept scores, special care, history."""
     queue = _queue(db_url)
@@ -112,6 +130,7 @@ def show_cmd(item_id, as_json, db_url):
 )
 @json_option
 @db_option
+@output_errors
 def claim_cmd(reviewer, count, lease, as_json, db_url):
     """Claim the next items of the queue for a reviewer."""
     queue = _queue(db_url, lease_seconds=lease)
@@ -124,7 +143,7 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
         click.echo("Nothing to claim: the queue is empty.")
         return
     expires = when(claims[0].expires_at)
-    click.echo(f"Claimed {len(claims)} item(s) for {reviewer.strip()} until {expires} UTC:")
+    click.echo(f"Claimed {len(claims)} item(s) for {clean(reviewer.strip())} until {expires} UTC:")
     rows = [[str(c.item_id), c.decision_id, c.token] for c in claims]
     click.echo(table(["ID", "DECISION", "TOKEN"], rows, right=(0,)))
 
@@ -136,6 +155,7 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 @token_option
 @concept_options("the special-care hits; the fired concepts were false alarms")
 @db_option
+@output_errors
 def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """Approve an item: the held image may be released.
 
@@ -158,6 +178,7 @@ def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url)
 @token_option
 @concept_options("the concepts that fired")
 @db_option
+@output_errors
 def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """Reject an item: the moderation stands.
 
@@ -177,6 +198,7 @@ def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
 @reviewer_option
 @click.option("--reason", required=True, metavar="TEXT", help="Why the item is appealed.")
 @db_option
+@output_errors
 def reopen_cmd(item_id, reviewer, reason, db_url):
     """Reopen (appeal) an approved or rejected item as a new pending item."""
     queue = _queue(db_url)
@@ -188,6 +210,7 @@ def reopen_cmd(item_id, reviewer, reason, db_url):
 @review.command("stats")
 @json_option
 @db_option
+@output_errors
 def stats_cmd(as_json, db_url):
     """Queue depth and decisions per action and concept."""
     queue = _queue(db_url)
@@ -204,15 +227,30 @@ def stats_cmd(as_json, db_url):
 @click.option(
     "-o",
     "--output",
-    type=click.File("w", encoding="utf-8"),
-    default="-",
-    help="File (default: stdout).",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: stdout); an existing file needs --force.",
 )
+@click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
 @db_option
-def export_cmd(fmt, output, db_url):
-    """Export every decision with its review status as JSON lines or CSV."""
+@output_errors
+def export_cmd(fmt, output, force, db_url):
+    """Export every decision with its review status as JSON lines or CSV.
+
+    CSV is for spreadsheets: control characters are escaped and cells that start like a
+    formula (=, +, -, @) get a leading '. JSON lines keep every value exactly.
+    """
     queue = _queue(db_url)
-    with failures():
-        count = queue.export(fmt, output)
-    if output.name != "<stdout>":
-        click.echo(f"Exported {count} decisions to {output.name}.", err=True)
+    if output is None or str(output) == "-":
+        with failures():
+            queue.export(fmt, standard_output())
+        return
+    created = not os.path.lexists(output)
+    out = open_output(output, force=force)
+    try:
+        with writing(output), failures(), out:
+            count = queue.export(fmt, out)
+    except BaseException:
+        if created:
+            output.unlink(missing_ok=True)  # no half-written export left behind
+        raise
+    click.echo(f"Exported {count} decisions to {clean(output)}.", err=True)

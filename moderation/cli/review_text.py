@@ -1,4 +1,8 @@
-"""Plain-text rendering of review items, explanations and stats for people (tables, UTC times)."""
+"""Plain-text rendering of review items, explanations and stats for people (tables, UTC times).
+
+Every value from the database is escaped with `clean` (names, reasons, concepts, prompts, files):
+table cells one by one, and every other line as a whole, so that one line stays one line.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from moderation.cli.options import clean
 from moderation.review.labels import render as render_labels
 from moderation.review.queries import utc
 
@@ -29,6 +34,8 @@ def num(value: float | None, signed: bool = True) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell; column indexes in `right` are right-aligned."""
+    headers = [clean(h) for h in headers]
+    rows = [[clean(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -41,8 +48,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-def indent(text: str, prefix: str = "  ") -> str:
-    return "\n".join(prefix + line for line in text.splitlines())
+def indent(text: str, prefix: str = "  ") -> list[str]:
+    """The lines of a rendered block (already escaped), indented."""
+    return [prefix + line for line in text.split("\n")]
+
+
+def lines_of(lines: list[str]) -> str:
+    """Lines that may hold values from users, each escaped into exactly one line."""
+    return "\n".join(clean(line) for line in lines)
 
 
 def age(seconds: float) -> str:
@@ -122,7 +135,7 @@ def render_show(shown: dict[str, Any]) -> str:
         f"  meta {meta}",
     ]
     if item.get("labels") is not None:
-        lines.insert(2, f"  labels: {render_labels(item['labels'])}")
+        lines.insert(2, f"  labels: {clean(render_labels(item['labels']))}")
     if dec["error"]:
         lines.append(f"  error {dec['error']}")
     lines.append(
@@ -142,7 +155,7 @@ def render_show(shown: dict[str, Any]) -> str:
         for c in shown["concepts"]
     ]
     headers = ["CONCEPT", "SEVERITY", "ACTION", "COSINE", "THRESHOLD", "MARGIN", "SCORE", "FIRED"]
-    lines += ["Concepts:", indent(table(headers, rows, right=(3, 4, 5, 6)))]
+    lines += ["Concepts:", *indent(table(headers, rows, right=(3, 4, 5, 6)))]
     care = shown["special_care"]
     lines.append(
         f"Special care: adjustment applied {num(care['adjustment_applied'])} "
@@ -158,10 +171,10 @@ def render_show(shown: dict[str, Any]) -> str:
             ]
             for s in care["concepts"]
         ]
-        lines.append(indent(table(["CONCEPT", "COSINE", "THRESHOLD", "HIT"], rows, right=(1, 2))))
+        lines += indent(table(["CONCEPT", "COSINE", "THRESHOLD", "HIT"], rows, right=(1, 2)))
     rows = [_event_line(e) for e in shown["events"]]
-    lines += ["History (UTC):", indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
-    return "\n".join(lines)
+    lines += ["History (UTC):", *indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
+    return lines_of(lines)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -190,4 +203,4 @@ def render_stats(stats: dict[str, Any]) -> str:
         f"  by verdict: {_counts(decisions['by_verdict'])}",
         f"  by fired concept: {_counts(decisions['by_concept'])}",
     ]
-    return "\n".join(lines)
+    return lines_of(lines)

@@ -19,14 +19,13 @@ import torch
 
 from moderation.checkpoint import Checkpoint
 from moderation.errors import EncoderError
+from policy.limits import DIFFUSERS_ADJUSTMENT  # the checker's hard-coded `adjustment = 0.01`
 
 CONCEPTS = "concept_embeds"
 THRESHOLDS = "concept_embeds_weights"
 SPECIAL = "special_care_embeds"
 SPECIAL_THRESHOLDS = "special_care_embeds_weights"
 TENSOR_NAMES = (CONCEPTS, THRESHOLDS, SPECIAL, SPECIAL_THRESHOLDS)
-# diffusers' special-care adjustment (its hard-coded `adjustment = 0.01`).
-DIFFUSERS_ADJUSTMENT = 0.01
 
 
 class CheckpointError(EncoderError):

@@ -166,7 +166,11 @@ def decision_labels(conn: Connection, decision_id: str) -> dict[str, Any] | None
 
 
 def held_file(held_path: str | None) -> str | None:
-    """The held original's full path, under $MODERATION_HELD_DIR (else ./held)."""
+    """The held original's full path: as the decision log recorded it; an older, relative path
+    under $MODERATION_HELD_DIR (else ./held)."""
+    from moderation.storage.held import HeldStore
     from moderation.storage.log import default_held_dir
 
-    return None if held_path is None else str((default_held_dir() / held_path).resolve())
+    if held_path is None:
+        return None
+    return str(HeldStore(default_held_dir()).path_of(held_path).absolute())

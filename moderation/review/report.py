@@ -12,6 +12,7 @@ from sqlalchemy import Connection, func, select, true
 from moderation.review.explain import floats
 from moderation.review.queries import fired_concepts, iso, utc
 from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
+from moderation.text import spreadsheet_cell
 
 EXPORT_FORMATS = ("jsonl", "csv")
 EXPORT_FIELDS = (
@@ -164,10 +165,14 @@ def export_rows(conn: Connection):
 
 
 def _cell(value: Any) -> Any:
+    """A CSV cell: text cannot start a spreadsheet formula nor hold control characters; numbers
+    stay numbers (a negative margin is not a formula). JSON lines keep values exact."""
     if value is None:
         return ""
     if isinstance(value, (list, dict)):
-        return json.dumps(value, sort_keys=True)
+        value = json.dumps(value, sort_keys=True)  # starts with [ or {; ensure_ascii escapes
+    if isinstance(value, str):
+        return spreadsheet_cell(value)
     return value
 
 

@@ -1,21 +1,25 @@
 """SQL decision log, review-queue tables, migrations, spool and held originals.
 
 One module per job: `db` (URLs, engines, transactions), `schema` (migrations and the schema check),
-`models` (tables), `records` (what the engine hands over, and its rows), `inserts` (batched
-writes), `spool` (the local fallback), `held` (held originals), `log` (DecisionLog),
+`models` (tables), `records` (what the engine hands over, and its rows), `storable` (what every
+backend can store), `inserts` (batched writes), `spool` and `spool_format` (the local fallback),
+`replay` (spool -> database, with quarantine), `held` (held originals), `log` (DecisionLog),
 `background` (BackgroundDecisionLog) and `errors` (the one SQLAlchemy-error wrapper).
 """
 
 from moderation.storage.db import immediate_transaction, resolve_db_url
 from moderation.storage.errors import (
     DatabaseUnavailableError,
+    OtherDatabaseError,
+    PartlyRecordedError,
     SchemaVersionError,
     StorageError,
+    UnrecordedError,
     database_errors,
     display_url,
 )
 from moderation.storage.held import HeldStore
-from moderation.storage.log import DecisionLog
+from moderation.storage.log import DecisionLog, LogCounts
 from moderation.storage.models import (
     NAMING_CONVENTION,
     REVIEW_EVENTS,
@@ -51,6 +55,9 @@ __all__ = [
     "DecisionRecord",
     "DecisionRow",
     "HeldStore",
+    "LogCounts",
+    "OtherDatabaseError",
+    "PartlyRecordedError",
     "PolicyRecord",
     "PolicyRow",
     "ReviewEvent",
@@ -59,6 +66,7 @@ __all__ = [
     "Spool",
     "StorageError",
     "UTCDateTime",
+    "UnrecordedError",
     "current",
     "database_errors",
     "decode_array",

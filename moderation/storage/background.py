@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from moderation.errors import ModerationError
+from moderation.storage.errors import PartlyRecordedError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -57,7 +58,9 @@ class BackgroundDecisionLog:
         self.log = log
         self.max_pending = max_pending
         self.max_transaction = max_transaction
-        self.failed: list[DecisionRecord] = []  # records the wrapped log refused (not an outage)
+        # Records the wrapped log could not record at all (a refused batch that it kept in the
+        # spool is not among them; its error is still re-raised).
+        self.failed: list[DecisionRecord] = []
         self.transactions = 0  # writes handed to the wrapped log
         self.records_written = 0  # records it took (committed or spooled)
         self._cond = threading.Condition()
@@ -211,6 +214,10 @@ class BackgroundDecisionLog:
             self.transactions += 1
             self.records_written += len(records)
             return
+        except PartlyRecordedError as exc:  # all kept (in the spool): report, do not rewrite
+            self.records_written += len(records)
+            self._fail([], exc)
+            return
         except Exception as exc:  # kept, and re-raised in the caller's thread
             if len(batches) == 1:
                 self._fail(batches[0], exc)
@@ -221,11 +228,17 @@ class BackgroundDecisionLog:
                 self.log.write(batch)
                 self.transactions += 1
                 self.records_written += len(batch)
+            except PartlyRecordedError as exc:
+                self.records_written += len(batch)
+                self._fail([], exc)
             except Exception as exc:
                 self._fail(batch, exc)
 
     def _fail(self, batch: list[DecisionRecord], exc: Exception) -> None:
-        logger.error("the decision writer could not write %d decisions: %s", len(batch), exc)
+        if batch:
+            logger.error("the decision writer could not write %d decisions: %s", len(batch), exc)
+        else:
+            logger.error("the decision writer: %s", exc)
         with self._cond:
             self.failed.extend(batch)
             if self._error is None:

@@ -1,16 +1,19 @@
-"""Database URLs and cached engines: SQLite pragmas, write transactions, JSON for JSON columns."""
+"""Database URLs and cached engines: SQLite pragmas and file mode, write transactions, JSON for JSON
+columns, and the identity of a database (which spooled decisions belong to)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, create_engine, event, exc, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, make_url
 from sqlalchemy.pool import NullPool
 
 from moderation.storage.errors import StorageError, display_url
@@ -20,6 +23,9 @@ DEFAULT_DB_URL = "sqlite:///moderation.db"
 # before the database counts as unavailable (the decision log then spools).
 SQLITE_BUSY_TIMEOUT_S = 5.0
 PG_CONNECT_TIMEOUT_S = 5
+# A new SQLite database holds prompts, users and embeddings: owner-only, like held and spool
+# files. SQLite gives its -wal/-shm files the mode of the database file.
+SQLITE_FILE_MODE = 0o600
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -33,6 +39,66 @@ def resolve_db_url(url: str | None = None) -> str:
         if url.startswith(bare):
             url = "postgresql+psycopg://" + url[len(bare) :]
     return url
+
+
+def parse_db_url(url: str) -> URL:
+    """The parsed URL; StorageError (password masked) when it is not a database URL."""
+    try:
+        return make_url(url)
+    except (exc.ArgumentError, ValueError, TypeError) as err:
+        raise StorageError(f"invalid database URL {display_url(url)!r}: {err}") from err
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases, in-memory ones and `uri=true` URLs)."""
+    parsed = parse_db_url(resolve_db_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return None
+    if parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def require_database(url: str) -> None:
+    """Refuse a SQLite URL whose file does not exist (a typo would create an empty database)."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StorageError(
+            f"no database at {path} ({display_url(resolve_db_url(url))}); "
+            "`moderation db upgrade --db URL` creates one"
+        )
+
+
+def loose_mode_warning(url: str) -> str | None:
+    """A warning when an existing SQLite file is readable by other users (we never chmod it)."""
+    path = sqlite_file(url)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path is not None else 0
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"{path} is readable by other users (mode {mode:04o}) and holds prompts, users and "
+        f"embeddings; `chmod 600 {path}` unless that is intended"
+    )
+
+
+def database_identity(url: str) -> str:
+    """Which database a URL reaches, without user, password, driver or options.
+
+    SQLite: the file's absolute path; servers: backend, host, port and database name. Spooled
+    decisions carry it, so that they are not replayed into another database by mistake. The same
+    server reached under two names (localhost, 127.0.0.1) counts as two databases.
+    """
+    parsed = parse_db_url(resolve_db_url(url))
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = sqlite_file(url)
+        where = os.path.realpath(path) if path is not None else (parsed.database or ":memory:")
+        return f"sqlite:{where}"
+    port = parsed.port or {"postgresql": 5432}.get(backend, "")
+    return f"{backend}://{(parsed.host or '').lower()}:{port}/{parsed.database or ''}"
 
 
 def _json_default(value: Any) -> Any:
@@ -56,8 +122,23 @@ def json_dumps(value: Any) -> str:
     return _encoder.encode(value)
 
 
+def _create_private(path: Path) -> None:
+    """Create a missing database file owner-only; an existing file keeps its mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
+    except OSError:
+        pass  # exists already, or its folder is missing: SQLite reports what is wrong
+
+
 def _install_sqlite_events(engine: Engine, *, foreign_keys: bool) -> None:
     """SQLite pragmas on connect, and SQLAlchemy's pysqlite recipe to own BEGIN."""
+    database = sqlite_file(engine.url.render_as_string(hide_password=False))
+
+    if database is not None:
+
+        @event.listens_for(engine, "do_connect")
+        def _before_connect(*_args: Any) -> None:
+            _create_private(database)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -79,7 +160,7 @@ def _install_sqlite_events(engine: Engine, *, foreign_keys: bool) -> None:
 
 
 def _make_engine(url: str, *, migration: bool = False) -> Engine:
-    parsed = make_url(url)
+    parsed = parse_db_url(url)
     kwargs: dict[str, Any] = {"json_serializer": json_dumps}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
@@ -90,7 +171,7 @@ def _make_engine(url: str, *, migration: bool = False) -> Engine:
         kwargs["poolclass"] = NullPool
     try:
         engine = create_engine(parsed, **kwargs)
-    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
+    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError, ValueError, TypeError) as err:
         raise StorageError(f"invalid database URL {display_url(url)!r}: {err}") from err
     if parsed.get_backend_name() == "sqlite":
         # Batch migrations rebuild tables; foreign keys must be off while they do (SQLite docs).

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 
 from sqlalchemy import exc, make_url
 
@@ -25,12 +26,39 @@ class SchemaVersionError(StorageError):
     """The database schema is not the revision this code needs (run `moderation db upgrade`)."""
 
 
+class UnrecordedError(StorageError):
+    """Decisions that could be kept neither in the database nor in the spool (`decision_ids`)."""
+
+    def __init__(self, message: str, decision_ids: Iterable[str]) -> None:
+        super().__init__(message)
+        self.decision_ids = list(decision_ids)
+
+
+class PartlyRecordedError(StorageError):
+    """Decisions that are recorded, but not as they should be: kept in the spool because the
+    database refused them (or has the wrong schema), or written without their held original."""
+
+    def __init__(self, message: str, decision_ids: Iterable[str]) -> None:
+        super().__init__(message)
+        self.decision_ids = list(decision_ids)
+
+
+class OtherDatabaseError(StorageError):
+    """A replay left spool files that were written for another database."""
+
+
+# `user:password@` of a URL that does not even parse, and `password=` style query parameters.
+_USERINFO_PASSWORD = re.compile(r"(//[^/@:]*:)[^@/]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd|sslpassword)=)[^&]*", re.IGNORECASE)
+
+
 def display_url(url: str) -> str:
-    """The URL with any password hidden, for messages."""
+    """The URL with any password hidden (in the user part and in the query), for messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return url
+        shown = make_url(url).render_as_string(hide_password=True)
+    except (exc.ArgumentError, ValueError, TypeError):
+        shown = _USERINFO_PASSWORD.sub(r"\1***@", str(url))
+    return _QUERY_PASSWORD.sub(r"\1***", shown)
 
 
 def first_line(err: BaseException) -> str:

@@ -14,7 +14,12 @@ FILE_MODE = 0o600
 
 
 class HeldStore:
-    """Stores image bytes as `<sha[:2]>/<sha>.png` under `folder`; paths are relative."""
+    """Stores image bytes as `<sha[:2]>/<sha>.png` under `folder`.
+
+    `put` returns the path relative to the folder; the decision log records `absolute(...)` of it,
+    so that a reader finds the file whatever its own held folder is. `get` takes either kind: a
+    relative path (rows written before absolute paths were recorded) is looked up under `folder`.
+    """
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
@@ -45,14 +50,23 @@ class HeldStore:
             raise StorageError(f"cannot store held image in {self.folder}: {err}") from err
         return relative
 
-    def get(self, relative: str) -> bytes:
-        """The bytes stored at `relative`, checked against the sha256 in the file name."""
-        path = self.folder / relative
+    def absolute(self, relative: str) -> str:
+        """The absolute path of a file `put` stored (what a decision row records)."""
+        return str(self.folder.resolve() / relative)
+
+    def path_of(self, held_path: str) -> Path:
+        """Where a recorded held path points: an absolute one as is, a relative one under folder."""
+        path = Path(held_path)
+        return path if path.is_absolute() else self.folder / path
+
+    def get(self, held_path: str) -> bytes:
+        """The bytes stored at `held_path`, checked against the sha256 in the file name."""
+        path = self.path_of(held_path)
         try:
             data = path.read_bytes()
         except OSError as err:
             raise StorageError(f"cannot read held image {path}: {err.strerror}") from err
-        if hashlib.sha256(data).hexdigest() != Path(relative).stem:
+        if hashlib.sha256(data).hexdigest() != path.stem:
             raise StorageError(f"held image {path} is corrupt (its sha256 does not match its name)")
         return data
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
+from moderation.storage.storable import storable_text
 
 if TYPE_CHECKING:
     from moderation.decision import Decision
@@ -144,7 +145,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "special_scores": encode_array(record.special_scores, F32, f"{where}: special_scores"),
         "embedding": encode_array(record.embedding, F16, f"{where}: embedding", ndim=2),
         "meta": dict(record.meta or {}),
-        "error": record.error,
+        "error": storable_text(record.error),
         "held_path": held_path,
         "views": None if record.views is None else [dict(v) for v in record.views],
         "concept_views": encode_array(record.concept_views, I16, f"{where}: concept_views"),

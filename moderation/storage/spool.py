@@ -9,28 +9,34 @@ lock (its own, and those whose process is gone); a live process's file stays loc
 alone. Files are created under a `.tmp` name and renamed once locked, so a replayer never grabs
 a file between its creation and its lock.
 
-Record: header `<4sBII` = magic b"MSPL", kind (1 policy, 2 decisions), payload length,
-crc32(kind byte + payload); then the payload, compact JSON (arrays as base64). One record per
-`write` batch, fsynced before `write` returns, so a batch is either wholly there or a torn tail.
+Records (see `spool_format`) are checksummed JSON, one per `write` batch, fsynced before `write`
+returns, so a batch is either wholly there or a torn tail. Each file starts with a `target` record
+(the database its decisions are meant for). Records a replay could not store are moved to
+`quarantine/` beside the files, in the same format, so that `moderation db replay --spool
+DIR/quarantine` can retry them once the cause is fixed.
 Not thread-safe by itself: DecisionLog serializes calls under its lock.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import socket
-import struct
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
+from moderation.storage.spool_format import (
+    HEADER,
+    SpoolRecord,
+    SpoolRecordError,
+    encode_record,
+    is_torn_tail,
+    scan,
+)
 
 try:
     import fcntl
@@ -39,12 +45,10 @@ except ImportError:  # Windows: no flock; then use one writing process per spool
 
 log = logging.getLogger("moderation.storage")
 
-MAGIC = b"MSPL"
-HEADER = struct.Struct("<4sBII")
-KINDS = {"policy": 1, "decisions": 2}
-KIND_NAMES = {v: k for k, v in KINDS.items()}
+__all__ = ["HEADER", "Spool", "SpoolRecord", "SpoolRecordError", "fsync_dir"]
+
 SUFFIX = ".spool"
-MAX_RECORD_BYTES = 1 << 30  # a larger length field can only be garbage
+QUARANTINE = "quarantine"
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -52,10 +56,12 @@ FILE_MODE = 0o600
 class Spool:
     """The spool folder: appends to this process's file, and claims files for replay."""
 
-    def __init__(self, folder: Path | str) -> None:
+    def __init__(self, folder: Path | str, target: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
+        self.target = target  # written first in every file this Spool creates
         self.discarded: list[str] = []  # reports of torn/corrupt tails cut off, for people
         self._own: tuple[int, Path, int] | None = None  # (pid, path, fd)
+        self._own_empty = 0  # size of our file before its first decision or policy record
         self._claimed: dict[Path, int] = {}  # foreign files locked by us for replay -> fd
 
     # -- writing ---------------------------------------------------------------------------
@@ -68,19 +74,20 @@ class Spool:
 
     def append(self, kind: str, payload: dict[str, Any]) -> None:
         """Append one record and fsync it; on failure nothing of it stays in the file."""
-        body = json_dumps(payload).encode("utf-8")
-        kind_byte = KINDS[kind]
-        crc = zlib.crc32(body, zlib.crc32(bytes([kind_byte])))
-        record = HEADER.pack(MAGIC, kind_byte, len(body), crc) + body
+        try:
+            record = encode_record(kind, payload)
+        except (TypeError, ValueError) as err:
+            raise StorageError(f"cannot spool a {kind} record: {err}") from err
         try:
             _, path, fd = self._open_own()
             start = os.lseek(fd, 0, os.SEEK_END)
         except OSError as err:
             raise StorageError(f"cannot open the spool in {self.folder}: {err}") from err
+        self._write_at_end(path, fd, start, record)
+
+    def _write_at_end(self, path: Path, fd: int, start: int, record: bytes) -> None:
         try:
-            view = memoryview(record)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, record)
             os.fsync(fd)
         except OSError as err:
             # Cut the partial record, and start a new file next time: should the cut fail too,
@@ -109,40 +116,55 @@ class Spool:
         tmp = self.folder / (name + ".tmp")
         path = self.folder / (name + SUFFIX)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
-        _lock(fd)
-        os.rename(tmp, path)
-        fsync_dir(self.folder)
+        try:
+            _lock(fd)
+            if self.target is not None:
+                # The target goes in before the file has its name: a replayer never sees a file
+                # without it.
+                _write_all(fd, encode_record("target", self.target))
+                os.fsync(fd)
+            os.rename(tmp, path)
+            fsync_dir(self.folder)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        self._own_empty = os.fstat(fd).st_size
         self._own = (os.getpid(), path, fd)
         return self._own
 
     # -- replay ----------------------------------------------------------------------------
 
-    def has_pending(self) -> bool:
-        """Whether any spool file exists (ours with data, or another process's)."""
+    def has_pending(self, skip: Collection[str] = ()) -> bool:
+        """Whether any spool file exists (ours with data, or another process's), but `skip`."""
         own = self._current_own()
-        if own is not None and os.fstat(own[2]).st_size > 0:
+        if own is not None and self._own_has_records(own):
             return True
         try:
             with os.scandir(self.folder) as entries:
                 return any(
-                    e.name.endswith(SUFFIX) and (own is None or Path(e.path) != own[1])
+                    e.name.endswith(SUFFIX)
+                    and e.name not in skip
+                    and (own is None or Path(e.path) != own[1])
                     for e in entries
                 )
         except FileNotFoundError:
             return False
 
-    def claim(self) -> list[Path]:
-        """Lock every replayable file (ours, and those of dead processes), oldest first."""
+    def claim(self, skip: Collection[str] = ()) -> list[Path]:
+        """Lock every replayable file (ours, and those of dead processes) but `skip`, oldest first."""
         own = self._current_own()
         paths: list[Path] = []
         try:
-            names = sorted(n for n in os.listdir(self.folder) if n.endswith(SUFFIX))
+            names = sorted(
+                n for n in os.listdir(self.folder) if n.endswith(SUFFIX) and n not in skip
+            )
         except FileNotFoundError:
             return paths
         for name in names:
             path = self.folder / name
             if own is not None and path == own[1]:
-                if os.fstat(own[2]).st_size > 0:
+                if self._own_has_records(own):
                     paths.append(path)
             elif path in self._claimed or self._lock_foreign(path):
                 paths.append(path)
@@ -155,12 +177,46 @@ class Spool:
         self.release_all()
         return self.discarded[before:]
 
-    def entries(self, path: Path, kind: str) -> Iterator[dict[str, Any]]:
-        """The payloads of one kind of record in a claimed file, in order."""
-        fd = self._fd_of(path)
-        for _, found, body in _scan(fd):
-            if found == KINDS[kind]:
-                yield json.loads(body)
+    def records(self, path: Path) -> list[SpoolRecord]:
+        """The intact records of a claimed file, in order."""
+        return list(scan(self._fd_of(path)))
+
+    def entries(self, path: Path, kind: str) -> list[dict[str, Any]]:
+        """The payloads of one kind of record in a claimed file (SpoolRecordError if one is bad)."""
+        return [r.payload() for r in self.records(path) if r.kind == kind]
+
+    def target_of(self, path: Path) -> dict[str, Any] | None:
+        """The database a claimed file is meant for (None: unknown, e.g. an older version's file).
+
+        Only the first intact record is read: this version writes the target first."""
+        first = next(scan(self._fd_of(path)), None)
+        if first is None or first.kind != "target":
+            return None
+        try:
+            return first.payload()
+        except SpoolRecordError:
+            return None
+
+    def quarantine(self, source: Path, records: list[bytes]) -> Path:
+        """Write records set aside from `source` to `quarantine/<source name>`, durably."""
+        folder = self.folder / QUARANTINE
+        target = folder / source.name
+        tmp = folder / (source.name + ".tmp")
+        try:
+            if not folder.is_dir():
+                folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
+                fsync_dir(self.folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                _write_all(fd, b"".join(records))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            fsync_dir(folder)
+        except OSError as err:
+            raise StorageError(f"cannot write the quarantine file {target}: {err}") from err
+        return target
 
     def remove(self, path: Path) -> None:
         """Delete a claimed file once every record in it is committed to the database."""
@@ -176,6 +232,12 @@ class Spool:
         finally:
             os.close(fd)
 
+    def release(self, path: Path) -> None:
+        """Unlock one claimed file of another process without removing it."""
+        fd = self._claimed.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
     def release_all(self) -> None:
         """Unlock the files of other processes that were claimed but not removed."""
         for fd in self._claimed.values():
@@ -188,10 +250,13 @@ class Spool:
         own = self._current_own()
         if own is not None:
             _, path, fd = own
-            if os.fstat(fd).st_size == 0:
+            if not self._own_has_records(own):
                 path.unlink(missing_ok=True)
             os.close(fd)
         self._own = None
+
+    def _own_has_records(self, own: tuple[int, Path, int]) -> bool:
+        return os.fstat(own[2]).st_size > self._own_empty
 
     def _fd_of(self, path: Path) -> int:
         own = self._current_own()
@@ -217,50 +282,48 @@ class Spool:
         return True
 
     def _repair(self, fd: int, path: Path) -> None:
-        """Truncate a file to its last good record; keep a copy of mid-file corruption."""
-        good_end = max((end for end, _, _ in _scan(fd)), default=0)
+        """Copy damaged bytes aside for a human and cut a torn or damaged tail.
+
+        Damage between intact records stays in the file (the scan skips it; the file goes once
+        replayed); a damaged tail is cut, so that appends never land after garbage.
+        """
         size = os.fstat(fd).st_size
-        if good_end == size:
-            return
+        position = 0
+        for record in [*scan(fd), None]:
+            start = size if record is None else record.start
+            if start > position:
+                self._set_aside(fd, path, position, start, tail=record is None)
+            if record is not None:
+                position = record.end
+
+    def _set_aside(self, fd: int, path: Path, start: int, end: int, *, tail: bool) -> None:
         what = "a torn last record"
-        if not _is_torn_tail(fd, good_end, size):
+        if not (tail and is_torn_tail(fd, start, end)):
             # Not a crash artefact: set the bytes aside for a human instead of losing them.
-            keep = path.with_name(f"{path.name}.corrupt-{good_end}")
-            keep.write_bytes(os.pread(fd, size - good_end, good_end))
+            keep = path.with_name(f"{path.name}.corrupt-{start}")
+            data = os.pread(fd, end - start, start)
+            if not tail and keep.exists() and keep.read_bytes() == data:
+                return  # set aside by an earlier replay already
+            keep.write_bytes(data)
+            os.chmod(keep, FILE_MODE)
             what = f"corrupt records (copied to {keep.name})"
-        os.ftruncate(fd, good_end)
-        os.fsync(fd)
-        report = f"{path}: discarded {size - good_end} bytes of {what} at offset {good_end}"
+        if tail:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+            report = f"{path}: discarded {end - start} bytes of {what} at offset {start}"
+        else:
+            report = (
+                f"{path}: skipped {end - start} bytes of {what} at offset {start}; "
+                "the records after them are kept"
+            )
         log.warning("spool: %s", report)
         self.discarded.append(report)
 
 
-def _scan(fd: int) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (end offset, kind, payload) of each good record, stopping at the first bad one."""
-    offset = 0
-    size = os.fstat(fd).st_size
-    while offset + HEADER.size <= size:
-        magic, kind, length, crc = HEADER.unpack(os.pread(fd, HEADER.size, offset))
-        if magic != MAGIC or kind not in KIND_NAMES or length > MAX_RECORD_BYTES:
-            return
-        end = offset + HEADER.size + length
-        if end > size:
-            return
-        body = os.pread(fd, length, offset + HEADER.size)
-        if zlib.crc32(body, zlib.crc32(bytes([kind]))) != crc:
-            return
-        yield end, kind, body
-        offset = end
-
-
-def _is_torn_tail(fd: int, start: int, size: int) -> bool:
-    """A crash leaves a prefix of the last record, or a full-length last record of junk/zeros."""
-    if size - start < HEADER.size:
-        return True
-    magic, _, length, _ = HEADER.unpack(os.pread(fd, HEADER.size, start))
-    if magic == MAGIC:
-        return start + HEADER.size + length >= size
-    return not os.pread(fd, size - start, start).strip(b"\0")
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _lock(fd: int) -> None:
