@@ -156,7 +156,7 @@ def test_check_out_writes_a_still_of_a_flagged_animation(
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert row["verdict"] == "flag" and row["views"][row["concepts"][0]["view"]]["frame"] == 3
-    with Image.open(out / "anim.png") as written:
+    with Image.open(out / f"{animation.name}.png") as written:  # check keeps the input name
         assert not getattr(written, "is_animated", False)  # blacked out, and still
         assert np.asarray(written.convert("RGB")).max() == 0
 
@@ -179,7 +179,7 @@ def test_check_out_re_animates_only_judged_frames(tmp_path, tiny_clip_dir, encod
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert [v["frame"] for v in row["views"]] == list(judged.frame_numbers)
-    with Image.open(out / "long.png") as written:
+    with Image.open(out / "long.gif.png") as written:  # check keeps the input name
         assert written.n_frames == 8
         shown = []
         for i in range(written.n_frames):
