@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ _KINDS = {
     "CLIPVisionModelWithProjection": "clip",
 }
 _TEXT_ARCHITECTURES = ("CLIPModel", "CLIPTextModelWithProjection")
+# Knob: images per forward when embedding example images (bounds memory, not results).
+IMAGE_CHUNK = 32
 
 
 def resolve_device(
@@ -331,6 +334,36 @@ class ClipEncoder:
             images, size=self.image_size, mean=self.image_mean, std=self.image_std
         )  # [B, 3, S, S]
         return self.encode_image(pixel_values)
+
+    def encode_image_bytes(self, images: Sequence[bytes]) -> Tensor:
+        """[N, D] embeddings (float32, CPU) of encoded image files, read as the engine reads an
+        image file and preprocessed as one view (CLIP's resize and centre crop).
+
+        An image that cannot be read raises EncoderError with `index` naming it.
+        """
+        from moderation.images import ImageInputError, load_image_file
+
+        rows = [torch.zeros((0, self.embed_dim))]
+        for start in range(0, len(images), IMAGE_CHUNK):
+            pixels = []
+            for index in range(start, min(start + IMAGE_CHUNK, len(images))):
+                try:
+                    pixels.append(load_image_file(io.BytesIO(images[index])))  # [3, H, W]
+                except ImageInputError as exc:
+                    # The engine's message starts with the file it was given; here the caller
+                    # knows the file, so keep only the reason.
+                    reason = str(exc).partition(": ")[2] or str(exc)
+                    raise EncoderError(reason, index=index) from None
+            rows.append(self.embed_images(pixels, value_range="0,1").float().cpu())
+        return torch.cat(rows)
+
+    @functools.cached_property
+    def image_fingerprint(self) -> str:
+        """Identifies this tower's image embeddings: checkpoint, preprocessing, dtype, device type."""
+        settings = [self._ckpt.fingerprint(), self.image_size, self.image_mean, self.image_std]
+        return hashlib.sha256(
+            json.dumps([*settings, str(self.dtype), self.device.type]).encode()
+        ).hexdigest()
 
     def checkpoint_tensor(self, name: str) -> Tensor:
         """A tensor of the checkpoint as stored, in float32 (e.g. a checker's "concept_embeds")."""

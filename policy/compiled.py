@@ -32,7 +32,14 @@ __all__ = ["ACTION_RANK", "DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPol
 FORMAT_VERSION = 2
 
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
-_SEQUENCES = ("concept_names", "categories", "severities", "actions", "special_names")
+_SEQUENCES = (
+    "concept_names",
+    "categories",
+    "severities",
+    "actions",
+    "special_names",
+    "example_sha256",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +69,8 @@ class CompiledPolicy:
     blur_radius: float = BLUR_RADIUS_DEFAULT  # Gaussian sigma / the image's shorter side
     pixelate_block: float = PIXELATE_BLOCK_DEFAULT  # block side / the image's shorter side
     review_placeholder: str = "blur"
+    # "CONCEPT:SHA256" of every example image an `examples:` concept was computed from.
+    example_sha256: tuple[str, ...] = ()
     source: str = field(default="", repr=False)
     digest: str = ""
 
@@ -112,6 +121,8 @@ class CompiledPolicy:
         """sha256 over everything that can change a decision (the YAML text itself does not)."""
         meta = self._metadata()
         meta.pop("source")
+        if not meta["example_sha256"]:  # digests of policies without example images stay as
+            meta.pop("example_sha256")  # they were
         h = hashlib.sha256()
         h.update(json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True).encode())
         for name in _TENSORS:

@@ -207,6 +207,11 @@ def problems(policy: Any) -> list[str]:
     _scalar(found, "blur_radius", p.blur_radius, blur_problem)
     _scalar(found, "pixelate_block", p.pixelate_block, pixelate_problem)
     found.choice("review_placeholder", p.review_placeholder, PLACEHOLDERS)
+    examples = p.example_sha256
+    if not isinstance(examples, tuple) or not all(
+        isinstance(e, str) and len(e.rpartition(":")[2]) == 64 for e in examples
+    ):
+        found.add("example_sha256 must be a list of 'CONCEPT:SHA256' strings")
     if not isinstance(p.source, str):
         found.add(f"source must be a string, got {kind_of(p.source)}")
     if not isinstance(p.digest, str):

@@ -14,6 +14,8 @@ from torch import Tensor
 from policy.compiled import CompiledPolicy
 from policy.encoding import EncodingError, PolicyEncoder
 from policy.errors import KeyPath, PolicyError, PolicyIssue
+from policy.examples import encode_examples
+from policy.extends import DEFINITION_KEYS
 from policy.schema import CheckpointRef, Concept, Policy
 
 if TYPE_CHECKING:
@@ -45,16 +47,26 @@ def _from_checkpoint(encoder: PolicyEncoder, ref: CheckpointRef, key: str) -> Te
 
 
 def resolve_concept(
-    policy: Policy, concept: Concept, encoder: PolicyEncoder, prompt_vectors: dict[str, Tensor]
+    policy: Policy,
+    concept: Concept,
+    encoder: PolicyEncoder,
+    prompt_vectors: dict[str, Tensor],
+    example_vectors: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, float]:
     """(raw vector [D] float32, threshold as a float) of one concept.
 
     The one place that knows how the schema spells a concept's source: `prompts` (an ensemble:
     each prompt's unit vector averaged, then normalised), an `embedding` the loader resolved into
-    `concept.vector`, or an embedding/threshold `{checkpoint: NAME, row: I}` read from the model.
+    `concept.vector`, `examples` (example images, see policy/examples.py; embedded here unless
+    `example_vectors` has them), or an embedding/threshold `{checkpoint: NAME, row: I}` read from
+    the model.
     """
     raw = concept.vector
-    if concept.prompts is not None:
+    if concept.examples is not None:
+        if example_vectors is None or concept.name not in example_vectors:
+            example_vectors = encode_examples(policy, encoder, only=concept.name)[0]
+        vector = example_vectors[concept.name]
+    elif concept.prompts is not None:
         units = torch.nn.functional.normalize(
             torch.stack([prompt_vectors[p] for p in concept.prompts]), dim=-1
         )  # [P, D]
@@ -210,19 +222,22 @@ def compile_policy(
     ~/.cache/moderation/prompts), a folder or a PromptCache, or False for none.
     """
     prompt_vectors = _encode_prompts(policy, encoder, _prompt_cache(cache))
+    example_vectors, example_sha256 = encode_examples(policy, encoder)
     entries: list[tuple[KeyPath, Concept]] = []
     vectors: list[Tensor] = []
     thresholds: list[float] = []
     issues: list[PolicyIssue] = []
 
     def problem_at(path: KeyPath, concept: Concept, problem: _Problem) -> None:
-        source = "prompts" if concept.prompts is not None else "embedding"
+        source = next(k for k in DEFINITION_KEYS if getattr(concept, k) is not None)
         where: KeyPath = (*path, *(problem.subpath or (source,)))
         issues.append(policy.issue(where, f"concept '{concept.name}': {problem.message}"))
 
     for path, concept in policy.iter_concepts():
         try:
-            vector, threshold = resolve_concept(policy, concept, encoder, prompt_vectors)
+            vector, threshold = resolve_concept(
+                policy, concept, encoder, prompt_vectors, example_vectors
+            )
         except _Problem as problem:
             problem_at(path, concept, problem)
             continue
@@ -260,5 +275,6 @@ def compile_policy(
         blur_radius=float(policy.actions.blur.radius),
         pixelate_block=float(policy.actions.pixelate.block),
         review_placeholder=policy.actions.review.placeholder,
+        example_sha256=example_sha256,
         source=policy.source_text or "",
     )

@@ -14,12 +14,19 @@ if TYPE_CHECKING:
 
 
 class EncodingError(Exception):
-    """An encoder cannot do what the compiler asked (no text tower, no such checkpoint tensor)."""
+    """An encoder cannot do what the compiler asked (no text tower, no such checkpoint tensor).
+
+    `index` names the input at fault when one of several could not be read (an example image).
+    """
+
+    def __init__(self, message: str = "", *, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 @runtime_checkable
 class PolicyEncoder(Protocol):
-    """Text and checkpoint access of one model, as the compiler uses it."""
+    """Text, image and checkpoint access of one model, as the compiler uses it."""
 
     model_id: str  # recorded in the compiled policy when the policy names no model of its own
     embed_dim: int  # projection width: every concept vector must have it
@@ -38,4 +45,12 @@ class PolicyEncoder(Protocol):
 
     def checkpoint_tensor(self, name: str) -> Tensor:
         """A tensor stored in the model's checkpoint, float32; raise EncodingError if absent."""
+        ...
+
+    def encode_image_bytes(self, images: Sequence[bytes]) -> Tensor:
+        """[N, D] projected embeddings of encoded image files (PNG, JPEG, ...), float32.
+
+        Each image is decoded and preprocessed exactly as the engine treats an image it judges
+        (one view). Raise EncodingError with `index` set for an image that cannot be read.
+        """
         ...

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import typing
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from policy.embedding_files import EmbeddingFiles, EmbeddingProblem
 from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_of
+from policy.examples import resolve_examples
+from policy.extends import flatten_extends
 from policy.schema import EMBEDDING_TAGS, THRESHOLD_TAGS, CheckpointRef, Policy
 from policy.yaml_loader import LoadedYaml, load_yaml, paused_gc
 
@@ -54,16 +57,18 @@ def load_policy(path: str | os.PathLike[str], *, embed_dim: int | None = None) -
 
 
 def _load(file: str, text: str, embed_dim: int | None) -> Policy:
-    loaded = load_yaml(text, file)
+    # `extends`: the bases merged in first, each value remembering its file (policy/extends.py).
+    loaded = flatten_extends(load_yaml(text, file), file, _read_text)
     policy = _validate(loaded, file)
     policy._source_file = file
     policy._source_path = Path(file)
     policy._source_text = text
     policy._yaml = loaded
-    folder = Path(file).absolute().parent
-    policy._resolved_model = _resolve_model(policy.model, folder)
+    policy._resolved_model = _resolve_model(policy.model, policy.folder_of(("model",)))
     # Widths are compared among the embeddings that could be read, so both kinds show at once.
-    issues = _resolve_embeddings(policy, folder) + _width_issues(policy, embed_dim)
+    issues = (
+        _resolve_embeddings(policy) + resolve_examples(policy) + _width_issues(policy, embed_dim)
+    )
     if issues:
         raise PolicyError(sorted(issues, key=_file_order))
     policy._warnings = _inline_warnings(policy)
@@ -171,8 +176,8 @@ def _issue(
     key: bool = False,
     at: KeyPath | None = None,
 ) -> PolicyIssue:
-    line, col = loaded.locate(path if at is None else at, key=key)
-    return PolicyIssue(file, line, col, format_path(path), message)
+    origin, line, col = loaded.where(path if at is None else at, key=key)
+    return PolicyIssue(origin or file, line, col, format_path(loaded.source_path(path)), message)
 
 
 def _data_path(loc: tuple[Any, ...]) -> KeyPath:
@@ -246,14 +251,20 @@ def _resolve_model(model: str, folder: Path) -> str:
     return str(candidate.resolve()) if candidate.is_dir() else model
 
 
-def _resolve_embeddings(policy: Policy, folder: Path) -> list[PolicyIssue]:
+def _resolve_embeddings(policy: Policy) -> list[PolicyIssue]:
     """Set `concept.vector` for every concept with an embedding; return what went wrong."""
     issues = []
-    with EmbeddingFiles(folder) as files:
+    with ExitStack() as stack:
+        readers: dict[Path, EmbeddingFiles] = {}  # one per folder (a base's, with extends)
         for path, concept in policy.iter_concepts():
             if concept.embedding is None or isinstance(concept.embedding, CheckpointRef):
                 continue  # checkpoint rows are read by the compiler, from the model
             at = (*path, "embedding")
+            # Relative to the file the embedding was written in (a base policy's, with extends).
+            folder = policy.folder_of(at)
+            files = readers.get(folder)
+            if files is None:
+                files = readers[folder] = stack.enter_context(EmbeddingFiles(folder))
             try:
                 vector = files.read(concept.embedding)  # [D] float32
             except EmbeddingProblem as problem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -115,6 +116,11 @@ def _threshold_shape(value: Any) -> str:
     return "checkpoint" if isinstance(value, dict) else "number"
 
 
+@functools.lru_cache(maxsize=64)
+def _folder(file: str) -> Path:
+    return Path(file).absolute().parent
+
+
 Text = Annotated[str, AfterValidator(_not_blank)]
 Name = Annotated[str, AfterValidator(_not_blank), _storable(NAME_MAX)]
 Cosine = Annotated[float, _between(-1, 1)]
@@ -173,23 +179,38 @@ class Concept(_Model):
     threshold: Threshold | None = None
     action: Action | None = None
     description: str | None = None
+    examples: Text | None = None  # a folder of example images inside the policy's folder
     _vector: np.ndarray | None = PrivateAttr(default=None)
+    # (name as shown, resolved file) of every example image, set by the loader (policy/examples.py)
+    _examples: tuple[tuple[str, Path], ...] | None = PrivateAttr(default=None)
 
     @property
     def vector(self) -> np.ndarray | None:
         """The raw embedding, float32 [D], as resolved by the loader (None for prompt concepts)."""
         return self._vector
 
+    @property
+    def example_files(self) -> tuple[tuple[str, Path], ...] | None:
+        """(name as shown, resolved path) of each example image, as listed by the loader."""
+        return self._examples
+
     @model_validator(mode="after")
     def _prompts_or_embedding(self) -> Concept:
-        if self.prompts is not None and self.embedding is not None:
+        given = [k for k in ("prompts", "embedding", "examples") if getattr(self, k) is not None]
+        if given == ["prompts", "embedding"]:
             raise PydanticCustomError(
                 "prompts_and_embedding",
                 "give either 'prompts' or 'embedding', not both",
                 {"at": "embedding"},
             )
-        if self.prompts is None and self.embedding is None:
-            raise PydanticCustomError("no_prompts", "needs 'prompts' or 'embedding'")
+        if len(given) > 1:
+            raise PydanticCustomError(
+                "two_definitions",
+                "give one of 'prompts', 'embedding' or 'examples', not both '{a}' and '{b}'",
+                {"at": given[1], "a": given[0], "b": given[1]},
+            )
+        if not given:
+            raise PydanticCustomError("no_prompts", "needs 'prompts', 'embedding' or 'examples'")
         return self
 
 
@@ -307,10 +328,18 @@ class Policy(_Model):
         return concept.severity or self.defaults.severity
 
     def issue(self, path: KeyPath, message: str, *, key: bool = False) -> PolicyIssue:
-        """A PolicyIssue at `path` in the source file, so later stages report like the loader."""
-        line, col = self._yaml.locate(path, key=key) if self._yaml else (None, None)
-        file = self._source_file or f"<policy {self.policy}>"
-        return PolicyIssue(file, line, col, format_path(path), message)
+        """A PolicyIssue at `path` in the file the value came from (a base policy's own file for
+        a value it inherited), so later stages report like the loader."""
+        origin, line, col = self._yaml.where(path, key=key) if self._yaml else (None, None, None)
+        file = origin or self._source_file or f"<policy {self.policy}>"
+        shown = self._yaml.source_path(path) if self._yaml else path
+        return PolicyIssue(file, line, col, format_path(shown), message)
+
+    def folder_of(self, path: KeyPath) -> Path:
+        """The folder that relative file names at `path` are read from: that of the file the
+        value came from (the policy's own, or a base policy's)."""
+        origin = self._yaml.where(path)[0] if self._yaml else None
+        return _folder(origin or self._source_file or ".")
 
     def rule_violations(self) -> list[tuple[KeyPath, str]]:
         """Rules across fields: unique names, declared categories, diffusers compatibility."""

@@ -114,24 +114,43 @@ class LoadedYaml:
     Items of lists that hold only scalars (an inline embedding is one) are kept apart, as one
     compact array of (line, col) per list: a dict entry per number would take gigabytes for a
     policy of 100,000 inline embeddings.
+
+    A policy flattened from several files (`extends`, see policy/extends.py) also knows which
+    file each value came from (`origins`); a single document leaves it empty.
     """
 
     data: Any
     values: dict[KeyPath, Position] = field(default_factory=dict)
     keys: dict[KeyPath, Position] = field(default_factory=dict)
     scalar_items: dict[KeyPath, array] = field(default_factory=dict)  # [line0, col0, line1, ...]
+    origins: dict[KeyPath, tuple[str, KeyPath]] = field(default_factory=dict)  # (file, path there)
 
     def locate(self, path: KeyPath, *, key: bool = False) -> Position:
         """Position of the key (or value) at `path`, else of its nearest ancestor's value."""
+        return self.where(path, key=key)[1:]
+
+    def where(self, path: KeyPath, *, key: bool = False) -> tuple[str | None, int, int]:
+        """(file, line, col) of the key (or value) at `path`, else of its nearest ancestor's
+        value; file is None for the document's own file."""
         if key and path in self.keys:
-            return self.keys[path]
+            return (self.origins.get(path, (None,))[0], *self.keys[path])
         while path not in self.values and path:
             items = self.scalar_items.get(path[:-1])
             index = path[-1]
             if items is not None and isinstance(index, int) and 0 <= index < len(items) // 2:
-                return items[2 * index], items[2 * index + 1]
+                origin = self.origins.get(path[:-1], (None,))[0]
+                return origin, items[2 * index], items[2 * index + 1]
             path = path[:-1]
-        return self.values.get(path, (1, 1))
+        return (self.origins.get(path, (None,))[0], *self.values.get(path, (1, 1)))
+
+    def source_path(self, path: KeyPath) -> KeyPath:
+        """`path` as it is written in the file its value came from (list indexes of a base)."""
+        here = path
+        while here and here not in self.origins:
+            here = here[:-1]
+        if here not in self.origins:
+            return path
+        return (*self.origins[here][1], *path[len(here) :])
 
 
 def _position(node: Node) -> Position:

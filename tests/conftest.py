@@ -37,3 +37,15 @@ def tiny_checker_dir(tmp_path_factory):
     from moderation.synthetic import make_safety_checker
 
     return make_safety_checker(tmp_path_factory.mktemp("tiny-checker"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _embedding_cache_in_tmp(tmp_path_factory):
+    """Keep calibrate's image-embedding cache out of the user's ~/.cache during tests."""
+    previous = os.environ.get("MODERATION_EMBEDDING_CACHE_DIR")
+    os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = str(tmp_path_factory.mktemp("image-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MODERATION_EMBEDDING_CACHE_DIR", None)
+    else:
+        os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = previous

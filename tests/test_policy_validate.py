@@ -107,7 +107,7 @@ BAD = [
     ("prompts and embedding", HEAD + "    prompts: [x]\n    embedding: [1, 2]\n", [],
      "p.yaml:5:5 concepts[0].embedding: give either 'prompts' or 'embedding', not both"),
     ("neither prompts nor embedding", HEAD + "    threshold: 0.2\n", [],
-     "p.yaml:3:5 concepts[0]: needs 'prompts' or 'embedding'"),
+     "p.yaml:3:5 concepts[0]: needs 'prompts', 'embedding' or 'examples'"),
     ("missing name", "policy: t\nconcepts:\n  - prompts: [x]\n", [],
      "p.yaml:3:5 concepts[0].name: required key is missing"),
     ("missing policy name", "concepts:\n  - {name: a, prompts: [x]}\n", [],

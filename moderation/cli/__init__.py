@@ -10,6 +10,7 @@ from __future__ import annotations
 # Importing the command modules registers their commands on the groups of `app`.
 from moderation.cli import (  # noqa: F401
     bench_cmd,
+    calibrate_cmd,
     check_cmd,
     db_cmds,
     policy_cmds,

@@ -34,6 +34,33 @@ token_option = click.option(
 )
 
 
+def concept_options(default: str):
+    """--concept NAME (repeatable) and --no-concepts: the labels a verdict records."""
+
+    def decorate(command):
+        command = click.option(
+            "--no-concepts",
+            is_flag=True,
+            help="The image shows none of the policy's concepts (every hit was a false alarm).",
+        )(command)
+        return click.option(
+            "--concept",
+            "concepts",
+            multiple=True,
+            metavar="NAME",
+            help=f"A concept of the policy the image really shows (repeatable; default: {default}).",
+        )(command)
+
+    return decorate
+
+
+def _labels(concepts: tuple[str, ...], no_concepts: bool) -> list[str] | None:
+    """The concepts a verdict names: None for the verdict's default."""
+    if concepts and no_concepts:
+        raise click.UsageError("give --concept or --no-concepts, not both")
+    return [] if no_concepts else list(concepts) or None
+
+
 def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
     """The queue of an existing database: a mistyped SQLite path must not create an empty one."""
     with failures():
@@ -126,17 +153,21 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 @reviewer_option
 @click.option("--reason", metavar="TEXT", help="Why the image may be released.")
 @token_option
+@concept_options("the special-care hits; the fired concepts were false alarms")
 @db_option
 @output_errors
-def approve_cmd(item_id, reviewer, reason, token, db_url):
+def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """Approve an item: the held image may be released.
 
     A claimed item can be decided only by its owner while the lease lasts (and with the
     claim's token when --token is given); a pending item nobody holds may be decided directly.
+    The verdict records that the concepts that fired were false alarms; --concept names what
+    the image shows although it is acceptable (e.g. a special-care concept).
     """
+    labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
     with failures():
-        queue.approve(item_id, reviewer, token=token, reason=reason)
+        queue.approve(item_id, reviewer, token=token, reason=reason, concepts=labels)
     click.echo(f"Approved item {item_id}.")
 
 
@@ -145,16 +176,20 @@ def approve_cmd(item_id, reviewer, reason, token, db_url):
 @reviewer_option
 @click.option("--reason", required=True, metavar="TEXT", help="Why the image stays moderated.")
 @token_option
+@concept_options("the concepts that fired")
 @db_option
 @output_errors
-def reject_cmd(item_id, reviewer, reason, token, db_url):
+def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """Reject an item: the moderation stands.
 
-    Same rules as approve: your own live claim, or a pending item nobody holds.
+    Same rules as approve: your own live claim, or a pending item nobody holds. The verdict
+    records which of the policy's concepts the image really shows (--concept; a concept that
+    did not fire is a miss); `moderation policy calibrate` learns thresholds from them.
     """
+    labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
     with failures():
-        queue.reject(item_id, reviewer, reason=reason, token=token)
+        queue.reject(item_id, reviewer, reason=reason, token=token, concepts=labels)
     click.echo(f"Rejected item {item_id}.")
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from moderation.cli.options import clean
+from moderation.review.labels import render as render_labels
 from moderation.review.queries import utc
 
 
@@ -133,6 +134,8 @@ def render_show(shown: dict[str, Any]) -> str:
         f"  held image {dec['held_file'] or '-'}",
         f"  meta {meta}",
     ]
+    if item.get("labels") is not None:
+        lines.insert(2, f"  labels: {clean(render_labels(item['labels']))}")
     if dec["error"]:
         lines.append(f"  error {dec['error']}")
     lines.append(

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, select
 
+from moderation.review.labels import decision_and_policy, item_labels
 from moderation.review.queries import iso, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 
@@ -106,6 +107,8 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
             "reason": item.reason,
             "reopened_from": item.reopened_from,
             "reopened_as": list(reopened_as),
+            # What the verdict says the image shows (None until a verdict): review/labels.py
+            "labels": item_labels(item.status, item.labels, policy, decision),
         },
         "decision": {
             "id": decision.id,
@@ -144,6 +147,22 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
             for e in events
         ],
     }
+
+
+def decision_labels(conn: Connection, decision_id: str) -> dict[str, Any] | None:
+    """The labels of a decision's latest verdict, with the item they came from (None when no
+    verdict stands: never reviewed, or its newest item awaits one after a reopen)."""
+    item = conn.execute(
+        select(ReviewItem.id, ReviewItem.status, ReviewItem.labels, ReviewItem.reviewer)
+        .where(ReviewItem.decision_id == decision_id)
+        .order_by(ReviewItem.id.desc())
+        .limit(1)
+    ).first()
+    if item is None or item.status not in ("approved", "rejected"):
+        return None
+    decision, policy = decision_and_policy(conn, decision_id)
+    labels = item_labels(item.status, item.labels, policy, decision)
+    return {"item_id": item.id, "verdict": item.status, "reviewer": item.reviewer, **labels}
 
 
 def held_file(held_path: str | None) -> str | None:

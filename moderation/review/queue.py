@@ -10,6 +10,7 @@ Rules (see `ReviewQueue`):
 - `reopen` (an appeal) of an approved/rejected item adds a new linked `pending` item; the old
   item keeps its status. An item is reopened at most once: appeal the newest item of a chain.
 - Every change appends `review_events` rows in the same transaction; events are never changed.
+- A verdict records labels (the concepts the image really shows) with it: review/labels.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import IO, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
 
 from moderation.review.explain import explain_item
+from moderation.review.labels import verdict_labels
 from moderation.review.queries import (
     VIEW_COLUMNS,
     Claim,
@@ -37,6 +39,7 @@ from moderation.review.queries import (
     utc,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
+from moderation.review.rows import event_row, locked_item
 from moderation.review.rules import (
     DECIDED,
     ReviewError,
@@ -179,7 +182,7 @@ class ReviewQueue:
                     "previous_owner": row.claim_owner,
                     "expired_at": iso(row.claim_expires_at),
                 }
-                events.append(_event(row, now, reviewer, "lease_expired", None, details))
+                events.append(event_row(row, now, reviewer, "lease_expired", None, details))
             conn.execute(
                 update(ReviewItem)
                 .where(ReviewItem.id == row.id)
@@ -196,7 +199,7 @@ class ReviewQueue:
                 "expires_at": iso(expires),
                 "lease_seconds": self.lease_seconds,
             }
-            events.append(_event(row, now, reviewer, "claimed", None, details))
+            events.append(event_row(row, now, reviewer, "claimed", None, details))
             claims.append(Claim(row.id, row.decision_id, token, expires))
         if events:
             conn.execute(insert(ReviewEvent), events)
@@ -204,16 +207,36 @@ class ReviewQueue:
 
     @_database_errors
     def approve(
-        self, item_id: int, reviewer: str, token: str | None = None, reason: str | None = None
+        self,
+        item_id: int,
+        reviewer: str,
+        token: str | None = None,
+        reason: str | None = None,
+        concepts: Sequence[str] | None = None,
     ) -> None:
-        """Approve an item (release the image): claimed by `reviewer`, or pending and unheld."""
+        """Approve an item (release the image): claimed by `reviewer`, or pending and unheld.
+
+        concepts: what the image shows although it is acceptable (default: the special-care
+        hits; the fired concepts were false alarms); see moderation.review.labels.
+        """
         reason = (reason or "").strip() or None
-        self._decide(item_id, reviewer, "approved", token, reason)
+        self._decide(item_id, reviewer, "approved", token, reason, concepts)
 
     @_database_errors
-    def reject(self, item_id: int, reviewer: str, reason: str, token: str | None = None) -> None:
-        """Reject an item (keep it moderated); a reason is required."""
-        self._decide(item_id, reviewer, "rejected", token, required_reason(reason, "reject"))
+    def reject(
+        self,
+        item_id: int,
+        reviewer: str,
+        reason: str,
+        token: str | None = None,
+        concepts: Sequence[str] | None = None,
+    ) -> None:
+        """Reject an item (keep it moderated); a reason is required.
+
+        concepts: the policy's concepts the image really shows (default: those that fired).
+        """
+        reason = required_reason(reason, "reject")
+        self._decide(item_id, reviewer, "rejected", token, reason, concepts)
 
     @_database_errors
     def reopen(self, item_id: int, reviewer: str, reason: str) -> int:
@@ -224,7 +247,7 @@ class ReviewQueue:
 
     def _reopen(self, conn: Connection, item_id: int, reviewer: str, reason: str) -> int:
         now = self.now()
-        row = _locked_item(conn, item_id)
+        row = locked_item(conn, item_id)
         if row.status not in DECIDED:
             raise ReviewError(
                 f"item {item_id}: is {row.status}; only approved or rejected items can be reopened"
@@ -254,20 +277,18 @@ class ReviewQueue:
             .returning(ReviewItem.id)
         ).scalar_one()
         events = [
-            _event(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
+            event_row(row, now, reviewer, "reopened", reason, {"new_item": new_id}),
             {
-                **_event(row, now, reviewer, "created", reason, {"reopened_from": item_id}),
+                **event_row(row, now, reviewer, "created", reason, {"reopened_from": item_id}),
                 "item_id": new_id,
             },
         ]
         conn.execute(insert(ReviewEvent), events)
         return int(new_id)
 
-    def _decide(
-        self, item_id: int, reviewer: str, status: str, token: str | None, reason: str | None
-    ) -> None:
+    def _decide(self, item_id: int, reviewer: str, status: str, *verdict: Any) -> None:
         reviewer = reviewer_name(reviewer)
-        self._write(lambda conn: self._verdict(conn, item_id, reviewer, status, token, reason))
+        self._write(lambda conn: self._verdict(conn, item_id, reviewer, status, *verdict))
 
     def _verdict(
         self,
@@ -277,10 +298,12 @@ class ReviewQueue:
         status: str,
         token: str | None,
         reason: str | None,
+        concepts: Sequence[str] | None,
     ) -> None:
         now = self.now()
-        row = _locked_item(conn, item_id)
+        row = locked_item(conn, item_id)
         direct = check_decidable(row, reviewer, token, now)
+        labels = verdict_labels(conn, row, status, concepts)
         conn.execute(
             update(ReviewItem)
             .where(ReviewItem.id == item_id)
@@ -292,10 +315,11 @@ class ReviewQueue:
                 claim_token=None,
                 claim_expires_at=None,
                 updated_at=now,
+                labels=labels,
             )
         )
-        details = {"direct": direct, "token": row.claim_token}
-        conn.execute(insert(ReviewEvent), [_event(row, now, reviewer, status, reason, details)])
+        details = {"direct": direct, "token": row.claim_token, "labels": labels}
+        conn.execute(insert(ReviewEvent), [event_row(row, now, reviewer, status, reason, details)])
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -387,28 +411,3 @@ class ReviewQueue:
             )
         with self.engine.connect() as conn:
             return export_decisions(conn, fmt, out)
-
-
-def _event(
-    item: Any, at: datetime, actor: str, event: str, reason: str | None, details: dict
-) -> dict[str, Any]:
-    return {
-        "item_id": item.id,
-        "decision_id": item.decision_id,
-        "at": at,
-        "actor": actor,
-        "event": event,
-        "reason": reason,
-        "details": details,
-    }
-
-
-def _locked_item(conn: Connection, item_id: int) -> Any:
-    """The item row, locked until commit (PostgreSQL; SQLite already holds the write lock)."""
-    check_item_id(item_id)
-    row = conn.execute(
-        select(ReviewItem.__table__).where(ReviewItem.id == item_id).with_for_update()
-    ).first()
-    if row is None:
-        raise ReviewError(f"item {item_id}: no such review item")
-    return row

@@ -1,0 +1,118 @@
+"""Image embeddings of labelled folders on disk, keyed by model and image hash.
+
+Calibrating again after labelling ten more images should not encode the thousand already seen.
+Each entry is one safetensors file holding the [V, D] float32 view embeddings the engine made of
+one image, under a key that changes whenever they could differ: the encoder's image fingerprint
+(checkpoint, preprocessing, dtype, device type), the policy's `compat` (which decides the views),
+and the engine code that makes views. Entries are checked on every read; a file that does not
+hold what its name promises is ignored and written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "MODERATION_EMBEDDING_CACHE_DIR"
+_FORMAT = "1"
+_TENSOR = "embedding"
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """$MODERATION_EMBEDDING_CACHE_DIR, else ~/.cache/moderation/images ($XDG_CACHE_HOME honoured)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moderation" / "images"
+
+
+def _engine_code() -> str:
+    """sha256 of the modules that turn an image into views: a change there empties the cache."""
+    import moderation.engine
+    import moderation.image_files
+    import moderation.images
+    import moderation.preprocess
+
+    h = hashlib.sha256()
+    for module in (
+        moderation.image_files,
+        moderation.images,
+        moderation.preprocess,
+        moderation.engine,
+    ):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(image_fingerprint: str, compat: str | None) -> str:
+    """The folder name of one model's entries."""
+    text = f"{_FORMAT}\0{image_fingerprint}\0{compat}\0{_engine_code()}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ImageEmbeddingCache:
+    """[V, D] float32 view embeddings stored per (cache key, image sha256)."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+        self._warned = False
+
+    def path(self, key: str, image_sha256: str) -> Path:
+        return self.folder / key / f"{image_sha256}.safetensors"
+
+    def get(self, key: str, image_sha256: str, dim: int) -> np.ndarray | None:
+        """The stored embeddings, or None when missing or not trustworthy."""
+        from safetensors import safe_open
+
+        path = self.path(key, image_sha256)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                embedding = f.get_tensor(_TENSOR)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            log.warning("embedding cache: ignoring unreadable %s (%s)", path, exc)
+            return None
+        expected = {"format": _FORMAT, "key": key, "image_sha256": image_sha256}
+        if (
+            any(meta.get(k) != v for k, v in expected.items())
+            or embedding.dtype != np.float32
+            or embedding.ndim != 2
+            or embedding.shape[0] < 1
+            or embedding.shape[1] != dim
+            or not np.isfinite(embedding).all()
+        ):
+            log.warning("embedding cache: ignoring %s (it is not the entry its name says)", path)
+            return None
+        return embedding
+
+    def put(self, key: str, image_sha256: str, embedding: np.ndarray) -> None:
+        """Store one image's [V, D] embeddings atomically; an unwritable cache is only a warning."""
+        from safetensors.numpy import save_file
+
+        path = self.path(key, image_sha256)
+        meta = {"format": _FORMAT, "key": key, "image_sha256": image_sha256}
+        array = np.ascontiguousarray(embedding, dtype=np.float32)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a concurrent reader never sees a half-written entry.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({_TENSOR: array}, tmp, metadata=meta)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("embedding cache %s is not writable (%s); continuing", self.folder, exc)
+                self._warned = True
