@@ -240,11 +240,12 @@ def test_usage_errors(labelled, url, tmp_path):
     )
     missing = calibrate(str(policy), "--db", f"sqlite:///{tmp_path / 'none.db'}", code=1)
     assert missing.output == (
-        f"Error: no database at sqlite:///{tmp_path / 'none.db'} (nothing to read labels from)\n"
+        f"Error: no database at {tmp_path / 'none.db'} (sqlite:///{tmp_path / 'none.db'}); "
+        "`moderation db upgrade --db URL` creates one\n"
     )
     assert not (tmp_path / "none.db").exists()
     garbled = calibrate(str(policy), "--db", "::::", code=1)
-    assert garbled.output == "Error: invalid database URL '::::'\n"
+    assert garbled.output.startswith("Error: invalid database URL '::::': ")
 
 
 def test_help_names_every_option():

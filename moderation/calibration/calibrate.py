@@ -25,11 +25,11 @@ from moderation.calibration.labelset import LabelledSet
 from moderation.calibration.metrics import Confusion, Target, best_cut, short_threshold
 from moderation.calibration.samples import (
     CalibrationError,
-    check_sqlite_exists,
     from_folders,
     from_log,
 )
 from moderation.scoring import score
+from moderation.storage.db import require_database
 from policy.compiled import CompiledPolicy
 from policy.schema import Policy
 
@@ -156,7 +156,7 @@ def calibrate(
             )
     url = resolve_db_url(db)
     if use_log:
-        check_sqlite_exists(url)
+        require_database(url)
     # An artifact is loaded by path, so that a model folder beside it is found.
     source = loaded if isinstance(loaded, Policy) else path
     compiled, encoder = load_compiled(source, model=model, device=device)

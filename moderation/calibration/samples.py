@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, make_url, select
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy import func, select
 
 from moderation.calibration.labelset import LabelledSet, Labels, Sample
 from moderation.errors import ModerationError
 from moderation.review.labels import item_labels, policy_names
-from moderation.storage.errors import database_errors, display_url
+from moderation.storage.db import require_database
+from moderation.storage.errors import database_errors
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from moderation.storage.records import record_from_row
 from moderation.storage.schema import get_engine
@@ -47,23 +47,9 @@ class CalibrationError(ModerationError):
 # -- the decision log ------------------------------------------------------------------------
 
 
-def check_sqlite_exists(url: str) -> None:
-    """Refuse a SQLite URL to a file that does not exist (reading must not create one)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise CalibrationError(f"invalid database URL {display_url(url)!r}") from None
-    path = parsed.database
-    if parsed.get_backend_name() == "sqlite" and path not in (None, "", ":memory:"):
-        if not Path(path).exists():
-            raise CalibrationError(
-                f"no database at {display_url(url)} (nothing to read labels from)"
-            )
-
-
 def from_log(url: str, compiled: CompiledPolicy, into: LabelledSet) -> None:
     """Add every labelled decision of the log at `url` that `compiled` can score."""
-    check_sqlite_exists(url)
+    require_database(url)  # reading labels must not create an empty database
     with database_errors(url):
         engine = get_engine(url)
         with engine.connect() as conn:
