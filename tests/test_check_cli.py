@@ -443,3 +443,23 @@ def test_a_folder_with_no_image_names_what_it_skipped(tmp_path, policy_file):
     assert result.exit_code == 1
     assert f"{folder / 'readme.md'}  not an image (no image format recognised)" in result.output
     assert f"Error: no image files found in {folder}" in result.output
+
+
+def test_a_command_prints_no_progress_bars_of_its_libraries(tmp_path, photos, policy_file):
+    """stderr is for our messages: transformers' "Loading weights" bars are switched off."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    image = sorted(photos.iterdir())[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "moderation", "check", str(image), "--policy", str(policy_file)]
+        + ["--no-log"],
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 images: 1 flag" in done.stdout
+    assert done.stderr == ""

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
+
+# transformers and huggingface_hub draw "Loading weights" progress bars on stderr for every model
+# a command loads; a command's own output is what people read (set the variable to 0 for bars).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
