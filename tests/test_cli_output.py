@@ -415,13 +415,13 @@ def test_check_out_into_an_unwritable_place_is_one_line(tmp_path, compiled_polic
     result = run(
         "check", image, "--policy", compiled_policy, "--no-log", "--out", blocker / "o", code=1
     )
-    assert result.stderr.endswith(f"\nError: cannot write {blocker / 'o'}: Not a directory\n")
+    assert result.stderr == f"Error: cannot write {blocker / 'o'}: Not a directory\n"
     out = tmp_path / "out"
     out.mkdir()
     (out / "sample-00.png").symlink_to(tmp_path / "victim")
     result = run("check", image, "--policy", compiled_policy, "--no-log", "--out", out, code=1)
-    assert result.stderr.endswith(
-        f"\nError: refusing to write {out / 'sample-00.png'}: it is a symbolic link, not a regular "
+    assert result.stderr == (
+        f"Error: refusing to write {out / 'sample-00.png'}: it is a symbolic link, not a regular "
         "file\n"
     )
     assert not (tmp_path / "victim").exists()
