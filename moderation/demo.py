@@ -68,9 +68,21 @@ def tiny_model_policy(default: Path, out: Path) -> Path:
 
 
 def prepare(folder: Path) -> None:
+    import os
+
+    # Building the model is not the demo's news: no "Writing model shards" bars, no notices
+    # about optional backends (the engine preprocesses in torch, without them).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
     from moderation.synthetic import make_tiny_clip
 
-    make_tiny_clip(folder / "tiny-clip")
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        make_tiny_clip(folder / "tiny-clip")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     sample_images(folder / "images")
     default = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
     tiny_model_policy(default, folder / "tiny-policy.yaml")
