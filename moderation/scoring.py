@@ -7,6 +7,7 @@ no loop over images or concepts and no host sync. `compat: diffusers` reproduces
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,16 +66,92 @@ def score(
             f"embeddings of shape {tuple(embeddings.shape)} do not fit policy {policy.name!r}: "
             f"expected [batch, {policy.embed_dim}] (model {policy.model})"
         )
+    cosines, special_cosines, finite, concept_views, special_views = _cosines(
+        embeddings,
+        policy.concept_matrix,
+        policy.special_matrix,
+        owners,
+        n_images,
+    )
+    return scores_from_cosines(
+        policy,
+        cosines,
+        special_cosines,
+        finite,
+        concept_views=concept_views,
+        special_views=special_views,
+    )
+
+
+def score_many(
+    policies: Sequence[CompiledPolicy],
+    embeddings: torch.Tensor,
+    owners: torch.Tensor | None = None,
+    n_images: int | None = None,
+    *,
+    matrices: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Scores]:
+    """Score the same embeddings against several policies of one model in one pass.
+
+    Their concept (and special-care) matrices are concatenated, so the batch costs one matrix
+    product per kind, one maximum over views and no per-policy host sync. Each policy's Scores
+    are `score(policy, ...)`'s up to float rounding: BLAS may sum a column in another order
+    when the matrix has another shape, so a live policy whose bits matter (diffusers parity) is
+    scored on its own and only shadow candidates share a product. `matrices` is a precomputed
+    `stacked_matrices(policies)`.
+    """
+    if not policies:
+        return []
+    dims = {p.embed_dim for p in policies}
+    if len(dims) != 1 or embeddings.ndim != 2 or embeddings.shape[1] not in dims:
+        raise ModerationError(
+            f"embeddings of shape {tuple(embeddings.shape)} do not fit policies of widths "
+            f"{sorted(dims)}: every policy scored in one pass must be of the embeddings' model"
+        )
+    concept_matrix, special_matrix = matrices or stacked_matrices(policies)
+    cosines, special_cosines, finite, concept_views, special_views = _cosines(
+        embeddings, concept_matrix, special_matrix, owners, n_images
+    )
+    out, c0, s0 = [], 0, 0
+    for p in policies:
+        c1, s1 = c0 + len(p.concept_names), s0 + len(p.special_names)
+        out.append(
+            scores_from_cosines(
+                p,
+                cosines[:, c0:c1],
+                special_cosines[:, s0:s1],
+                finite,
+                concept_views=None if concept_views is None else concept_views[:, c0:c1],
+                special_views=None if special_views is None else special_views[:, s0:s1],
+            )
+        )
+        c0, s0 = c1, s1
+    return out
+
+
+def stacked_matrices(policies: Sequence[CompiledPolicy]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policies' concept and special-care matrices, concatenated in order (float32)."""
+    device = policies[0].device
+    concept = torch.cat([p.concept_matrix.to(device, torch.float32) for p in policies])
+    special = torch.cat([p.special_matrix.to(device, torch.float32) for p in policies])
+    return concept, special
+
+
+def _cosines(
+    embeddings: torch.Tensor,
+    concept_matrix: torch.Tensor,
+    special_matrix: torch.Tensor,
+    owners: torch.Tensor | None,
+    n_images: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Cosines per image ([B, C], [B, S]: the maximum over an image's views), which images had
+    only finite embeddings ([B] bool), and which view gave each maximum (None: one view each)."""
     device = embeddings.device
     # diffusers normalises with F.normalize (dim=1, eps=1e-12) and multiplies with torch.mm against
     # the transposed, already-normalised matrix: same calls and shapes, so the same bits.
     unit = F.normalize(embeddings.float())  # [N, D]
-    concept_matrix = policy.concept_matrix.to(device, torch.float32)  # [C, D]
-    special_matrix = policy.special_matrix.to(device, torch.float32)  # [S, D]
-    thresholds = policy.thresholds.to(device, torch.float32)  # [C]
-    special_thresholds = policy.special_thresholds.to(device, torch.float32)  # [S]
-    cosines = torch.mm(unit, concept_matrix.t())  # [N, C]
-    special_cosines = torch.mm(unit, special_matrix.t())  # [N, S]
+    cosines = torch.mm(unit, concept_matrix.to(device, torch.float32).t())  # [N, C]
+    special_cosines = torch.mm(unit, special_matrix.to(device, torch.float32).t())  # [N, S]
     finite = torch.isfinite(embeddings).all(dim=1)  # [N]
     concept_views = special_views = None
     if owners is not None:
@@ -89,7 +166,31 @@ def score(
             .scatter_reduce(0, owners, finite.long(), "amin")
             .bool()
         )
+    return cosines, special_cosines, finite, concept_views, special_views
 
+
+def scores_from_cosines(
+    policy: CompiledPolicy,
+    cosines: torch.Tensor,
+    special_cosines: torch.Tensor,
+    finite: torch.Tensor | None = None,
+    *,
+    concept_views: torch.Tensor | None = None,
+    special_views: torch.Tensor | None = None,
+) -> Scores:
+    """The policy's scores from per-image cosines ([B, C] and [B, S], in its concept order):
+    thresholds, the special-care adjustment (diffusers' arithmetic under `compat: diffusers`)
+    and validity. A backtest calls this with logged cosines; `score` with fresh ones.
+
+    `finite` [B] marks images whose embeddings were all finite (default: all of them).
+    """
+    device = cosines.device
+    cosines = cosines.to(torch.float32)
+    special_cosines = special_cosines.to(torch.float32)
+    thresholds = policy.thresholds.to(device, torch.float32)  # [C]
+    special_thresholds = policy.special_thresholds.to(device, torch.float32)  # [S]
+    if finite is None:
+        finite = torch.ones(cosines.shape[0], dtype=torch.bool, device=device)
     if policy.compat == "diffusers":
         scores, special_scores, special_hit, adjustment = _diffusers_scores(
             cosines, thresholds, special_cosines, special_thresholds

@@ -132,6 +132,15 @@ class CompiledPolicy:
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
+    @functools.cached_property
+    def vector_digests(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Per concept and per special-care concept, a short sha256 of its float32 vector.
+
+        Logged with the policy, they let a backtest tell which of a candidate's concepts are
+        the very vectors a decision was scored against, and reuse the logged cosines for them.
+        """
+        return vector_digests(self.concept_matrix), vector_digests(self.special_matrix)
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> CompiledPolicy:
@@ -227,3 +236,9 @@ def _policy_fields(file: str, text: str) -> dict:
         parts = [f"unknown key {k!r}" for k in unknown] + [f"missing key {k!r}" for k in missing]
         raise PolicyError.about_file(file, f"metadata 'policy': {', '.join(parts)}")
     return {k: tuple(v) if k in _SEQUENCES and isinstance(v, list) else v for k, v in data.items()}
+
+
+def vector_digests(matrix: torch.Tensor) -> tuple[str, ...]:
+    """sha256 (first 16 hex digits) of each row's float32 little-endian bytes."""
+    rows = matrix.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+    return tuple(hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows)

@@ -227,3 +227,57 @@ def test_special_care_hits_need_review_only_when_they_escalate(escalate, expecte
     (decision,) = decide(policy, score(policy, torch.randn(1, 8)))
     assert decision.special_hits == ("s0",)
     assert decision.needs_review is expected
+
+
+def test_score_many_matches_score_per_policy_and_keeps_views():
+    from moderation.scoring import score_many
+
+    policies = [
+        make_policy(seed=1, adjustment=0.05),
+        make_policy(n_concepts=3, n_special=0, seed=2),
+        make_policy(n_concepts=9, n_special=4, seed=3, compat="diffusers", adjustment=0.01),
+    ]
+    g = torch.Generator().manual_seed(7)
+    embeddings = torch.randn(10, 16, generator=g)
+    owners = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5])
+    together = score_many(policies, embeddings, owners, 6)
+    for policy, got in zip(policies, together, strict=True):
+        alone = score(policy, embeddings, owners, 6)
+        assert got.scores.shape == alone.scores.shape
+        torch.testing.assert_close(got.cosines, alone.cosines)
+        torch.testing.assert_close(got.special_cosines, alone.special_cosines)
+        assert torch.equal(got.concept_views, alone.concept_views)
+        assert torch.equal(got.special_views, alone.special_views)
+        assert torch.equal(got.fired, alone.fired)
+        assert torch.equal(got.valid, alone.valid)
+
+
+def test_score_many_refuses_policies_of_another_width():
+    from moderation.scoring import score_many
+
+    with pytest.raises(ModerationError, match="model"):
+        score_many([make_policy(), make_policy(dim=8)], torch.randn(2, 16))
+
+
+def test_scores_from_logged_cosines_are_the_scores():
+    from moderation.scoring import scores_from_cosines
+
+    for policy in (
+        make_policy(seed=4, adjustment=0.03),
+        make_policy(seed=5, compat="diffusers", adjustment=0.01),
+    ):
+        fresh = score(policy, torch.randn(8, 16, generator=torch.Generator().manual_seed(9)))
+        again = scores_from_cosines(policy, fresh.cosines, fresh.special_cosines, fresh.valid)
+        assert torch.equal(again.scores, fresh.scores)
+        assert torch.equal(again.special_scores, fresh.special_scores)
+        assert torch.equal(again.adjustment, fresh.adjustment)
+
+
+def test_vector_digests_name_each_vector():
+    policy = make_policy(seed=6)
+    moved = dataclasses.replace(policy, thresholds=policy.thresholds + 0.1, digest="")
+    other = make_policy(seed=8)
+    concepts, special = policy.vector_digests
+    assert len(concepts) == 6 and len(special) == 2 and len(set(concepts)) == 6
+    assert moved.vector_digests == policy.vector_digests  # thresholds are not the vector
+    assert not set(other.vector_digests[0]) & set(concepts)

@@ -90,8 +90,8 @@ class PolicyRow(Base):
     source: Mapped[str] = mapped_column(Text)
     concepts: Mapped[list] = mapped_column(
         JSONType
-    )  # [{"name","category","severity","threshold","action"}]
-    special_concepts: Mapped[list] = mapped_column(JSONType)  # [{"name","threshold"}]
+    )  # [{"name","category","severity","threshold","action","vector"}]
+    special_concepts: Mapped[list] = mapped_column(JSONType)  # [{"name","threshold","vector"}]
     adjustment: Mapped[float] = mapped_column(Float)
     escalate: Mapped[str | None] = mapped_column(String(16))
     review_band: Mapped[float] = mapped_column(Float)

@@ -230,20 +230,22 @@ def policy_record(policy: CompiledPolicy) -> PolicyRecord:
     """The record that stores a compiled policy once per digest."""
     thresholds = policy.thresholds.detach().cpu().tolist()
     special_thresholds = policy.special_thresholds.detach().cpu().tolist()
+    vectors, special_vectors = policy.vector_digests
     concepts = [
-        {"name": n, "category": c, "severity": s, "threshold": t, "action": a}
-        for n, c, s, t, a in zip(
+        {"name": n, "category": c, "severity": s, "threshold": t, "action": a, "vector": v}
+        for n, c, s, t, a, v in zip(
             policy.concept_names,
             policy.categories,
             policy.severities,
             thresholds,
             policy.actions,
+            vectors,
             strict=True,
         )
     ]
     special = [
-        {"name": n, "threshold": t}
-        for n, t in zip(policy.special_names, special_thresholds, strict=True)
+        {"name": n, "threshold": t, "vector": v}
+        for n, t, v in zip(policy.special_names, special_thresholds, special_vectors, strict=True)
     ]
     return PolicyRecord(
         digest=policy.digest,
