@@ -152,3 +152,23 @@ def test_hostile_names_and_reasons_are_stored_verbatim(seeded):
         (name, "rejected"),
     ]
     assert row_counts(queue.engine)["review_items"] == 8
+
+
+def test_parse_time_reads_iso_and_spans_back_from_now():
+    from datetime import datetime, timezone
+
+    import pytest
+
+    from moderation.review.queries import parse_time
+
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+    assert parse_time("2026-11-30") == datetime(2026, 11, 30, tzinfo=timezone.utc)
+    assert parse_time("2026-11-30T10:00:00Z") == datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    assert parse_time("2026-11-30T10:00:00+02:00") == datetime(2026, 11, 30, 8, tzinfo=timezone.utc)
+    assert parse_time("90m", now=now) == datetime(2026, 12, 2, 10, 30, tzinfo=timezone.utc)
+    assert parse_time("12h", now=now) == datetime(2026, 12, 2, 0, 0, tzinfo=timezone.utc)
+    assert parse_time("7d", now=now) == datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+    assert parse_time("2W", now=now) == datetime(2026, 11, 18, 12, 0, tzinfo=timezone.utc)
+    with pytest.raises(ValueError, match=r'invalid until "yesterday\\x1b"') as err:
+        parse_time("yesterday\x1b", what="until")
+    assert "\n" not in str(err.value)
