@@ -9,9 +9,7 @@ a file that does not hold exactly what its name promises is ignored and written 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,14 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from policy.tensor_files import EntryFiles
+
 if TYPE_CHECKING:
     from policy.encoding import PolicyEncoder
 
 CACHE_ENV = "MODERATION_CACHE_DIR"
 _FORMAT = "1"
-_TENSOR = "embedding"
-
-log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +39,7 @@ class PromptCache:
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
-        self._warned = False
+        self._files = EntryFiles(self.folder, "prompt cache")
 
     def path(self, fingerprint: str, prompt: str) -> Path:
         name = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
@@ -50,51 +47,17 @@ class PromptCache:
 
     def get(self, fingerprint: str, prompt: str, dim: int) -> Tensor | None:
         """The stored [dim] float32 embedding, or None when missing or not trustworthy."""
-        from safetensors import safe_open
-
-        path = self.path(fingerprint, prompt)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                embedding = f.get_tensor(_TENSOR)
-        except Exception as exc:  # safetensors raises several types for damaged files
-            log.warning("prompt cache: ignoring unreadable %s (%s)", path, exc)
-            return None
         expected = {"format": _FORMAT, "fingerprint": fingerprint, "prompt": prompt}
-        if (
-            any(meta.get(k) != v for k, v in expected.items())
-            or embedding.dtype != torch.float32
-            or tuple(embedding.shape) != (dim,)
-            or not bool(torch.isfinite(embedding).all())
-        ):
-            log.warning("prompt cache: ignoring %s (it is not the entry its name says)", path)
-            return None
-        return embedding
+        array = self._files.read(
+            self.path(fingerprint, prompt), expected, lambda a: a.shape == (dim,)
+        )
+        return None if array is None else torch.from_numpy(array)
 
     def put(self, fingerprint: str, prompt: str, embedding: Tensor) -> None:
         """Store one [D] embedding atomically; a cache that cannot be written is only a warning."""
-        from safetensors.torch import save_file
-
-        path = self.path(fingerprint, prompt)
         meta = {"format": _FORMAT, "fingerprint": fingerprint, "prompt": prompt}
-        tensor = embedding.detach().to("cpu", torch.float32).contiguous()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: concurrent compilers never see a half-written entry.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({_TENSOR: tensor}, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        except OSError as exc:
-            if not self._warned:
-                log.warning("prompt cache %s is not writable (%s); continuing", self.folder, exc)
-                self._warned = True
+        array = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+        self._files.write(self.path(fingerprint, prompt), meta, array)
 
     def encode(self, encoder: PolicyEncoder, prompts: Sequence[str]) -> Tensor:
         """[N, D] float32 embeddings of prompts: stored ones read back, the others encoded and stored."""

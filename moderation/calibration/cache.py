@@ -11,18 +11,15 @@ hold what its name promises is ignored and written again.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from policy.tensor_files import EntryFiles
+
 CACHE_ENV = "MODERATION_EMBEDDING_CACHE_DIR"
 _FORMAT = "1"
-_TENSOR = "embedding"
-
-log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -62,57 +59,21 @@ class ImageEmbeddingCache:
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
-        self._warned = False
+        self._files = EntryFiles(self.folder, "embedding cache")
 
     def path(self, key: str, image_sha256: str) -> Path:
         return self.folder / key / f"{image_sha256}.safetensors"
 
     def get(self, key: str, image_sha256: str, dim: int) -> np.ndarray | None:
         """The stored embeddings, or None when missing or not trustworthy."""
-        from safetensors import safe_open
-
-        path = self.path(key, image_sha256)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                embedding = f.get_tensor(_TENSOR)
-        except Exception as exc:  # safetensors raises several types for damaged files
-            log.warning("embedding cache: ignoring unreadable %s (%s)", path, exc)
-            return None
         expected = {"format": _FORMAT, "key": key, "image_sha256": image_sha256}
-        if (
-            any(meta.get(k) != v for k, v in expected.items())
-            or embedding.dtype != np.float32
-            or embedding.ndim != 2
-            or embedding.shape[0] < 1
-            or embedding.shape[1] != dim
-            or not np.isfinite(embedding).all()
-        ):
-            log.warning("embedding cache: ignoring %s (it is not the entry its name says)", path)
-            return None
-        return embedding
+        return self._files.read(
+            self.path(key, image_sha256),
+            expected,
+            lambda a: a.ndim == 2 and a.shape[0] >= 1 and a.shape[1] == dim,
+        )
 
     def put(self, key: str, image_sha256: str, embedding: np.ndarray) -> None:
         """Store one image's [V, D] embeddings atomically; an unwritable cache is only a warning."""
-        from safetensors.numpy import save_file
-
-        path = self.path(key, image_sha256)
         meta = {"format": _FORMAT, "key": key, "image_sha256": image_sha256}
-        array = np.ascontiguousarray(embedding, dtype=np.float32)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: a concurrent reader never sees a half-written entry.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({_TENSOR: array}, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        except OSError as exc:
-            if not self._warned:
-                log.warning("embedding cache %s is not writable (%s); continuing", self.folder, exc)
-                self._warned = True
+        self._files.write(self.path(key, image_sha256), meta, embedding)
