@@ -7,14 +7,24 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 
+import pytest
 from sqlalchemy import create_engine, make_url, text
 
 from moderation.bench.scratch import temporary_pg_database
 from moderation.storage import db
 
-__all__ = ["pg_database_later", "pg_test_url", "temporary_pg_database"]
+__all__ = [
+    "BACKENDS",
+    "pg_database_later",
+    "pg_test_url",
+    "scratch_url",
+    "temporary_pg_database",
+]
 
 PG_ENV = "MODERATION_TEST_PG_URL"
+
+# Parametrise a database fixture over both backends (`-m "not postgres"` leaves PostgreSQL out).
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 def pg_test_url() -> str | None:
@@ -48,3 +58,36 @@ def pg_database_later(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextlib.contextmanager
+def scratch_url(
+    backend: str, folder, name: str, shared: Callable[[], str] | None = None
+) -> Iterator[str]:
+    """An empty database of `backend` for one test: a SQLite file `name`.db in `folder`
+    (migrated on first use), or a migrated PostgreSQL database on the test server, made for
+    the test and dropped after it, or, with `shared` (a function giving the URL of a migrated
+    database kept for a module), that one emptied. Skips without MODERATION_TEST_PG_URL."""
+    if backend == "sqlite":
+        url = f"sqlite:///{folder}/{name}.db"
+        try:
+            yield url
+        finally:
+            db.dispose(url)
+        return
+    if shared is not None:
+        url = shared()
+        with db.engine_for(url).begin() as conn:
+            conn.exec_driver_sql(
+                "TRUNCATE review_events, review_items, decisions, policies RESTART IDENTITY"
+            )
+        yield url
+        return
+    server = pg_test_url()
+    if server is None:
+        pytest.skip(f"{PG_ENV} is not set")
+    from moderation.storage import upgrade
+
+    with temporary_pg_database(server, name) as url:
+        upgrade(url)
+        yield url

@@ -16,7 +16,7 @@ from moderation.storage import db as storage_db
 from moderation.storage import downgrade, upgrade
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, pg_test_url, scratch_url, temporary_pg_database
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,9 @@ def encoder(tiny_clip_dir):
     return ClipEncoder.from_pretrained(tiny_clip_dir)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'labels.db'}"
+    with scratch_url(request.param, tmp_path, "labels") as url:
         yield url
         storage_db.dispose(url)
         return

@@ -28,7 +28,7 @@ from moderation.storage import log as log_module
 from moderation.storage import records as storage_records
 from moderation.storage import schema as storage_schema
 from moderation.storage.errors import PartlyRecordedError
-from tests.pg import pg_database_later, pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, pg_database_later, pg_test_url, scratch_url, temporary_pg_database
 
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
 
@@ -49,23 +49,16 @@ def pg_database(pg_server) -> str:
         yield url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
     """A migrated, empty database on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'log.db'}"
-        yield url
-        storage_db.dispose(url)
-    else:
-        url = request.getfixturevalue("pg_database")
-        with storage_db.engine_for(url).begin() as conn:
-            conn.exec_driver_sql(
-                "TRUNCATE review_events, review_items, decisions, policies RESTART IDENTITY"
-            )
+    with scratch_url(
+        request.param, tmp_path, "log", lambda: request.getfixturevalue("pg_database")
+    ) as url:
         yield url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def outage(request, tmp_path):
     """(URL of a database that is unreachable now, a function that brings it up), per backend."""
     if request.param == "sqlite":

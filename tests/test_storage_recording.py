@@ -24,7 +24,7 @@ from moderation.storage import spool as spool_module
 from moderation.storage.errors import PartlyRecordedError, UnrecordedError
 from moderation.storage.spool_format import scan
 from policy import compile_policy, load_policy
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, pg_test_url, scratch_url, temporary_pg_database
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,11 @@ def pg_url():
         yield url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'rec.db'}"
-        yield url
-        storage_db.dispose(url)
-    else:
-        url = request.getfixturevalue("pg_url")
-        with storage_db.engine_for(url).begin() as conn:
-            conn.exec_driver_sql(
-                "TRUNCATE review_events, review_items, decisions, policies RESTART IDENTITY"
-            )
+    with scratch_url(
+        request.param, tmp_path, "rec", lambda: request.getfixturevalue("pg_url")
+    ) as url:
         yield url
 
 

@@ -14,7 +14,7 @@ from moderation.engine import Moderator
 from moderation.scoring import max_over_views, score
 from moderation.storage import DecisionLog, DecisionRow, db
 from moderation.storage.records import record_from_row
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, scratch_url
 from tests.test_scoring import make_policy
 
 
@@ -87,21 +87,10 @@ def test_decisions_carry_views_and_which_view_fired():
     np.testing.assert_allclose(decisions[0].embedding, embeddings[:3].numpy())
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'views.db'}"
+    with scratch_url(request.param, tmp_path, "views") as url:
         yield url
-        db.dispose(url)
-    else:
-        server = pg_test_url()
-        if server is None:
-            pytest.skip("MODERATION_TEST_PG_URL is not set")
-        with temporary_pg_database(server) as url:
-            from moderation.storage import upgrade
-
-            upgrade(url)
-            yield url
 
 
 def test_views_round_trip_through_the_log(url, tmp_path):
