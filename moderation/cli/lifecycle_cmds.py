@@ -37,6 +37,7 @@ cannot be compared without --model and counts as a difference.
 Changes that decide nothing (name, version, description, category, severity, defaults,
 declared categories, a reworded definition with the same vector) are reported as such and do
 not make the policies differ. Concept order counts: it picks the top concept when scores tie.
+A YAML policy's digest is the one `policy compile` gives (with --model: `--model M`).
 
 \b
 Exit status (like diff):
@@ -55,7 +56,8 @@ Exit status (like diff):
                    (a changed definition also has cosine; compared: false when it
                    could not be compared)
   settings         {setting: {old, new, affects_decisions}}, only those that differ
-  not_compared     concepts whose definitions could not be compared
+  not_compared     concepts whose definitions (or checkpoint thresholds) could not
+                   be compared without a model: they count as differences
 """
 
 
@@ -154,7 +156,9 @@ def definition(source: dict[str, Any]) -> str:
         parts.append("prompts " + clean(", ".join(quoted)))
     if "examples" in source:
         content = f", content {source['content']}" if "content" in source else ""
-        parts.append(f"examples {clean(source['examples'])} ({source['images']} images{content})")
+        parts.append(
+            f"examples {clean(source['examples'])} ({_count(source['images'], 'image')}{content})"
+        )
     embedding = source.get("embedding")
     if embedding == "inline":
         parts.append(f"inline embedding ({source['values']} values)")
@@ -165,6 +169,10 @@ def definition(source: dict[str, Any]) -> str:
     if "vector" in source:
         parts.append(f"vector {source['vector']}")
     return ", ".join(parts)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _reference(ref: dict[str, Any]) -> str:

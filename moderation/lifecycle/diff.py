@@ -118,22 +118,48 @@ def concept_changes(a: ConceptSide, b: ConceptSide) -> dict[str, dict[str, Any]]
                 changes[name] = entry
         elif values[name][0] != values[name][1]:
             changes[name] = _entry(*values[name], name in DECISIVE_CONCEPT_FIELDS)
+    if isinstance(a.threshold, dict) != isinstance(b.threshold, dict):
+        changes["threshold"]["compared"] = False  # a checkpoint row that was not read
     return changes
+
+
+def _vector_candidates(
+    removed: list[ConceptSide], added: list[ConceptSide], chunk: int = 1024
+) -> list[tuple[float, int, int]]:
+    """(-cosine, i, j) for every removed i and added j of one width at RENAME_COSINE or more:
+    one matrix product per chunk of removed concepts, never a Python loop over the pairs."""
+    found = []
+    widths = {c.vector.shape for c in removed + added if c.vector is not None}
+    for width in widths:
+        old = [i for i, c in enumerate(removed) if c.vector is not None and c.vector.shape == width]
+        new = [j for j, c in enumerate(added) if c.vector is not None and c.vector.shape == width]
+        if not old or not new:
+            continue
+        right = np.stack([added[j].vector for j in new]).astype(np.float64)  # [A, D]
+        for start in range(0, len(old), chunk):
+            rows = old[start : start + chunk]
+            left = np.stack([removed[i].vector for i in rows]).astype(np.float64)  # [R, D]
+            cosines = left @ right.T  # [R, A]
+            for r, a in zip(*np.nonzero(cosines >= RENAME_COSINE), strict=True):
+                found.append((-float(cosines[r, a]), rows[r], new[a]))
+    return found
 
 
 def match_renames(
     removed: list[ConceptSide], added: list[ConceptSide]
 ) -> list[tuple[ConceptSide, ConceptSide]]:
-    """Pairs (removed, added) that look like one concept renamed: the same definition, or a
-    cosine of at least RENAME_COSINE; closest pairs first, each concept in one pair at most."""
-    candidates = []
-    for i, old in enumerate(removed):
-        for j, new in enumerate(added):
-            strength = cosine(old, new)
-            if strength is None or strength < RENAME_COSINE:
-                strength = 1.0 if old.key is not None and old.key == new.key else None
-            if strength is not None:
-                candidates.append((-strength, i, j))
+    """Pairs (removed, added) that look like one concept renamed: a cosine of at least
+    RENAME_COSINE between their vectors, or (without both vectors) the same definition; closest
+    pairs first, each concept in one pair at most."""
+    candidates = _vector_candidates(removed, added)
+    by_key: dict[tuple, list[int]] = {}
+    for j, concept in enumerate(added):
+        if concept.key is not None:
+            by_key.setdefault(concept.key, []).append(j)
+    for i, concept in enumerate(removed):
+        for j in by_key.get(concept.key, []) if concept.key is not None else []:
+            if concept.vector is None or added[j].vector is None:
+                candidates.append((-1.0, i, j))
     pairs, used_old, used_new = [], set(), set()
     for _, i, j in sorted(candidates):
         if i not in used_old and j not in used_new:
@@ -192,7 +218,7 @@ def diff(old: PolicySide, new: PolicySide) -> dict[str, Any]:
         changes = concept_changes(before, concept)
         if changes:
             changed[concept.name] = changes
-        if changes.get("definition", {}).get("compared") is False:
+        if any(entry.get("compared") is False for entry in changes.values()):
             not_compared.append(concept.name)
     settings = setting_changes(old, new)
     renames = [
