@@ -60,6 +60,14 @@ def newest_first(logged: Logged, *roles: str) -> list[str]:
     return sorted(ids, key=logged.order.index, reverse=True)
 
 
+def test_known_values_are_the_engines():
+    from moderation.actions import ACTIONS
+    from moderation.decision import VERDICTS
+    from moderation.review import decisions
+
+    assert (decisions.VERDICTS, decisions.ACTIONS) == (VERDICTS, ACTIONS)
+
+
 @pytest.mark.parametrize("command", ["list", "show"])
 def test_help(command):
     out = run(command, "--help").output

@@ -7,8 +7,7 @@ import click
 from moderation.cli.app import main
 from moderation.cli.decisions_text import list_table, render_decision
 from moderation.cli.options import db_option, echo_json, failures, json_option, output_errors
-from moderation.decision import VERDICTS
-from moderation.review.decisions import ACTIONS, MAX_LIST, DecisionBrowser
+from moderation.review.decisions import ACTIONS, MAX_LIST, VERDICTS, DecisionBrowser
 
 
 @main.group()

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, Engine, or_, select
 
-from moderation.decision import VERDICTS
 from moderation.errors import ModerationError
 from moderation.review.explain import (
     concept_rows,
@@ -35,6 +34,9 @@ from moderation.text import escape_controls
 from policy.schema import ACTION_RANK
 
 ACTIONS = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))  # increasing severity
+# moderation.decision.VERDICTS (the engine core imports review: no import back; a test keeps
+# the two equal)
+VERDICTS = ("allow", "flag", "review", "error")
 MAX_LIST = 10_000
 MIN_PREFIX = 8  # a decision id prefix shorter than this is too likely to be ambiguous
 LISTED_MATCHES = 3  # knob: how many matching ids an "ambiguous prefix" error names

@@ -43,9 +43,9 @@ EXPORT_FIELDS = (
     "reviewed_at",
     "labels",
 )
-LIVE = DecisionRow.shadow_of.is_(
-    None
-)  # shadow decisions (candidates, never acted on) are not traffic
+# Live decisions: shadow ones (candidate policies scored on the same images, never acted on)
+# are not traffic.
+LIVE = DecisionRow.shadow_of.is_(None)
 EXPORT_BATCH = 1000  # rows fetched per round trip; bounds memory on large logs
 DECIDED = ("approved", "rejected")
 
