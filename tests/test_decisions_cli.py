@@ -205,7 +205,8 @@ def show(logged: Logged, given: str) -> dict:
 def test_show_dolphin_names_the_winning_concept_nearest_first(logged):
     shown = show(logged, logged.ids["dolphin"])
     assert set(shown) == {
-        "decision", "policy", "won", "concepts", "views", "special_care", "review_band",
+        "decision", "policy", "winner", "concepts", "concepts_total", "views", "special_care",
+        "review_band",
         "review", "labels", "shadow",
     }  # fmt: skip
     assert [c["name"] for c in shown["concepts"]] == ["gore", "nudity", "weapons"]
@@ -216,8 +217,9 @@ def test_show_dolphin_names_the_winning_concept_nearest_first(logged):
     assert gore["margin_to_threshold"] == pytest.approx(0.15, abs=1e-6)
     assert gore["fired"] and gore["view"] is None and gore["index"] == 1
     # Both fired; gore's blackout is the decision's action, nudity's blur is not.
-    assert shown["won"] == {
-        "action": "blackout", "set_by": "concept", "concept": "gore", "reason": "gore"
+    assert shown["winner"] == {
+        "action": "blackout", "set_by": "concept", "concept": "gore", "reason": "gore",
+        "score": pytest.approx(0.15, abs=1e-6),
     }  # fmt: skip
     assert shown["views"] is None and shown["review"] is None and shown["labels"] is None
     assert shown["policy"] == {
@@ -244,7 +246,7 @@ def test_show_dolphin_names_the_winning_concept_nearest_first(logged):
 
 def test_show_rejected_band_decision_has_its_review_history_and_labels(logged):
     shown = show(logged, logged.ids["band"])
-    assert shown["won"]["set_by"] == "review_band" and shown["won"]["concept"] is None
+    assert shown["winner"]["set_by"] == "review_band" and shown["winner"]["concept"] is None
     assert shown["review_band"] == {"band": pytest.approx(0.02), "concepts": ["nudity"]}
     (item,) = shown["review"]["items"]
     assert (item["id"], item["status"], item["reviewer"], item["reason"]) == (
@@ -271,7 +273,7 @@ def test_show_rejected_band_decision_has_its_review_history_and_labels(logged):
 
 def test_show_special_care_escalation(logged):
     shown = show(logged, logged.ids["minor"])
-    assert shown["won"]["set_by"] == "special_care" and shown["won"]["action"] == "review"
+    assert shown["winner"]["set_by"] == "special_care" and shown["winner"]["action"] == "review"
     care = shown["special_care"]
     assert care["hits"] == ["minor"] and care["adjustment_applied"] == pytest.approx(0.01)
     (minor,) = care["concepts"]
@@ -285,6 +287,15 @@ def test_show_special_care_escalation(logged):
     assert shown["labels"] is None
 
 
+def test_show_top_lists_the_nearest_concepts(logged):
+    shown = json.loads(
+        run("show", logged.ids["dolphin"], "--top", 1, "--db", logged.url, "--json").stdout
+    )
+    assert [c["name"] for c in shown["concepts"]] == ["gore"] and shown["concepts_total"] == 3
+    text = run("show", logged.ids["dolphin"], "--top", 2, "--db", logged.url).stdout
+    assert "Concepts (2 nearest of 3):" in text and "weapons" not in text
+
+
 def test_show_says_which_view_fired(logged):
     shown = show(logged, logged.ids["views"])
     assert shown["views"] == VIEWS
@@ -293,7 +304,7 @@ def test_show_says_which_view_fired(logged):
     assert nudity["view"] == {"index": 1, "frame": 0, "box": VIEWS[1]["box"]}
     assert shown["concepts"][1]["view"]["index"] == 0  # all-zero cosines: the first view
     assert shown["special_care"]["concepts"][0]["view"]["index"] == 1
-    assert shown["won"]["concept"] == "nudity"
+    assert shown["winner"]["concept"] == "nudity"
     text = run("show", logged.ids["views"], "--db", logged.url).stdout
     assert "1 frame 0 box 32,0,64,32" in text and "Views: 2" in text
     assert "one view" in run("show", logged.ids["dolphin"], "--db", logged.url).stdout
@@ -301,14 +312,14 @@ def test_show_says_which_view_fired(logged):
 
 def test_show_error_and_allowed_decisions(logged):
     shown = show(logged, logged.ids["error"])
-    assert shown["won"] == {
-        "action": "blackout", "set_by": "error", "concept": None,
+    assert shown["winner"] == {
+        "action": "blackout", "set_by": "error", "concept": None, "score": None,
         "reason": "error: non-finite embedding",
     }  # fmt: skip
     assert all(c["cosine"] is None and c["score"] is None for c in shown["concepts"])
     assert shown["decision"]["error"] == "non-finite embedding"
-    assert show(logged, logged.ids["clean"])["won"]["set_by"] == "nothing_fired"
-    assert show(logged, logged.ids["weapons"])["won"]["concept"] == "weapons"
+    assert show(logged, logged.ids["clean"])["winner"]["set_by"] == "nothing_fired"
+    assert show(logged, logged.ids["weapons"])["winner"]["concept"] == "weapons"
 
 
 def test_show_shadow_decision_links_to_its_live_decision(logged):
@@ -381,7 +392,8 @@ def test_decision_id_from_check_json_pastes_into_show(tmp_path, tiny_clip_dir):
         db.dispose(url)
     assert shown["decision"]["id"] == checked["decision_id"]
     assert shown["decision"]["meta"]["user"] == "u1"
-    assert shown["won"] == {
-        "action": "blackout", "set_by": "concept", "concept": "anything", "reason": "anything"
-    }  # fmt: skip
+    winner = shown["winner"]
+    assert (winner["set_by"], winner["concept"], winner["action"]) == (
+        "concept", "anything", "blackout"
+    )  # fmt: skip
     assert shown["policy"]["digest"] == checked["policy"]["digest"]

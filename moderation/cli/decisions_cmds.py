@@ -75,10 +75,16 @@ def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow
 
 @decisions.command("show")
 @click.argument("decision_id", metavar="ID")
+@click.option(
+    "--top",
+    type=click.IntRange(1),
+    metavar="N",
+    help="List only the N nearest concepts (default: every concept).",
+)
 @json_option
 @db_option
 @output_errors
-def show_cmd(decision_id, as_json, db_url):
+def show_cmd(decision_id, top, as_json, db_url):
     """Explain one decision: why it got its action.
 
     ID is the decision id that `check --json`, `Decision.decision_id` and the diffusers
@@ -89,7 +95,7 @@ def show_cmd(decision_id, as_json, db_url):
     """
     browser = _browser(db_url)
     with failures():
-        shown = browser.show(decision_id)
+        shown = browser.show(decision_id, top=top)
     if as_json:
         echo_json(shown)
         return

@@ -60,10 +60,9 @@ def _view(view: dict[str, Any] | None) -> str:
 def _won(won: dict[str, Any], shown: dict[str, Any]) -> str:
     by, error = won["set_by"], shown["decision"]["error"] or "unknown"
     if by == "concept":
-        row = next(c for c in shown["concepts"] if c["name"] == won["concept"])
         return (
             f"set by concept {won['concept']} (its action is {won['action']}; "
-            f"score {num(row['score'])})"
+            f"score {num(won['score'])})"
         )
     if by == "special_care":
         hits = ", ".join(shown["special_care"]["hits"])
@@ -135,7 +134,7 @@ def render_decision(shown: dict[str, Any]) -> str:
     meta = " ".join(f"{k}={json.dumps(v)}" for k, v in dec["meta"].items()) or "-"
     lines = [
         f"Decision {dec['id']} at {when(dec['created_at'])} UTC",
-        f"  verdict {dec['verdict']}, action {dec['action']}: {_won(shown['won'], shown)}",
+        f"  verdict {dec['verdict']}, action {dec['action']}: {_won(shown['winner'], shown)}",
         f"  policy {pol['name']} version {pol['version']} (digest {pol['digest']}, "
         f"compat {pol['compat'] or '-'}, model {pol['model_id']})",
         f"  metadata {meta}",
@@ -158,7 +157,13 @@ def render_decision(shown: dict[str, Any]) -> str:
         for c in shown["concepts"]
     ]
     headers = ["CONCEPT", "ACTION", "COSINE", "THRESHOLD", "MARGIN", "SCORE", "FIRED", "VIEW"]
-    lines += ["Concepts (nearest first):", *indent(table(headers, rows, right=(2, 3, 4, 5)))]
+    listed, total = len(shown["concepts"]), shown["concepts_total"]
+    title = (
+        "Concepts (nearest first):"
+        if listed == total
+        else f"Concepts ({listed} nearest of {total}):"
+    )
+    lines += [title, *indent(table(headers, rows, right=(2, 3, 4, 5)))]
     hits = ", ".join(care["hits"]) or "none"
     lines.append(
         f"Special care: hits {hits}; adjustment applied {num(care['adjustment_applied'])} "

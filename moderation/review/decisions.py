@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Engine, or_, select
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
 from moderation.errors import ModerationError
 from moderation.review.explain import (
@@ -111,6 +113,16 @@ def _time(value: str | datetime | None, what: str) -> datetime | None:
         raise DecisionError(str(err)) from None
 
 
+def _live(dialect: str) -> ColumnElement[bool]:
+    """`shadow_of IS NULL`. SQLite (no statistics) would read it through the shadow_of index
+    (every live row) and sort the whole log; a unary + keeps that index out, so that the newest
+    rows come from the created_at index: 0.1 ms instead of 55 ms for 50 of 100,000 decisions."""
+    column = DecisionRow.__table__.c.shadow_of
+    if dialect != "sqlite":
+        return column.is_(None)
+    return UnaryExpression(column, operator=operators.custom_op("+"), type_=column.type).is_(None)
+
+
 def list_query(
     dialect: str,
     *,
@@ -131,9 +143,7 @@ def list_query(
         raise DecisionError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
     start, end = _time(since, "since"), _time(until, "until")
     query = select(*LIST_COLUMNS).join(PolicyRow, DecisionRow.policy_digest == PolicyRow.digest)
-    query = query.where(
-        DecisionRow.shadow_of.is_not(None) if shadow else DecisionRow.shadow_of.is_(None)
-    )
+    query = query.where(DecisionRow.shadow_of.is_not(None) if shadow else _live(dialect))
     if start is not None:
         query = query.where(DecisionRow.created_at >= start)
     if end is not None:
@@ -211,13 +221,14 @@ def winner(decision: Any, policy: Any, concepts: list[dict[str, Any]]) -> dict[s
     """What set the decision's action: a fired concept (the highest-scoring one whose action is
     the decision's), a special-care escalation, the review band, an error, or nothing firing."""
     action = decision.action
-    out: dict[str, Any] = {"action": action, "set_by": None, "concept": None}
+    out: dict[str, Any] = {"action": action, "set_by": None, "concept": None, "score": None}
     if decision.verdict == "error":
         return {**out, "set_by": "error", "reason": f"error: {decision.error or 'unknown'}"}
     same = [c for c in concepts if c["fired"] and c["action"] == action]
     if same:
         best = max(same, key=lambda c: -np.inf if c["score"] is None else c["score"])
-        return {**out, "set_by": "concept", "concept": best["name"], "reason": best["name"]}
+        named = {"concept": best["name"], "score": best["score"], "reason": best["name"]}
+        return {**out, "set_by": "concept", **named}
     escalate = policy.escalate
     if decision.special_hits and escalate not in (None, "allow") and escalate == action:
         return {**out, "set_by": "special_care", "reason": "special care escalation"}
@@ -294,8 +305,9 @@ def _shadows(conn: Connection, decision_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def explain_decision(conn: Connection, decision_id: str) -> dict[str, Any]:
-    """The `decisions show` document of one decision (given by its full id)."""
+def explain_decision(conn: Connection, decision_id: str, top: int | None = None) -> dict[str, Any]:
+    """The `decisions show` document of one decision (given by its full id); `top` keeps the
+    nearest concepts only (default: every concept)."""
     decision = conn.execute(
         select(DecisionRow.__table__).where(DecisionRow.id == decision_id)
     ).one()
@@ -341,8 +353,9 @@ def explain_decision(conn: Connection, decision_id: str) -> dict[str, Any]:
             "compat": policy.compat,
             "review_band": policy.review_band,
         },
-        "won": winner(decision, policy, concepts),
-        "concepts": ordered,
+        "winner": winner(decision, policy, concepts),
+        "concepts": ordered if top is None else ordered[:top],
+        "concepts_total": len(ordered),
         "views": views,  # None: one view (the whole image, CLIP's centre crop)
         "special_care": care,
         "review_band": {
@@ -377,8 +390,10 @@ class DecisionBrowser:
         with database_errors(self.url), self.engine.connect() as conn:
             return resolve_id(conn, given, display_url(self.url))
 
-    def show(self, given: str) -> dict[str, Any]:
+    def show(self, given: str, *, top: int | None = None) -> dict[str, Any]:
         """The explanation of one decision, named by its full id or a unique prefix."""
+        if top is not None and (not isinstance(top, int) or top < 1):
+            raise DecisionError(f"top must be a whole number >= 1, not {top!r}")
         with database_errors(self.url), self.engine.connect() as conn:
             decision_id = resolve_id(conn, given, display_url(self.url))
-            return explain_decision(conn, decision_id)
+            return explain_decision(conn, decision_id, top)
