@@ -130,6 +130,7 @@ def export_rows(conn: Connection):
             )
         )
     }
+    concept_names = {d: [c.get("name") for c in p.concepts or []] for d, p in policies.items()}
     latest = (
         select(ReviewItem.decision_id, func.max(ReviewItem.id).label("item_id"))
         .group_by(ReviewItem.decision_id)
@@ -154,8 +155,7 @@ def export_rows(conn: Connection):
         .order_by(DecisionRow.created_at, DecisionRow.id)
     )
     for row in conn.execution_options(yield_per=EXPORT_BATCH).execute(query):
-        policy = policies[row.policy_digest]  # the join guarantees it
-        names = [c.get("name") for c in policy.concepts or []]
+        policy, names = policies[row.policy_digest], concept_names[row.policy_digest]
         yield {
             "decision_id": row.id,
             "created_at": iso(row.created_at),
