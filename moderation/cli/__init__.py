@@ -13,6 +13,7 @@ from moderation.cli import (  # noqa: F401
     calibrate_cmd,
     check_cmd,
     db_cmds,
+    decisions_cmds,
     lifecycle_cmds,
     policy_cmds,
     review_cmds,

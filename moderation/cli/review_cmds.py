@@ -212,7 +212,7 @@ def reopen_cmd(item_id, reviewer, reason, db_url):
 @db_option
 @output_errors
 def stats_cmd(as_json, db_url):
-    """Queue depth and decisions per action and concept."""
+    """Queue depth and live decisions per action and concept."""
     queue = _queue(db_url)
     with failures():
         stats = queue.stats()
@@ -234,7 +234,10 @@ def stats_cmd(as_json, db_url):
 @db_option
 @output_errors
 def export_cmd(fmt, output, force, db_url):
-    """Export every decision with its review status as JSON lines or CSV.
+    """Export live decisions with their review status as JSON lines or CSV.
+
+    Shadow decisions (candidate policies scored on live traffic) are left out; `labels` is
+    what the latest verdict says the image shows (empty until a verdict).
 
     CSV is for spreadsheets: control characters are escaped and cells that start like a
     formula (=, +, -, @) get a leading '. JSON lines keep every value exactly.

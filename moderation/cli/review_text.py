@@ -94,7 +94,7 @@ def items_table(items: Sequence[dict[str, Any]]) -> str:
     return table(headers, rows, right=(0, 2, 3))
 
 
-def _event_line(e: dict[str, Any]) -> list[str]:
+def event_line(e: dict[str, Any]) -> list[str]:
     d = e["details"]
     note = e["reason"] or ""
     if e["event"] == "claimed":
@@ -172,7 +172,7 @@ def render_show(shown: dict[str, Any]) -> str:
             for s in care["concepts"]
         ]
         lines += indent(table(["CONCEPT", "COSINE", "THRESHOLD", "HIT"], rows, right=(1, 2)))
-    rows = [_event_line(e) for e in shown["events"]]
+    rows = [event_line(e) for e in shown["events"]]
     lines += ["History (UTC):", *indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
     return lines_of(lines)
 

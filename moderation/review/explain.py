@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -21,8 +22,10 @@ def floats(blob: bytes | None) -> list[float]:
 
 
 def _at(values: list[float], i: int) -> float | None:
-    # Error decisions may carry empty arrays; a name without a value shows as None.
-    return values[i] if i < len(values) else None
+    # Error decisions carry empty or NaN arrays: a name without a (finite) value shows as None,
+    # which keeps --json output valid JSON.
+    value = values[i] if i < len(values) else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def concept_rows(policy: Any, decision: Any) -> list[dict[str, Any]]:
@@ -135,17 +138,20 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
         },
         "concepts": concept_rows(policy, decision),
         "special_care": special_care(policy, decision),
-        "events": [
-            {
-                "id": e.id,
-                "at": iso(e.at),
-                "actor": e.actor,
-                "event": e.event,
-                "reason": e.reason,
-                "details": e.details or {},
-            }
-            for e in events
-        ],
+        "events": [event_view(e) for e in events],
+    }
+
+
+def event_view(event: Any) -> dict[str, Any]:
+    """One `review_events` row as JSON-ready fields."""
+    return {
+        "id": event.id,
+        "item_id": event.item_id,
+        "at": iso(event.at),
+        "actor": event.actor,
+        "event": event.event,
+        "reason": event.reason,
+        "details": event.details or {},
     }
 
 

@@ -404,7 +404,8 @@ class ReviewQueue:
 
     @_database_errors
     def export(self, fmt: str, out: IO[str]) -> int:
-        """Write every decision with its latest review status as `jsonl` or `csv`; return rows."""
+        """Write every live decision with its latest review status and labels as `jsonl` or
+        `csv`; return rows."""
         if fmt not in EXPORT_FORMATS:
             raise ReviewError(
                 f'unknown export format "{fmt}"; choose from {", ".join(EXPORT_FORMATS)}'

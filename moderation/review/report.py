@@ -10,6 +10,7 @@ from typing import IO, Any
 from sqlalchemy import Connection, func, select, true
 
 from moderation.review.explain import floats
+from moderation.review.labels import item_labels
 from moderation.review.queries import fired_concepts, iso, utc
 from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
@@ -40,7 +41,11 @@ EXPORT_FIELDS = (
     "reviewer",
     "review_reason",
     "reviewed_at",
+    "labels",
 )
+# Live decisions: shadow ones (candidate policies scored on the same images, never acted on)
+# are not traffic.
+LIVE = DecisionRow.shadow_of.is_(None)
 EXPORT_BATCH = 1000  # rows fetched per round trip; bounds memory on large logs
 DECIDED = ("approved", "rejected")
 
@@ -69,10 +74,11 @@ def queue_stats(conn: Connection, now: datetime) -> dict[str, Any]:
         select(names.c.value, func.count())
         .select_from(DecisionRow)
         .join(names, true())
+        .where(LIVE)
         .group_by(names.c.value)
         .order_by(func.count().desc(), names.c.value),
     )
-    total = conn.execute(select(func.count()).select_from(DecisionRow)).scalar_one()
+    total = conn.execute(select(func.count()).select_from(DecisionRow).where(LIVE)).scalar_one()
     return {
         "queue": {status: by_status.get(status, 0) for status in REVIEW_STATUSES},
         "expired_leases": int(expired),
@@ -88,12 +94,14 @@ def queue_stats(conn: Connection, now: datetime) -> dict[str, Any]:
             "by_action": _counts(
                 conn,
                 select(DecisionRow.action, func.count())
+                .where(LIVE)
                 .group_by(DecisionRow.action)
                 .order_by(DecisionRow.action),
             ),
             "by_verdict": _counts(
                 conn,
                 select(DecisionRow.verdict, func.count())
+                .where(LIVE)
                 .group_by(DecisionRow.verdict)
                 .order_by(DecisionRow.verdict),
             ),
@@ -108,11 +116,21 @@ def _named(names: list[str], values: list[float]) -> dict[str, float]:
 
 
 def export_rows(conn: Connection):
-    """Yield one dict per decision (oldest first) with its newest review item's status."""
-    concept_names = {
-        digest: [c.get("name") for c in concepts or []]
-        for digest, concepts in conn.execute(select(PolicyRow.digest, PolicyRow.concepts))
+    """Yield one dict per live decision (oldest first) with its newest review item's status
+    and the labels of its verdict (None while no verdict stands)."""
+    policies = {
+        row.digest: row
+        for row in conn.execute(
+            select(
+                PolicyRow.digest,
+                PolicyRow.name,
+                PolicyRow.concepts,
+                PolicyRow.special_concepts,
+                PolicyRow.review_band,
+            )
+        )
     }
+    concept_names = {d: [c.get("name") for c in p.concepts or []] for d, p in policies.items()}
     latest = (
         select(ReviewItem.decision_id, func.max(ReviewItem.id).label("item_id"))
         .group_by(ReviewItem.decision_id)
@@ -128,14 +146,16 @@ def export_rows(conn: Connection):
             ReviewItem.reviewer.label("reviewer"),
             ReviewItem.reason.label("review_reason"),
             ReviewItem.updated_at.label("review_updated_at"),
+            ReviewItem.labels.label("review_labels"),
         )
         .join(PolicyRow, DecisionRow.policy_digest == PolicyRow.digest)
         .outerjoin(latest, latest.c.decision_id == DecisionRow.id)
         .outerjoin(ReviewItem, ReviewItem.id == latest.c.item_id)
+        .where(LIVE)
         .order_by(DecisionRow.created_at, DecisionRow.id)
     )
     for row in conn.execution_options(yield_per=EXPORT_BATCH).execute(query):
-        names = concept_names.get(row.policy_digest, [])
+        policy, names = policies[row.policy_digest], concept_names[row.policy_digest]
         yield {
             "decision_id": row.id,
             "created_at": iso(row.created_at),
@@ -161,6 +181,7 @@ def export_rows(conn: Connection):
             "reviewer": row.reviewer,
             "review_reason": row.review_reason,
             "reviewed_at": iso(row.review_updated_at) if row.review_status in DECIDED else None,
+            "labels": item_labels(row.review_status, row.review_labels, policy, row),
         }
 
 

@@ -1,0 +1,102 @@
+"""`moderation decisions ...`: browse the decision log and explain any decision."""
+
+from __future__ import annotations
+
+import click
+
+from moderation.cli.app import main
+from moderation.cli.decisions_text import list_table, render_decision
+from moderation.cli.options import db_option, echo_json, failures, json_option, output_errors
+from moderation.review.decisions import ACTIONS, MAX_LIST, VERDICTS, DecisionBrowser
+
+
+@main.group()
+def decisions() -> None:
+    """Browse and explain logged decisions ("why was my image blacked out?")."""
+
+
+def _browser(db_url: str | None) -> DecisionBrowser:
+    """The log of an existing database: a mistyped SQLite path must not create an empty one."""
+    with failures():
+        return DecisionBrowser(db_url)
+
+
+@decisions.command("list")
+@click.option("--since", metavar="T", help="At or after T: ISO date/datetime (UTC) or 12h, 7d.")
+@click.option("--until", metavar="T", help="Before T: ISO date/datetime (UTC) or 12h, 7d.")
+@click.option("--verdict", metavar="[" + "|".join(VERDICTS) + "]", help="Only this verdict.")
+@click.option("--action", metavar="[" + "|".join(ACTIONS) + "]", help="Only this action.")
+@click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
+@click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
+@click.option("--user", metavar="U", help='Only decisions whose metadata has "user": U.')
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_LIST),
+    default=50,
+    show_default=True,
+    help="At most N rows.",
+)
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="List shadow decisions (candidate policies scored on live traffic) instead of live ones.",
+)
+@json_option
+@db_option
+@output_errors
+def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow, as_json, db_url):
+    """List logged decisions, newest first.
+
+    Live decisions only, unless --shadow: then only the shadow decisions that candidate
+    policies made on the same images (never acted on; `decisions show` links the two).
+    Every filter is an exact match; --policy also takes a digest prefix.
+    """
+    browser = _browser(db_url)
+    with failures():
+        entries = browser.list(
+            since=since,
+            until=until,
+            verdict=verdict,
+            action=action,
+            concept=concept,
+            policy=policy,
+            user=user,
+            limit=limit,
+            shadow=shadow,
+        )
+    if as_json:
+        echo_json(entries)
+        return
+    if not entries:
+        click.echo("No shadow decisions match." if shadow else "No decisions match.")
+        return
+    click.echo(list_table(entries, shadow=shadow))
+
+
+@decisions.command("show")
+@click.argument("decision_id", metavar="ID")
+@click.option(
+    "--top",
+    type=click.IntRange(1),
+    metavar="N",
+    help="List only the N nearest concepts (default: every concept).",
+)
+@json_option
+@db_option
+@output_errors
+def show_cmd(decision_id, top, as_json, db_url):
+    """Explain one decision: why it got its action.
+
+    ID is the decision id that `check --json`, `Decision.decision_id` and the diffusers
+    checker's `last_decisions` give, or a unique prefix of at least 8 characters. Shows every
+    concept's cosine, threshold, score and margin (nearest first), the view that gave each
+    cosine, special care, the review band, which concept's action won, the policy, the caller's
+    metadata, the review history and its labels, and shadow decisions.
+    """
+    browser = _browser(db_url)
+    with failures():
+        shown = browser.show(decision_id, top=top)
+    if as_json:
+        echo_json(shown)
+        return
+    click.echo(render_decision(shown))
