@@ -60,6 +60,9 @@ class Decision:
     concept_views: np.ndarray | None = field(default=None, repr=False)  # [C] int16
     special_views: np.ndarray | None = field(default=None, repr=False)  # [S] int16
     shadow_of: str | None = None  # the live decision's id, for a shadow policy's decision
+    # A live decision's shadow decisions: what each shadow candidate would have decided about
+    # the same image (candidate order; empty without candidates). Never acted on or queued.
+    shadows: tuple[Decision, ...] = field(default=(), repr=False)
 
     @property
     def flagged(self) -> bool:
@@ -70,8 +73,11 @@ class Decision:
     def needs_review(self) -> bool:
         """Action review, or a special-care hit under a policy that escalates special care.
 
-        `escalate: allow` (diffusers compat) only adds the adjustment: no review item.
+        `escalate: allow` (diffusers compat) only adds the adjustment: no review item. A shadow
+        decision (`shadow_of` set) never needs review: a candidate's verdicts queue nothing.
         """
+        if self.shadow_of is not None:
+            return False
         escalates = self.policy.escalate not in (None, "allow")
         return self.action == "review" or (bool(self.special_hits) and escalates)
 
@@ -160,11 +166,7 @@ def decide(
     """
     import torch
 
-    from policy.compiled import ACTION_RANK
-
-    batch, n_concepts = scores.scores.shape
-    n_special = scores.special_scores.shape[1]
-    device = scores.scores.device
+    batch = scores.scores.shape[0]
     if errors is not None and len(errors) != batch:
         raise ValueError(f"errors has {len(errors)} entries for a batch of {batch}")
     if isinstance(metadata, Sequence) and len(metadata) != batch:
@@ -172,7 +174,40 @@ def decide(
     if views is not None and len(views) != batch:
         raise ValueError(f"views has {len(views)} entries for a batch of {batch}")
 
-    # Most severe action among fired concepts (allow where none fired).
+    columns = decision_columns(policy, scores)
+    width = sum(c.shape[1] for c in columns)
+    one_view = owners is None
+    if embeddings is not None and one_view:
+        columns.append(embeddings.detach().to(scores.scores.device))
+    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
+    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
+    embedding_rows: list[np.ndarray] | None = None
+    if embeddings is not None and one_view:
+        embedding_rows = list(host[:, width:, None].transpose(0, 2, 1))  # B x [1, D]
+    elif embeddings is not None:
+        # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
+        flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
+        counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
+        embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
+    return decisions_from_host(
+        policy,
+        host[:, :width],
+        errors=errors,
+        metadata=[_metadata_for(metadata, i) for i in range(batch)],
+        views=views,
+        embedding_rows=embedding_rows,
+    )
+
+
+def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tensor]:
+    """The [B, K] device columns `decisions_from_host` reads back (most severe action among
+    fired concepts, special care, review band, margin, top concept), not yet transferred."""
+    import torch
+
+    from policy.compiled import ACTION_RANK
+
+    batch, n_concepts = scores.scores.shape
+    device = scores.scores.device
     fired = scores.scores > 0  # [B, C]
     ranks = policy.action_ranks.to(device)  # [C]
     if n_concepts:
@@ -188,8 +223,6 @@ def decide(
         margin, top = scores.scores.max(dim=1)  # [B], [B]
     else:
         margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
-
-    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
     columns = [
         scores.cosines,
         scores.scores,
@@ -201,32 +234,39 @@ def decide(
         margin[:, None],
         top[:, None],
     ]
-    one_view = owners is None
-    if embeddings is not None and one_view:
-        columns.append(embeddings.detach().to(device))
     if scores.concept_views is not None:
         columns += [scores.concept_views, scores.special_views]
-    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
-    embedding_rows: list[np.ndarray] | None = None
-    if embeddings is not None and not one_view:
-        # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
-        flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
-        counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
-        embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
+    return columns
 
-    c, s = n_concepts, n_special
+
+def decisions_from_host(
+    policy: CompiledPolicy,
+    host: np.ndarray,
+    *,
+    errors: Sequence[str | None] | None = None,
+    metadata: Sequence[dict[str, Any]] | None = None,
+    views: Sequence[list[dict[str, Any]] | None] | None = None,
+    embedding_rows: Sequence[np.ndarray] | None = None,
+    live: Sequence[Decision] | None = None,
+) -> list[Decision]:
+    """Decisions from the host copy [B, K] of `decision_columns` (views columns when K says so).
+
+    With `live`, these are shadow decisions of a candidate policy: each takes its live
+    decision's time, image hash, metadata, views and error (an image the live policy could not
+    judge is not judged by a candidate either) and links to it (`shadow_of`).
+    """
+    from policy.compiled import ACTION_RANK
+
+    batch = host.shape[0]
+    c, s = len(policy.concept_names), len(policy.special_names)
     cosines, concept_scores = host[:, :c], host[:, c : 2 * c]
     special_cosines, special_scores = host[:, 2 * c : 2 * c + s], host[:, 2 * c + s : 2 * c + 2 * s]
     tail = host[:, 2 * c + 2 * s :]
     adjustment, action_rank, valid, margin_np, top_np = (tail[:, i] for i in range(5))
-    at = 5
-    if embeddings is not None and one_view:
-        embedding_rows = list(tail[:, at : at + embeddings.shape[1], None].transpose(0, 2, 1))
-        at += embeddings.shape[1]  # B x [1, D]
     concept_views = special_views = None
-    if scores.concept_views is not None:
-        concept_views = tail[:, at : at + c].astype(np.int16)  # [B, C]
-        special_views = tail[:, at + c : at + c + s].astype(np.int16)  # [B, S]
+    if tail.shape[1] > 5:
+        concept_views = tail[:, 5 : 5 + c].astype(np.int16)  # [B, C]
+        special_views = tail[:, 5 + c : 5 + c + s].astype(np.int16)  # [B, S]
     fired_np = concept_scores > 0  # [B, C]
     special_fired_np = special_scores > 0  # [B, S]
 
@@ -236,21 +276,30 @@ def decide(
     names, special_names = policy.concept_names, policy.special_names
     decisions = []
     for i in range(batch):
-        error = errors[i] if errors is not None else None
-        if error is None and not valid[i]:
-            error = NON_FINITE
-        common = {
+        common: dict[str, Any] = {
             "policy": policy,
             "cosines": cosines[i],
             "scores": concept_scores[i],
             "special_cosines": special_cosines[i],
             "special_scores": special_scores[i],
-            "embedding": None if embedding_rows is None else embedding_rows[i],
-            "metadata": _metadata_for(metadata, i),
-            "views": None if views is None else views[i],
             "concept_views": None if concept_views is None else concept_views[i],
             "special_views": None if special_views is None else special_views[i],
         }
+        if live is None:
+            error = errors[i] if errors is not None else None
+            common["embedding"] = None if embedding_rows is None else embedding_rows[i]
+            common["metadata"] = {} if metadata is None else metadata[i]
+            common["views"] = None if views is None else views[i]
+        else:
+            of = live[i]
+            error = of.error if of.verdict == "error" else None
+            common["metadata"] = dict(of.metadata)
+            common["views"] = of.views
+            common["image_sha256"] = of.image_sha256
+            common["created_at"] = of.created_at
+            common["shadow_of"] = of.decision_id
+        if error is None and not valid[i]:
+            error = NON_FINITE
         if error is not None:
             decisions.append(Decision(verdict="error", action=on_error, error=error, **common))
             continue
@@ -268,6 +317,28 @@ def decide(
             )
         )
     return decisions
+
+
+def error_decisions(
+    policy: CompiledPolicy, metas: Sequence[dict[str, Any]], message: str
+) -> list[Decision]:
+    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
+    c, s = len(policy.concept_names), len(policy.special_names)
+    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
+    return [
+        Decision(
+            verdict="error",
+            action=policy.on_error,
+            policy=policy,
+            cosines=nan_c,
+            scores=nan_c,
+            special_cosines=nan_s,
+            special_scores=nan_s,
+            error=message,
+            metadata=m,
+        )
+        for m in metas
+    ]
 
 
 def _metadata_for(
