@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -239,6 +239,38 @@ def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tenso
     return columns
 
 
+class HostColumns(NamedTuple):
+    """One policy's decision columns on the host: [B, C] / [B, S] arrays and [B] vectors."""
+
+    cosines: np.ndarray
+    scores: np.ndarray
+    special_cosines: np.ndarray
+    special_scores: np.ndarray
+    adjustment: np.ndarray
+    rank: np.ndarray  # index into ACTION_RANK's order
+    valid: np.ndarray
+    margin: np.ndarray
+    top: np.ndarray
+    concept_views: np.ndarray | None = None  # [B, C] int16
+    special_views: np.ndarray | None = None  # [B, S] int16
+
+
+def host_columns(policy: CompiledPolicy, host: np.ndarray) -> HostColumns:
+    """The columns of the host copy [B, K] of `decision_columns` (views when K holds them)."""
+    c, s = len(policy.concept_names), len(policy.special_names)
+    tail = host[:, 2 * c + 2 * s :]
+    has_views = tail.shape[1] > 5
+    return HostColumns(
+        host[:, :c],
+        host[:, c : 2 * c],
+        host[:, 2 * c : 2 * c + s],
+        host[:, 2 * c + s : 2 * c + 2 * s],
+        *(tail[:, i] for i in range(5)),
+        tail[:, 5 : 5 + c].astype(np.int16) if has_views else None,
+        tail[:, 5 + c : 5 + c + s].astype(np.int16) if has_views else None,
+    )
+
+
 def decisions_from_host(
     policy: CompiledPolicy,
     host: np.ndarray,
@@ -247,9 +279,30 @@ def decisions_from_host(
     metadata: Sequence[dict[str, Any]] | None = None,
     views: Sequence[list[dict[str, Any]] | None] | None = None,
     embedding_rows: Sequence[np.ndarray] | None = None,
+) -> list[Decision]:
+    """Decisions from the host copy [B, K] of `decision_columns` (views columns when K says so)."""
+    columns = host_columns(policy, host)
+    return build_decisions(
+        policy,
+        columns,
+        errors=errors,
+        metadata=metadata,
+        views=views,
+        embedding_rows=embedding_rows,
+    )
+
+
+def build_decisions(
+    policy: CompiledPolicy,
+    columns: HostColumns,
+    *,
+    errors: Sequence[str | None] | None = None,
+    metadata: Sequence[dict[str, Any]] | None = None,
+    views: Sequence[list[dict[str, Any]] | None] | None = None,
+    embedding_rows: Sequence[np.ndarray] | None = None,
     live: Sequence[Decision] | None = None,
 ) -> list[Decision]:
-    """Decisions from the host copy [B, K] of `decision_columns` (views columns when K says so).
+    """One Decision per row of `columns`.
 
     With `live`, these are shadow decisions of a candidate policy: each takes its live
     decision's time, image hash, metadata, views and error (an image the live policy could not
@@ -257,18 +310,17 @@ def decisions_from_host(
     """
     from policy.compiled import ACTION_RANK
 
-    batch = host.shape[0]
-    c, s = len(policy.concept_names), len(policy.special_names)
-    cosines, concept_scores = host[:, :c], host[:, c : 2 * c]
-    special_cosines, special_scores = host[:, 2 * c : 2 * c + s], host[:, 2 * c + s : 2 * c + 2 * s]
-    tail = host[:, 2 * c + 2 * s :]
-    adjustment, action_rank, valid, margin_np, top_np = (tail[:, i] for i in range(5))
-    concept_views = special_views = None
-    if tail.shape[1] > 5:
-        concept_views = tail[:, 5 : 5 + c].astype(np.int16)  # [B, C]
-        special_views = tail[:, 5 + c : 5 + c + s].astype(np.int16)  # [B, S]
+    cosines, concept_scores = columns.cosines, columns.scores
+    special_cosines, special_scores = columns.special_cosines, columns.special_scores
+    concept_views, special_views = columns.concept_views, columns.special_views
+    batch, c = concept_scores.shape
+    # Python values once per column, not a NumPy scalar per image.
+    adjustment, valid = columns.adjustment.tolist(), columns.valid.tolist()
+    action_rank = columns.rank.astype(np.int64).tolist()
+    margin, top = columns.margin.tolist(), columns.top.astype(np.int64).tolist()
     fired_np = concept_scores > 0  # [B, C]
     special_fired_np = special_scores > 0  # [B, S]
+    any_fired, any_special = fired_np.any(axis=1).tolist(), special_fired_np.any(axis=1).tolist()
 
     actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
@@ -303,16 +355,20 @@ def decisions_from_host(
         if error is not None:
             decisions.append(Decision(verdict="error", action=on_error, error=error, **common))
             continue
-        action = actions_by_rank[int(action_rank[i])]
+        action = actions_by_rank[action_rank[i]]
+        fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
+        hits = ()
+        if any_special[i]:
+            hits = tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i]))
         decisions.append(
             Decision(
                 verdict=_VERDICT_OF_ACTION.get(action, "flag"),
                 action=action,
-                fired=tuple(names[j] for j in np.flatnonzero(fired_np[i])),
-                special_hits=tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i])),
-                adjustment=float(adjustment[i]),
-                margin=float(margin_np[i]) if c else None,
-                top_concept=names[int(top_np[i])] if c else None,
+                fired=fired,
+                special_hits=hits,
+                adjustment=adjustment[i],
+                margin=margin[i] if c else None,
+                top_concept=names[top[i]] if c else None,
                 **common,
             )
         )

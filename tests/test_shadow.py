@@ -227,7 +227,7 @@ def test_a_failing_candidate_leaves_live_decisions_and_images_intact(
     def broken(*args, **kwargs):
         raise RuntimeError("candidate exploded")
 
-    monkeypatch.setattr(moderation.shadow, "score_many", broken)
+    monkeypatch.setattr(moderation.shadow._Fused, "decide", broken)
     m = logged_moderator(
         policies["live"], encoder, db_url, tmp_path, shadow=[policies["candidate"]]
     )
@@ -419,3 +419,65 @@ def test_check_shadow_end_to_end(db_url, tmp_path, policies):
     bad = check("--shadow", paths["tiles"])
     assert bad.exit_code == 1
     assert bad.stderr.count("\n") == 1 and "views: tiles" in bad.stderr
+
+
+def random_policy(g, name, n, s, dim=32, **rules):
+    actions = ("allow", "blur", "pixelate", "blackout", "review")
+    return CompiledPolicy(
+        name=name,
+        version="1",
+        model="m",
+        concept_names=tuple(f"{name}{i}" for i in range(n)),
+        categories=(None,) * n,
+        severities=("high",) * n,
+        actions=tuple(actions[int(i)] for i in torch.randint(0, 5, (n,), generator=g)),
+        concept_matrix=F.normalize(torch.randn(n, dim, generator=g)),
+        thresholds=0.3 + 0.1 * torch.randn(n, generator=g),
+        special_names=tuple(f"{name}-s{i}" for i in range(s)),
+        special_matrix=F.normalize(torch.randn(s, dim, generator=g)),
+        special_thresholds=0.15 + 0.05 * torch.randn(s, generator=g),
+        **rules,
+    )
+
+
+@pytest.mark.parametrize("with_views", [False, True])
+def test_fused_candidates_decide_as_each_would_alone(with_views):
+    """K candidates in one product decide what each decides as a live policy (scores up to
+    float rounding): thresholds, special care and escalation, review band, margin, top concept."""
+    g = torch.Generator().manual_seed(3)
+    live = random_policy(g, "live", 4, 1)
+    candidates = [
+        random_policy(g, "a", 7, 2, adjustment=0.05, escalate="review", review_band=0.05),
+        random_policy(g, "b", 3, 0),
+        random_policy(g, "c", 12, 1, escalate="blur", review_band=0.2),
+    ]
+    embeddings = torch.randn(20, 32, generator=g)
+    embeddings[4, 3] = float("nan")  # an image that cannot be scored
+    owners = views = None
+    if with_views:
+        owners = torch.arange(10).repeat_interleave(2)
+        views = [[{"frame": 0, "box": [0, 0, 1, 1]}] * 2 for _ in range(10)]
+    m = Moderator(live, shadow=candidates)
+    assert m.shadows.fused is not None
+    decisions = m.moderate_embeddings(embeddings, owners=owners, views=views)
+    seen = set()
+    for k, candidate in enumerate(candidates):
+        alone = Moderator(candidate).moderate_embeddings(embeddings, owners=owners, views=views)
+        for d, own in zip(decisions, alone, strict=True):
+            s = d.shadows[k]
+            assert (s.verdict, s.action, s.fired, s.special_hits, s.top_concept) == (
+                own.verdict,
+                own.action,
+                own.fired,
+                own.special_hits,
+                own.top_concept,
+            )
+            np.testing.assert_allclose(s.scores, own.scores, atol=1e-6)
+            np.testing.assert_allclose(s.special_scores, own.special_scores, atol=1e-6)
+            assert s.margin == pytest.approx(own.margin, abs=1e-6) if own.margin else True
+            assert s.adjustment == own.adjustment
+            if with_views:
+                assert s.concept_views.tolist() == own.concept_views.tolist()
+            seen.add(s.action)
+            seen.update("special care" for _ in s.special_hits)
+    assert {"allow", "review", "special care"} < seen  # the candidates' rules are exercised
