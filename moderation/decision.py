@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from moderation.ids import new_decision_ids
+
 if TYPE_CHECKING:
     import torch
 
@@ -301,8 +303,9 @@ def build_decisions(
     views: Sequence[list[dict[str, Any]] | None] | None = None,
     embedding_rows: Sequence[np.ndarray] | None = None,
     live: Sequence[Decision] | None = None,
+    ids: Sequence[str] | None = None,
 ) -> list[Decision]:
-    """One Decision per row of `columns`.
+    """One Decision per row of `columns` (ids: their decision ids, default new ones).
 
     With `live`, these are shadow decisions of a candidate policy: each takes its live
     decision's time, image hash, metadata, views and error (an image the live policy could not
@@ -326,75 +329,74 @@ def build_decisions(
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
     on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names
+    none = [None] * batch
+    if live is None:
+        errs = list(errors) if errors is not None else none
+        metas = list(metadata) if metadata is not None else [{} for _ in range(batch)]
+        views_of = list(views) if views is not None else none
+        embeddings = list(embedding_rows) if embedding_rows is not None else none
+        times = [utcnow() for _ in range(batch)]
+        hashes, links = none, none
+    else:  # shadow decisions: the live decision's image, time, metadata and error
+        errs = [of.error if of.verdict == "error" else None for of in live]
+        metas = [dict(of.metadata) for of in live]
+        views_of, embeddings = [of.views for of in live], none
+        times = [of.created_at for of in live]
+        hashes, links = [of.image_sha256 for of in live], [of.decision_id for of in live]
+    ids = new_decision_ids(batch) if ids is None else ids
+    cviews = list(concept_views) if concept_views is not None else none
+    sviews = list(special_views) if special_views is not None else none
     decisions = []
     for i in range(batch):
-        common: dict[str, Any] = {
-            "policy": policy,
-            "cosines": cosines[i],
-            "scores": concept_scores[i],
-            "special_cosines": special_cosines[i],
-            "special_scores": special_scores[i],
-            "concept_views": None if concept_views is None else concept_views[i],
-            "special_views": None if special_views is None else special_views[i],
-        }
-        if live is None:
-            error = errors[i] if errors is not None else None
-            common["embedding"] = None if embedding_rows is None else embedding_rows[i]
-            common["metadata"] = {} if metadata is None else metadata[i]
-            common["views"] = None if views is None else views[i]
-        else:
-            of = live[i]
-            error = of.error if of.verdict == "error" else None
-            common["metadata"] = dict(of.metadata)
-            common["views"] = of.views
-            common["image_sha256"] = of.image_sha256
-            common["created_at"] = of.created_at
-            common["shadow_of"] = of.decision_id
+        error = errs[i]
         if error is None and not valid[i]:
             error = NON_FINITE
         if error is not None:
-            decisions.append(Decision(verdict="error", action=on_error, error=error, **common))
-            continue
-        action = actions_by_rank[action_rank[i]]
-        fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
-        hits = ()
-        if any_special[i]:
-            hits = tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i]))
+            verdict, action, fired, hits, adjust, best, top_name = (
+                "error",
+                on_error,
+                (),
+                (),
+                0.0,
+                None,
+                None,
+            )
+        else:
+            action = actions_by_rank[action_rank[i]]
+            verdict = _VERDICT_OF_ACTION.get(action, "flag")
+            fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
+            hits = ()
+            if any_special[i]:
+                hits = tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i]))
+            adjust = adjustment[i]
+            best, top_name = (margin[i], names[top[i]]) if c else (None, None)
         decisions.append(
             Decision(
-                verdict=_VERDICT_OF_ACTION.get(action, "flag"),
+                verdict=verdict,
                 action=action,
+                policy=policy,
+                cosines=cosines[i],
+                scores=concept_scores[i],
+                special_cosines=special_cosines[i],
+                special_scores=special_scores[i],
                 fired=fired,
                 special_hits=hits,
-                adjustment=adjustment[i],
-                margin=margin[i] if c else None,
-                top_concept=names[top[i]] if c else None,
-                **common,
+                adjustment=adjust,
+                margin=best,
+                top_concept=top_name,
+                error=error,
+                embedding=embeddings[i],
+                image_sha256=hashes[i],
+                metadata=metas[i],
+                decision_id=ids[i],
+                created_at=times[i],
+                views=views_of[i],
+                concept_views=cviews[i],
+                special_views=sviews[i],
+                shadow_of=links[i],
             )
         )
     return decisions
-
-
-def error_decisions(
-    policy: CompiledPolicy, metas: Sequence[dict[str, Any]], message: str
-) -> list[Decision]:
-    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
-    c, s = len(policy.concept_names), len(policy.special_names)
-    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
-    return [
-        Decision(
-            verdict="error",
-            action=policy.on_error,
-            policy=policy,
-            cosines=nan_c,
-            scores=nan_c,
-            special_cosines=nan_s,
-            special_scores=nan_s,
-            error=message,
-            metadata=m,
-        )
-        for m in metas
-    ]
 
 
 def _metadata_for(

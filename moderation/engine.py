@@ -11,8 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moderation.chunks import Chunk, join_results, split_call
-from moderation.decision import Decision, decide, error_decisions
-from moderation.engine_io import Metadata, failure_text, given_pixels, image_count, per_image
+from moderation.decision import Decision, decide
+from moderation.engine_io import (
+    Metadata,
+    error_decisions,
+    failure_text,
+    given_pixels,
+    image_count,
+    per_image,
+)
 from moderation.errors import ModerationError
 from moderation.images import (
     ImageBatch,
@@ -240,10 +247,12 @@ class Moderator:
                 failure = failure_text(exc)
         if failure is not None:
             embeddings, decisions = None, error_decisions(self.policy, metas, failure)
+        self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
         if self.log is not None or self.hash_images:
             for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
                 d.image_sha256 = digest  # of the pixels judged, before any action
-        self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
+                for s in d.shadows:
+                    s.image_sha256 = digest
         moderated = self._act(batch.images, decisions) if apply else batch.images
         unrecorded, log_error = [], None
         if self.log is not None:

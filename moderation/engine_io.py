@@ -1,5 +1,6 @@
 """A Moderator's way in and out: per-image metadata and pixel values checked before anything is
-judged, and a batch's decisions handed to its log (live records first, then their shadows)."""
+judged, error decisions for what could not be, and a batch's decisions handed to its log (live
+records first, then their shadows)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from moderation.decision import Decision
 from moderation.errors import ModerationError
 from moderation.images import encode_png
 from moderation.storage.errors import PartlyRecordedError
@@ -16,8 +19,8 @@ from moderation.storage.records import DecisionRecord, record_of
 from moderation.storage.storable import check_metadata
 
 if TYPE_CHECKING:
-    from moderation.decision import Decision
     from moderation.storage import DecisionLog
+    from policy import CompiledPolicy
 
 logger = logging.getLogger("moderation.engine")
 
@@ -93,3 +96,25 @@ def per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
     for i, meta in enumerate(metas):
         check_metadata(meta, f"metadata[{i}]")
     return metas
+
+
+def error_decisions(
+    policy: CompiledPolicy, metas: Sequence[dict[str, Any]], message: str
+) -> list[Decision]:
+    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
+    c, s = len(policy.concept_names), len(policy.special_names)
+    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
+    return [
+        Decision(
+            verdict="error",
+            action=policy.on_error,
+            policy=policy,
+            cosines=nan_c,
+            scores=nan_c,
+            special_cosines=nan_s,
+            special_scores=nan_s,
+            error=message,
+            metadata=m,
+        )
+        for m in metas
+    ]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +33,11 @@ from moderation.decision import (
     HostColumns,
     build_decisions,
     decision_columns,
-    error_decisions,
     host_columns,
 )
+from moderation.engine_io import error_decisions
 from moderation.errors import ModerationError
+from moderation.ids import new_decision_ids
 from moderation.scoring import max_over_views, score_many, stacked_matrices
 
 if TYPE_CHECKING:
@@ -88,8 +90,8 @@ class ShadowCandidates:
     def _stack(self) -> None:
         # Precomputed once per device: the concatenated matrices of every candidate.
         self.matrices = stacked_matrices(self.policies) if self.policies else None
-        fusable = all(p.compat != "diffusers" for p in self.policies)
-        fusable = fusable and sum(len(p.concept_names) for p in self.policies) > 0
+        fusable = bool(self.policies) and all(p.compat != "diffusers" for p in self.policies)
+        fusable = fusable and all(p.concept_names for p in self.policies)
         self.fused = _Fused(self.policies, self.matrices) if fusable else None
 
     def __len__(self) -> int:
@@ -149,120 +151,6 @@ class ShadowCandidates:
         return out
 
 
-class _Fused:
-    """Every candidate's rows in one matrix and their rules as per-column and per-candidate
-    vectors, so that scoring and deciding K candidates is one set of device operations."""
-
-    def __init__(self, policies: Sequence[CompiledPolicy], matrices) -> None:
-        from policy.compiled import ACTION_RANK
-
-        concept, special = matrices
-        device = concept.device
-        self.policies = policies
-        self.c = [len(p.concept_names) for p in policies]
-        self.s = [len(p.special_names) for p in policies]
-        self.n_concepts, self.n_special = sum(self.c), sum(self.s)
-        self.matrix = torch.cat([concept, special]).t().contiguous()  # [D, C + S]
-        k = len(policies)
-        owner = torch.repeat_interleave(torch.arange(k), torch.tensor(self.c)).to(device)
-        special_owner = torch.repeat_interleave(torch.arange(k), torch.tensor(self.s))
-        self.owner = owner  # [C] which candidate a concept column belongs to
-        self.thresholds = torch.cat([p.thresholds.to(device, torch.float32) for p in policies])
-        self.special_thresholds = torch.cat(
-            [p.special_thresholds.to(device, torch.float32) for p in policies]
-        )
-        self.ranks = torch.cat([p.action_ranks.to(device) for p in policies])  # [C]
-        # [K, C] and [K, S]: which columns each candidate owns.
-        self.mask = (torch.arange(k)[:, None] == owner.cpu()[None, :]).to(device)
-        self.special_mask = (torch.arange(k)[:, None] == special_owner[None, :]).to(device)
-        self.adjustment = torch.tensor([float(p.adjustment) for p in policies], device=device)
-        self.escalate = torch.tensor(
-            [ACTION_RANK[p.escalate] if p.escalate else 0 for p in policies], device=device
-        )
-        # -band per column: a score in (-band, 0] sends the image to review (no band: none).
-        self.band = torch.tensor(
-            [-float(p.review_band) for p in policies], device=device, dtype=torch.float32
-        )[owner]
-        self.review = ACTION_RANK["review"]
-        self.start = torch.tensor([0, *self.c[:-1]], device=device).cumsum(0)  # [K]
-
-    def decide(
-        self, live: list[Decision], embeddings: torch.Tensor, owners: torch.Tensor | None
-    ) -> list[list[Decision]]:
-        n, c = len(live), self.n_concepts
-        unit = F.normalize(embeddings.float())
-        cos = torch.mm(unit, self.matrix)  # [N, C + S]: every candidate in one product
-        finite = torch.isfinite(embeddings).all(dim=1)  # [N]
-        views = None
-        if owners is not None:
-            cos, views = max_over_views(cos, owners, n)  # [B, C + S]
-            finite = torch.ones(n, dtype=torch.long, device=cos.device).scatter_reduce(
-                0, owners, finite.long(), "amin"
-            )
-            finite = finite.bool()
-        concept_cos, special_cos = cos[:, :c], cos[:, c:]
-        special_scores = special_cos - self.special_thresholds  # [B, S]
-        hit = ((special_scores > 0)[:, None, :] & self.special_mask).any(dim=2)  # [B, K]
-        adjustment = hit.to(torch.float32) * self.adjustment  # [B, K]
-        scores = concept_cos - self.thresholds + adjustment[:, self.owner]  # [B, C]
-        mask = self.mask  # [K, C]
-        rank = (((scores > 0).long() * self.ranks)[:, None, :] * mask).amax(dim=2)
-        rank = torch.maximum(rank, hit.long() * self.escalate)
-        band = ((scores > self.band) & (scores <= 0))[:, None, :] & mask
-        rank = torch.maximum(rank, band.any(dim=2).long() * self.review)  # [B, K]
-        bad = (~torch.isfinite(scores))[:, None, :] & mask
-        bad_special = (~torch.isfinite(special_scores))[:, None, :] & self.special_mask
-        valid = finite[:, None] & ~bad.any(dim=2) & ~bad_special.any(dim=2)  # [B, K]
-        inf = torch.tensor(float("-inf"), device=scores.device)
-        margin, top = torch.where(mask, scores[:, None, :], inf).max(dim=2)  # [B, K]
-        top = top - self.start
-        blocks = [concept_cos, scores, special_cos, special_scores, adjustment, rank, valid]
-        blocks += [margin, top]
-        if views is not None:
-            blocks.append(views)
-        host = torch.cat([b.to(torch.float32) for b in blocks], dim=1).cpu().numpy()
-        return self._split(live, host, views is not None)
-
-    def _split(self, live: list[Decision], host, has_views: bool) -> list[list[Decision]]:
-        c, s, k = self.n_concepts, self.n_special, len(self.policies)
-        parts = {}
-        at = 0
-        for name, width in (
-            ("cos", c),
-            ("scores", c),
-            ("scos", s),
-            ("sscores", s),
-            ("adj", k),
-            ("rank", k),
-            ("valid", k),
-            ("margin", k),
-            ("top", k),
-            ("views", c + s if has_views else 0),
-        ):
-            parts[name] = host[:, at : at + width]
-            at += width
-        out, c0, s0 = [], 0, 0
-        for i, policy in enumerate(self.policies):
-            c1, s1 = c0 + self.c[i], s0 + self.s[i]
-            views = parts["views"]
-            columns = HostColumns(
-                parts["cos"][:, c0:c1],
-                parts["scores"][:, c0:c1],
-                parts["scos"][:, s0:s1],
-                parts["sscores"][:, s0:s1],
-                parts["adj"][:, i],
-                parts["rank"][:, i],
-                parts["valid"][:, i],
-                parts["margin"][:, i],
-                parts["top"][:, i],
-                views[:, c0:c1].astype("int16") if has_views else None,
-                views[:, c + s0 : c + s1].astype("int16") if has_views else None,
-            )
-            out.append(build_decisions(policy, columns, live=live))
-            c0, s0 = c1, s1
-        return out
-
-
 def shadow_decisions(live: Sequence[Decision]) -> list[Decision]:
     """Every shadow decision of `live`, image by image (the order they are logged in)."""
     return [s for d in live for s in d.shadows]
@@ -310,3 +198,101 @@ def _same_model(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+class _Fused:
+    """Every candidate's rows in one matrix: one product (and one maximum over views) on the
+    device, one transfer of all the cosines, then every candidate's rules at once on the host.
+
+    The rules are `scoring.scores_from_cosines` and `decision.decision_columns` as NumPy over
+    the concatenated columns, reduced per candidate (`reduceat` over its columns), so that K
+    candidates cost a fixed number of vector operations instead of dozens of device operations
+    each (test_shadow checks that they decide what each candidate decides alone).
+    """
+
+    def __init__(self, policies: Sequence[CompiledPolicy], matrices) -> None:
+        from policy.compiled import ACTION_RANK
+
+        concept, special = matrices
+        self.policies = policies
+        self.n_concepts = int(concept.shape[0])
+        self.matrix = torch.cat([concept, special]).t().contiguous()  # [D, C + S]
+        counts = [len(p.concept_names) for p in policies]  # each > 0 (else not fused)
+        special_counts = [len(p.special_names) for p in policies]
+        self.start = np.cumsum([0, *counts[:-1]])  # [K] first column of each candidate
+        self.slices = [slice(int(a), int(a) + n) for a, n in zip(self.start, counts, strict=True)]
+        bounds = np.cumsum([0, *special_counts])
+        self.special_slices = [
+            slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        owner = np.repeat(np.arange(len(policies)), counts)  # [C] candidate of each column
+
+        def host(name: str) -> np.ndarray:
+            return np.concatenate(
+                [getattr(p, name).detach().to("cpu", torch.float32).numpy() for p in policies]
+            )
+
+        self.owner = owner
+        self.thresholds, self.special_thresholds = host("thresholds"), host("special_thresholds")
+        self.ranks = np.array([ACTION_RANK[a] for p in policies for a in p.actions], np.int64)
+        self.special_mask = (  # [S, K] float32: which candidate owns a special-care column
+            np.repeat(np.arange(len(policies)), special_counts)[:, None]
+            == np.arange(len(policies))[None, :]
+        ).astype(np.float32)
+        self.adjustment = np.array([p.adjustment for p in policies], np.float32)
+        self.escalate = np.array(
+            [ACTION_RANK[p.escalate] if p.escalate else 0 for p in policies], np.int64
+        )
+        # -band per column: a score in (-band, 0] sends the image to review (no band: none).
+        self.neg_band = -np.array([p.review_band for p in policies], np.float32)[owner]
+        self.review = ACTION_RANK["review"]
+
+    def decide(
+        self, live: list[Decision], embeddings: torch.Tensor, owners: torch.Tensor | None
+    ) -> list[list[Decision]]:
+        n, c = len(live), self.n_concepts
+        unit = F.normalize(embeddings.float())
+        cos = torch.mm(unit, self.matrix)  # [N, C + S]: every candidate in one product
+        # A NaN or infinite embedding makes its row of cosines NaN (the norm is NaN or inf), and
+        # NaN wins the maximum over views: such an image is invalid below without a check here.
+        views = None
+        if owners is not None:
+            cos, views = max_over_views(cos, owners, n)  # [B, C + S]
+            cos = torch.cat([cos, views.to(torch.float32)], dim=1)
+        host = cos.cpu().numpy()  # one transfer for every candidate
+        width = self.matrix.shape[1]
+        cosines, special_cosines = host[:, :c], host[:, c:width]
+        views_np = host[:, width:].astype(np.int16) if views is not None else None
+
+        start, mask = self.start, self.special_mask
+        special_scores = special_cosines - self.special_thresholds  # [B, S]
+        hit = ((special_scores > 0).astype(np.float32) @ mask) > 0  # [B, K]
+        adjustment = hit.astype(np.float32) * self.adjustment  # [B, K]
+        scores = cosines - self.thresholds + adjustment[:, self.owner]  # [B, C]
+        rank = np.maximum.reduceat(np.where(scores > 0, self.ranks, 0), start, axis=1)
+        rank = np.maximum(rank, hit * self.escalate)
+        in_band = (scores > self.neg_band) & (scores <= 0)
+        rank = np.maximum(rank, np.logical_or.reduceat(in_band, start, axis=1) * self.review)
+        bad_special = ((~np.isfinite(special_scores)).astype(np.float32) @ mask) > 0
+        valid = np.logical_and.reduceat(np.isfinite(scores), start, axis=1) & ~bad_special
+        margin = np.maximum.reduceat(scores, start, axis=1)  # [B, K]
+
+        ids = new_decision_ids(n * len(self.policies))  # one call for every candidate
+        out = []
+        for k, policy in enumerate(self.policies):
+            cs, ss = self.slices[k], self.special_slices[k]
+            columns = HostColumns(
+                cosines[:, cs],
+                scores[:, cs],
+                special_cosines[:, ss],
+                special_scores[:, ss],
+                adjustment[:, k],
+                rank[:, k],
+                valid[:, k],
+                margin[:, k],
+                scores[:, cs].argmax(axis=1),
+                None if views_np is None else views_np[:, cs],
+                None if views_np is None else views_np[:, c:][:, ss],
+            )
+            out.append(build_decisions(policy, columns, live=live, ids=ids[k * n : (k + 1) * n]))
+        return out

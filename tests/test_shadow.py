@@ -452,7 +452,8 @@ def test_fused_candidates_decide_as_each_would_alone(with_views):
         random_policy(g, "c", 12, 1, escalate="blur", review_band=0.2),
     ]
     embeddings = torch.randn(20, 32, generator=g)
-    embeddings[4, 3] = float("nan")  # an image that cannot be scored
+    embeddings[4, 3] = float("nan")  # images that cannot be scored
+    embeddings[7, 0] = float("inf")
     owners = views = None
     if with_views:
         owners = torch.arange(10).repeat_interleave(2)
