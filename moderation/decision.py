@@ -304,8 +304,13 @@ def build_decisions(
     embedding_rows: Sequence[np.ndarray] | None = None,
     live: Sequence[Decision] | None = None,
     ids: Sequence[str] | None = None,
+    fired: tuple[np.ndarray, np.ndarray, list[bool], list[bool]] | None = None,
 ) -> list[Decision]:
     """One Decision per row of `columns` (ids: their decision ids, default new ones).
+
+    The [B] columns may already be Python lists, and `fired` the masks `scores > 0`,
+    `special_scores > 0` and whether each row has any (a caller deciding several policies at
+    once works them out for all of them in one go).
 
     With `live`, these are shadow decisions of a candidate policy: each takes its live
     decision's time, image hash, metadata, views and error (an image the live policy could not
@@ -318,12 +323,16 @@ def build_decisions(
     concept_views, special_views = columns.concept_views, columns.special_views
     batch, c = concept_scores.shape
     # Python values once per column, not a NumPy scalar per image.
-    adjustment, valid = columns.adjustment.tolist(), columns.valid.tolist()
-    action_rank = columns.rank.astype(np.int64).tolist()
-    margin, top = columns.margin.tolist(), columns.top.astype(np.int64).tolist()
-    fired_np = concept_scores > 0  # [B, C]
-    special_fired_np = special_scores > 0  # [B, S]
-    any_fired, any_special = fired_np.any(axis=1).tolist(), special_fired_np.any(axis=1).tolist()
+    adjustment, valid = _values(columns.adjustment), _values(columns.valid)
+    action_rank, top = _values(columns.rank, np.int64), _values(columns.top, np.int64)
+    margin = _values(columns.margin)
+    if fired is None:
+        fired_np = concept_scores > 0  # [B, C]
+        special_fired_np = special_scores > 0  # [B, S]
+        any_fired = fired_np.any(axis=1).tolist()
+        any_special = special_fired_np.any(axis=1).tolist()
+    else:
+        fired_np, special_fired_np, any_fired, any_special = fired
 
     actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
@@ -397,6 +406,13 @@ def build_decisions(
             )
         )
     return decisions
+
+
+def _values(column: np.ndarray | list, dtype: Any = None) -> list:
+    """A [B] column as a Python list (as it is when it already is one)."""
+    if isinstance(column, list):
+        return column
+    return (column if dtype is None else column.astype(dtype)).tolist()
 
 
 def _metadata_for(

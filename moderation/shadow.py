@@ -266,33 +266,45 @@ class _Fused:
 
         start, mask = self.start, self.special_mask
         special_scores = special_cosines - self.special_thresholds  # [B, S]
-        hit = ((special_scores > 0).astype(np.float32) @ mask) > 0  # [B, K]
-        adjustment = hit.astype(np.float32) * self.adjustment  # [B, K]
+        special_fired = special_scores > 0
+        hit = (special_fired.astype(np.float32) @ mask) > 0  # [B, K] a special-care hit
+        adjustment = hit * self.adjustment  # [B, K] float32
         scores = cosines - self.thresholds + adjustment[:, self.owner]  # [B, C]
-        rank = np.maximum.reduceat(np.where(scores > 0, self.ranks, 0), start, axis=1)
+        fired = scores > 0
+        rank = np.maximum.reduceat(np.where(fired, self.ranks, 0), start, axis=1)  # [B, K]
         rank = np.maximum(rank, hit * self.escalate)
-        in_band = (scores > self.neg_band) & (scores <= 0)
+        in_band = (scores > self.neg_band) & ~fired  # within the review band below a threshold
         rank = np.maximum(rank, np.logical_or.reduceat(in_band, start, axis=1) * self.review)
-        bad_special = ((~np.isfinite(special_scores)).astype(np.float32) @ mask) > 0
-        valid = np.logical_and.reduceat(np.isfinite(scores), start, axis=1) & ~bad_special
+        # Thresholds and adjustments are finite: only a non-finite embedding (a NaN row of
+        # cosines) makes a score non-finite, for every candidate alike.
+        valid = np.isfinite(host[:, :width]).all(axis=1).tolist()  # [B]
         margin = np.maximum.reduceat(scores, start, axis=1)  # [B, K]
+        top = np.stack([scores[:, cs].argmax(axis=1) for cs in self.slices], axis=1)  # [B, K]
+        any_fired = np.logical_or.reduceat(fired, start, axis=1)  # [B, K]
+        # Python lists per candidate in one call per column: no NumPy scalar per decision.
+        per = [x.T.tolist() for x in (adjustment, rank, margin, top, any_fired, hit)]
 
         ids = new_decision_ids(n * len(self.policies))  # one call for every candidate
         out = []
         for k, policy in enumerate(self.policies):
             cs, ss = self.slices[k], self.special_slices[k]
+            adjust, ranks, best, tops, anyf, anys = (values[k] for values in per)
             columns = HostColumns(
                 cosines[:, cs],
                 scores[:, cs],
                 special_cosines[:, ss],
                 special_scores[:, ss],
-                adjustment[:, k],
-                rank[:, k],
-                valid[:, k],
-                margin[:, k],
-                scores[:, cs].argmax(axis=1),
+                adjust,
+                ranks,
+                valid,
+                best,
+                tops,
                 None if views_np is None else views_np[:, cs],
                 None if views_np is None else views_np[:, c:][:, ss],
             )
-            out.append(build_decisions(policy, columns, live=live, ids=ids[k * n : (k + 1) * n]))
+            masks = (fired[:, cs], special_fired[:, ss], anyf, anys)
+            decisions = build_decisions(
+                policy, columns, live=live, ids=ids[k * n : (k + 1) * n], fired=masks
+            )
+            out.append(decisions)
         return out

@@ -350,4 +350,10 @@ def shadow_table(rows: list[dict[str, Any]]) -> str:
         "shadowed",
         "overhead",
     )
-    return title + "\n" + table(headers, body)
+    cpu = "; ".join(
+        f"{r['candidates']} candidates: {r['cpu_overhead_pct']:+.1f}% ({r['torch_threads']} torch "
+        "thread(s))"
+        for r in rows
+    )
+    note = f"this thread's CPU time of the same calls (paired): {cpu}"
+    return title + "\n" + table(headers, body) + "\n" + note

@@ -25,6 +25,8 @@ and without the sweep whichever call follows another's image hashing runs colder
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,7 +180,13 @@ def run_shadow(
             "decide_plain": (lambda x, m=bare: decide(m, x), sweep),
             "decide_shadow": (lambda x, m=bare_shadowed: decide(m, x), sweep),
         }
+        # This thread's CPU time of each timed call too: the work itself, not the time the
+        # thread waited for a core on a shared machine (meaningful on the CPU with one torch
+        # thread, where all the work is on this thread).
+        cpu: dict[str, list[float]] = {name: [] for name in calls}
+        calls = {name: (_on_cpu_clock(fn, cpu[name]), setup) for name, (fn, setup) in calls.items()}
         timings, results = measure_interleaved(calls, **timed)
+        cpu = {name: samples[-len(timings[name].samples_ms) :] for name, samples in cpu.items()}
         result = results["shadow"]
         assert all(len(d.shadows) == count for d in result.decisions)
         assert torch.equal(result.images, results["plain"].images)  # never acted on
@@ -205,15 +213,28 @@ def run_shadow(
                 * _paired(timings["decide_shadow"], timings["decide_plain"])
                 / ms["decide_plain"],
                 "records_per_batch": batch_size * (1 + count),
+                "cpu_ms": {name: 1000 * statistics.median(s) for name, s in cpu.items()},
+                "cpu_overhead_pct": 100
+                * statistics.median(a - b for a, b in zip(cpu["shadow"], cpu["plain"], strict=True))
+                / statistics.median(cpu["plain"]),
+                "torch_threads": torch.get_num_threads(),
                 "timing": {name: t.to_dict() for name, t in timings.items()},
             }
         )
     return rows
 
 
+def _on_cpu_clock(fn: Callable[[Any], Any], samples: list[float]) -> Callable[[Any], Any]:
+    def timed(arg: Any) -> Any:
+        start = time.thread_time()
+        result = fn(arg)
+        samples.append(time.thread_time() - start)
+        return result
+
+    return timed
+
+
 def _paired(timing: Any, base: Any) -> float:
     """Median ms of timing - base over the rounds they were timed in together."""
-    import statistics
-
     pairs = zip(timing.samples_ms, base.samples_ms, strict=True)
     return statistics.median(a - b for a, b in pairs)
