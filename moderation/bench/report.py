@@ -325,7 +325,9 @@ def shadow_table(rows: list[dict[str, Any]]) -> str:
         f"f. Shadow candidates: post-encoder work of a batch of {first['batch']} "
         f"({first['image_side']}x{first['image_side']}, {first['views']} views; the default "
         f"policy's {first['concepts']}+{first['special_concepts']} concepts; score, decide, hash, "
-        "act, records to the log, images back), without and with candidates"
+        "act, records to the log, images back), without and with candidates; medians of "
+        f"{first['timing']['plain']['repeats']} interleaved rounds, each call after a 64 MB "
+        "cache sweep; 'paired': median of the per-round differences"
     )
     body = [
         (
