@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moderation.bench.config import measure_interleaved
+from moderation.bench.models import BenchError
 
 if TYPE_CHECKING:
     from moderation.bench.config import BenchConfig
@@ -188,8 +189,10 @@ def run_shadow(
         timings, results = measure_interleaved(calls, **timed)
         cpu = {name: samples[-len(timings[name].samples_ms) :] for name, samples in cpu.items()}
         result = results["shadow"]
-        assert all(len(d.shadows) == count for d in result.decisions)
-        assert torch.equal(result.images, results["plain"].images)  # never acted on
+        if not all(len(d.shadows) == count for d in result.decisions) or not torch.equal(
+            result.images, results["plain"].images
+        ):  # every image shadowed by every candidate, and never acted on
+            raise BenchError("shadow: the shadowed run did not decide or return what it should")
         ms = {name: t.median_ms for name, t in timings.items()}
         rows.append(
             {

@@ -136,6 +136,9 @@ class PolicySafetyChecker(ModelMixin):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
+        from moderation.shadow import ShadowCandidates
+
+        ShadowCandidates(policy, shadow)  # refuse a misfit before opening the database
         log = _decision_log(db, held_dir, spool_dir)
         return cls(policy, checker, log=log, metadata=metadata, shadow=shadow)
 
