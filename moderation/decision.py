@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moderation.host_columns import HostColumns, host_columns, values
 from moderation.ids import new_decision_ids
 
 if TYPE_CHECKING:
@@ -241,38 +242,6 @@ def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tenso
     return columns
 
 
-class HostColumns(NamedTuple):
-    """One policy's decision columns on the host: [B, C] / [B, S] arrays and [B] vectors."""
-
-    cosines: np.ndarray
-    scores: np.ndarray
-    special_cosines: np.ndarray
-    special_scores: np.ndarray
-    adjustment: np.ndarray
-    rank: np.ndarray  # index into ACTION_RANK's order
-    valid: np.ndarray
-    margin: np.ndarray
-    top: np.ndarray
-    concept_views: np.ndarray | None = None  # [B, C] int16
-    special_views: np.ndarray | None = None  # [B, S] int16
-
-
-def host_columns(policy: CompiledPolicy, host: np.ndarray) -> HostColumns:
-    """The columns of the host copy [B, K] of `decision_columns` (views when K holds them)."""
-    c, s = len(policy.concept_names), len(policy.special_names)
-    tail = host[:, 2 * c + 2 * s :]
-    has_views = tail.shape[1] > 5
-    return HostColumns(
-        host[:, :c],
-        host[:, c : 2 * c],
-        host[:, 2 * c : 2 * c + s],
-        host[:, 2 * c + s : 2 * c + 2 * s],
-        *(tail[:, i] for i in range(5)),
-        tail[:, 5 : 5 + c].astype(np.int16) if has_views else None,
-        tail[:, 5 + c : 5 + c + s].astype(np.int16) if has_views else None,
-    )
-
-
 def decisions_from_host(
     policy: CompiledPolicy,
     host: np.ndarray,
@@ -323,9 +292,9 @@ def build_decisions(
     concept_views, special_views = columns.concept_views, columns.special_views
     batch, c = concept_scores.shape
     # Python values once per column, not a NumPy scalar per image.
-    adjustment, valid = _values(columns.adjustment), _values(columns.valid)
-    action_rank, top = _values(columns.rank, np.int64), _values(columns.top, np.int64)
-    margin = _values(columns.margin)
+    adjustment, valid = values(columns.adjustment), values(columns.valid)
+    action_rank, top = values(columns.rank, np.int64), values(columns.top, np.int64)
+    margin = values(columns.margin)
     if fired is None:
         fired_np = concept_scores > 0  # [B, C]
         special_fired_np = special_scores > 0  # [B, S]
@@ -406,13 +375,6 @@ def build_decisions(
             )
         )
     return decisions
-
-
-def _values(column: np.ndarray | list, dtype: Any = None) -> list:
-    """A [B] column as a Python list (as it is when it already is one)."""
-    if isinstance(column, list):
-        return column
-    return (column if dtype is None else column.astype(dtype)).tolist()
 
 
 def _metadata_for(
