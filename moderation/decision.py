@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moderation.host_columns import HostColumns, host_columns, values
+from moderation.ids import new_decision_ids
+
 if TYPE_CHECKING:
     import torch
 
@@ -60,6 +63,9 @@ class Decision:
     concept_views: np.ndarray | None = field(default=None, repr=False)  # [C] int16
     special_views: np.ndarray | None = field(default=None, repr=False)  # [S] int16
     shadow_of: str | None = None  # the live decision's id, for a shadow policy's decision
+    # A live decision's shadow decisions: what each shadow candidate would have decided about
+    # the same image (candidate order; empty without candidates). Never acted on or queued.
+    shadows: tuple[Decision, ...] = field(default=(), repr=False)
 
     @property
     def flagged(self) -> bool:
@@ -70,8 +76,11 @@ class Decision:
     def needs_review(self) -> bool:
         """Action review, or a special-care hit under a policy that escalates special care.
 
-        `escalate: allow` (diffusers compat) only adds the adjustment: no review item.
+        `escalate: allow` (diffusers compat) only adds the adjustment: no review item. A shadow
+        decision (`shadow_of` set) never needs review: a candidate's verdicts queue nothing.
         """
+        if self.shadow_of is not None:
+            return False
         escalates = self.policy.escalate not in (None, "allow")
         return self.action == "review" or (bool(self.special_hits) and escalates)
 
@@ -160,11 +169,7 @@ def decide(
     """
     import torch
 
-    from policy.compiled import ACTION_RANK
-
-    batch, n_concepts = scores.scores.shape
-    n_special = scores.special_scores.shape[1]
-    device = scores.scores.device
+    batch = scores.scores.shape[0]
     if errors is not None and len(errors) != batch:
         raise ValueError(f"errors has {len(errors)} entries for a batch of {batch}")
     if isinstance(metadata, Sequence) and len(metadata) != batch:
@@ -172,7 +177,40 @@ def decide(
     if views is not None and len(views) != batch:
         raise ValueError(f"views has {len(views)} entries for a batch of {batch}")
 
-    # Most severe action among fired concepts (allow where none fired).
+    columns = decision_columns(policy, scores)
+    width = sum(c.shape[1] for c in columns)
+    one_view = owners is None
+    if embeddings is not None and one_view:
+        columns.append(embeddings.detach().to(scores.scores.device))
+    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
+    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
+    embedding_rows: list[np.ndarray] | None = None
+    if embeddings is not None and one_view:
+        embedding_rows = list(host[:, width:, None].transpose(0, 2, 1))  # B x [1, D]
+    elif embeddings is not None:
+        # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
+        flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
+        counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
+        embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
+    return decisions_from_host(
+        policy,
+        host[:, :width],
+        errors=errors,
+        metadata=[_metadata_for(metadata, i) for i in range(batch)],
+        views=views,
+        embedding_rows=embedding_rows,
+    )
+
+
+def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tensor]:
+    """The [B, K] device columns `decisions_from_host` reads back (most severe action among
+    fired concepts, special care, review band, margin, top concept), not yet transferred."""
+    import torch
+
+    from policy.compiled import ACTION_RANK
+
+    batch, n_concepts = scores.scores.shape
+    device = scores.scores.device
     fired = scores.scores > 0  # [B, C]
     ranks = policy.action_ranks.to(device)  # [C]
     if n_concepts:
@@ -188,8 +226,6 @@ def decide(
         margin, top = scores.scores.max(dim=1)  # [B], [B]
     else:
         margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
-
-    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
     columns = [
         scores.cosines,
         scores.scores,
@@ -201,70 +237,141 @@ def decide(
         margin[:, None],
         top[:, None],
     ]
-    one_view = owners is None
-    if embeddings is not None and one_view:
-        columns.append(embeddings.detach().to(device))
     if scores.concept_views is not None:
         columns += [scores.concept_views, scores.special_views]
-    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
-    embedding_rows: list[np.ndarray] | None = None
-    if embeddings is not None and not one_view:
-        # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
-        flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
-        counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
-        embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
+    return columns
 
-    c, s = n_concepts, n_special
-    cosines, concept_scores = host[:, :c], host[:, c : 2 * c]
-    special_cosines, special_scores = host[:, 2 * c : 2 * c + s], host[:, 2 * c + s : 2 * c + 2 * s]
-    tail = host[:, 2 * c + 2 * s :]
-    adjustment, action_rank, valid, margin_np, top_np = (tail[:, i] for i in range(5))
-    at = 5
-    if embeddings is not None and one_view:
-        embedding_rows = list(tail[:, at : at + embeddings.shape[1], None].transpose(0, 2, 1))
-        at += embeddings.shape[1]  # B x [1, D]
-    concept_views = special_views = None
-    if scores.concept_views is not None:
-        concept_views = tail[:, at : at + c].astype(np.int16)  # [B, C]
-        special_views = tail[:, at + c : at + c + s].astype(np.int16)  # [B, S]
-    fired_np = concept_scores > 0  # [B, C]
-    special_fired_np = special_scores > 0  # [B, S]
+
+def decisions_from_host(
+    policy: CompiledPolicy,
+    host: np.ndarray,
+    *,
+    errors: Sequence[str | None] | None = None,
+    metadata: Sequence[dict[str, Any]] | None = None,
+    views: Sequence[list[dict[str, Any]] | None] | None = None,
+    embedding_rows: Sequence[np.ndarray] | None = None,
+) -> list[Decision]:
+    """Decisions from the host copy [B, K] of `decision_columns` (views columns when K says so)."""
+    columns = host_columns(policy, host)
+    return build_decisions(
+        policy,
+        columns,
+        errors=errors,
+        metadata=metadata,
+        views=views,
+        embedding_rows=embedding_rows,
+    )
+
+
+def build_decisions(
+    policy: CompiledPolicy,
+    columns: HostColumns,
+    *,
+    errors: Sequence[str | None] | None = None,
+    metadata: Sequence[dict[str, Any]] | None = None,
+    views: Sequence[list[dict[str, Any]] | None] | None = None,
+    embedding_rows: Sequence[np.ndarray] | None = None,
+    live: Sequence[Decision] | None = None,
+    ids: Sequence[str] | None = None,
+    fired: tuple[np.ndarray, np.ndarray, list[bool], list[bool]] | None = None,
+) -> list[Decision]:
+    """One Decision per row of `columns` (ids: their decision ids, default new ones).
+
+    The [B] columns may already be Python lists, and `fired` the masks `scores > 0`,
+    `special_scores > 0` and whether each row has any (a caller deciding several policies at
+    once works them out for all of them in one go).
+
+    With `live`, these are shadow decisions of a candidate policy: each takes its live
+    decision's time, image hash, metadata, views and error (an image the live policy could not
+    judge is not judged by a candidate either) and links to it (`shadow_of`).
+    """
+    from policy.compiled import ACTION_RANK
+
+    cosines, concept_scores = columns.cosines, columns.scores
+    special_cosines, special_scores = columns.special_cosines, columns.special_scores
+    concept_views, special_views = columns.concept_views, columns.special_views
+    batch, c = concept_scores.shape
+    # Python values once per column, not a NumPy scalar per image.
+    adjustment, valid = values(columns.adjustment), values(columns.valid)
+    action_rank, top = values(columns.rank, np.int64), values(columns.top, np.int64)
+    margin = values(columns.margin)
+    if fired is None:
+        fired_np = concept_scores > 0  # [B, C]
+        special_fired_np = special_scores > 0  # [B, S]
+        any_fired = fired_np.any(axis=1).tolist()
+        any_special = special_fired_np.any(axis=1).tolist()
+    else:
+        fired_np, special_fired_np, any_fired, any_special = fired
 
     actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
     on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names
+    none = [None] * batch
+    if live is None:
+        errs = list(errors) if errors is not None else none
+        metas = list(metadata) if metadata is not None else [{} for _ in range(batch)]
+        views_of = list(views) if views is not None else none
+        embeddings = list(embedding_rows) if embedding_rows is not None else none
+        times = [utcnow() for _ in range(batch)]
+        hashes, links = none, none
+    else:  # shadow decisions: the live decision's image, time, metadata and error
+        errs = [of.error if of.verdict == "error" else None for of in live]
+        metas = [dict(of.metadata) for of in live]
+        views_of, embeddings = [of.views for of in live], none
+        times = [of.created_at for of in live]
+        hashes, links = [of.image_sha256 for of in live], [of.decision_id for of in live]
+    ids = new_decision_ids(batch) if ids is None else ids
+    cviews = list(concept_views) if concept_views is not None else none
+    sviews = list(special_views) if special_views is not None else none
     decisions = []
     for i in range(batch):
-        error = errors[i] if errors is not None else None
+        error = errs[i]
         if error is None and not valid[i]:
             error = NON_FINITE
-        common = {
-            "policy": policy,
-            "cosines": cosines[i],
-            "scores": concept_scores[i],
-            "special_cosines": special_cosines[i],
-            "special_scores": special_scores[i],
-            "embedding": None if embedding_rows is None else embedding_rows[i],
-            "metadata": _metadata_for(metadata, i),
-            "views": None if views is None else views[i],
-            "concept_views": None if concept_views is None else concept_views[i],
-            "special_views": None if special_views is None else special_views[i],
-        }
         if error is not None:
-            decisions.append(Decision(verdict="error", action=on_error, error=error, **common))
-            continue
-        action = actions_by_rank[int(action_rank[i])]
+            verdict, action, fired, hits, adjust, best, top_name = (
+                "error",
+                on_error,
+                (),
+                (),
+                0.0,
+                None,
+                None,
+            )
+        else:
+            action = actions_by_rank[action_rank[i]]
+            verdict = _VERDICT_OF_ACTION.get(action, "flag")
+            fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
+            hits = ()
+            if any_special[i]:
+                hits = tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i]))
+            adjust = adjustment[i]
+            best, top_name = (margin[i], names[top[i]]) if c else (None, None)
         decisions.append(
             Decision(
-                verdict=_VERDICT_OF_ACTION.get(action, "flag"),
+                verdict=verdict,
                 action=action,
-                fired=tuple(names[j] for j in np.flatnonzero(fired_np[i])),
-                special_hits=tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i])),
-                adjustment=float(adjustment[i]),
-                margin=float(margin_np[i]) if c else None,
-                top_concept=names[int(top_np[i])] if c else None,
-                **common,
+                policy=policy,
+                cosines=cosines[i],
+                scores=concept_scores[i],
+                special_cosines=special_cosines[i],
+                special_scores=special_scores[i],
+                fired=fired,
+                special_hits=hits,
+                adjustment=adjust,
+                margin=best,
+                top_concept=top_name,
+                error=error,
+                embedding=embeddings[i],
+                image_sha256=hashes[i],
+                metadata=metas[i],
+                decision_id=ids[i],
+                created_at=times[i],
+                views=views_of[i],
+                concept_views=cviews[i],
+                special_views=sviews[i],
+                shadow_of=links[i],
             )
         )
     return decisions

@@ -8,11 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from moderation.chunks import Chunk, join_results, split_call
 from moderation.decision import Decision, decide
+from moderation.engine_io import (
+    Metadata,
+    error_decisions,
+    failure_text,
+    given_pixels,
+    image_count,
+    per_image,
+)
 from moderation.errors import ModerationError
 from moderation.images import (
     ImageBatch,
@@ -20,15 +27,13 @@ from moderation.images import (
     batch_sha256,
     check_items,
     clip_preprocess,
-    encode_png,
     to_image_batch,
 )
 from moderation.loading import load_any_policy, load_compiled  # noqa: F401  (re-exported)
 from moderation.preprocess import judged_views
 from moderation.scoring import score
-from moderation.storage.errors import PartlyRecordedError
-from moderation.storage.records import policy_record, record_of
-from moderation.storage.storable import check_metadata
+from moderation.shadow import ShadowCandidates, load_candidates
+from moderation.storage.records import policy_record
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder
@@ -37,12 +42,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Metadata = dict[str, Any] | Sequence[dict[str, Any]] | None
-
 
 @dataclass
 class ModerationResult:
     """The images as the caller may show them, and one decision per image.
+
+    `shadow` lists, per image, the shadow candidates' decisions (`Decision.shadows`: what each
+    candidate would have decided, in candidate order; empty lists without candidates).
 
     `unrecorded` lists the ids of decisions that are in neither the database nor the spool (a
     full disk, an unwritable spool while the database is down); `log_error` says what went wrong
@@ -59,6 +65,10 @@ class ModerationResult:
     def flagged(self) -> list[bool]:
         return [d.flagged for d in self.decisions]
 
+    @property
+    def shadow(self) -> list[list[Decision]]:
+        return [list(d.shadows) for d in self.decisions]
+
 
 class Moderator:
     """Applies one compiled policy to batches of images (or embeddings) and logs every decision."""
@@ -71,7 +81,11 @@ class Moderator:
         log: DecisionLog | None = None,
         store_embeddings: bool = True,
         hash_images: bool = False,
+        shadow: Sequence[CompiledPolicy] = (),
     ) -> None:
+        """shadow: candidate policies scored beside `policy` on its embeddings and logged as
+        its decisions' shadows, never acted on (`moderation.shadow`); each must be compiled for
+        the same model and judge the same views, or ModerationError names it."""
         if encoder is not None and policy.embed_dim != encoder.embed_dim:
             raise ModerationError(
                 f"policy {policy.name!r} has {policy.embed_dim}-wide embeddings but model "
@@ -80,6 +94,7 @@ class Moderator:
         self.encoder = encoder
         device = encoder.device if encoder is not None else policy.device
         self.policy = policy.to(device)
+        self.shadows = ShadowCandidates(self.policy, shadow)
         self.log = log
         self.store_embeddings = store_embeddings
         # Every decision id this Moderator could not record, and why (see ModerationResult).
@@ -89,6 +104,13 @@ class Moderator:
         self.hash_images = hash_images
         if log is not None:
             log.register_policy(policy_record(self.policy))
+            for candidate in self.shadows.policies:
+                log.register_policy(policy_record(candidate))
+
+    @property
+    def shadow_policies(self) -> tuple[CompiledPolicy, ...]:
+        """The shadow candidates, in the order of every `Decision.shadows`."""
+        return self.shadows.policies
 
     @classmethod
     def from_policy(
@@ -102,17 +124,23 @@ class Moderator:
         db: str | None = None,
         spool_dir: str | Path | None = None,
         held_dir: str | Path | None = None,
+        shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
     ) -> Moderator:
-        """Load a policy (YAML, compiled artifact or object) and its model; log to `db` if given."""
+        """Load a policy (YAML, compiled artifact or object) and its model; log to `db` if given.
+
+        shadow: candidates (paths or objects, loaded like the policy; YAML compiled with its
+        model) scored on live traffic beside it and logged, never acted on."""
         compiled, encoder = load_compiled(
             policy, model=model, device=device, dtype=dtype, text_model=text_model
         )
+        candidates = load_candidates(shadow, encoder)
+        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
         log = None
         if db is not None:
             from moderation.storage import DecisionLog
 
             log = DecisionLog(db, spool_dir=spool_dir, held_dir=held_dir)
-        return cls(compiled, encoder, log=log)
+        return cls(compiled, encoder, log=log, shadow=candidates)
 
     # -- moderation ---------------------------------------------------------------------------
 
@@ -145,9 +173,9 @@ class Moderator:
             )
         check_items(images, value_range)  # bad input fails before any chunk is judged
         chunks = split_call(images, value_range, self.policy.views, self.encoder.image_size)
-        metas = _per_image(metadata, sum(c.count for c in chunks))
+        metas = per_image(metadata, sum(c.count for c in chunks))
         if pixel_values is not None:
-            pixel_values = _given_pixels(pixel_values, len(metas))
+            pixel_values = given_pixels(pixel_values, len(metas))
         if not chunks:
             return ModerationResult(to_image_batch(images).to_caller(), [])
         parts = [
@@ -190,13 +218,41 @@ class Moderator:
             errors = [  # one host transfer for the batch
                 e or v for e, v in zip(batch.input_errors(), view_errors, strict=True)
             ]
-            decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
-            decisions = error_decisions(self.policy, metas, f"{type(exc).__name__}: {exc}")
+            return self.after_encoder(batch, None, metas, apply, failure=failure_text(exc))
+        return self.after_encoder(batch, embeddings, metas, apply, errors, owners, views)
+
+    def after_encoder(
+        self,
+        batch: ImageBatch,
+        embeddings: torch.Tensor | None,
+        metas: list[dict[str, Any]],
+        apply: bool = True,
+        errors: list[str | None] | None = None,
+        owners: torch.Tensor | None = None,
+        views: Sequence[list[dict[str, Any]] | None] | None = None,
+        *,
+        failure: str | None = None,
+    ) -> ModerationResult:
+        """Everything moderate() does once the encoder ran: score and decide (the live policy,
+        then its shadow candidates), hash, act, log, and the images as the caller gets them.
+        embeddings None (with `failure`): the batch could not be encoded; all are errors."""
+        if failure is None:
+            try:
+                embeddings = embeddings.float()  # scores in float32 whatever the tower's dtype
+                decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
+            except Exception as exc:  # fail closed, as in moderate()
+                logger.exception("moderation failed for a batch of %d images", len(batch))
+                failure = failure_text(exc)
+        if failure is not None:
+            embeddings, decisions = None, error_decisions(self.policy, metas, failure)
+        self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
         if self.log is not None or self.hash_images:
             for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
                 d.image_sha256 = digest  # of the pixels judged, before any action
+                for s in d.shadows:
+                    s.image_sha256 = digest
         moderated = self._act(batch.images, decisions) if apply else batch.images
         unrecorded, log_error = [], None
         if self.log is not None:
@@ -243,11 +299,14 @@ class Moderator:
         embeddings: [B, D], one per image; or [N, D] views of images with `owners` [N] naming
         each row's image (non-decreasing), and optionally `views` describing them per image.
         """
-        embeddings = torch.as_tensor(embeddings).to(self.policy.device)
-        n_images = embeddings.shape[0] if owners is None else _image_count(owners, views)
+        embeddings = torch.as_tensor(embeddings).to(self.policy.device).float()
+        n_images = embeddings.shape[0] if owners is None else image_count(owners, views)
+        if owners is not None:
+            owners = owners.to(embeddings.device)
         decisions = self._decide(
-            embeddings, _per_image(metadata, n_images), owners=owners, views=views
+            embeddings, per_image(metadata, n_images), owners=owners, views=views
         )
+        self.shadows.attach(decisions, embeddings, owners)
         if self.log is not None:
             self._log(decisions, None)
         return decisions
@@ -256,11 +315,12 @@ class Moderator:
 
     def fail(self, messages: Sequence[str], *, metadata: Metadata = None) -> list[Decision]:
         """Error decisions for images that could not even be read; logged like any other."""
-        metas = _per_image(metadata, len(messages))
+        metas = per_image(metadata, len(messages))
         decisions = [
             error_decisions(self.policy, [m], msg)[0]
             for m, msg in zip(metas, messages, strict=True)
         ]
+        self.shadows.attach(decisions, None)
         if self.log is not None and decisions:
             self._log(decisions, None)
         return decisions
@@ -274,7 +334,7 @@ class Moderator:
         owners: torch.Tensor | None = None,
         views: Sequence[list[dict[str, Any]] | None] | None = None,
     ) -> list[Decision]:
-        embeddings = embeddings.float()  # scores in float32 whatever the tower's dtype
+        # embeddings: float32 (moderate_embeddings and after_encoder convert them once)
         if owners is not None:
             owners = owners.to(embeddings.device)
         scores = score(self.policy, embeddings, owners, len(metas))
@@ -310,32 +370,15 @@ class Moderator:
     # -- logging and review ------------------------------------------------------------------
 
     def _log(self, decisions: list[Decision], images) -> tuple[list[str], str | None]:
-        """Record the decisions; never raises (the images are moderated already). Returns the ids
-        recorded nowhere and the problem, if any; both are also kept on the Moderator."""
-        try:
-            records = []
-            for i, d in enumerate(decisions):
-                held = None
-                if images is not None and d.needs_review:
-                    held = encode_png(images[i])
-                records.append(record_of(d, held))
-            self.log.write(records)
-        except PartlyRecordedError as err:  # recorded, in the spool or without its original
-            logger.error("%s", err)
-            self.log_errors.append(str(err))
-            return [], str(err)
-        except Exception as err:
-            ids = getattr(err, "decision_ids", None) or [d.decision_id for d in decisions]
-            reason = (
-                str(err) if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
-            )
-            logger.error(
-                "%d decisions were not recorded (%s): %s", len(ids), reason, ", ".join(ids)
-            )
-            self.unrecorded += ids
-            self.log_errors.append(reason)
-            return ids, reason
-        return [], None
+        """Record the decisions and their shadows (`engine_log.write_batch`: never raises);
+        the ids recorded nowhere and the problem are also kept on the Moderator."""
+        from moderation.engine_io import write_batch
+
+        unrecorded, error = write_batch(self.log, decisions, images)
+        self.unrecorded += unrecorded
+        if error is not None:
+            self.log_errors.append(error)
+        return unrecorded, error
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
@@ -350,6 +393,7 @@ class Moderator:
         """Move the policy to `device`, after the encoder moved there (a diffusers pipeline's
         `.to()`); the encoder is its owner's to move."""
         self.policy = self.policy.to(device)
+        self.shadows.to(device)
         return self
 
     def close(self) -> None:
@@ -361,57 +405,3 @@ class Moderator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _given_pixels(pixel_values: torch.Tensor, n_images: int) -> torch.Tensor:
-    """The caller's pixel values, checked to hold one row per image."""
-    if not torch.is_tensor(pixel_values) or pixel_values.ndim < 2 or len(pixel_values) != n_images:
-        raise ModerationError(
-            f"pixel_values must be a tensor with one row for each of {n_images} images"
-        )
-    return pixel_values
-
-
-def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
-    """How many images views belong to: len(views) when given, else the last owner + 1."""
-    if views is not None:
-        return len(views)
-    return int(owners[-1]) + 1 if owners.numel() else 0
-
-
-def _per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
-    """One dict per image, each checked to be storable before any image is touched."""
-    if metadata is None:
-        return [{} for _ in range(n)]
-    if isinstance(metadata, dict):
-        # Refused before anything is acted on: metadata the log could not store (see README).
-        check_metadata(metadata)
-        return [dict(metadata) for _ in range(n)]
-    metas = [dict(m) for m in metadata]
-    if len(metas) != n:
-        raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
-    for i, meta in enumerate(metas):
-        check_metadata(meta, f"metadata[{i}]")
-    return metas
-
-
-def error_decisions(
-    policy: CompiledPolicy, metas: list[dict[str, Any]], message: str
-) -> list[Decision]:
-    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
-    c, s = len(policy.concept_names), len(policy.special_names)
-    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
-    return [
-        Decision(
-            verdict="error",
-            action=policy.on_error,
-            policy=policy,
-            cosines=nan_c,
-            scores=nan_c,
-            special_cosines=nan_s,
-            special_scores=nan_s,
-            error=message,
-            metadata=m,
-        )
-        for m in metas
-    ]

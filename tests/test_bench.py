@@ -172,7 +172,8 @@ def test_bench_judges_this_runs_numbers_against_the_targets(tiny_result):
     for target, row in zip(targets[:2], e2e, strict=True):
         assert target["measured"] == f"{row['ours_x_forward']:.3f}x"
         assert target["met"] is (row["ours_x_forward"] <= 1.10)
-    assert len(targets) == 3
+    assert len(targets) == 4
+    assert targets[3]["target"].startswith("shadowing 3 candidates, batch 8: <= 5% more")
     database = log["database"].split(" (")[0]
     assert targets[2]["target"] == f"logging to {database}: >= 5,000 decisions/s, 0 lost"
     assert targets[2]["measured"] == f"{log['per_second']:,.0f}/s, 0 lost"

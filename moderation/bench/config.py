@@ -10,7 +10,8 @@ One run, one device, one set of weights:
   c. the work after the encoder for N concepts: diffusers' loops against score + decide;
   d. decision logging throughput through BackgroundDecisionLog to SQLite and PostgreSQL;
   e. what full coverage costs: views and ms per image of `views: center|cover|tiles` at 1:1,
-     2:3 and 9:16.
+     2:3 and 9:16;
+  f. what shadow candidates add to the post-encoder work of a batch (moderation.bench.shadow).
 Times are medians of repeats after warm-up, with the device synchronised around each one.
 """
 
@@ -29,7 +30,7 @@ import torch
 from moderation.bench.models import BenchError
 
 SCHEMA_VERSION = 1
-SECTIONS = ("e2e", "concepts", "logging", "views")
+SECTIONS = ("e2e", "concepts", "logging", "views", "shadow")
 # Knob: a fast call (section c, our steps) is repeated until `fast_seconds` were timed, at most
 # this many times; slow calls just `repeats` times.
 MAX_REPEATS = 200
@@ -60,6 +61,10 @@ class BenchConfig:
     fast_seconds: float = 1.0  # fast calls repeat until this much was timed (noise on busy CPUs)
     views_batch: int = 2  # images per call of section e
     view_modes: tuple[str, ...] = ("center", "cover", "tiles")  # timed in section e
+    shadow_batch: int = 8  # images per batch of section f
+    shadow_candidates: tuple[int, ...] = (3,)  # candidate counts timed in section f
+    shadow_image_side: int = 512  # Stable Diffusion's output
+    shadow_seconds: float = 5.0  # section f rows repeat until this much was timed (or 200 rounds)
     seed: int = 0
 
     @classmethod
@@ -83,6 +88,7 @@ class BenchConfig:
             "fast_seconds": 0.1,
             "views_batch": 1,
             "view_modes": ("center", "cover"),  # tiles: 10-23 views an image, counted only
+            "shadow_seconds": 1.0,
         }
         return cls(**{**base, **overrides})
 
@@ -99,6 +105,13 @@ class BenchConfig:
             raise BenchError(
                 "views: expected a positive batch and modes among center, cover, tiles"
             )
+        if (
+            self.shadow_batch < 1
+            or self.shadow_image_side < 1
+            or not self.shadow_candidates
+            or any(c < 1 for c in self.shadow_candidates)
+        ):
+            raise BenchError("shadow: expected a positive batch, image side and candidate counts")
         if self.warmup < 0 or self.decisions < 1 or self.write_size < 1 or self.concept_batch < 1:
             raise BenchError("--warmup, --decisions and batch sizes must be positive")
         unknown = set(self.sections) - set(SECTIONS)

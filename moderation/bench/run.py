@@ -33,6 +33,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "concepts": [],
         "logging": [],
         "views": [],
+        "shadow": [],
     }
     started = time.perf_counter()
     needs_model = config.model is not None or {"e2e", "logging", "views"} & set(config.sections)
@@ -74,6 +75,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             from moderation.bench.views import run_views
 
             result["views"] = run_views(models, config, device, dtype, say)
+        if "shadow" in config.sections:
+            from moderation.bench.shadow import run_shadow
+
+            dim = models.encoder.embed_dim if models else _default_dim(config)
+            result["shadow"] = run_shadow(config, device, dtype, dim, say)
     if "logging" in config.sections:
         from moderation.bench.log_throughput import run_logging
 

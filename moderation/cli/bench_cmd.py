@@ -70,7 +70,9 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
 )
-@click.option("--sections", help="Comma-separated subset of e2e,concepts,logging,views [all].")
+@click.option(
+    "--sections", help="Comma-separated subset of e2e,concepts,logging,views,shadow [all]."
+)
 @click.option(
     "--json",
     "json_path",

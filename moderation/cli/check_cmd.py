@@ -45,6 +45,14 @@ TABLE_FIRED = 3
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Policy YAML, or a compiled .safetensors artifact.",
 )
+@click.option(
+    "--shadow",
+    "shadow_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Candidate policy (YAML or artifact) scored beside --policy on the same embeddings and "
+    "logged as shadow decisions, never acted on (repeatable).",
+)
 @model_options
 @db_option
 @click.option("--no-log", is_flag=True, help="Do not log decisions to the database.")
@@ -71,6 +79,7 @@ TABLE_FIRED = 3
 def check_command(
     images,
     policy_path,
+    shadow_paths,
     model,
     text_model,
     device,
@@ -112,7 +121,12 @@ def check_command(
         db = resolve_db_url(db_url)
     with failures():
         moderator = Moderator.from_policy(
-            policy_path, model=model, device=device, text_model=text_model, db=db
+            policy_path,
+            model=model,
+            device=device,
+            text_model=text_model,
+            db=db,
+            shadow=list(shadow_paths),
         )
     moderator.hash_images = True  # the decision names the pixels it judged, logged or not
     if out_dir:
@@ -150,9 +164,12 @@ def check_command(
             extra.append(f"{repeats} repeated input(s) checked once")
         more = "".join(f"; {e}" for e in extra)
         click.echo(f"\n{len(results)} images: {summary}{more}{recording_summary(moderator)}")
+        for line in _shadow_summary(moderator, [d for _, d in results], recorded):
+            click.echo(line)
     problems = []
     if moderator.log_errors:
-        problems.append(recording_failure(moderator, len(results)))
+        total = sum(1 + len(d.shadows) for _, d in results)
+        problems.append(recording_failure(moderator, total))
     if errors:
         problems.append(
             f"{errors} image(s) could not be judged (verdict error: see the note column)"
@@ -228,7 +245,45 @@ def _json_row(
     row["concepts_listed"] = len(row["concepts"])
     row["concepts_total"] = len(d.policy.concept_names)
     row["special_care_concepts"] = _special_rows(d)
+    row["shadow"] = [_shadow_row(s, recorded) for s in d.shadows]
     return _finite(row)
+
+
+def _shadow_row(s, recorded) -> dict[str, Any]:
+    """What a shadow candidate would have decided about the image (never acted on)."""
+    return {
+        "candidate": {
+            "name": s.policy.name,
+            "version": s.policy.version,
+            "digest": s.policy.digest,
+            "model": s.policy.model,
+        },
+        "decision_id": s.decision_id,
+        "shadow_of": s.shadow_of,
+        "verdict": s.verdict,
+        "action": s.action,
+        "fired": list(s.fired),
+        "special_care": list(s.special_hits),
+        "margin": s.margin,
+        "top_concept": s.top_concept,
+        "error": s.error,
+        "recorded": recorded(s),
+    }
+
+
+def _shadow_summary(moderator, decisions, recorded) -> list[str]:
+    """Per shadow candidate: how many of its decisions were logged, and how many differ."""
+    lines = []
+    for k, p in enumerate(moderator.shadow_policies):
+        mine = [(d, d.shadows[k]) for d in decisions if len(d.shadows) > k]
+        logged = sum(recorded(s) for _, s in mine)
+        differ = sum(s.action != d.action for d, s in mine)
+        where = f"{logged} shadow decisions logged" if logged else "shadow decisions not logged"
+        lines.append(
+            f"shadow {clean(p.name)} v{clean(p.version)} ({p.digest[:12]}): {where}; "
+            f"{differ} of {len(mine)} with another action than the live policy's"
+        )
+    return lines
 
 
 def _finite(value: Any) -> Any:

@@ -4,6 +4,8 @@ A thin adapter over `Moderator`: called like `StableDiffusionSafetyChecker`
 (`checker(images=..., clip_input=...)` returns `(images, has_nsfw_concepts)`), every image gets a
 `Decision` (kept in `last_decisions`, logged with `db=`), the policy's action instead of always
 black, and any failure gives `on_error` for the whole batch. It saves and loads with its pipeline.
+With `shadow=[candidate, ...]` the candidates are scored on the same embeddings and logged as
+shadow decisions (`last_shadow_decisions`), never acted on (`moderation.shadow`).
 """
 
 from __future__ import annotations
@@ -56,17 +58,19 @@ class PolicySafetyChecker(ModelMixin):
         *,
         log: Any = None,
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        shadow: Sequence[CompiledPolicy] = (),
     ) -> None:
         """encoder: an `nn.Module` with `encode_image`, or anything holding `vision_model` and
         `visual_projection` (a `ClipEncoder`, diffusers' own checker), whose modules are shared.
-        log: a `moderation.storage.DecisionLog` that every decision is written to."""
+        log: a `moderation.storage.DecisionLog` that every decision is written to.
+        shadow: compiled candidates of the policy's model and views, scored and logged beside it."""
         super().__init__()
         if not (isinstance(encoder, nn.Module) and hasattr(encoder, "encode_image")):
             encoder = VisionTower.of(encoder)
         self.encoder = encoder
         policy = compiled_policy.to(module_device(encoder, compiled_policy.device))
         self._engine_encoder = ModuleEncoder(encoder, policy)
-        self.moderator = Moderator(policy, self._engine_encoder, log=log)
+        self.moderator = Moderator(policy, self._engine_encoder, log=log, shadow=shadow)
         self.metadata = metadata  # caller metadata logged with every image of every call
         self.last_decisions: list[Decision] = []
         self.last_unrecorded: list[str] = []  # ids of last_decisions in neither database nor spool
@@ -87,16 +91,21 @@ class PolicySafetyChecker(ModelMixin):
         held_dir: str | Path | None = None,
         spool_dir: str | Path | None = None,
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        shadow: Sequence[str | Path | CompiledPolicy] = (),
     ) -> PolicySafetyChecker:
         """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact;
-        log every decision to `db` if given."""
+        log every decision to `db` if given. shadow: candidates (YAML compiled with the same
+        model, or artifacts of it) scored and logged beside the policy, never acted on."""
         from moderation.loading import load_compiled
+        from moderation.shadow import ShadowCandidates, load_candidates
 
         compiled, encoder = load_compiled(
             path, model=model, device=device, dtype=dtype, text_model=text_model
         )
+        candidates = load_candidates(shadow, encoder)
+        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
         log = _decision_log(db, held_dir, spool_dir)
-        return cls(compiled, VisionTower.of(encoder), log=log, metadata=metadata)
+        return cls(compiled, VisionTower.of(encoder), log=log, metadata=metadata, shadow=candidates)
 
     @classmethod
     def from_checker(
@@ -108,6 +117,7 @@ class PolicySafetyChecker(ModelMixin):
         held_dir: str | Path | None = None,
         spool_dir: str | Path | None = None,
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        shadow: Sequence[CompiledPolicy] = (),
     ) -> PolicySafetyChecker:
         """Wrap a loaded `StableDiffusionSafetyChecker`: its own concepts unless a policy is given.
 
@@ -126,8 +136,11 @@ class PolicySafetyChecker(ModelMixin):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
+        from moderation.shadow import ShadowCandidates
+
+        ShadowCandidates(policy, shadow)  # refuse a misfit before opening the database
         log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, checker, log=log, metadata=metadata)
+        return cls(policy, checker, log=log, metadata=metadata, shadow=shadow)
 
     def log_to(
         self,
@@ -140,7 +153,8 @@ class PolicySafetyChecker(ModelMixin):
         $MODERATION_HELD_DIR or ./held; spool in spool_dir, default $MODERATION_SPOOL_DIR or ./spool)."""
         previous = self.moderator.log
         log = _decision_log(db, held_dir, spool_dir)
-        self.moderator = Moderator(self.policy, self._engine_encoder, log=log)
+        shadow = self.moderator.shadow_policies  # the candidates keep shadowing
+        self.moderator = Moderator(self.policy, self._engine_encoder, log=log, shadow=shadow)
         if previous is not None:
             previous.close()
         return self
@@ -159,6 +173,7 @@ class PolicySafetyChecker(ModelMixin):
             self.encoder,
             class_name=type(self).__name__,
             logged=self.moderator.log is not None,
+            shadow=self.moderator.shadow_policies,
         )
 
     @classmethod
@@ -176,13 +191,14 @@ class PolicySafetyChecker(ModelMixin):
     ) -> PolicySafetyChecker:
         """Load a folder written by save_pretrained (on the CPU in float32 unless told; diffusers'
         torch_dtype and device_map are honoured, its other loading options do not apply)."""
-        from moderation.integrations.pretrained import load_checker
+        from moderation.integrations.pretrained import load_checker, load_shadow
 
         dtype = dtype or loading.get("torch_dtype")
         device = device or _device_of_map(loading.get("device_map"))
         policy, encoder, manifest = load_checker(
             pretrained_model_name_or_path, device=device, dtype=dtype
         )
+        shadow = load_shadow(pretrained_model_name_or_path, manifest)
         if db is None and manifest.get("logged"):
             logger.warning(
                 "moderation: the checker saved in %s logged its decisions; its database URL is "
@@ -190,7 +206,7 @@ class PolicySafetyChecker(ModelMixin):
                 pretrained_model_name_or_path,
             )
         log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, VisionTower.of(encoder), log=log, metadata=metadata)
+        return cls(policy, VisionTower.of(encoder), log=log, metadata=metadata, shadow=shadow)
 
     # -- what a pipeline reads ---------------------------------------------------------------
 
@@ -198,6 +214,11 @@ class PolicySafetyChecker(ModelMixin):
     def policy(self) -> CompiledPolicy:
         """The compiled policy, on the encoder's device."""
         return self.moderator.policy
+
+    @property
+    def last_shadow_decisions(self) -> list[list[Decision]]:
+        """Per image of the last call, the shadow candidates' decisions (candidate order)."""
+        return [list(d.shadows) for d in self.last_decisions]
 
     @property
     def device(self) -> torch.device:

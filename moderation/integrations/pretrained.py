@@ -5,6 +5,7 @@ writes:
 
     moderation_checker.json    what the folder is: format, class, policy digest, attention
     policy.safetensors         the compiled policy (`CompiledPolicy.save`; its digest is checked)
+    shadow-N.safetensors       its shadow candidates, when it has any (digests checked too)
     config.json                the vision tower and its projection, as a transformers
     model.safetensors            `CLIPVisionModelWithProjection` checkpoint
     preprocessor_config.json   the tower's image size, mean and std (used to view `images`)
@@ -42,6 +43,7 @@ def save_checker(
     *,
     class_name: str,
     logged: bool,
+    shadow: tuple[CompiledPolicy, ...] = (),
 ) -> Path:
     """Write a checker's compiled policy and vision tower into `folder`; return the folder.
 
@@ -60,6 +62,13 @@ def save_checker(
     folder.mkdir(parents=True, exist_ok=True)
     _save_tower(folder, vision_model, projection, tower)
     policy.save(folder / POLICY_FILE)
+    shadow_files = []
+    for i, candidate in enumerate(shadow):
+        candidate.save(folder / f"shadow-{i}.safetensors")
+        shadow_files.append({"file": f"shadow-{i}.safetensors", "digest": candidate.digest})
+    for stale in folder.glob("shadow-*.safetensors"):  # a folder saved over keeps no old ones
+        if stale.name not in {f["file"] for f in shadow_files}:
+            stale.unlink()
     manifest = {
         "format": FORMAT,
         "class": class_name,
@@ -70,6 +79,7 @@ def save_checker(
         # Whether the saved checker logged its decisions (where to is not saved): a loaded one
         # that does not says so, rather than dropping the log silently.
         "logged": logged,
+        "shadow": shadow_files,  # candidates in order; older folders have none
     }
     _write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return folder
@@ -133,6 +143,25 @@ def load_checker(
     if attention:  # the saved tower's attention, so embeddings match it bit for bit
         encoder.vision_model.set_attn_implementation(attention)
     return policy, encoder, manifest
+
+
+def load_shadow(folder: str | Path, manifest: dict[str, Any]) -> list[CompiledPolicy]:
+    """The shadow candidates saved with a checker, in order (none for older folders)."""
+    folder = Path(folder)
+    out = []
+    for entry in manifest.get("shadow") or []:
+        name = str(entry.get("file", "")) if isinstance(entry, dict) else ""
+        path = folder / name
+        if not name or path.parent != folder:
+            raise ModerationError(f"{folder / MANIFEST}: a shadow candidate must be a file here")
+        candidate = CompiledPolicy.load(path)
+        if candidate.digest != entry.get("digest"):
+            raise ModerationError(
+                f"{path}: shadow candidate digest {candidate.digest[:12]} is not the one the "
+                "checker was saved with: the folder was modified"
+            )
+        out.append(candidate)
+    return out
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -156,8 +156,8 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
 
 def review_of(record: DecisionRecord) -> dict[str, Any] | None:
     """What the pending review item of a record needs (None when it needs no review)."""
-    if not record.needs_review:
-        return None
+    if not record.needs_review or record.shadow_of is not None:
+        return None  # a shadow decision is never queued, whatever it says
     # Errors have no margin: queue them as borderline (0.0) rather than first or last.
     margin = _finite_or_none(record.margin)
     margin = 0.0 if margin is None else margin
