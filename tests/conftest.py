@@ -9,6 +9,10 @@ import pytest
 # Tests never reach a model hub; loading code must work from local folders alone.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLI turns the libraries' progress bars off before they are imported; in-process CLI tests
+# run after other tests imported transformers, so set it here too, before any test imports it
+# (test_check_cli checks the real command without it, in a subprocess).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
