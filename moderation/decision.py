@@ -172,22 +172,7 @@ def decide(
     if views is not None and len(views) != batch:
         raise ValueError(f"views has {len(views)} entries for a batch of {batch}")
 
-    # Most severe action among fired concepts (allow where none fired).
-    fired = scores.scores > 0  # [B, C]
-    ranks = policy.action_ranks.to(device)  # [C]
-    if n_concepts:
-        rank = (fired.long() * ranks).amax(dim=1)  # [B]
-    else:
-        rank = torch.zeros(batch, dtype=torch.long, device=device)
-    if policy.escalate is not None:
-        rank = torch.maximum(rank, scores.special_hit.long() * ACTION_RANK[policy.escalate])
-    if policy.review_band > 0 and n_concepts:
-        in_band = ((scores.scores > -policy.review_band) & (scores.scores <= 0)).any(dim=1)  # [B]
-        rank = torch.maximum(rank, in_band.long() * ACTION_RANK["review"])
-    if n_concepts:
-        margin, top = scores.scores.max(dim=1)  # [B], [B]
-    else:
-        margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
+    rank, margin, top = action_ranks(policy, scores)
 
     # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
     columns = [
@@ -257,7 +242,7 @@ def decide(
         action = actions_by_rank[int(action_rank[i])]
         decisions.append(
             Decision(
-                verdict=_VERDICT_OF_ACTION.get(action, "flag"),
+                verdict=verdict_of(action),
                 action=action,
                 fired=tuple(names[j] for j in np.flatnonzero(fired_np[i])),
                 special_hits=tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i])),
@@ -268,6 +253,45 @@ def decide(
             )
         )
     return decisions
+
+
+def verdict_of(action: str) -> str:
+    """The verdict of an image that was scored: allow, review, or flag (blur/pixelate/blackout)."""
+    return _VERDICT_OF_ACTION.get(action, "flag")
+
+
+def action_ranks(
+    policy: CompiledPolicy, scores: Scores
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, on the scores' device: the rank (policy.compiled.ACTION_RANK) of the action
+    `decide` takes for a scored image, the highest concept score and the concept holding it.
+
+    The most severe action among fired concepts (allow where none fired), raised by a
+    special-care hit to `escalate` and by a score in the review band to review. `decide` and the
+    backtest (moderation.lifecycle.backtest) both decide through here.
+    """
+    import torch
+
+    from policy.compiled import ACTION_RANK
+
+    batch, n_concepts = scores.scores.shape
+    device = scores.scores.device
+    fired = scores.scores > 0  # [B, C]
+    ranks = policy.action_ranks.to(device)  # [C]
+    if n_concepts:
+        rank = (fired.long() * ranks).amax(dim=1)  # [B]
+    else:
+        rank = torch.zeros(batch, dtype=torch.long, device=device)
+    if policy.escalate is not None:
+        rank = torch.maximum(rank, scores.special_hit.long() * ACTION_RANK[policy.escalate])
+    if policy.review_band > 0 and n_concepts:
+        in_band = ((scores.scores > -policy.review_band) & (scores.scores <= 0)).any(dim=1)  # [B]
+        rank = torch.maximum(rank, in_band.long() * ACTION_RANK["review"])
+    if n_concepts:
+        margin, top = scores.scores.max(dim=1)  # [B], [B]
+    else:
+        margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
+    return rank, margin, top
 
 
 def _metadata_for(
