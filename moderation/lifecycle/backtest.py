@@ -34,7 +34,7 @@ from moderation.decision import action_ranks, verdict_of
 from moderation.lifecycle import history
 from moderation.lifecycle.history import Filters, HistoryError
 from moderation.lifecycle.report import ACTIONS, ReportBuilder, human_codes
-from moderation.scoring import max_over_views, scores_from_cosines
+from moderation.scoring import scores_from_cosines
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow
@@ -245,13 +245,13 @@ def embedding_cosines(
     if len(data) != sum(counts) * dim * F16.itemsize:
         raise HistoryError(f"logged embeddings do not fit their views ({dim} floats each)")
     flat = torch.from_numpy(np.frombuffer(data, dtype=F16).reshape(-1, dim).astype(F32))
-    cosines = torch.mm(F.normalize(flat), matrix.float().t())  # [N, K]
-    finite = torch.isfinite(flat).all(dim=1)  # [N]
-    if len(flat) != n:  # several views of some images
-        owners = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
-        cosines, _ = max_over_views(cosines, owners, n)
-        finite = torch.ones(n, dtype=torch.long).scatter_reduce(0, owners, finite.long(), "amin")
-    return cosines.numpy(), finite.bool().numpy()
+    # A NaN or infinite value makes every cosine of its view NaN (normalised, x/inf or inf/inf),
+    # so the cosines say which views were finite without another pass over the embeddings.
+    cosines = torch.mm(F.normalize(flat), matrix.float().t()).numpy()  # [N, K]
+    if len(flat) != n:  # several views of some images: contiguous rows, so one reduceat
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        cosines = np.maximum.reduceat(cosines, starts, axis=0)  # NaN wins, as in max_over_views
+    return cosines, np.isfinite(cosines).all(axis=1)
 
 
 def backtest(
@@ -281,9 +281,9 @@ def backtest(
         with engine.connect() as conn:
             policies = history.logged_policies(conn, filters.policy)
             run.add_policies(policies)
-            where = [DecisionRow.shadow_of.is_(None), *filters.time_clauses(DecisionRow.created_at)]
+            where = [history.live_only(), *filters.time_clauses(DecisionRow.created_at)]
             if filters.policy is not None:
-                where.append(DecisionRow.policy_digest.in_(list(policies)))
+                where.append(history.unindexed(DecisionRow.policy_digest).in_(list(policies)))
             total = None
             if progress:
                 total = history.count(conn, where)

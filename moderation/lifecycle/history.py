@@ -70,6 +70,22 @@ class Filters:
         return clauses
 
 
+def unindexed(column: Any) -> Any:
+    """`column` in an expression that no index matches (NULL as "").
+
+    Chunks must be read along the created_at index (or (policy_digest, created_at)): were
+    SQLite to pick ix_decisions_shadow_of for `shadow_of IS NULL` (every live row), or a policy
+    index for `policy_digest IN (...)`, each chunk would sort every remaining row, and a
+    backtest would take time quadratic in the history's size. Ids and digests are never "".
+    """
+    return func.coalesce(column, "")
+
+
+def live_only() -> ColumnElement[bool]:
+    """Live decisions only (shadow_of IS NULL), along the created_at index."""
+    return unindexed(DecisionRow.shadow_of) == ""
+
+
 def policy_matches(value: str) -> ColumnElement[bool]:
     """A policy's name is `value`, or its digest starts with it (`%` and `_` match themselves)."""
     return or_(PolicyRow.name == value, PolicyRow.digest.startswith(value, autoescape=True))

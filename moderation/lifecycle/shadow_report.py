@@ -82,7 +82,7 @@ def shadow_report(
                 report.notes.append("no shadow decision of this candidate was logged")
             shadow, live = aliased(DecisionRow, name="shadow"), aliased(DecisionRow, name="live")
             where = [
-                shadow.shadow_of.is_not(None),
+                history.unindexed(shadow.shadow_of) != "",  # along (policy_digest, created_at)
                 shadow.policy_digest == summary["digest"],
                 *filters.time_clauses(shadow.created_at),
             ]
