@@ -10,7 +10,8 @@ One run, one device, one set of weights:
   c. the work after the encoder for N concepts: diffusers' loops against score + decide;
   d. decision logging throughput through BackgroundDecisionLog to SQLite and PostgreSQL;
   e. what full coverage costs: views and ms per image of `views: center|cover|tiles` at 1:1,
-     2:3 and 9:16.
+     2:3 and 9:16;
+  f. `policy backtest` throughput and peak memory over large logs in SQLite and PostgreSQL.
 Times are medians of repeats after warm-up, with the device synchronised around each one.
 """
 
@@ -29,7 +30,7 @@ import torch
 from moderation.bench.models import BenchError
 
 SCHEMA_VERSION = 1
-SECTIONS = ("e2e", "concepts", "logging", "views")
+SECTIONS = ("e2e", "concepts", "logging", "views", "backtest")
 # Knob: a fast call (section c, our steps) is repeated until `fast_seconds` were timed, at most
 # this many times; slow calls just `repeats` times.
 MAX_REPEATS = 200
@@ -60,6 +61,9 @@ class BenchConfig:
     fast_seconds: float = 1.0  # fast calls repeat until this much was timed (noise on busy CPUs)
     views_batch: int = 2  # images per call of section e
     view_modes: tuple[str, ...] = ("center", "cover", "tiles")  # timed in section e
+    backtest_sizes: tuple[int, ...] = (100_000, 1_000_000)  # logged decisions (section f)
+    backtest_dim: int = 768  # width of section f's float16 embeddings (ViT-L/14)
+    backtest_chunk: int | None = None  # decisions per query (default: the backtest's own)
     seed: int = 0
 
     @classmethod
@@ -83,12 +87,17 @@ class BenchConfig:
             "fast_seconds": 0.1,
             "views_batch": 1,
             "view_modes": ("center", "cover"),  # tiles: 10-23 views an image, counted only
+            "backtest_sizes": (20_000,),
         }
         return cls(**{**base, **overrides})
 
     def check(self) -> None:
         """Reject settings the bench cannot run, with a message naming the option."""
-        for name, values in (("--batch-sizes", self.batch_sizes), ("--concepts", self.concepts)):
+        for name, values in (
+            ("--batch-sizes", self.batch_sizes),
+            ("--concepts", self.concepts),
+            ("--backtest-sizes", self.backtest_sizes),
+        ):
             if not values or any(v < 1 for v in values):
                 raise BenchError(f"{name}: expected positive integers, got {list(values)}")
         if self.repeats < 1 or (self.e2e_repeats is not None and self.e2e_repeats < 1):

@@ -56,6 +56,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": row["per_second"] >= LOG_MIN_PER_SECOND and row["lost"] == 0,
             }
         )
+    if result.get("backtest"):
+        from moderation.bench.backtest import backtest_targets
+
+        targets += backtest_targets(result["backtest"])
     return targets
 
 
@@ -139,6 +143,10 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", _logging_table(result["logging"], cfg)]
     if result.get("views"):
         lines += ["", views_table(result["views"])]
+    if result.get("backtest"):
+        from moderation.bench.backtest import backtest_table
+
+        lines += ["", backtest_table(result["backtest"])]
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])

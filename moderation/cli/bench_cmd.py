@@ -70,7 +70,14 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
 )
-@click.option("--sections", help="Comma-separated subset of e2e,concepts,logging,views [all].")
+@click.option(
+    "--sections", help="Comma-separated subset of e2e,concepts,logging,views,backtest [all]."
+)
+@click.option(
+    "--backtest-sizes",
+    callback=_int_list,
+    help="Logged decisions of the backtest section [100000,1000000]; --quick: 20000.",
+)
 @click.option(
     "--json",
     "json_path",
@@ -104,6 +111,7 @@ def bench_cmd(
     json_path,
     quick,
     size,
+    backtest_sizes,
 ):
     """Time our moderation path against diffusers' safety checker (see BENCHMARKS.md)."""
     from moderation.bench.config import BenchConfig
@@ -130,6 +138,7 @@ def bench_cmd(
         if sections
         else None,
         "size": size,
+        "backtest_sizes": backtest_sizes,
     }
     given = {k: v for k, v in options.items() if v is not None}
     config = BenchConfig.quick(**given) if quick else BenchConfig(**given)
