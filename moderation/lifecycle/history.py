@@ -8,7 +8,10 @@ for are fetched; blobs stay bytes until the caller decodes a whole chunk with nu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +24,10 @@ from moderation.review.queries import iso, parse_time
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 
 READ_CHUNK = 10_000  # knob: decisions per query (bounds memory: ~1.5 kB each at 768 floats)
+# Knob: SQLite maps up to this much of the database file while a report reads it (its own cap,
+# SQLITE_MAX_MMAP_SIZE, applies): reading pages in place instead of a copy per page makes a
+# scan of embeddings about twice as fast. Reads only; 0 turns it off.
+SQLITE_MMAP_BYTES = 1 << 34
 
 
 class HistoryError(ModerationError):
@@ -113,6 +120,20 @@ def latest_review_status(decision_id: Any) -> Any:
     )
 
 
+@contextlib.contextmanager
+def scanning(conn: Connection) -> Iterator[Connection]:
+    """`conn` set up for a long sequential read (SQLite: memory-mapped), then as it was."""
+    if conn.dialect.name != "sqlite" or not SQLITE_MMAP_BYTES:
+        yield conn
+        return
+    before = conn.exec_driver_sql("PRAGMA mmap_size").scalar()
+    conn.exec_driver_sql(f"PRAGMA mmap_size = {int(SQLITE_MMAP_BYTES)}")
+    try:
+        yield conn
+    finally:
+        conn.exec_driver_sql(f"PRAGMA mmap_size = {int(before or 0)}")
+
+
 def count(conn: Connection, where: Sequence[ColumnElement[bool]], source: Any = None) -> int:
     """How many rows the chunks would hold (for a progress bar's total)."""
     query = select(func.count()).select_from(source if source is not None else DecisionRow)
@@ -130,11 +151,13 @@ def chunks(
     chunk: int = READ_CHUNK,
     limit: int | None = None,
 ) -> Iterator[list[Any]]:
-    """Rows of `columns` (then created and key, the last two of each row) matching `where`,
-    oldest first, `chunk` at a time, at most `limit` in all.
+    """Rows of `columns` (then `key`, the last of each row) matching `where`, oldest first,
+    `chunk` at a time, at most `limit` in all.
 
     `created`/`key` are the (created_at, id) columns the pages are keyed on (an alias's for a
-    join); `source` is what the query selects from when the columns alone do not say it.
+    join); `source` is what the query selects from when the columns alone do not say it. The
+    created_at of a page's last row is read on its own: converting it for every row costs more
+    than the one extra query per page.
     """
     if chunk < 1:
         raise ValueError("chunk must be positive")
@@ -142,7 +165,7 @@ def chunks(
     left = limit
     while left is None or left > 0:
         size = chunk if left is None else min(chunk, left)
-        query = select(*columns, created, key)
+        query = select(*columns, key)
         if source is not None:
             query = query.select_from(source)
         query = query.where(*where)
@@ -155,8 +178,51 @@ def chunks(
         if not rows:
             return
         yield rows
-        last = (rows[-1][-2], rows[-1][-1])
         if left is not None:
             left -= len(rows)
         if len(rows) < size:
             return
+        table = key.table if source is None else source
+        at = select(created).select_from(table).where(key == rows[-1][-1])
+        last = (conn.execute(at).scalar_one(), rows[-1][-1])
+
+
+def prefetched(chunks: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """The same chunks, read ahead by a thread: the database reads chunk i+1 while the caller
+    works on chunk i (SQLite and psycopg release the GIL while they wait). At most `depth`
+    chunks wait beside the one in use, so memory stays bounded; an error in the reader is
+    raised here. The reader owns the connection until the iteration ends."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for item in chunks:
+                while not stop.is_set():
+                    try:
+                        slots.put(("chunk", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            slots.put(("error", err))
+
+    reader = threading.Thread(target=read, name="moderation-history-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, item = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.1)
+        reader.join()

@@ -67,7 +67,7 @@ def shadow_report(
     require_database(url)
     with database_errors(url):
         engine = get_engine(url)
-        with engine.connect() as conn:
+        with engine.connect() as conn, history.scanning(conn):
             summary = resolve_candidate(conn, candidate)
             report = ReportBuilder(
                 summary, examples=examples, filters={**filters.to_dict(), "db": display_url(url)}
