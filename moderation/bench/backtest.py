@@ -148,6 +148,8 @@ def fill(url: str, policy: CompiledPolicy, start: int, stop: int, *, seed: int =
             conn.execute(insert(DecisionRow.__table__), decisions)
             if items:
                 conn.execute(insert(ReviewItem.__table__), items)
+    with engine.begin() as conn:  # statistics, as a database in service has them
+        conn.exec_driver_sql("ANALYZE")
 
 
 def _rows(policy: CompiledPolicy, begin: int, end: int, seed: int) -> tuple[list, list]:
