@@ -72,6 +72,7 @@ def run_backtest(config: BenchConfig, say: Callable[[str], None]) -> list[dict[s
                                 "candidate": case,
                                 "fill_seconds": fill_s,
                                 "embedding_dim": logged.embed_dim,
+                                "concepts": CONCEPTS,
                                 **measured,
                             }
                         )
@@ -294,60 +295,6 @@ def _measure(url: str, candidate: str, chunk: int | None) -> dict[str, Any]:
         "chunk": chunk or history.READ_CHUNK,
         "rescored_concepts": len(data["rescored_concepts"]),
     }
-
-
-# -- the table and targets (moderation.bench.report prints them) -------------------------------
-MIN_PER_SECOND = 50_000.0
-MAX_RSS_GROWTH_MB = 500.0
-
-
-def backtest_table(rows: list[dict[str, Any]]) -> str:
-    from moderation.bench.report import table
-
-    head = (
-        f"f. policy backtest of a {CONCEPTS}-concept candidate over logged decisions "
-        f"(float16 embeddings [{rows[0]['embedding_dim']}], 10% two views), each in a fresh "
-        "process; 'thresholds': every cosine the logged one, 'new concepts': every cosine from "
-        "the embeddings; memory: peak RSS growth during the run"
-    )
-    body = [
-        (
-            r["database"],
-            f"{r['decisions']:,}",
-            r["candidate"],
-            f"{r['seconds']:.2f}",
-            f"{r['per_second']:,.0f}",
-            f"{r['peak_rss_growth_mb']:.0f}",
-            f"{r['changed']:,}",
-        )
-        for r in rows
-    ]
-    headers = (
-        "database",
-        "decisions",
-        "candidate",
-        "seconds",
-        "decisions/s",
-        "peak RSS +MB",
-        "changed",
-    )
-    return head + "\n" + table(headers, body)
-
-
-def backtest_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        met = r["per_second"] >= MIN_PER_SECOND and r["peak_rss_growth_mb"] < MAX_RSS_GROWTH_MB
-        out.append(
-            {
-                "target": f"backtest ({r['candidate']}) of {r['decisions']:,} decisions from "
-                f"{r['database'].split(' (')[0]}: >= {MIN_PER_SECOND:,.0f}/s, "
-                f"< {MAX_RSS_GROWTH_MB:.0f} MB peak RSS growth",
-                "measured": f"{r['per_second']:,.0f}/s, {r['peak_rss_growth_mb']:.0f} MB",
-                "met": met,
-            }
-        )
-    return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ have done to decisions, against what was done.
 ids per transition), so its size does not grow with the history. Its `to_dict()` is the JSON
 both commands print (the keys of issue 9, plus extras: "candidate", "decisions", "scored",
 "skipped", "changed", "transitions", "verdicts", "concepts", "special_care", "reviewed",
-"examples", "filters"); `render` is the text version, every user string through `clean`.
+"examples", "filters"); `moderation.cli.backtest_cmds.render` prints it as text.
 
 "flagged" means action != allow: a review hides the image from the caller too. A decision's
 human verdict is its newest review item's status when that is approved or rejected.
@@ -159,64 +159,3 @@ class ReportBuilder:
             "filters": self.filters,
             "notes": list(self.notes),
         }
-
-
-# -- text -------------------------------------------------------------------------------------
-
-
-def render(data: Mapping[str, Any], *, title: str) -> str:
-    """The report as text: a summary, the transition tables, concepts and review agreement."""
-    from moderation.cli.options import clean, format_table
-
-    c = data["candidate"]
-    lines = [
-        f"{title} {clean(c['name'])} v{clean(c['version'])} (digest {clean(c['digest'])[:12]}, "
-        f"model {clean(c.get('model'))})"
-    ]
-    shown = {k: v for k, v in data["filters"].items() if v is not None and k != "db"}
-    where = f" from {clean(data['filters'].get('db'))}" if data["filters"].get("db") else ""
-    if shown:
-        where += " (" + ", ".join(f"{clean(k)} {clean(v)}" for k, v in shown.items()) + ")"
-    lines.append(f"{data['decisions']:,} decisions read{where}: {data['scored']:,} scored")
-    if data["skipped"]:
-        lines.append(
-            "skipped: "
-            + ", ".join(f"{n:,} {clean(r).replace('_', ' ')}" for r, n in data["skipped"].items())
-        )
-    share = f" ({100 * data['changed'] / data['scored']:.2f}%)" if data["scored"] else ""
-    lines.append(f"changed action: {data['changed']:,} of {data['scored']:,}{share}")
-    for note in data.get("notes", ()):
-        lines.append(clean(note))
-    if data["transitions"]:
-        rows = []
-        for key, count in data["transitions"].items():
-            old, new = key.split("->")
-            examples = ", ".join(data["examples"].get(key, [])) if old != new else ""
-            rows.append((old, new, f"{count:,}", examples))
-        lines += [
-            "",
-            "Actions",
-            format_table(("LOGGED", "CANDIDATE", "DECISIONS", "EXAMPLES"), rows),
-        ]
-        rows = [(*k.split("->"), f"{n:,}") for k, n in data["verdicts"].items()]
-        lines += ["", "Verdicts", format_table(("LOGGED", "CANDIDATE", "DECISIONS"), rows)]
-    for label, table in (("Concepts", data["concepts"]), ("Special care", data["special_care"])):
-        if table:
-            rows = [
-                (name, f"{t['before']:,}", f"{t['after']:,}", f"{t['after'] - t['before']:+,}")
-                for name, t in table.items()
-            ]
-            head = ("CONCEPT", "FIRED BEFORE", "AFTER", "CHANGE")
-            lines += ["", f"{label} (how often each fired)", format_table(head, rows)]
-    a, r = data["reviewed"]["approved"], data["reviewed"]["rejected"]
-    lines += [
-        "",
-        "Against reviewers' verdicts",
-        f"approved by a reviewer: {a['total']:,}; flagged as logged {a['was_flagged']:,}, by the "
-        f"candidate {a['now_flagged']:,} (over-blocking)",
-        f"rejected by a reviewer: {r['total']:,}; allowed as logged {r['was_allowed']:,}, by the "
-        f"candidate {r['now_allowed']:,} (misses)",
-    ]
-    if data["changed"]:
-        lines += ["", "`moderation decisions show ID` explains an example."]
-    return "\n".join(lines)
