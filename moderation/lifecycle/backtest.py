@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moderation.decision import action_ranks, verdict_of
 from moderation.lifecycle import history
@@ -264,9 +263,11 @@ def embedding_cosines(
     if len(data) != sum(counts) * dim * F16.itemsize:
         raise HistoryError(f"logged embeddings do not fit their views ({dim} floats each)")
     flat = torch.from_numpy(np.frombuffer(data, dtype=F16).reshape(-1, dim).astype(F32))
-    # A NaN or infinite value makes every cosine of its view NaN (normalised, x/inf or inf/inf),
-    # so the cosines say which views were finite without another pass over the embeddings.
-    cosines = torch.mm(F.normalize(flat), matrix.float().t()).numpy()  # [N, K]
+    # F.normalize's x / max(|x|, eps), with the division after the product: [N, K] divisions
+    # instead of a normalised [N, D] copy. A NaN or infinite value makes every cosine of its
+    # view NaN, so the cosines say which views were finite without another pass.
+    norms = torch.linalg.vector_norm(flat, dim=1).clamp_min(1e-12)  # [N]
+    cosines = (torch.mm(flat, matrix.float().t()) / norms[:, None]).numpy()  # [N, K]
     if len(flat) != n:  # several views of some images: contiguous rows, so one reduceat
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         cosines = np.maximum.reduceat(cosines, starts, axis=0)  # NaN wins, as in max_over_views

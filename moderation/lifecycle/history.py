@@ -24,10 +24,6 @@ from moderation.review.queries import iso, parse_time
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 
 READ_CHUNK = 10_000  # knob: decisions per query (bounds memory: ~1.5 kB each at 768 floats)
-# Knob: SQLite maps up to this much of the database file while a report reads it (its own cap,
-# SQLITE_MAX_MMAP_SIZE, applies): reading pages in place instead of a copy per page makes a
-# scan of embeddings about twice as fast. Reads only; 0 turns it off.
-SQLITE_MMAP_BYTES = 1 << 34
 
 
 class HistoryError(ModerationError):
@@ -124,22 +120,14 @@ def latest_review_status(decision_id: Any) -> Any:
 def scanning(conn: Connection) -> Iterator[Connection]:
     """`conn` set up for a long read along an index.
 
-    SQLite: memory-mapped while it lasts. PostgreSQL: no sequential scans in this read's
-    transaction. Right after a bulk load, before autovacuum has analysed the table, the planner
-    would otherwise read the whole table and sort it for every chunk (quadratic time)."""
+    PostgreSQL: no sequential scans in this read's transaction. Right after a bulk load, before
+    autovacuum has analysed the table, the planner would otherwise read the whole table and
+    sort it for every chunk (quadratic time). (SQLite's mmap would read embeddings about twice
+    as fast, but every page it maps counts in the process's resident memory: 2 GB at 1,000,000
+    decisions, so it stays off.)"""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-        yield conn
-        return
-    if conn.dialect.name != "sqlite" or not SQLITE_MMAP_BYTES:
-        yield conn
-        return
-    before = conn.exec_driver_sql("PRAGMA mmap_size").scalar()
-    conn.exec_driver_sql(f"PRAGMA mmap_size = {int(SQLITE_MMAP_BYTES)}")
-    try:
-        yield conn
-    finally:
-        conn.exec_driver_sql(f"PRAGMA mmap_size = {int(before or 0)}")
+    yield conn
 
 
 def count(conn: Connection, where: Sequence[ColumnElement[bool]], source: Any = None) -> int:
