@@ -100,6 +100,7 @@ def backtest_command(
     path = _candidate_file(candidate)
     with failures():
         filters = Filters.parse(since, until, policy_filter, limit)
+        _database(db_url)  # before a model loads: a typo in --db fails at once
         compiled = _load(path, model)
         data = backtest(
             compiled, db=db_url, filters=filters, examples=examples, progress=_progress(as_json)
@@ -108,6 +109,12 @@ def backtest_command(
         echo_json(data)
     else:
         click.echo(render(data, title="Backtest of"))
+
+
+def _database(url: str | None) -> None:
+    from moderation.storage.db import require_database, resolve_db_url
+
+    require_database(resolve_db_url(url))
 
 
 def _load(path: Path, model: str | None):
@@ -146,6 +153,7 @@ def shadow_report_command(candidate, model, db_url, since, until, limit, example
 
     with failures():
         filters = Filters.parse(since, until, None, limit)
+        _database(db_url)
         # A file is loaded here (its digest names its shadow rows); anything else is a logged
         # policy's name or digest prefix.
         given = _load(Path(candidate), model) if Path(candidate).is_file() else candidate
