@@ -71,7 +71,8 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
 )
 @click.option(
-    "--sections", help="Comma-separated subset of e2e,concepts,logging,views,backtest [all]."
+    "--sections",
+    help="Comma-separated sections among e2e,concepts,logging,views,backtest [all but backtest].",
 )
 @click.option(
     "--backtest-sizes",
