@@ -205,6 +205,38 @@ def decide(
 def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tensor]:
     """The [B, K] device columns `decisions_from_host` reads back (most severe action among
     fired concepts, special care, review band, margin, top concept), not yet transferred."""
+    rank, margin, top = action_ranks(policy, scores)
+    columns = [
+        scores.cosines,
+        scores.scores,
+        scores.special_cosines,
+        scores.special_scores,
+        scores.adjustment[:, None],
+        rank[:, None],
+        scores.valid[:, None],
+        margin[:, None],
+        top[:, None],
+    ]
+    if scores.concept_views is not None:
+        columns += [scores.concept_views, scores.special_views]
+    return columns
+
+
+def verdict_of(action: str) -> str:
+    """The verdict of an image that was scored: allow, review, or flag (blur/pixelate/blackout)."""
+    return _VERDICT_OF_ACTION.get(action, "flag")
+
+
+def action_ranks(
+    policy: CompiledPolicy, scores: Scores
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, on the scores' device: the rank (policy.compiled.ACTION_RANK) of the action
+    `decide` takes for a scored image, the highest concept score and the concept holding it.
+
+    The most severe action among fired concepts (allow where none fired), raised by a
+    special-care hit to `escalate` and by a score in the review band to review. `decide`, shadow
+    candidates and the backtest (moderation.lifecycle.backtest) all decide through here.
+    """
     import torch
 
     from policy.compiled import ACTION_RANK
@@ -226,20 +258,7 @@ def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tenso
         margin, top = scores.scores.max(dim=1)  # [B], [B]
     else:
         margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
-    columns = [
-        scores.cosines,
-        scores.scores,
-        scores.special_cosines,
-        scores.special_scores,
-        scores.adjustment[:, None],
-        rank[:, None],
-        scores.valid[:, None],
-        margin[:, None],
-        top[:, None],
-    ]
-    if scores.concept_views is not None:
-        columns += [scores.concept_views, scores.special_views]
-    return columns
+    return rank, margin, top
 
 
 def decisions_from_host(
@@ -341,7 +360,7 @@ def build_decisions(
             )
         else:
             action = actions_by_rank[action_rank[i]]
-            verdict = _VERDICT_OF_ACTION.get(action, "flag")
+            verdict = verdict_of(action)
             fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
             hits = ()
             if any_special[i]:

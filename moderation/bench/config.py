@@ -12,6 +12,7 @@ One run, one device, one set of weights:
   e. what full coverage costs: views and ms per image of `views: center|cover|tiles` at 1:1,
      2:3 and 9:16;
   f. what shadow candidates add to the post-encoder work of a batch (moderation.bench.shadow).
+  g. `policy backtest` throughput and peak memory over large logs in SQLite and PostgreSQL.
 Times are medians of repeats after warm-up, with the device synchronised around each one.
 """
 
@@ -30,7 +31,10 @@ import torch
 from moderation.bench.models import BenchError
 
 SCHEMA_VERSION = 1
-SECTIONS = ("e2e", "concepts", "logging", "views", "shadow")
+SECTIONS = ("e2e", "concepts", "logging", "views", "shadow", "backtest")
+# What a bare `moderation bench` runs: section g (backtest) fills a million-row log per
+# database (minutes), so it runs when asked for (`--sections backtest`).
+DEFAULT_SECTIONS = ("e2e", "concepts", "logging", "views", "shadow")
 # Knob: a fast call (section c, our steps) is repeated until `fast_seconds` were timed, at most
 # this many times; slow calls just `repeats` times.
 MAX_REPEATS = 200
@@ -55,7 +59,7 @@ class BenchConfig:
     write_size: int = 8  # decisions per write(): one moderated batch
     attention: str = "sdpa"  # our tower's; diffusers' checker keeps what from_pretrained picks
     compile: bool = False
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     size: str = "vit-l"  # widths of the random model: "vit-l" or "tiny" (tests)
     loop_budget: int = 200_000  # images x concepts of diffusers' loops timed before scaling
     fast_seconds: float = 1.0  # fast calls repeat until this much was timed (noise on busy CPUs)
@@ -65,6 +69,9 @@ class BenchConfig:
     shadow_candidates: tuple[int, ...] = (3,)  # candidate counts timed in section f
     shadow_image_side: int = 512  # Stable Diffusion's output
     shadow_seconds: float = 5.0  # section f rows repeat until this much was timed (or 200 rounds)
+    backtest_sizes: tuple[int, ...] = (100_000, 1_000_000)  # logged decisions (section g)
+    backtest_dim: int = 768  # width of section g's float16 embeddings (ViT-L/14)
+    backtest_chunk: int | None = None  # decisions per query (default: the backtest's own)
     seed: int = 0
 
     @classmethod
@@ -89,12 +96,17 @@ class BenchConfig:
             "views_batch": 1,
             "view_modes": ("center", "cover"),  # tiles: 10-23 views an image, counted only
             "shadow_seconds": 1.0,
+            "backtest_sizes": (20_000,),
         }
         return cls(**{**base, **overrides})
 
     def check(self) -> None:
         """Reject settings the bench cannot run, with a message naming the option."""
-        for name, values in (("--batch-sizes", self.batch_sizes), ("--concepts", self.concepts)):
+        for name, values in (
+            ("--batch-sizes", self.batch_sizes),
+            ("--concepts", self.concepts),
+            ("--backtest-sizes", self.backtest_sizes),
+        ):
             if not values or any(v < 1 for v in values):
                 raise BenchError(f"{name}: expected positive integers, got {list(values)}")
         if self.repeats < 1 or (self.e2e_repeats is not None and self.e2e_repeats < 1):

@@ -12,6 +12,8 @@ CONCEPTS_MAX_PCT_OF_FORWARD = 5.0
 E2E_MAX_X_FORWARD = 1.10
 LOG_MIN_PER_SECOND = 5_000.0
 SHADOW_MAX_OVERHEAD_PCT = 5.0  # 3 candidates on the post-encoder work of a batch of 8
+BACKTEST_MIN_PER_SECOND = 50_000.0
+BACKTEST_MAX_RSS_GROWTH_MB = 500.0
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,6 +68,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": row["overhead_pct"] <= SHADOW_MAX_OVERHEAD_PCT,
             }
         )
+    if result.get("backtest"):
+        targets += backtest_targets(result["backtest"])
     return targets
 
 
@@ -151,6 +155,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", views_table(result["views"])]
     if result.get("shadow"):
         lines += ["", shadow_table(result["shadow"])]
+    if result.get("backtest"):
+        lines += ["", backtest_table(result["backtest"])]
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])
@@ -359,3 +365,53 @@ def shadow_table(rows: list[dict[str, Any]]) -> str:
     )
     note = f"this thread's CPU time of the same calls (paired): {cpu}"
     return title + "\n" + table(headers, body) + "\n" + note
+
+
+def backtest_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"g. policy backtest of a {rows[0]['concepts']}-concept candidate over logged decisions "
+        f"(float16 embeddings [{rows[0]['embedding_dim']}], 10% two views), each in a fresh "
+        "process; 'thresholds': every cosine the logged one, 'new concepts': every cosine from "
+        "the embeddings; memory: peak RSS growth during the run"
+    )
+    body = [
+        (
+            r["database"],
+            f"{r['decisions']:,}",
+            r["candidate"],
+            f"{r['seconds']:.2f}",
+            f"{r['per_second']:,.0f}",
+            f"{r['peak_rss_growth_mb']:.0f}",
+            f"{r['changed']:,}",
+        )
+        for r in rows
+    ]
+    headers = (
+        "database",
+        "decisions",
+        "candidate",
+        "seconds",
+        "decisions/s",
+        "peak RSS +MB",
+        "changed",
+    )
+    return head + "\n" + table(headers, body)
+
+
+def backtest_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        met = (
+            r["per_second"] >= BACKTEST_MIN_PER_SECOND
+            and r["peak_rss_growth_mb"] < BACKTEST_MAX_RSS_GROWTH_MB
+        )
+        out.append(
+            {
+                "target": f"backtest ({r['candidate']}) of {r['decisions']:,} decisions from "
+                f"{r['database'].split(' (')[0]}: >= {BACKTEST_MIN_PER_SECOND:,.0f}/s, "
+                f"< {BACKTEST_MAX_RSS_GROWTH_MB:.0f} MB peak RSS growth",
+                "measured": f"{r['per_second']:,.0f}/s, {r['peak_rss_growth_mb']:.0f} MB",
+                "met": met,
+            }
+        )
+    return out

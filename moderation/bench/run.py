@@ -34,6 +34,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "logging": [],
         "views": [],
         "shadow": [],
+        "backtest": [],
     }
     started = time.perf_counter()
     needs_model = config.model is not None or {"e2e", "logging", "views"} & set(config.sections)
@@ -84,6 +85,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         from moderation.bench.log_throughput import run_logging
 
         result["logging"] = run_logging(models.policy, config, say)
+    if "backtest" in config.sections:
+        from moderation.bench.backtest import run_backtest
+
+        result["backtest"] = run_backtest(config, say)
     result["environment"]["load_average_end"] = load_average()
     result["targets"] = evaluate_targets(result)
     result["seconds"] = time.perf_counter() - started

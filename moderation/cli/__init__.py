@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # Importing the command modules registers their commands on the groups of `app`.
 from moderation.cli import (  # noqa: F401
+    backtest_cmds,
     bench_cmd,
     calibrate_cmd,
     check_cmd,

@@ -71,7 +71,13 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     "--compile/--no-compile", "compile_", default=None, help="torch.compile our vision tower."
 )
 @click.option(
-    "--sections", help="Comma-separated subset of e2e,concepts,logging,views,shadow [all]."
+    "--sections",
+    help="Comma-separated sections among e2e,concepts,logging,views,shadow,backtest [all but backtest].",
+)
+@click.option(
+    "--backtest-sizes",
+    callback=_int_list,
+    help="Logged decisions of the backtest section [100000,1000000]; --quick: 20000.",
 )
 @click.option(
     "--json",
@@ -106,6 +112,7 @@ def bench_cmd(
     json_path,
     quick,
     size,
+    backtest_sizes,
 ):
     """Time our moderation path against diffusers' safety checker (see BENCHMARKS.md)."""
     from moderation.bench.config import BenchConfig
@@ -132,6 +139,7 @@ def bench_cmd(
         if sections
         else None,
         "size": size,
+        "backtest_sizes": backtest_sizes,
     }
     given = {k: v for k, v in options.items() if v is not None}
     config = BenchConfig.quick(**given) if quick else BenchConfig(**given)

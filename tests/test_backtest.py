@@ -1,0 +1,267 @@
+"""`moderation policy backtest` on a log written by the engine (tests/backtest_factory.py says
+what every image is and what each candidate must do with it), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from moderation.cli import main
+from moderation.lifecycle.backtest import backtest, embedding_cosines, load_candidate
+from moderation.lifecycle.history import Filters
+from moderation.storage import db as storage_db
+from moderation.storage import upgrade
+from moderation.storage.models import DecisionRow
+from tests.backtest_factory import (
+    NEW_CONCEPT,
+    THRESHOLD_MOVED,
+    log_history,
+    other_model_policy,
+    write_policy,
+)
+from tests.pg import pg_test_url, temporary_pg_database
+
+SKIPPED = {"error_verdict": 1, "no_embedding": 1, "other_model": 1}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'backtest.db'}"
+        yield url
+        storage_db.dispose(url)
+        return
+    server = pg_test_url()
+    if server is None:
+        pytest.skip("MODERATION_TEST_PG_URL is not set")
+    with temporary_pg_database(server, "backtest") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def history(tmp_path, tiny_clip_dir, url):
+    return log_history(tmp_path, tiny_clip_dir, url)
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, ["policy", "backtest", *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def run_json(*args: str) -> dict:
+    return json.loads(run(*args, "--json").stdout)
+
+
+def ids(history, *images: int) -> list[str]:
+    return [history.decisions[i].decision_id for i in images]
+
+
+def test_an_identical_candidate_changes_nothing(history, url):
+    data = run_json(str(history.policy_path), "--db", url)
+    assert data["candidate"]["digest"] == history.policy.digest
+    assert (data["decisions"], data["scored"], data["skipped"]) == (15, 12, SKIPPED)
+    assert data["changed"] == 0
+    assert data["transitions"] == {
+        "blur->blur": 5,
+        "allow->allow": 3,
+        "review->review": 3,
+        "blackout->blackout": 1,
+    }
+    assert sum(data["transitions"].values()) == 12
+    assert {k: v for k, v in data["concepts"].items()} == {
+        "nudity": {"before": 5, "after": 5},
+        "gore": {"before": 1, "after": 1},
+    }
+    assert data["special_care"] == {"minor": {"before": 2, "after": 2}}
+    assert data["reviewed"] == {
+        "approved": {"total": 2, "now_flagged": 2, "was_flagged": 2},
+        "rejected": {"total": 1, "now_allowed": 0, "was_allowed": 0},
+    }
+    assert data["rescored_concepts"] == []
+
+
+def test_a_moved_threshold_changes_exactly_the_decisions_that_cross_it(
+    history, url, tmp_path, tiny_clip_dir
+):
+    moved = write_policy(tmp_path / "candidates", tiny_clip_dir, THRESHOLD_MOVED, "moved.yaml")
+    data = run_json(str(moved), "--db", url, "--examples", "1")
+    assert data["candidate"]["version"] == "2" and data["candidate"]["model"]
+    assert (data["decisions"], data["scored"], data["skipped"]) == (15, 12, SKIPPED)
+    assert data["changed"] == 5
+    assert data["transitions"] == {
+        "blur->review": 2,
+        "review->allow": 2,
+        "blur->allow": 1,
+        "allow->allow": 3,
+        "blur->blur": 2,
+        "blackout->blackout": 1,
+        "review->review": 1,
+    }
+    assert data["verdicts"] == {
+        "flag->review": 2,
+        "review->allow": 2,
+        "flag->allow": 1,
+        "flag->flag": 3,
+        "allow->allow": 3,
+        "review->review": 1,
+    }
+    assert data["concepts"] == {
+        "nudity": {"before": 5, "after": 2},
+        "gore": {"before": 1, "after": 1},
+    }
+    assert data["special_care"] == {"minor": {"before": 2, "after": 2}}
+    assert data["reviewed"] == {
+        "approved": {"total": 2, "now_flagged": 1, "was_flagged": 2},
+        "rejected": {"total": 1, "now_allowed": 1, "was_allowed": 0},
+    }
+    # one example per transition, the oldest
+    assert data["examples"]["blur->review"] == ids(history, 4)
+    assert data["examples"]["review->allow"] == ids(history, 1)
+    assert data["examples"]["blur->allow"] == ids(history, 3)
+    full = run_json(str(moved), "--db", url)
+    assert full["examples"]["blur->review"] == ids(history, 4, 8)
+    assert full["examples"]["allow->allow"] == ids(history, 0, 10, 11)
+    assert full["rescored_concepts"] == []  # every cosine was the logged one
+
+    text = run(str(moved), "--db", url).stdout
+    assert "changed action: 5 of 12" in text and "blur" in text and ids(history, 4)[0] in text
+    assert "rejected by a reviewer: 1; allowed as logged 0, by the candidate 1" in text
+
+
+def test_a_compiled_artifact_needs_no_model(history, url, tmp_path, tiny_clip_dir):
+    moved = write_policy(tmp_path / "candidates", tiny_clip_dir, THRESHOLD_MOVED, "moved.yaml")
+    artifact = tmp_path / "moved.compiled.safetensors"
+    load_candidate(moved).save(artifact)
+    data = run_json(str(artifact), "--db", url)
+    assert data["changed"] == 5 and data["scored"] == 12
+
+
+def test_new_concepts_are_rescored_from_embeddings(history, url, tmp_path, tiny_clip_dir):
+    new = write_policy(tmp_path / "candidates", tiny_clip_dir, NEW_CONCEPT, "new.yaml")
+    data = run_json(str(new), "--db", url)
+    assert data["rescored_concepts"] == ["weapons"]
+    assert data["concepts"]["weapons"] == {"before": 0, "after": 1}  # 0.50 fires, 0.40 does not
+    assert data["transitions"]["allow->blackout"] == 1
+    assert data["examples"]["allow->blackout"] == ids(history, 10)
+    assert data["changed"] == 1
+    assert data["concepts"]["nudity"] == {"before": 5, "after": 5}
+
+
+def test_rescored_cosines_match_float32_within_float16_tolerance(history, url):
+    """Cosines scored from the stored float16 views against a float32 recomputation from the
+    engine's own float32 embeddings (the maximum over views included)."""
+    policy = history.policy
+    kept = [d for d in history.decisions[:12] if d.verdict != "error"]
+    with storage_db.engine_for(url).connect() as conn:
+        stored = dict(
+            conn.execute(
+                select(DecisionRow.id, DecisionRow.embedding).where(
+                    DecisionRow.id.in_([d.decision_id for d in kept])
+                )
+            ).all()
+        )
+    blobs = [stored[d.decision_id] for d in kept]
+    counts = [len(d.embedding) for d in kept]
+    assert max(counts) == 2  # a multi-view image is among them
+    matrix = torch.cat([policy.concept_matrix, policy.special_matrix]).float()
+    got, finite = embedding_cosines(blobs, counts, policy.embed_dim, matrix)
+    assert finite.all()
+    for row, d in zip(got, kept, strict=True):
+        exact = F.normalize(torch.from_numpy(np.asarray(d.embedding, np.float32))) @ matrix.t()
+        np.testing.assert_allclose(row, exact.max(dim=0).values.numpy(), atol=2e-3)
+        np.testing.assert_allclose(row[:2], d.cosines, atol=2e-3)
+
+
+def test_a_candidate_of_another_model_skips_everything(history, url, tmp_path):
+    artifact = tmp_path / "third.compiled.safetensors"
+    other_model_policy(history.policy_path, "third/model").save(artifact)
+    data = run_json(str(artifact), "--db", url)
+    assert (data["decisions"], data["scored"]) == (15, 0)
+    assert data["skipped"] == {"other_model": 15}
+    assert data["changed"] == 0 and data["transitions"] == {} and data["examples"] == {}
+
+
+def test_filters(history, url, tmp_path, tiny_clip_dir):
+    moved = write_policy(tmp_path / "candidates", tiny_clip_dir, THRESHOLD_MOVED, "moved.yaml")
+    between = history.between.isoformat()
+    before = run_json(str(moved), "--db", url, "--until", between)
+    assert (before["decisions"], before["scored"], before["changed"]) == (10, 10, 5)
+    assert before["filters"]["until"] == history.between.isoformat()
+    after = run_json(str(moved), "--db", url, "--since", between)
+    assert (after["decisions"], after["skipped"], after["changed"]) == (5, SKIPPED, 0)
+    limited = run_json(str(moved), "--db", url, "--limit", "4")
+    assert limited["decisions"] == 4
+    assert limited["transitions"] == {"review->allow": 2, "blur->allow": 1, "allow->allow": 1}
+    other = other_model_policy(history.policy_path)
+    by_digest = run_json(str(moved), "--db", url, "--policy", other.digest[:10])
+    assert (by_digest["decisions"], by_digest["skipped"]) == (1, {"other_model": 1})
+    by_name = run_json(str(moved), "--db", url, "--policy", "bt")  # both "bt" policies
+    assert by_name["decisions"] == 15
+    empty = run_json(str(moved), "--db", url, "--since", "2000-01-01", "--until", "2000-01-02")
+    assert (empty["decisions"], empty["changed"], empty["transitions"]) == (0, 0, {})
+
+
+def test_small_chunks_give_the_same_report(history, url, tmp_path, tiny_clip_dir):
+    new = write_policy(tmp_path / "candidates", tiny_clip_dir, NEW_CONCEPT, "new.yaml")
+    candidate = load_candidate(new)
+    sizes: list[int] = []
+    small = backtest(candidate, db=url, chunk=2, on_chunk=sizes.append)
+    assert sizes == [2] * 7 + [1]  # 15 decisions, 2 per query: memory is bounded by the chunk
+    assert small == backtest(candidate, db=url)
+    limited = backtest(candidate, db=url, chunk=3, filters=Filters(limit=7))
+    assert limited == backtest(candidate, db=url, filters=Filters(limit=7))
+    assert limited["decisions"] == 7
+
+
+def test_bad_input_is_one_line(history, url, tmp_path):
+    path = str(history.policy_path)
+    for args, message in [
+        (["--policy", "nope"], "no logged policy is named 'nope'"),
+        (["--since", "yesterday"], 'invalid since "yesterday"'),
+        (["--until", "5x"], 'invalid until "5x"'),
+    ]:
+        result = run(path, "--db", url, *args, code=1)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    missing = run(path, "--db", f"sqlite:///{tmp_path / 'none.db'}", code=1)
+    assert "no database at" in missing.stderr
+    nofile = run(str(tmp_path / "nope.yaml"), "--db", url, code=1)
+    assert "cannot read candidate" in nofile.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: [\n", encoding="utf-8")
+    assert len(run(str(bad), "--db", url, code=1).stderr.strip().splitlines()) >= 1
+    assert run("--help").stdout.count("--examples") == 1
+
+
+def test_a_cosine_on_the_threshold_is_the_logged_one(history, url, tmp_path):
+    """An image whose float32 cosine is on one side of nudity's 0.30 and whose float16 embedding
+    scores on the other: rescored, it would flip between blur and review with nothing changed."""
+    from moderation.engine import Moderator
+    from moderation.storage.log import DecisionLog
+    from tests.backtest_factory import NUDITY, vec
+
+    policy, matrix = history.policy, history.policy.concept_matrix.float()
+    threshold = float(policy.thresholds[0])
+    for value in np.linspace(0.29990, 0.30010, 81):
+        image = vec({NUDITY: float(value)})
+        exact = Moderator(policy).moderate_embeddings(torch.from_numpy(image[None]))[0]
+        half, _ = embedding_cosines([image.astype("<f2").tobytes()], [1], len(image), matrix)
+        if (exact.cosines[0] > threshold) != (half[0, 0] > threshold):
+            break
+    else:
+        pytest.fail("no value in range puts float16 and float32 on both sides of 0.30")
+    with DecisionLog(url, spool_dir=tmp_path / "s2", held_dir=tmp_path / "h2") as log:
+        logged = Moderator(policy, log=log).moderate_embeddings(torch.from_numpy(image[None]))
+        log.flush()
+    action = logged[0].action
+    assert action == ("blur" if exact.cosines[0] > threshold else "review")
+    data = run_json(str(history.policy_path), "--db", url)
+    assert data["changed"] == 0 and data["scored"] == 13
+    assert data["transitions"][f"{action}->{action}"] == {"blur": 6, "review": 4}[action]
