@@ -31,7 +31,7 @@ def test_the_section_fills_a_log_and_times_both_candidates():
     assert [r["rescored_concepts"] for r in rows[:2]] == [0, 22]  # every cosine new: 20 + 2
     assert rows[0]["changed"] > 0  # moved thresholds move some decisions
     text = format_report(result)
-    assert "f. policy backtest" in text and "decisions/s" in text
+    assert "g. policy backtest" in text and "decisions/s" in text
     assert sum("backtest (" in t["target"] for t in result["targets"]) == 4
 
 
