@@ -62,14 +62,23 @@ def pg_database_later(
 
 @contextlib.contextmanager
 def scratch_url(
-    backend: str, folder, name: str, shared: Callable[[], str] | None = None
+    backend: str,
+    folder,
+    name: str,
+    shared: Callable[[], str] | None = None,
+    *,
+    migrate: bool = False,
 ) -> Iterator[str]:
     """An empty database of `backend` for one test: a SQLite file `name`.db in `folder`
-    (migrated on first use), or a migrated PostgreSQL database on the test server, made for
+    (migrated on first use, or at once with `migrate`), or a migrated PostgreSQL database on the test server, made for
     the test and dropped after it, or, with `shared` (a function giving the URL of a migrated
     database kept for a module), that one emptied. Skips without MODERATION_TEST_PG_URL."""
     if backend == "sqlite":
         url = f"sqlite:///{folder}/{name}.db"
+        if migrate:
+            from moderation.storage import upgrade
+
+            upgrade(url)
         try:
             yield url
         finally:

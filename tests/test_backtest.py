@@ -4,6 +4,7 @@ what every image is and what each candidate must do with it), on SQLite and Post
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,7 +17,6 @@ from moderation.cli import main
 from moderation.lifecycle.backtest import backtest, embedding_cosines, load_candidate
 from moderation.lifecycle.history import Filters
 from moderation.storage import db as storage_db
-from moderation.storage import upgrade
 from moderation.storage.models import DecisionRow
 from tests.backtest_factory import (
     NEW_CONCEPT,
@@ -25,23 +25,14 @@ from tests.backtest_factory import (
     other_model_policy,
     write_policy,
 )
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, scratch_url
 
 SKIPPED = {"error_verdict": 1, "no_embedding": 1, "other_model": 1}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'backtest.db'}"
-        yield url
-        storage_db.dispose(url)
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, "backtest") as url:
-        upgrade(url)
+    with scratch_url(request.param, tmp_path, "backtest") as url:
         yield url
 
 
@@ -206,9 +197,14 @@ def test_filters(history, url, tmp_path, tiny_clip_dir):
     assert before["filters"]["until"] == history.between.isoformat()
     after = run_json(str(moved), "--db", url, "--since", between)
     assert (after["decisions"], after["skipped"], after["changed"]) == (5, SKIPPED, 0)
-    limited = run_json(str(moved), "--db", url, "--limit", "4")
+    # --limit reads the oldest decisions by (created_at, id): one batch's share a time.
+    limited = run_json(str(moved), "--db", url, "--limit", "4", "--examples", "20")
+    everything = run_json(str(moved), "--db", url, "--examples", "20")
+    transition_of = {i: t for t, ids_ in everything["examples"].items() for i in ids_}
+    first4 = oldest(history, list(transition_of))[:4]
     assert limited["decisions"] == 4
-    assert limited["transitions"] == {"review->allow": 2, "blur->allow": 1, "allow->allow": 1}
+    assert sorted(i for ids_ in limited["examples"].values() for i in ids_) == sorted(first4)
+    assert limited["transitions"] == dict(Counter(transition_of[i] for i in first4))
     other = other_model_policy(history.policy_path)
     by_digest = run_json(str(moved), "--db", url, "--policy", other.digest[:10])
     assert (by_digest["decisions"], by_digest["skipped"]) == (1, {"other_model": 1})

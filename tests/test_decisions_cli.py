@@ -13,26 +13,16 @@ from moderation.cli.app import main as app_main
 from moderation.review.explain import decision_labels
 from moderation.storage import db
 from tests.decisions_factory import HOSTILE_USER, TWINS, VIEWS, Logged, seed
-from tests.review_factory import PG_URL, pg_database, row_counts, sqlite_url
+from tests.pg import BACKENDS, scratch_url
+from tests.review_factory import row_counts
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \n and \t
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def logged(request, tmp_path_factory) -> Logged:
-    if request.param == "sqlite":
-        url = sqlite_url(tmp_path_factory.mktemp("decisions"))
-        from moderation.storage import upgrade
-
-        upgrade(url)
-        yield seed(url)
-        db.dispose(url)
-        return
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("decisions") as url:
+    folder = tmp_path_factory.mktemp("decisions")
+    with scratch_url(request.param, folder, "decisions", migrate=True) as url:
         yield seed(url)
 
 

@@ -14,27 +14,18 @@ from sqlalchemy import func, select
 from moderation.cli import main
 from moderation.review.queue import ReviewQueue
 from moderation.review.report import EXPORT_FIELDS
-from moderation.storage import db, upgrade
+from moderation.storage import db
 from moderation.storage.models import DecisionRow
 from tests.decisions_factory import HOSTILE_USER, Logged, seed
-from tests.review_factory import PG_URL, pg_database, sqlite_url
+from tests.pg import BACKENDS, scratch_url
 
 BAND_LABELS = {"shows": ["nudity"], "missed": ["nudity"], "false_alarms": [], "explicit": True}
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def logged(request, tmp_path_factory) -> Logged:
-    if request.param == "sqlite":
-        url = sqlite_url(tmp_path_factory.mktemp("live-readers"))
-        upgrade(url)
-        yield seed(url)
-        db.dispose(url)
-        return
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("live_readers") as url:
+    folder = tmp_path_factory.mktemp("live_readers")
+    with scratch_url(request.param, folder, "live_readers", migrate=True) as url:
         yield seed(url)
 
 

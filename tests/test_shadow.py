@@ -19,10 +19,10 @@ from moderation.cli import main
 from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
-from moderation.storage import DecisionLog, db, upgrade
+from moderation.storage import DecisionLog, db
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from policy import CompiledPolicy, compile_policy, load_policy
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import BACKENDS, scratch_url
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +38,9 @@ def images():
     return F.interpolate(base, size=(64, 64), mode="bilinear") * 2 - 1
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/moderation.db"
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, "shadow") as url:
-        upgrade(url)
+    with scratch_url(request.param, tmp_path, "shadow") as url:
         yield url
 
 
