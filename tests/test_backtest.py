@@ -136,6 +136,25 @@ def test_a_moved_threshold_changes_exactly_the_decisions_that_cross_it(
     assert "rejected by a reviewer: 1; allowed as logged 0, by the candidate 1" in text
 
 
+def test_the_logged_policy_itself_reuses_its_cosines_in_a_log_without_vector_digests(history, url):
+    # A log written before policies recorded a digest of each concept vector.
+    from moderation.storage.models import PolicyRow
+
+    engine = storage_db.engine_for(url)
+    with engine.begin() as conn:
+        for row in conn.execute(
+            select(PolicyRow.digest, PolicyRow.concepts, PolicyRow.special_concepts)
+        ):
+            strip = [[{k: v for k, v in c.items() if k != "vector"} for c in cs] for cs in row[1:]]
+            conn.execute(
+                PolicyRow.__table__.update()
+                .where(PolicyRow.digest == row.digest)
+                .values(concepts=strip[0], special_concepts=strip[1])
+            )
+    data = run_json(str(history.policy_path), "--db", url)
+    assert data["changed"] == 0 and data["rescored_concepts"] == []
+
+
 def test_a_compiled_artifact_needs_no_model(history, url, tmp_path, tiny_clip_dir):
     moved = write_policy(tmp_path / "candidates", tiny_clip_dir, THRESHOLD_MOVED, "moved.yaml")
     artifact = tmp_path / "moved.compiled.safetensors"

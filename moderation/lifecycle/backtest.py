@@ -105,6 +105,10 @@ def plan_for(candidate: CompiledPolicy, row: Any) -> Plan:
     column.pop(None, None)  # policies logged before vector digests: nothing to reuse
     concepts, special = candidate.vector_digests
     reuse = np.array([column.get(d, -1) for d in (*concepts, *special)], dtype=np.int64)
+    if row.digest == candidate.digest and len(logged) == len(reuse):
+        # The logged policy itself (a digest covers every vector): each column is its own,
+        # also in a log written before vector digests were logged.
+        reuse = np.arange(len(reuse), dtype=np.int64)
     vectors = torch.cat([candidate.concept_matrix, candidate.special_matrix]).float()
     return Plan(
         names=[c["name"] for c in row.concepts or []],
