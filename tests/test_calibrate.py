@@ -28,10 +28,8 @@ from click.testing import CliRunner
 from moderation.cli import main
 from moderation.encoder import ClipEncoder
 from moderation.review.queue import ReviewQueue
-from moderation.storage import db as storage_db
-from moderation.storage import upgrade
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
-from tests.pg import BACKENDS, pg_test_url, scratch_url, temporary_pg_database
+from tests.pg import BACKENDS, scratch_url
 
 REJECT, APPROVE = "reject", "approve"
 NUDITY_LABELS = [
@@ -49,14 +47,6 @@ def encoder(tiny_clip_dir):
 @pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
     with scratch_url(request.param, tmp_path, "calibrate") as url:
-        yield url
-        storage_db.dispose(url)
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, "calibrate") as url:
-        upgrade(url)
         yield url
 
 

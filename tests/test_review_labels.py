@@ -16,7 +16,7 @@ from moderation.storage import db as storage_db
 from moderation.storage import downgrade, upgrade
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
-from tests.pg import BACKENDS, pg_test_url, scratch_url, temporary_pg_database
+from tests.pg import BACKENDS, scratch_url
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,6 @@ def encoder(tiny_clip_dir):
 @pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
     with scratch_url(request.param, tmp_path, "labels") as url:
-        yield url
-        storage_db.dispose(url)
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, "labels") as url:
-        upgrade(url)
         yield url
 
 
