@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from moderation.calibration.labelset import LabelledSet, Labels, Sample
 from moderation.errors import ModerationError
 from moderation.review.labels import item_labels, policy_names
+from moderation.review.queries import newest_items
 from moderation.storage.db import require_database
 from moderation.storage.errors import database_errors
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
@@ -66,11 +67,7 @@ def from_log(url: str, compiled: CompiledPolicy, into: LabelledSet) -> None:
 
 def _reviewed(conn: Any) -> Iterator[Any]:
     """Live decisions with their newest review item's status, labels and origin, oldest first."""
-    newest = (
-        select(ReviewItem.decision_id, func.max(ReviewItem.id).label("item_id"))
-        .group_by(ReviewItem.decision_id)
-        .subquery()
-    )
+    newest = newest_items()
     query = (
         select(
             DecisionRow.__table__,

@@ -22,8 +22,9 @@ from moderation.errors import ModerationError
 from moderation.review.explain import (
     concept_rows,
     decision_labels,
+    decision_view,
     event_view,
-    held_file,
+    policy_view,
     special_care,
 )
 from moderation.review.labels import item_labels, near_misses
@@ -329,30 +330,11 @@ def explain_decision(conn: Connection, decision_id: str, top: int | None = None)
     band = float(policy.review_band or 0.0)
     return {
         "decision": {
-            "id": decision.id,
-            "created_at": iso(decision.created_at),
-            "verdict": decision.verdict,
-            "action": decision.action,
-            "top_concept": decision.top_concept,
-            "margin": decision.margin,
-            "fired": list(decision.fired or []),
+            **decision_view(decision),
             "special_hits": list(decision.special_hits or []),
-            "model_id": decision.model_id,
-            "image_sha256": decision.image_sha256,
-            "held_path": decision.held_path,
-            "held_file": held_file(decision.held_path),
-            "meta": decision.meta or {},
-            "error": decision.error,
             "shadow_of": decision.shadow_of,
         },
-        "policy": {
-            "name": policy.name,
-            "version": policy.version,
-            "digest": policy.digest,
-            "model_id": policy.model_id,
-            "compat": policy.compat,
-            "review_band": policy.review_band,
-        },
+        "policy": policy_view(policy),
         "winner": winner(decision, policy, concepts),
         "concepts": ordered if top is None else ordered[:top],
         "concepts_total": len(ordered),

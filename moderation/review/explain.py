@@ -113,32 +113,42 @@ def explain_item(conn: Connection, item_id: int, now: datetime) -> dict[str, Any
             # What the verdict says the image shows (None until a verdict): review/labels.py
             "labels": item_labels(item.status, item.labels, policy, decision),
         },
-        "decision": {
-            "id": decision.id,
-            "created_at": iso(decision.created_at),
-            "verdict": decision.verdict,
-            "action": decision.action,
-            "top_concept": decision.top_concept,
-            "margin": decision.margin,
-            "fired": list(decision.fired or []),
-            "model_id": decision.model_id,
-            "image_sha256": decision.image_sha256,
-            "held_path": decision.held_path,
-            "held_file": held_file(decision.held_path),
-            "meta": decision.meta or {},
-            "error": decision.error,
-        },
-        "policy": {
-            "name": policy.name,
-            "version": policy.version,
-            "digest": policy.digest,
-            "model_id": policy.model_id,
-            "compat": policy.compat,
-            "review_band": policy.review_band,
-        },
+        "decision": decision_view(decision),
+        "policy": policy_view(policy),
         "concepts": concept_rows(policy, decision),
         "special_care": special_care(policy, decision),
         "events": [event_view(e) for e in events],
+    }
+
+
+def decision_view(decision: Any) -> dict[str, Any]:
+    """A decisions row as `review show` and `decisions show` print it."""
+    return {
+        "id": decision.id,
+        "created_at": iso(decision.created_at),
+        "verdict": decision.verdict,
+        "action": decision.action,
+        "top_concept": decision.top_concept,
+        "margin": decision.margin,
+        "fired": list(decision.fired or []),
+        "model_id": decision.model_id,
+        "image_sha256": decision.image_sha256,
+        "held_path": decision.held_path,
+        "held_file": held_file(decision.held_path),
+        "meta": decision.meta or {},
+        "error": decision.error,
+    }
+
+
+def policy_view(policy: Any) -> dict[str, Any]:
+    """The logged policy a decision was made with, as both `show` documents print it."""
+    return {
+        "name": policy.name,
+        "version": policy.version,
+        "digest": policy.digest,
+        "model_id": policy.model_id,
+        "compat": policy.compat,
+        "review_band": policy.review_band,
     }
 
 

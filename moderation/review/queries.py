@@ -68,6 +68,16 @@ def parse_since(value: str | date | datetime) -> datetime:
     return parse_time(value, what="since")
 
 
+def newest_items() -> Any:
+    """Per reviewed decision, the id of its newest review item (a reopen adds a newer one):
+    a subquery with columns `decision_id` and `item_id`."""
+    return (
+        select(ReviewItem.decision_id, func.max(ReviewItem.id).label("item_id"))
+        .group_by(ReviewItem.decision_id)
+        .subquery()
+    )
+
+
 def iso(value: datetime | None) -> str | None:
     """ISO 8601 text of a UTC time, or None."""
     return None if value is None else utc(value).isoformat()

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, func, select, true
 
 from moderation.review.explain import floats
 from moderation.review.labels import item_labels
-from moderation.review.queries import fired_concepts, iso, utc
+from moderation.review.queries import fired_concepts, iso, newest_items, utc
 from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
 
@@ -131,11 +131,7 @@ def export_rows(conn: Connection):
         )
     }
     concept_names = {d: [c.get("name") for c in p.concepts or []] for d, p in policies.items()}
-    latest = (
-        select(ReviewItem.decision_id, func.max(ReviewItem.id).label("item_id"))
-        .group_by(ReviewItem.decision_id)
-        .subquery()
-    )
+    latest = newest_items()
     query = (
         select(
             DecisionRow.__table__,
