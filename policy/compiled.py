@@ -239,6 +239,13 @@ def _policy_fields(file: str, text: str) -> dict:
 
 
 def vector_digests(matrix: torch.Tensor) -> tuple[str, ...]:
-    """sha256 (first 16 hex digits) of each row's float32 little-endian bytes."""
-    rows = matrix.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
-    return tuple(hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows)
+    """`vector_digest` of each row of a matrix."""
+    rows = matrix.detach().to("cpu", torch.float32).contiguous().numpy()
+    return tuple(vector_digest(row) for row in rows)
+
+
+def vector_digest(vector) -> str:
+    """sha256 (first 16 hex digits) of one vector's float32 little-endian bytes."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).hexdigest()[:16]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from policy import CheckpointRef, PolicyError, check_embed_dim, model_embed_dim
+from policy.compiled import vector_digest
 from policy.encoding import EncodingError
 
 if TYPE_CHECKING:
@@ -68,11 +69,6 @@ class PolicySide:
 def float32(value: float) -> float:
     """A threshold as scoring compares it (float32), written as the shortest decimal."""
     return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
-
-
-def vector_digest(vector: np.ndarray) -> str:
-    """The 16-hex digest `CompiledPolicy.vector_digests` gives the same float32 row."""
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).hexdigest()[:16]
 
 
 def _rows(matrix: Any) -> list[np.ndarray]:
