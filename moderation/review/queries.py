@@ -158,7 +158,13 @@ VIEW_COLUMNS = (
 )
 
 
-def item_view(row: Any) -> ReviewItemView:
+def item_view(row: Any, now: datetime | None = None) -> ReviewItemView:
+    """A list row; with `now`, a claim whose lease has expired shows as `pending` (its lapsed
+    owner and expiry stay visible)."""
     data = dict(row._mapping)
     data["fired"] = list(data["fired"] or [])
+    expires = data["claim_expires_at"]
+    if now is not None and data["status"] == "claimed" and expires is not None:
+        if utc(expires) <= now:
+            data["status"] = "pending"
     return ReviewItemView(**data)

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, updat
 
 from moderation.review.explain import explain_item
 from moderation.review.labels import verdict_labels
+from moderation.review.outbox import enqueue_verdict
 from moderation.review.queries import (
     VIEW_COLUMNS,
     Claim,
@@ -70,6 +71,26 @@ QUEUE_ORDER = (
     ReviewItem.created_at.asc(),
     ReviewItem.id.asc(),
 )
+
+
+def claimable_at(now: datetime) -> Any:
+    """Items `claim` may take at `now`: pending, or claimed with an expired lease."""
+    return or_(
+        ReviewItem.status == "pending",
+        and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
+    )
+
+
+def status_is(status: str, now: datetime) -> Any:
+    """Items whose status is `status` as a reviewer sees it at `now`: a claim whose lease
+    expired is pending again."""
+    if status == "pending":
+        return claimable_at(now)
+    if status == "claimed":
+        return and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at > now)
+    return ReviewItem.status == status
+
+
 MAX_CLAIM = 1000  # one claim transaction holds its rows locked; keep batches small
 MAX_LIST = 10_000
 # Knob: how long a SQLite claim/verdict keeps retrying while other processes hold the write
@@ -144,20 +165,22 @@ class ReviewQueue:
     # -- changes -------------------------------------------------------------------------------
 
     @_database_errors
-    def claim(self, reviewer: str, n: int = 1) -> list[Claim]:
-        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry."""
+    def claim(self, reviewer: str, n: int = 1, *, special_care: bool = True) -> list[Claim]:
+        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry.
+
+        special_care=False leaves out the items special-care concepts escalated (priority 1):
+        the review desk's reviewers without the special-care role never get them."""
         reviewer = reviewer_name(reviewer)
         if not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
             raise ReviewError(f"can claim 1 to {MAX_CLAIM} items at a time, not {n!r}")
-        return self._write(lambda conn: self._claim(conn, reviewer, n))
+        return self._write(lambda conn: self._claim(conn, reviewer, n, special_care))
 
-    def _claim(self, conn: Connection, reviewer: str, n: int) -> list[Claim]:
+    def _claim(self, conn: Connection, reviewer: str, n: int, special_care: bool) -> list[Claim]:
         now = self.now()
         expires = now + timedelta(seconds=self.lease_seconds)
-        claimable = or_(
-            ReviewItem.status == "pending",
-            and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
-        )
+        claimable = claimable_at(now)
+        if not special_care:
+            claimable = and_(claimable, ReviewItem.priority < 1)
         query = (
             select(
                 ReviewItem.id,
@@ -320,6 +343,8 @@ class ReviewQueue:
         )
         details = {"direct": direct, "token": row.claim_token, "labels": labels}
         conn.execute(insert(ReviewEvent), [event_row(row, now, reviewer, status, reason, details)])
+        # Same transaction: a verdict and its webhook deliveries are recorded together or not at all.
+        enqueue_verdict(conn, row, status, labels, now)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -333,7 +358,9 @@ class ReviewQueue:
         since: str | datetime | None = None,
         limit: int = 50,
     ) -> list[ReviewItemView]:
-        """Items in queue order, filtered; every filter value is bound as a parameter."""
+        """Items in queue order, filtered; every filter value is bound as a parameter.
+
+        An item whose lease expired is listed as `pending` (claim hands it out again)."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
         query = (
@@ -346,7 +373,7 @@ class ReviewQueue:
                 raise ReviewError(
                     f'unknown status "{status}"; choose from {", ".join(REVIEW_STATUSES)}'
                 )
-            query = query.where(ReviewItem.status == status)
+            query = query.where(status_is(status, self.now()))
         if policy is not None:
             if not policy.strip():
                 raise ReviewError("policy filter is empty: give a policy name or digest prefix")
@@ -365,8 +392,9 @@ class ReviewQueue:
                 raise ReviewError(str(err)) from None
             query = query.where(ReviewItem.created_at >= start)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
+        now = self.now()
         with self.engine.connect() as conn:
-            return [item_view(row) for row in conn.execute(query)]
+            return [item_view(row, now) for row in conn.execute(query)]
 
     @_database_errors
     def show(self, item_id: int) -> dict[str, Any]:
