@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -21,8 +22,12 @@ MAX_PASSWORD = 1024  # argon2 hashes any length; a bound keeps a login request c
 MAX_NAME = 200
 # argon2-cffi's defaults are RFC 9106's second recommendation for argon2id (64 MiB, t=3, p=4).
 HASHER = PasswordHasher()
-# A hash to verify against when the name is unknown, so that both cases take the same time.
-_DUMMY_HASH = HASHER.hash("not a password of anyone")
+
+
+@functools.cache
+def _dummy_hash(parameters: tuple[int, int, int]) -> str:
+    """A hash to verify against when the name is unknown, so that both cases take the same time."""
+    return HASHER.hash("not a password of anyone")
 
 
 class DeskError(ModerationError):
@@ -142,9 +147,9 @@ def verify_login(conn: Connection, name: str, password: str) -> Any | None:
     """The account row when `password` is right and the account is enabled, else None."""
     row = conn.execute(select(DeskUser.__table__).where(DeskUser.name == name)).first()
     try:
-        HASHER.verify(
-            row.password_hash if row is not None else _DUMMY_HASH, password[:MAX_PASSWORD]
-        )
+        params = (HASHER.time_cost, HASHER.memory_cost, HASHER.parallelism)
+        stored = row.password_hash if row is not None else _dummy_hash(params)
+        HASHER.verify(stored, password[:MAX_PASSWORD])
     except (VerificationError, InvalidHashError):
         return None
     if row is None or row.disabled:
