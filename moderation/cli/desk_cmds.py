@@ -240,7 +240,10 @@ def webhook_remove(hook_id, db_url):
 @webhook_group.command("deliver")
 @db_option
 def webhook_deliver(db_url):
-    """Deliver the verdicts that are due now, once (the desk does this by itself while it runs)."""
+    """Deliver the verdicts that are due now, once.
+
+    A running `review serve` delivers by itself every few seconds; this is for deployments that
+    decide with the CLI only (run it from cron or a timer)."""
     import httpx
 
     from moderation.desk.webhooks import deliver_due

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import IO, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
+from sqlalchemy import Connection, Engine, exc, insert, or_, select, update
 
 from moderation.review.explain import explain_item
 from moderation.review.labels import verdict_labels
@@ -33,10 +33,12 @@ from moderation.review.queries import (
     VIEW_COLUMNS,
     Claim,
     ReviewItemView,
+    claimable_at,
     fired_contains,
     iso,
     item_view,
     parse_since,
+    status_is,
     utc,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
@@ -71,26 +73,6 @@ QUEUE_ORDER = (
     ReviewItem.created_at.asc(),
     ReviewItem.id.asc(),
 )
-
-
-def claimable_at(now: datetime) -> Any:
-    """Items `claim` may take at `now`: pending, or claimed with an expired lease."""
-    return or_(
-        ReviewItem.status == "pending",
-        and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
-    )
-
-
-def status_is(status: str, now: datetime) -> Any:
-    """Items whose status is `status` as a reviewer sees it at `now`: a claim whose lease
-    expired is pending again."""
-    if status == "pending":
-        return claimable_at(now)
-    if status == "claimed":
-        return and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at > now)
-    return ReviewItem.status == status
-
-
 MAX_CLAIM = 1000  # one claim transaction holds its rows locked; keep batches small
 MAX_LIST = 10_000
 # Knob: how long a SQLite claim/verdict keeps retrying while other processes hold the write
@@ -166,10 +148,8 @@ class ReviewQueue:
 
     @_database_errors
     def claim(self, reviewer: str, n: int = 1, *, special_care: bool = True) -> list[Claim]:
-        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry.
-
-        special_care=False leaves out the items special-care concepts escalated (priority 1):
-        the review desk's reviewers without the special-care role never get them."""
+        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs
+        dry. special_care=False leaves out items that special care escalated (priority 1)."""
         reviewer = reviewer_name(reviewer)
         if not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
             raise ReviewError(f"can claim 1 to {MAX_CLAIM} items at a time, not {n!r}")
@@ -178,9 +158,7 @@ class ReviewQueue:
     def _claim(self, conn: Connection, reviewer: str, n: int, special_care: bool) -> list[Claim]:
         now = self.now()
         expires = now + timedelta(seconds=self.lease_seconds)
-        claimable = claimable_at(now)
-        if not special_care:
-            claimable = and_(claimable, ReviewItem.priority < 1)
+        claimable = claimable_at(now, special_care)
         query = (
             select(
                 ReviewItem.id,
@@ -358,11 +336,11 @@ class ReviewQueue:
         since: str | datetime | None = None,
         limit: int = 50,
     ) -> list[ReviewItemView]:
-        """Items in queue order, filtered; every filter value is bound as a parameter.
-
-        An item whose lease expired is listed as `pending` (claim hands it out again)."""
+        """Items in queue order, filtered (values bound as parameters); an item whose lease
+        expired is listed as `pending`, as claim hands it out again."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
+        now = self.now()
         query = (
             select(*VIEW_COLUMNS)
             .join(DecisionRow, ReviewItem.decision_id == DecisionRow.id)
@@ -373,7 +351,7 @@ class ReviewQueue:
                 raise ReviewError(
                     f'unknown status "{status}"; choose from {", ".join(REVIEW_STATUSES)}'
                 )
-            query = query.where(status_is(status, self.now()))
+            query = query.where(status_is(status, now))
         if policy is not None:
             if not policy.strip():
                 raise ReviewError("policy filter is empty: give a policy name or digest prefix")
@@ -392,7 +370,6 @@ class ReviewQueue:
                 raise ReviewError(str(err)) from None
             query = query.where(ReviewItem.created_at >= start)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
-        now = self.now()
         with self.engine.connect() as conn:
             return [item_view(row, now) for row in conn.execute(query)]
 
