@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 from click.testing import CliRunner
 from sqlalchemy import func, inspect, select
 
@@ -18,6 +24,9 @@ from moderation.storage.models import DeskEvent, DeskUser, ReviewItem, utcnow
 from moderation.storage.schema import get_engine
 from tests.desk_app import cheap_passwords, clock, db_url, pg_url  # noqa: F401  (fixtures)
 from tests.desk_factory import seed_desk
+from tests.desk_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DESK_TABLES = {"desk_users", "desk_sessions", "desk_events", "webhooks", "webhook_outbox"}
 
@@ -221,3 +230,46 @@ def test_migration_0008_up_and_down_with_rows(db_url, tmp_path):
     with db.engine_for(db_url).connect() as conn:
         assert DESK_TABLES <= set(inspect(conn).get_table_names())
         assert conn.execute(select(func.count()).select_from(DeskUser)).scalar_one() == 0
+
+
+def test_serve_command_answers_on_loopback(tmp_path):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    get_engine(url)
+    db.dispose(url)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moderation",
+            "review",
+            "serve",
+            "--db",
+            url,
+            "--port",
+            str(port),
+            "--no-webhooks",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(server.stdout.read().decode()) from None
+                time.sleep(0.2)
+        assert response.status_code == 303 and response.headers["location"] == "/login"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "server" not in response.headers
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    missing = run("review", "serve", "--db", f"sqlite:///{tmp_path / 'nope.db'}")
+    assert missing.exit_code == 1 and "no database at" in missing.output

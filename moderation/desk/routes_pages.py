@@ -83,7 +83,11 @@ def queue_page(
 
 @router.get("/next")
 def next_item(request: Request, viewer: Viewer = Depends(signed_in)):
-    """The viewer's next live claim; else claim one more (as `review claim -n 1`)."""
+    """The viewer's next live claim; else claim one more (as `review claim -n 1`).
+
+    A GET that may claim: the keyboard's `n` is a plain link. Another site cannot make a
+    browser do it for a reviewer (the session cookie is SameSite=Strict), and a claim is
+    harmless to the reviewer's own queue (it expires or is released)."""
     desk = desk_of(request)
     with desk.engine.connect() as conn:
         mine = my_claims(conn, viewer, desk.now())
