@@ -82,6 +82,10 @@ def claims_of(page) -> set[int]:
 def test_reviewer_works_items_with_the_keyboard(browser, desk, db_url):
     base, data = desk
     context, page = log_in(browser, base, "alice")
+    # CSP violations (an inline script, say) and script errors show up here.
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
     with page.expect_navigation():
         page.keyboard.press("c")  # claim next 10
     first = item_id(page)
@@ -128,6 +132,7 @@ def test_reviewer_works_items_with_the_keyboard(browser, desk, db_url):
     assert rows[first].status == "approved" and rows[first].labels["explicit"]
     assert rows[second].status == "rejected" and rows[second].reason == "shows nudity"
     assert rows[second].labels["explicit"]
+    assert problems == []
     context.close()
 
 
