@@ -271,4 +271,6 @@ def test_verdict_with_labels_and_next(app, seeded, db_url):
     assert row.status == "rejected" and row.labels["shows"] == ["gore"] and row.labels["explicit"]
     # Stats and the decision page answer.
     assert "alice" in alice.get("/stats").text
-    assert alice.get(f"/decisions/{seeded.decision_of[item]}").status_code == 200
+    decision = alice.get(f"/decisions/{seeded.decision_of[item]}")
+    assert decision.status_code == 200 and "rejected" in decision.text
+    assert claim not in decision.text, "a claim token is its owner's credential"
