@@ -91,6 +91,7 @@ def test_reviewers_cannot_use_admin_routes(app, seeded):
         if "admin" in _access(route):
             response = alice.request(method, _path(path, seeded))
             assert response.status_code == 403, path
+            assert 'id="audit"' not in response.text and "login" not in response.text
     root = login(app, "root")
     assert root.get("/audit").status_code == 200
     export = root.get("/audit/export?format=csv")

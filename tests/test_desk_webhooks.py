@@ -20,7 +20,7 @@ from moderation.desk.webhooks import SIGNATURE_HEADER, add_webhook, backoff, del
 from moderation.review.queue import ReviewError, ReviewQueue
 from moderation.storage.models import PolicyRow, WebhookDelivery, utcnow
 from moderation.storage.schema import get_engine
-from tests.desk_app import clock, db_url, pg_url  # noqa: F401  (fixtures)
+from tests.desk_app import cheap_passwords, clock, db_url, pg_url  # noqa: F401  (fixtures)
 from tests.desk_factory import seed_desk
 
 SECRET = "s3cret-for-tests"
@@ -128,3 +128,43 @@ def test_a_missing_secret_or_a_down_receiver_is_retried_later(db_url, tmp_path, 
     assert row.delivered_at is None and row.attempts == 2
     assert row.next_attempt_at == now + timedelta(seconds=backoff(2))
     assert backoff(2) == 2 * backoff(1) and backoff(100) == 3600.0
+
+
+def test_the_running_desk_delivers_its_verdicts(db_url, tmp_path, monkeypatch):
+    """A verdict given in the desk reaches the receiver through the desk's own deliverer."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from moderation.desk.app import DeskSettings, create_app
+    from tests.desk_app import login
+    from tests.desk_factory import add_users
+
+    receiver = Receiver(failures=0)
+    try:
+        data = seed_desk(db_url, tmp_path / "held", ordinary=1)
+        add_users(db_url, {"alice": "reviewer"})
+        add_webhook(get_engine(db_url), receiver.url, "DESK_HOOK_SECRET")
+        monkeypatch.setenv("DESK_HOOK_SECRET", SECRET)
+        settings = DeskSettings(
+            db_url=db_url, held_dir=tmp_path / "held", webhooks=True, webhook_interval_s=0.1
+        )
+        app = create_app(settings)
+        with TestClient(app):  # runs the lifespan: the deliverer thread
+            alice = login(app, "alice")
+            page = alice.get("/next")
+            item = int(page.headers["location"].split("/")[2])
+            html = alice.get(f"/items/{item}").text
+            token = html.split('name="token" value="')[1].split('"')[0]
+            csrf = html.split('name="csrf" value="')[1].split('"')[0]
+            alice.post(
+                f"/items/{item}/verdict", data={"csrf": csrf, "token": token, "verdict": "approve"}
+            )
+            deadline = time.monotonic() + 15
+            while not receiver.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert len(receiver.received) == 1
+        doc = json.loads(receiver.received[0][1])
+        assert (doc["item_id"], doc["verdict"]) == (data.ordinary[0], "approved")
+    finally:
+        receiver.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ BACKOFF_BASE_S = 5.0  # knob: the first retry waits this long, each next one twi
 BACKOFF_MAX_S = 3600.0  # ... up to this
 TIMEOUT_S = 10.0  # knob: how long one delivery may take
 BATCH = 100  # knob: deliveries tried per round
+LOG = logging.getLogger(__name__)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 
 
@@ -190,5 +192,5 @@ class Deliverer:
             while not self._stop.wait(self.interval_s):
                 try:
                     deliver_due(self.engine, self.now(), client)
-                except Exception:  # noqa: BLE001 - a database blip must not end delivery
-                    continue
+                except Exception as err:  # noqa: BLE001 - a database blip must not end delivery
+                    LOG.warning("webhook delivery round failed (retried): %s", err)
