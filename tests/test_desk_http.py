@@ -219,6 +219,13 @@ def test_login_is_throttled(app):
     assert response.status_code == 401 and "too many failed logins" in response.text
 
 
+def test_item_ids_out_of_range_are_refused(app):
+    alice = login(app, "alice")
+    for url in ("/items/0", "/items/2147483648", "/items/99999999999999999999/image"):
+        assert alice.get(url).status_code == 422, url
+    assert alice.get("/items/2147483647").status_code == 404
+
+
 def test_user_text_is_escaped(app, seeded):
     alice = login(app, "alice")
     page = alice.get(f"/items/{seeded.ordinary[0]}").text

@@ -12,7 +12,7 @@ from moderation.desk.images import blurred, held_original
 from moderation.desk.leases import release_claim, renew
 from moderation.desk.listing import revealed
 from moderation.desk.sessions import Viewer
-from moderation.desk.web import csrf_checked, desk_of, error_page, see_other, signed_in
+from moderation.desk.web import ItemId, csrf_checked, desk_of, error_page, see_other, signed_in
 from moderation.errors import ModerationError
 from moderation.storage.models import DecisionRow
 
@@ -37,7 +37,7 @@ def _missing(request: Request, viewer: Viewer, item_id: int):
 
 
 @router.post("/items/{item_id}/reveal")
-def reveal(request: Request, item_id: int, viewer: Viewer = Depends(csrf_checked)):
+def reveal(request: Request, item_id: ItemId, viewer: Viewer = Depends(csrf_checked)):
     """Show this item's image unblurred to the viewer, from now on; recorded in the audit."""
     desk = desk_of(request)
     with desk.engine.begin() as conn:
@@ -59,7 +59,7 @@ def reveal(request: Request, item_id: int, viewer: Viewer = Depends(csrf_checked
 @router.post("/items/{item_id}/verdict")
 def verdict(
     request: Request,
-    item_id: int,
+    item_id: ItemId,
     verdict: str = Form(...),
     token: str = Form(""),
     reason: str = Form(""),
@@ -89,7 +89,7 @@ def verdict(
 
 @router.post("/items/{item_id}/renew")
 def renew_lease(
-    request: Request, item_id: int, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
+    request: Request, item_id: ItemId, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
 ):
     desk = desk_of(request)
     with desk.engine.connect() as conn:
@@ -104,7 +104,7 @@ def renew_lease(
 
 @router.post("/items/{item_id}/release")
 def release(
-    request: Request, item_id: int, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
+    request: Request, item_id: ItemId, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
 ):
     desk = desk_of(request)
     with desk.engine.connect() as conn:
@@ -118,7 +118,7 @@ def release(
 
 
 @router.get("/items/{item_id}/image")
-def image(request: Request, item_id: int, viewer: Viewer = Depends(signed_in)):
+def image(request: Request, item_id: ItemId, viewer: Viewer = Depends(signed_in)):
     """The item's held image: blurred greyscale unless the viewer revealed it; checked against
     its sha256 first; never cached."""
     desk = desk_of(request)

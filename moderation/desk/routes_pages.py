@@ -20,7 +20,15 @@ from moderation.desk.listing import (
     revealed,
 )
 from moderation.desk.sessions import Viewer
-from moderation.desk.web import admin_only, desk_of, error_page, render, see_other, signed_in
+from moderation.desk.web import (
+    ItemId,
+    admin_only,
+    desk_of,
+    error_page,
+    render,
+    see_other,
+    signed_in,
+)
 from moderation.review.decisions import DecisionError
 from moderation.review.queries import parse_time, utc
 from moderation.storage.models import REVIEW_STATUSES
@@ -100,7 +108,9 @@ def next_item(request: Request, viewer: Viewer = Depends(signed_in)):
 
 
 @router.get("/items/{item_id}")
-def item_page(request: Request, item_id: int, note: str = "", viewer: Viewer = Depends(signed_in)):
+def item_page(
+    request: Request, item_id: ItemId, note: str = "", viewer: Viewer = Depends(signed_in)
+):
     desk = desk_of(request)
     now = desk.now()
     with desk.engine.connect() as conn:

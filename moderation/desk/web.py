@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path as PathParam
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -35,6 +36,9 @@ SECURITY_HEADERS = {
     # Pages and images show what a service refused to show anyone: no cache keeps a copy.
     "Cache-Control": "no-store",
 }
+
+# A review item id as a URL gives it: review_items.id is a 32-bit integer on PostgreSQL.
+ItemId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 TEMPLATES = Environment(
     loader=FileSystemLoader(HERE / "templates"),
