@@ -202,6 +202,26 @@ def test_image_is_blurred_until_revealed_and_checked(app, seeded, db_url, tmp_pa
     assert alice.get(f"/items/{item}/image").status_code == 404
 
 
+def test_image_mode_preference_keeps_images_blurred(app, seeded, db_url):
+    alice = login(app, "alice")
+    item = seeded.ordinary[0]
+    grey = alice.get(f"/items/{item}/image").content
+    assert (
+        alice.post("/account", data={"csrf": csrf(alice), "image_mode": "blur"}).status_code == 303
+    )
+    colour = alice.get(f"/items/{item}/image").content
+    assert colour not in (grey, seeded.image_of[item])
+    assert Image.open(io.BytesIO(colour)).mode == "RGB"
+    refused = alice.post("/account", data={"csrf": csrf(alice), "image_mode": "clear"})
+    assert refused.status_code == 400 and "unknown image mode" in refused.text
+    assert 'value="blur" checked' in alice.get("/account").text
+    with get_engine(db_url).connect() as conn:
+        events = conn.execute(
+            select(DeskEvent.details).where(DeskEvent.event == "preference_changed")
+        ).all()
+    assert [e.details for e in events] == [{"image_mode": "blur"}]
+
+
 def test_login_is_throttled(app):
     client = TestClient(app, follow_redirects=False)
     for _ in range(5):

@@ -18,6 +18,9 @@ depends_on = None
 
 # Frozen copies of the model types: a migration must not change when the models do.
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+NullableJSON = sa.JSON(none_as_null=True).with_variant(
+    postgresql.JSONB(none_as_null=True), "postgresql"
+)
 UTC = sa.DateTime(timezone=True)
 
 
@@ -29,6 +32,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(16), nullable=False),
         sa.Column("password_hash", sa.Text(), nullable=False),
         sa.Column("disabled", sa.Boolean(), nullable=False),
+        sa.Column("preferences", NullableJSON, nullable=True),
         sa.Column("created_at", UTC, nullable=False),
         sa.Column("updated_at", UTC, nullable=False),
         sa.CheckConstraint(

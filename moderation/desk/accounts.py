@@ -11,6 +11,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from moderation.desk.audit import record_event
+from moderation.desk.images import IMAGE_MODES
 from moderation.errors import ModerationError
 from moderation.review.queries import iso
 from moderation.storage.models import DESK_ROLES, DeskSession, DeskUser, utcnow
@@ -165,3 +166,17 @@ def verify_login(conn: Connection, name: str, password: str) -> Any | None:
 
 def when(value: datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def set_image_mode(conn: Connection, user_id: int, name: str, mode: str) -> None:
+    """Store how this person sees images until they reveal them (audited)."""
+    if mode not in IMAGE_MODES:
+        raise DeskError(f'unknown image mode "{escape_controls(mode)}"')
+    row = conn.execute(select(DeskUser.preferences).where(DeskUser.id == user_id)).one()
+    preferences = {**(row.preferences or {}), "image_mode": mode}
+    conn.execute(
+        update(DeskUser)
+        .where(DeskUser.id == user_id)
+        .values(preferences=preferences, updated_at=utcnow())
+    )
+    record_event(conn, name, "preference_changed", details={"image_mode": mode})

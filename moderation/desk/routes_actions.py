@@ -137,4 +137,4 @@ def image(request: Request, item_id: ItemId, viewer: Viewer = Depends(signed_in)
     except ModerationError:
         # Missing or corrupt (sha256 mismatch): nothing is served.
         return Response(status_code=404)
-    return Response(data if clear else blurred(data), media_type="image/png")
+    return Response(data if clear else blurred(data, viewer.image_mode), media_type="image/png")

@@ -6,6 +6,8 @@ import secrets
 
 from fastapi import APIRouter, Depends, Form, Request
 
+from moderation.desk.accounts import DeskError, set_image_mode
+from moderation.desk.images import IMAGE_MODES
 from moderation.desk.sessions import LoginRefused, Viewer, login, logout, same
 from moderation.desk.web import (
     LOGIN_COOKIE,
@@ -13,8 +15,10 @@ from moderation.desk.web import (
     csrf_checked,
     current_viewer,
     desk_of,
+    error_page,
     render,
     see_other,
+    signed_in,
 )
 from moderation.storage.errors import database_errors
 
@@ -88,3 +92,28 @@ def logout_submit(request: Request, viewer: Viewer = Depends(csrf_checked)):
     response = see_other("/login")
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
+
+
+@router.get("/account")
+def account_page(request: Request, note: str = "", viewer: Viewer = Depends(signed_in)):
+    """The person's own settings: how images look until revealed."""
+    return render(
+        request,
+        "account.html",
+        viewer=viewer,
+        modes=IMAGE_MODES,
+        note="Saved." if note == "saved" else None,
+    )
+
+
+@router.post("/account")
+def account_submit(
+    request: Request, image_mode: str = Form(""), viewer: Viewer = Depends(csrf_checked)
+):
+    desk = desk_of(request)
+    try:
+        with desk.engine.begin() as conn:
+            set_image_mode(conn, viewer.user_id, viewer.name, image_mode)
+    except DeskError as err:
+        return error_page(request, viewer, 400, str(err))
+    return see_other("/account?note=saved")

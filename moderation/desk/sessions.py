@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 
 from moderation.desk.accounts import verify_login
 from moderation.desk.audit import record_event
+from moderation.desk.images import image_mode_or_default
 from moderation.storage.models import DeskEvent, DeskSession, DeskUser
 
 SESSION_HOURS = 12  # knob: a session ends this long after login (a reviewer's working day)
@@ -29,6 +30,7 @@ class Viewer:
     role: str
     csrf: str
     session_id: str
+    image_mode: str = "blur-grey"  # how an unrevealed image is shown: see desk/images.py
 
     @property
     def special_care(self) -> bool:
@@ -107,13 +109,17 @@ def viewer_of(conn: Connection, token: str | None, now: datetime) -> Viewer | No
             DeskUser.name,
             DeskUser.role,
             DeskUser.disabled,
+            DeskUser.preferences,
         )
         .join(DeskUser, DeskUser.id == DeskSession.user_id)
         .where(DeskSession.id == token_id(token))
     ).first()
     if row is None or row.disabled or row.expires_at <= now:
         return None
-    return Viewer(row.user_id, row.name, row.role, row.csrf_token, row.id)
+    mode = (row.preferences or {}).get("image_mode")
+    return Viewer(
+        row.user_id, row.name, row.role, row.csrf_token, row.id, image_mode_or_default(mode)
+    )
 
 
 def logout(engine: Engine, viewer: Viewer, now: datetime) -> None:
