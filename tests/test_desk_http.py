@@ -100,6 +100,9 @@ def test_reviewers_cannot_use_admin_routes(app, seeded):
     lines = root.get("/audit/export?format=jsonl&actor=alice&event=login").text.splitlines()
     assert [(json.loads(x)["actor"], json.loads(x)["event"]) for x in lines] == [("alice", "login")]
     assert root.get("/audit?since=yesterday").status_code == 400
+    assert root.get("/audit?item=99999999999999").status_code == 400
+    one_item = root.get(f"/audit?item={seeded.ordinary[0]}").text
+    assert "<td>created</td>" in one_item and "<td>login</td>" not in one_item
 
 
 def test_security_headers_and_cookie(app):

@@ -195,7 +195,10 @@ def stats_page(request: Request, viewer: Viewer = Depends(signed_in)):
 
 def _audit_filters(actor: str, event: str, item: str, since: str) -> dict:
     filters: dict = {"actor": _opt(actor), "event": _opt(event)}
-    filters["item_id"] = int(item) if item.strip().isdigit() else None
+    item = item.strip()
+    if item and not (item.isdigit() and 1 <= int(item) < 2**31):
+        raise ValueError(f"item must be a review item id, not {item[:40]!r}")
+    filters["item_id"] = int(item) if item else None
     start: datetime | None = None
     if since.strip():
         start = parse_time(since, what="since")  # ValueError: shown as a 400 page
