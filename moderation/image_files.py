@@ -284,13 +284,17 @@ def save_result(target: str | Path, image: Image.Image, source: ImageFile, allow
     """Write a moderated file as PNG. An allowed animation becomes an animated PNG of its judged
     frames only (each shown until the next judged one, so the loop keeps its length); anything
     else is a still PNG of `image`, the acted result: frames never judged are never re-animated."""
+    from policy.atomic import atomic_file
+
     target = Path(target)
     if not (allowed and len(source.frame_numbers) > 1):
-        image.save(target, format="PNG")
+        with atomic_file(target) as file:
+            image.save(file, format="PNG")
         return target
     frames = [Image.fromarray(f) for f in source.frames.permute(0, 2, 3, 1).numpy()]
     durations = [max(d, 1) for d in source.durations_ms]
-    frames[0].save(
-        target, format="PNG", save_all=True, append_images=frames[1:], duration=durations, loop=0
-    )
+    with atomic_file(target) as file:
+        frames[0].save(
+            file, format="PNG", save_all=True, append_images=frames[1:], duration=durations, loop=0
+        )
     return target

@@ -152,12 +152,16 @@ def regular_target(path: Path) -> None:
         )
 
 
-def open_output(path: Path, *, force: bool) -> IO[str]:
-    """A new text file at `path` (UTF-8); an existing one is replaced only with `force`."""
+@contextlib.contextmanager
+def open_output(path: Path, *, force: bool) -> Iterator[IO[str]]:
+    """A text file (UTF-8) that becomes `path` whole when the block ends (policy.atomic: never
+    half-written, never through a planted link); an existing one is replaced only with `force`."""
+    from policy.atomic import atomic_file
+
     if not force and os.path.lexists(path):
         raise click.ClickException(f"{clean(path)} exists; pass --force to overwrite it")
-    with writing(path):
-        return open(path, "w" if force else "x", encoding="utf-8", newline="")  # noqa: SIM115
+    with writing(path), atomic_file(path, text=True, newline="", overwrite=force) as file:
+        yield file
 
 
 # -- tables -----------------------------------------------------------------------------------

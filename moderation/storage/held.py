@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moderation.storage.errors import StorageError
 from moderation.storage.spool import fsync_dir
+from policy.atomic import atomic_write
 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
@@ -34,18 +35,7 @@ class HeldStore:
                 return relative
             self._make_folder(self.folder)
             self._make_folder(target.parent)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it; never widened
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            atomic_write(target, data, mode=FILE_MODE)  # owner-only, whatever the umask
         except OSError as err:
             raise StorageError(f"cannot store held image in {self.folder}: {err}") from err
         return relative
