@@ -31,7 +31,7 @@ from moderation.storage.errors import (
     database_errors,
     display_url,
 )
-from moderation.storage.held import HeldStore
+from moderation.storage.held import HeldStore, user_held_dir
 from moderation.storage.models import DecisionRow
 from moderation.storage.records import (
     DecisionRecord,
@@ -58,8 +58,10 @@ def default_spool_dir() -> Path:
 
 
 def default_held_dir() -> Path:
-    """Where held originals live: $MODERATION_HELD_DIR, else ./held."""
-    return Path(os.environ.get(HELD_DIR_ENV) or "held")
+    """Where held originals live: $MODERATION_HELD_DIR, else a per-user data folder
+    (`held/` in platformdirs' user data folder for `moderation`, e.g.
+    ~/.local/share/moderation/held), never the working directory."""
+    return Path(os.environ.get(HELD_DIR_ENV) or user_held_dir())
 
 
 # Knobs: after the database fails, writes go straight to the spool for a while (doubling from
