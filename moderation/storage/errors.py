@@ -107,7 +107,7 @@ def misconfigured(url: str, err: BaseException) -> DatabaseConfigurationError:
     """The error for a database that cannot be used as configured (the server's reason)."""
     return DatabaseConfigurationError(
         f"cannot use database {display_url(url)}: {first_line(err)} (check --db or "
-        "MODERATION_DB_URL; nothing was spooled)"
+        "MODERATION_DB_URL)"
     )
 
 
