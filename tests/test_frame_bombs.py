@@ -151,3 +151,39 @@ def test_a_bomb_given_to_check_is_an_error_decision(tmp_path, tiny_clip_dir, mon
     assert rows["bomb.gif"]["verdict"] == "error" and rows["bomb.gif"]["action"] == "blackout"
     assert "would decode 800,000,000 pixels" in rows["bomb.gif"]["error"]
     assert rows["fine.png"]["verdict"] == "allow"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("GIF", {}),
+        ("PNG", {}),
+        ("PNG", {"default_image": True}),  # an IDAT image that is not an animation frame
+        ("WEBP", {"lossless": True}),
+    ],
+)
+def test_durations_read_from_the_container_are_pillows(fmt, options, tmp_path):
+    from moderation.frame_timing import durations_ms
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    path = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(
+        path, format=fmt, save_all=True, append_images=frames[1:],
+        duration=[100, 250, 1000, 40], loop=0, **options,
+    )  # fmt: skip
+    with Image.open(path) as image:
+        expected = []
+        for number in range(image.n_frames):
+            image.seek(number)
+            image.load()
+            expected.append(int(image.info.get("duration") or 0))
+    assert durations_ms(path, fmt) == expected
+
+
+def test_a_later_tiff_page_over_the_pixel_cap_is_refused(tmp_path):
+    path = tmp_path / "pages.tiff"
+    small, big = Image.new("1", (64, 64), 1), Image.new("1", (4000, 4000), 1)
+    small.save(path, format="TIFF", compression="group4", save_all=True, append_images=[big])
+    with pytest.raises(ImageInputError, match="frame 1 is 4000x4000, 16,000,000 pixels, more"):
+        read_image(path, max_pixels=10_000_000)
