@@ -155,7 +155,9 @@ class CompiledPolicy:
 
     def save(self, path: str | Path) -> Path:
         """Write the compiled policy as one safetensors file (tensors + JSON metadata)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from policy.atomic import atomic_write
 
         path = Path(path)
         tensors = {
@@ -166,8 +168,7 @@ class CompiledPolicy:
             "digest": self.digest,
             "policy": json.dumps(self._metadata()),
         }
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return atomic_write(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> CompiledPolicy:

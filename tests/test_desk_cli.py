@@ -36,7 +36,7 @@ def run(*args: str, input: str | None = None):
 
 
 def test_user_commands(db_url):
-    get_engine(db_url)  # migrates a fresh SQLite file; the PostgreSQL one is migrated
+    get_engine(db_url)  # checks the schema (both databases are migrated by the fixture)
     password = "a long enough password\n"
     result = run(
         "review",
@@ -131,7 +131,7 @@ def test_user_commands(db_url):
 
 
 def test_webhook_commands(db_url):
-    get_engine(db_url)  # migrates a fresh SQLite file; the PostgreSQL one is migrated
+    get_engine(db_url)  # checks the schema (both databases are migrated by the fixture)
     added = run(
         "review",
         "webhook",
@@ -234,7 +234,7 @@ def test_migration_0008_up_and_down_with_rows(db_url, tmp_path):
 
 def test_serve_command_answers_on_loopback(tmp_path):
     url = f"sqlite:///{tmp_path / 'serve.db'}"
-    get_engine(url)
+    upgrade(url)  # readers (get_engine, the desk's queue) open existing databases only
     db.dispose(url)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

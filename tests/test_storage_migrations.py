@@ -89,7 +89,12 @@ def test_up_down_up_without_drift(empty_url):
 
 
 def test_fresh_sqlite_is_migrated_on_first_use(tmp_path):
+    from moderation.bench.records import example_policy
+    from moderation.storage import DecisionLog
+
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:  # a writer creates it
+        log.register_policy(example_policy())
     engine = get_engine(url)
     assert current(url) == head_revision()
     with engine.connect() as conn:
@@ -174,6 +179,7 @@ def test_db_commands_have_help():
 
 def test_immediate_transaction_takes_the_write_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'lock.db'}"
+    upgrade(url)
     engine = get_engine(url)
     other = sqlite3.connect(tmp_path / "lock.db", timeout=0, isolation_level=None)
     with immediate_transaction(engine):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from moderation.cli.options import (
     open_output,
     output_errors,
     standard_output,
-    writing,
 )
 from moderation.cli.review_text import items_table, render_show, render_stats, table, when
 from moderation.review import ReviewQueue
@@ -274,13 +272,7 @@ def export_cmd(fmt, output, force, db_url):
         with failures():
             queue.export(fmt, standard_output())
         return
-    created = not os.path.lexists(output)
-    out = open_output(output, force=force)
-    try:
-        with writing(output), failures(), out:
-            count = queue.export(fmt, out)
-    except BaseException:
-        if created:
-            output.unlink(missing_ok=True)  # no half-written export left behind
-        raise
+    # Written whole or not at all (no half-written export left behind).
+    with failures(), open_output(output, force=force) as out:
+        count = queue.export(fmt, out)
     click.echo(f"Exported {count} decisions to {clean(output)}.", err=True)

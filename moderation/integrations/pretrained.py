@@ -18,7 +18,6 @@ pipeline logs is its caller's choice (`checker.log_to(URL)`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +181,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write a small file whole: to a temporary name, then renamed over the target."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a small file whole (policy.atomic: a unique temporary name, never a link)."""
+    from policy.atomic import atomic_write
+
+    atomic_write(path, text)

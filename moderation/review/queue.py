@@ -118,7 +118,8 @@ class ReviewQueue:
         # An injectable clock: tests move time instead of sleeping through leases.
         self._now = now or utcnow
         self.url = str(engine.url) if engine is not None else resolve_db_url(url)
-        # get_engine caches one engine per URL (and migrates a fresh SQLite file).
+        # get_engine caches one engine per URL; it opens an existing database at head only (a
+        # mistyped SQLite path or a never-migrated database is an error, never created here).
         with database_errors(self.url):
             self.engine = engine if engine is not None else get_engine(self.url)
 
