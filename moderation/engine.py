@@ -125,13 +125,20 @@ class Moderator:
         spool_dir: str | Path | None = None,
         held_dir: str | Path | None = None,
         shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
+        expect_digest: str | None = None,
     ) -> Moderator:
         """Load a policy (YAML, compiled artifact or object) and its model; log to `db` if given.
 
         shadow: candidates (paths or objects, loaded like the policy; YAML compiled with its
-        model) scored on live traffic beside it and logged, never acted on."""
+        model) scored on live traffic beside it and logged, never acted on. expect_digest: the
+        compiled policy's sha256 digest, pinned (anything else is refused)."""
         compiled, encoder = load_compiled(
-            policy, model=model, device=device, dtype=dtype, text_model=text_model
+            policy,
+            model=model,
+            device=device,
+            dtype=dtype,
+            text_model=text_model,
+            expect_digest=expect_digest,
         )
         candidates = load_candidates(shadow, encoder)
         ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
@@ -207,7 +214,7 @@ class Moderator:
         pixel_values: torch.Tensor | None = None,
     ) -> ModerationResult:
         batch = to_image_batch(
-            chunk.images, device=self.encoder.device, value_range=value_range, signed=chunk.signed
+            chunk.images, device=self.encoder.device, value_range=value_range, lowest=chunk.lowest
         )
         try:
             if pixel_values is None:
@@ -248,6 +255,7 @@ class Moderator:
         if failure is not None:
             embeddings, decisions = None, error_decisions(self.policy, metas, failure)
         self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
+        self._stamp(decisions, batch.value_ranges())
         if self.log is not None or self.hash_images:
             for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
                 d.image_sha256 = digest  # of the pixels judged, before any action
@@ -261,6 +269,14 @@ class Moderator:
         keep = torch.tensor([not apply or d.action == "allow" for d in decisions])
         images = batch.to_caller(moderated, keep=keep)
         return ModerationResult(images, decisions, unrecorded, log_error)
+
+    def _stamp(self, decisions: list[Decision], readings: Sequence[str | None]) -> None:
+        """Record on each decision (and its shadows) how its input's values were read and which
+        encoder embedded it, so an audit can tell what judged the image."""
+        digest = getattr(self.encoder, "digest", None)
+        for d, reading in zip(decisions, readings, strict=True):
+            for x in (d, *d.shadows):
+                x.value_range, x.encoder_digest = reading, digest
 
     def _views(
         self, batch: ImageBatch
@@ -281,10 +297,26 @@ class Moderator:
             "std": encoder.image_std,
         }
         animated = any(f is not None for f in batch.frames)
-        if self.policy.views == "center" and not animated:  # CLIP's own crop, bit for bit
+        ambiguous = batch.ambiguous_indices()  # a host sync, only after an auto range
+        center = self.policy.views == "center" and not animated
+        if center and not ambiguous:  # CLIP's own crop, bit for bit
             return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
         frames = [batch.frames_of(i) for i in range(len(batch))]
-        return judged_views(frames, batch.invalid, self.policy.views, **settings)
+        for i in ambiguous:  # judged under both readings: each concept takes its highest cosine
+            shown, numbers = frames[i]
+            other = batch.alternate(i).to(shown.dtype)
+            frames[i] = (torch.cat([shown, other]), (*numbers, *numbers))
+        pixels, owners, views, errors = judged_views(
+            frames, batch.invalid, self.policy.views, **settings
+        )
+        for i in ambiguous:  # the first half of its views read it as [0,1], the rest as [-1,1]
+            half = len(views[i]) // 2
+            views[i] = [
+                {**v, "range": "0,1" if k < half else "-1,1"} for k, v in enumerate(views[i])
+            ]
+        if center:  # the others keep their one whole view, as on the fast path
+            views = [v if i in ambiguous else None for i, v in enumerate(views)]
+        return pixels, owners, views, errors
 
     def moderate_embeddings(
         self,

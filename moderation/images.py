@@ -49,6 +49,15 @@ Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0
 # e.g. 0-255 floats: the image is not judged. A VAE's decoded [-1,1] output overshoots by a
 # few tenths (a tiny random one by 0.5: [-1.22, 1.53]); 0-255 floats reach 2 at value 2.
 RANGE_SLACK = 1.0
+# Auto range: a float object is read as [-1,1] only on evidence overshoot cannot fake, a finite
+# value below -SIGNED_EVIDENCE. Overshoot is a fraction of the range: the tiny random VAE above
+# reaches 0.22 below -1 and 0.53 above 1 (in [-1,1] units), so a [0,1] image made of such output
+# without clamping, (x+1)/2, dips to about -0.27 at worst; real VAEs and upscalers overshoot less.
+# The band is twice that. An object whose lowest value lies in [-SIGNED_EVIDENCE, 0) is
+# ambiguous (a [0,1] image that overshot, or a bright [-1,1] image): it is judged under both
+# readings and the most severe result is taken. No value below 0 reads as [0,1], as before.
+SIGNED_EVIDENCE = 0.5
+READINGS = ("0,1", "-1,1", "both")  # Decision.value_range: how a float input was read
 NON_FINITE_INPUT = "the input image holds NaN or infinite values"
 OUT_OF_RANGE_INPUT = (
     "the input image holds float values far outside [0,1] and [-1,1] "
@@ -80,6 +89,9 @@ class ImageBatch:
     sources: list[_Source] = field(repr=False)
     single: bool = field(default=True, repr=False)  # caller passed one object, not a list
     out_of_range: torch.Tensor | None = field(default=None, repr=False)  # [B] bool
+    # [B] bool: auto range could not tell [0,1] from [-1,1] (`images` holds the [0,1] reading,
+    # `alternate(i)` the other); None when no float input was read with value_range="auto".
+    ambiguous: torch.Tensor | None = field(default=None, repr=False)
     # Per image: the judged frames of an animation, [F,3,H,W] uint8 (frame 0 is `images[i]`),
     # and their numbers in the file; None for a still image.
     frames: list[torch.Tensor | None] = field(default_factory=list, repr=False)
@@ -110,6 +122,40 @@ class ImageBatch:
     def invalid_indices(self) -> list[int]:
         """Indices of inputs that cannot be judged (one host sync)."""
         return torch.nonzero(self.invalid).flatten().tolist()
+
+    def ambiguous_indices(self) -> list[int]:
+        """Images to judge under both readings (one host sync, only after an auto range)."""
+        if self.ambiguous is None:
+            return []
+        return torch.nonzero(self.ambiguous).flatten().tolist()
+
+    def alternate(self, index: int) -> torch.Tensor:
+        """[1,3,H,W]: image `index` read as [-1,1], from the caller's own values (an ambiguous
+        image's `images[index]` is its [0,1] reading, clamped: the values below 0 are gone)."""
+        s = next(s for s in self.sources if s.start <= index < s.start + s.count)
+        part, _, _, _ = _read_item(s.original, "images", not s.batched, 0, self.device, {})
+        j = index - s.start
+        sign = torch.ones((), dtype=torch.bool, device=self.device)
+        dtype = self.images[index].dtype
+        unit, _, _ = _float_to_unit(part[j : j + 1], sign, dtype, self.device)
+        return unit
+
+    def value_ranges(self) -> list[str | None]:
+        """Per image, how its values were read: "0,1", "-1,1", "both" (ambiguous: judged under
+        each reading), None for uint8, PIL images and files (one host transfer)."""
+        n = len(self)
+        if self.signed is None:
+            return [None] * n
+        ambiguous = self.ambiguous if self.ambiguous is not None else self.signed & False
+        signed, both = torch.stack([self.signed, ambiguous]).cpu().tolist()
+        floats = [False] * n
+        for s in self.sources:
+            if s.kind in ("tensor", "numpy") and _check_dtype(s.dtype, "images"):
+                floats[s.start : s.start + s.count] = [True] * s.count
+        return [
+            (READINGS[2] if b else READINGS[1] if sg else READINGS[0]) if f else None
+            for f, sg, b in zip(floats, signed, both, strict=True)
+        ]
 
     def input_errors(self) -> list[str | None]:
         """Per image, why its input cannot be judged (None: it can); one host transfer."""
@@ -172,19 +218,21 @@ def to_image_batch(
     device: torch.device | str | None = None,
     value_range: ValueRange = "auto",
     dtype: torch.dtype = torch.float32,
-    signed: Sequence[torch.Tensor | None] | None = None,
+    lowest: Sequence[torch.Tensor | None] | None = None,
     max_pixels: int | None = None,
     decode_pixels: int | None = None,
     max_frames: int | None = None,
 ) -> ImageBatch:
     """Convert a tensor, numpy array, PIL image, file path, ImageFile, or a list of them.
 
-    Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]. With `value_range="auto"`
-    the decision is made per object the caller passed: [-1,1] if any finite value of that object
-    is below 0, else [0,1] (a batched tensor is one generator's output, so one decision for all
-    its images; each item of a list decides for itself). It is an on-device reduction, no host
-    sync. `signed` (per item, a 0-d bool or None) overrides it, for one object split in chunks.
-    Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
+    Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]; a declared `value_range`
+    always wins. With `value_range="auto"` the decision is made per object the caller passed,
+    from its lowest finite value (a batched tensor is one generator's output, so one decision
+    for all its images; each item of a list decides for itself): below -SIGNED_EVIDENCE it is
+    [-1,1]; at or above 0, [0,1]; in between, ambiguous (`ambiguous`: `images` holds the [0,1]
+    reading, `alternate(i)` the [-1,1] one, and the engine judges both). It is an on-device
+    reduction, no host sync. `lowest` (per item, a 0-d tensor or None) gives the lowest value
+    of the whole object an item was cut from, for one object split in chunks. Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
     RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are zeroed and flagged in `invalid`
     (the engine gives them an error decision). uint8 is always 0..255. Files and PIL images are
     decoded by `read_image` (its budgets: `max_pixels`, `decode_pixels`, `max_frames`; bit
@@ -200,7 +248,7 @@ def to_image_batch(
     device = torch.device(device)
     decode = {"max_pixels": max_pixels, "decode_pixels": decode_pixels, "max_frames": max_frames}
 
-    converted, nonfinite, ranged, signs = [], [], [], []
+    converted, nonfinite, ranged, signs, maybes = [], [], [], [], []
     sources: list[_Source] = []
     paths: list[str | None] = []
     frames: list[torch.Tensor | None] = []
@@ -213,19 +261,23 @@ def to_image_batch(
         no = torch.zeros(n, dtype=torch.bool, device=device)
         if is_float:
             any_float = True
-            sign = signed[i] if signed is not None and signed[i] is not None else None
-            if sign is None:
-                sign = auto_signed(part) if value_range == "auto" else value_range == "-1,1"
-            sign = torch.as_tensor(sign, device=device)
+            if value_range == "auto":
+                low = lowest[i] if lowest is not None and lowest[i] is not None else None
+                sign, maybe = auto_reading(finite_min(part) if low is None else low.to(device))
+            else:
+                sign = torch.tensor(value_range == "-1,1", device=device)
+                maybe = torch.zeros((), dtype=torch.bool, device=device)
             part, bad, far = _float_to_unit(part, sign, dtype, device)
             nonfinite.append(bad)
             ranged.append(far)
             signs.append(sign.expand(n))
+            maybes.append(maybe.expand(n))
         else:
             part = part.to(device=device, dtype=dtype).div_(255)
             nonfinite.append(no)
             ranged.append(no)
             signs.append(no)
+            maybes.append(no)
         converted.append(part)
         sources.append(source)
         paths.extend([file.path if file is not None else None] * n)
@@ -248,6 +300,8 @@ def to_image_batch(
         out, cat(nonfinite) | far, paths, cat(signs) if any_float else None, sources, single
     )
     batch.out_of_range, batch.frames, batch.frame_numbers = far, frames, numbers
+    if any_float and value_range == "auto":
+        batch.ambiguous = cat(maybes)
     return batch
 
 
@@ -265,9 +319,18 @@ def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange
             _read_item(item, label, single, 0, torch.device("cpu"), {})  # raises its error
 
 
-def auto_signed(part: torch.Tensor) -> torch.Tensor:
-    """0-d bool on the device: the object holds a finite negative value, so it is [-1,1]."""
-    return ((part < 0) & (part > float("-inf"))).any()
+def finite_min(part: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """0-d tensor: the lowest finite value (+inf when there is none); NaN and -inf, which are
+    refused anyway, must not decide a range. On the device, no host sync."""
+    if isinstance(part, np.ndarray):
+        return torch.tensor(float(np.where(part > -np.inf, part, np.inf).min()))
+    return torch.where(part > float("-inf"), part, float("inf")).amin()
+
+
+def auto_reading(lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed, ambiguous), 0-d bools, from an object's lowest finite value (SIGNED_EVIDENCE)."""
+    signed = lowest < -SIGNED_EVIDENCE
+    return signed, (lowest < 0) & ~signed
 
 
 def _float_to_unit(

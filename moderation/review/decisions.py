@@ -34,12 +34,8 @@ from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 from moderation.storage.schema import get_engine
 from moderation.text import escape_controls
-from policy.schema import ACTION_RANK
+from policy.vocabulary import ACTIONS, VERDICTS
 
-ACTIONS = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))  # increasing severity
-# moderation.decision.VERDICTS (the engine core imports review: no import back; a test keeps
-# the two equal)
-VERDICTS = ("allow", "flag", "review", "error")
 MAX_LIST = 10_000
 MIN_PREFIX = 8  # a decision id prefix shorter than this is too likely to be ambiguous
 LISTED_MATCHES = 3  # knob: how many matching ids an "ambiguous prefix" error names
