@@ -50,10 +50,10 @@ Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0
 # few tenths (a tiny random one by 0.5: [-1.22, 1.53]); 0-255 floats reach 2 at value 2.
 RANGE_SLACK = 1.0
 # Auto range: a float object is read as [-1,1] only on evidence overshoot cannot fake, a finite
-# value below -SIGNED_EVIDENCE. Overshoot is a fraction of the range: the tiny random VAE above
+# value at or below -SIGNED_EVIDENCE. Overshoot is a fraction of the range: the tiny random VAE above
 # reaches 0.22 below -1 and 0.53 above 1 (in [-1,1] units), so a [0,1] image made of such output
 # without clamping, (x+1)/2, dips to about -0.27 at worst; real VAEs and upscalers overshoot less.
-# The band is twice that. An object whose lowest value lies in [-SIGNED_EVIDENCE, 0) is
+# The band is twice that. An object whose lowest value lies in (-SIGNED_EVIDENCE, 0) is
 # ambiguous (a [0,1] image that overshot, or a bright [-1,1] image): it is judged under both
 # readings and the most severe result is taken. No value below 0 reads as [0,1], as before.
 SIGNED_EVIDENCE = 0.5
@@ -133,7 +133,7 @@ class ImageBatch:
         """[1,3,H,W]: image `index` read as [-1,1], from the caller's own values (an ambiguous
         image's `images[index]` is its [0,1] reading, clamped: the values below 0 are gone)."""
         s = next(s for s in self.sources if s.start <= index < s.start + s.count)
-        part, _, _, _ = _read_item(s.original, "images", not s.batched, 0, self.device, {})
+        part, _, _, _ = _read_item(s.original, "images", True, 0, self.device, {})
         j = index - s.start
         sign = torch.ones((), dtype=torch.bool, device=self.device)
         dtype = self.images[index].dtype
@@ -228,7 +228,7 @@ def to_image_batch(
     Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]; a declared `value_range`
     always wins. With `value_range="auto"` the decision is made per object the caller passed,
     from its lowest finite value (a batched tensor is one generator's output, so one decision
-    for all its images; each item of a list decides for itself): below -SIGNED_EVIDENCE it is
+    for all its images; each item of a list decides for itself): at or below -SIGNED_EVIDENCE,
     [-1,1]; at or above 0, [0,1]; in between, ambiguous (`ambiguous`: `images` holds the [0,1]
     reading, `alternate(i)` the [-1,1] one, and the engine judges both). It is an on-device
     reduction, no host sync. `lowest` (per item, a 0-d tensor or None) gives the lowest value
@@ -322,6 +322,9 @@ def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange
 def finite_min(part: torch.Tensor | np.ndarray) -> torch.Tensor:
     """0-d tensor: the lowest finite value (+inf when there is none); NaN and -inf, which are
     refused anyway, must not decide a range. On the device, no host sync."""
+    if part.size == 0 if isinstance(part, np.ndarray) else part.numel() == 0:
+        device = part.device if isinstance(part, torch.Tensor) else "cpu"
+        return torch.tensor(float("inf"), device=device)
     if isinstance(part, np.ndarray):
         return torch.tensor(float(np.where(part > -np.inf, part, np.inf).min()))
     return torch.where(part > float("-inf"), part, float("inf")).amin()
@@ -329,7 +332,7 @@ def finite_min(part: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def auto_reading(lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(signed, ambiguous), 0-d bools, from an object's lowest finite value (SIGNED_EVIDENCE)."""
-    signed = lowest < -SIGNED_EVIDENCE
+    signed = lowest <= -SIGNED_EVIDENCE
     return signed, (lowest < 0) & ~signed
 
 
