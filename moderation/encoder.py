@@ -410,9 +410,10 @@ class ClipEncoder:
         through the host); only the pixel values move to the encoder's device. Images holding
         NaN/inf come out as NaN rows, so that they fail closed downstream.
         """
-        from moderation.images import ImageBatch, clip_preprocess, to_image_batch
+        from moderation.images import ImageBatch, check_items, clip_preprocess, to_image_batch
 
         if not isinstance(images, ImageBatch):
+            check_items(images, value_range)  # one clear error for what cannot be judged
             images = to_image_batch(images, value_range=value_range)
         pixel_values = clip_preprocess(
             images, size=self.image_size, mean=self.image_mean, std=self.image_std

@@ -312,6 +312,12 @@ def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange
     single = not isinstance(images, (list, tuple))
     for i, item in enumerate([images] if single else images):
         label = "images" if single else f"image {i}"
+        if isinstance(item, torch.Tensor):
+            _check_layout(item, label)
+            if item.device.type == "meta":  # to_image_batch takes them: shapes only, no values
+                raise ImageInputError(
+                    f"{label}: a tensor on the meta device holds no pixel values to judge"
+                )
         if isinstance(item, (torch.Tensor, np.ndarray)):
             _check_shape(item, label, single, channels_last=isinstance(item, np.ndarray))
             _check_dtype(item.dtype, label)
@@ -353,7 +359,7 @@ def _read_item(
 ) -> tuple[torch.Tensor, bool, _Source, ImageFile | None]:
     """One caller object -> ([n,3,H,W], is_float, source, decoded file); not yet converted."""
     if isinstance(item, torch.Tensor):
-        t = _check_shape(item, label, single, channels_last=False)
+        t = _check_shape(_check_layout(item, label), label, single, channels_last=False)
         is_float = _check_dtype(item.dtype, label)
         part = t if t.ndim == 4 else t.unsqueeze(0)
         source = _Source("tensor", start, part.shape[0], t.ndim == 4, t.dtype, t.device, item)
@@ -378,6 +384,18 @@ def _read_item(
             "(expected a tensor, numpy array, PIL image or file path)"
         )
     return file.frames[:1], False, _Source(kind, start, 1, False), file
+
+
+def _check_layout(x: torch.Tensor, label: str) -> torch.Tensor:
+    """Require an ordinary dense tensor: sparse and nested ones hold no [3,H,W] pixels as such."""
+    if x.is_nested:
+        raise ImageInputError(f"{label}: a nested tensor; pass a list of [3,H,W] tensors instead")
+    if x.layout != torch.strided:
+        layout = str(x.layout).removeprefix("torch.")
+        raise ImageInputError(
+            f"{label}: a {layout} tensor holds no dense pixels; pass x.to_dense() instead"
+        )
+    return x
 
 
 def _check_shape(x: Any, label: str, single: bool, *, channels_last: bool) -> Any:
