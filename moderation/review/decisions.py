@@ -211,7 +211,10 @@ def _view_of(views: list[dict] | None, indexes: list[int], i: int) -> dict[str, 
         return None
     index = indexes[i] if i < len(indexes) else 0
     view = views[index] if 0 <= index < len(views) else {}
-    return {"index": index, "frame": view.get("frame"), "box": view.get("box")}
+    shown = {"index": index, "frame": view.get("frame"), "box": view.get("box")}
+    if "range" in view:  # an ambiguous image, judged under both readings: this view's
+        shown["range"] = view["range"]
+    return shown
 
 
 def winner(decision: Any, policy: Any, concepts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -132,6 +132,9 @@ def decision_view(decision: Any) -> dict[str, Any]:
         "margin": decision.margin,
         "fired": list(decision.fired or []),
         "model_id": decision.model_id,
+        # which tower embedded the image and how its values were read (NULL before 0006)
+        "encoder_digest": decision.encoder_digest,
+        "value_range": decision.value_range,
         "image_sha256": decision.image_sha256,
         "held_path": decision.held_path,
         "held_file": held_file(decision.held_path),
