@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from moderation.image_files import DECODE_PIXELS, ImageFile
-from moderation.images import ImageItem, ValueRange, finite_min
+from moderation.images import ImageItem, ValueRange
 from moderation.preprocess import ViewError, plan_views
+from moderation.value_range import finite_min
 
 # Knobs: one call is moderated in chunks of at most this many input pixels (their float32
 # [0,1] copies and resize passes: ~12-30 bytes a pixel) and views (one vision forward each).
@@ -119,7 +120,7 @@ def item_shapes(item: ImageItem) -> list[tuple[int, int, int]]:
 
 def lowest_value(x: torch.Tensor | np.ndarray, max_pixels: int) -> torch.Tensor:
     """finite_min of a whole batch, reduced a few images at a time (bounded temporaries), so
-    that every chunk of one object is read in the same range (images.auto_reading)."""
+    that every chunk of one object is read in the same range (value_range.auto_reading)."""
     step = max(1, max_pixels // max(1, x.shape[-2] * x.shape[-1]))
     parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
     lows = [finite_min(p) for p in parts]

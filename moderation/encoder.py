@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from moderation.checkpoint import Checkpoint
+from moderation.encoder_identity import preprocessing_settings, tower_digest
 from moderation.errors import EncoderError
 from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
@@ -36,14 +37,6 @@ _KINDS = {
 _TEXT_ARCHITECTURES = ("CLIPModel", "CLIPTextModelWithProjection")
 # Knob: images per forward when embedding example images (bounds memory, not results).
 IMAGE_CHUNK = 32
-# Sane preprocessing (preprocessor_config.json): anything else is refused, not used. A std of
-# 1e6 makes every image the same input; a mean outside [0, 1] or a std far from CLIP's ~0.27
-# (SigLIP's 0.5) is not a normalisation of [0, 1] pixels. The engine resizes with bicubic +
-# antialias and rescales by 1/255 itself, so a config asking for other steps is refused too.
-IMAGE_STD_RANGE = (0.05, 1.0)
-IMAGE_MEAN_RANGE = (0.0, 1.0)
-IMAGE_SIZE_RANGE = (32, 1024)
-PIL_RESAMPLE = range(6)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 
 def resolve_device(
@@ -134,7 +127,7 @@ def _from_pretrained(cls: Any, ckpt: Checkpoint, **kwargs: Any) -> nn.Module:
 
 def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tuple]:
     """(crop size, mean, std) from preprocessor_config.json, else CLIP's; values outside sane
-    bounds (IMAGE_STD_RANGE...) are an EncoderError naming the file and the key."""
+    bounds (encoder_identity.IMAGE_STD_RANGE...) are an EncoderError naming the file and the key."""
     path = ckpt.file("preprocessor_config.json")
     if path is None and ckpt.local and ckpt.folder.name == "safety_checker":
         sibling = ckpt.folder.parent / "feature_extractor" / "preprocessor_config.json"
@@ -148,75 +141,6 @@ def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tu
     if not isinstance(data, dict):
         raise EncoderError(f"{path}: not a preprocessing config (expected a JSON object)")
     return preprocessing_settings(data, default_size, str(path))
-
-
-def preprocessing_settings(data: dict, tower_size: int, where: str) -> tuple[int, tuple, tuple]:
-    """(crop size, mean, std) of a preprocessor config, checked to be what the engine does."""
-
-    def bad(key: str, why: str) -> EncoderError:
-        return EncoderError(f"{where}: {key} {why}; refusing to judge images with it")
-
-    size = data.get("crop_size") or data.get("size") or tower_size
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge") or tower_size
-    low, high = IMAGE_SIZE_RANGE
-    if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
-        raise bad(
-            "crop_size", f"must be a whole number of pixels from {low} to {high}, not {size!r}"
-        )
-    if size != tower_size:
-        raise bad("crop_size", f"{size} is not the vision tower's image size ({tower_size})")
-    settings = []
-    for key, default, (low, high) in (
-        ("image_mean", CLIP_MEAN, IMAGE_MEAN_RANGE),
-        ("image_std", CLIP_STD, IMAGE_STD_RANGE),
-    ):
-        values = data.get(key, default)
-        if (
-            not isinstance(values, (list, tuple))
-            or len(values) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            or not all(low <= float(v) <= high for v in values)
-        ):
-            raise bad(key, f"must be 3 numbers from {low} to {high}, not {values!r}")
-        settings.append(tuple(float(v) for v in values))
-    resample = data.get("resample", 3)
-    if isinstance(resample, bool) or resample not in PIL_RESAMPLE:
-        raise bad("resample", f"must be a PIL filter number (0 to 5), not {resample!r}")
-    for key in ("do_normalize", "do_rescale"):
-        if data.get(key, True) is not True:
-            raise bad(key, "must be true (the engine rescales and normalises every image)")
-    factor = data.get("rescale_factor", 1 / 255)
-    if not isinstance(factor, (int, float)) or abs(float(factor) - 1 / 255) > 1e-9:
-        raise bad("rescale_factor", f"must be 1/255, not {factor!r}")
-    return size, settings[0], settings[1]
-
-
-def tower_digest(
-    vision_model: nn.Module, projection: nn.Module, size: int, mean: Sequence, std: Sequence
-) -> str:
-    """sha256 identifying an image encoder: its vision tower's and projection's tensors (as
-    float32, by name, whatever the transformers version's nesting), and its preprocessing.
-
-    The same tower gives the same digest whether it was loaded from a CLIP checkpoint, a
-    safety checker or a saved checker folder, on any device and in any dtype it runs in.
-    """
-    h = hashlib.sha256(b"moderation-encoder-1\n")
-    tensors = {}
-    for prefix, module in (("vision.", vision_model), ("projection.", projection)):
-        for name, tensor in module.state_dict().items():
-            while name.startswith("vision_model."):  # transformers 4 nests one more level
-                name = name[len("vision_model.") :]
-            tensors[prefix + name] = tensor
-    for name in sorted(tensors):
-        if name.endswith("position_ids"):  # a constant buffer some versions save, others not
-            continue
-        values = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}\0{list(values.shape)}\n".encode())
-        h.update(values.numpy().tobytes())
-    settings = {"size": int(size), "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 class ClipEncoder:
@@ -410,7 +334,8 @@ class ClipEncoder:
         through the host); only the pixel values move to the encoder's device. Images holding
         NaN/inf come out as NaN rows, so that they fail closed downstream.
         """
-        from moderation.images import ImageBatch, check_items, clip_preprocess, to_image_batch
+        from moderation.image_checks import check_items
+        from moderation.images import ImageBatch, clip_preprocess, to_image_batch
 
         if not isinstance(images, ImageBatch):
             check_items(images, value_range)  # one clear error for what cannot be judged

@@ -21,16 +21,15 @@ from moderation.engine_io import (
     per_image,
 )
 from moderation.errors import ModerationError
+from moderation.image_checks import check_items
 from moderation.images import (
     ImageBatch,
     ValueRange,
     batch_sha256,
-    check_items,
-    clip_preprocess,
     to_image_batch,
 )
 from moderation.loading import load_any_policy, load_compiled  # noqa: F401  (re-exported)
-from moderation.preprocess import judged_views
+from moderation.preprocess import batch_views
 from moderation.scoring import score
 from moderation.shadow import ShadowCandidates, load_candidates
 from moderation.storage.records import policy_record
@@ -218,7 +217,13 @@ class Moderator:
         )
         try:
             if pixel_values is None:
-                pixels, owners, views, view_errors = self._views(batch)
+                pixels, owners, views, view_errors = batch_views(
+                    batch,
+                    self.policy.views,
+                    size=self.encoder.image_size,
+                    mean=self.encoder.image_mean,
+                    std=self.encoder.image_std,
+                )
             else:  # the caller's own pixels, one view per image
                 pixels, owners, views, view_errors = pixel_values, None, None, [None] * len(batch)
             embeddings = self.encoder.encode_image(pixels)  # [N, D]
@@ -277,46 +282,6 @@ class Moderator:
         for d, reading in zip(decisions, readings, strict=True):
             for x in (d, *d.shadows):
                 x.value_range, x.encoder_digest = reading, digest
-
-    def _views(
-        self, batch: ImageBatch
-    ) -> tuple[
-        torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
-    ]:
-        """CLIP pixel values of the views each image is judged on (the policy's `views` of each
-        judged frame; under `center`, an animation's frames are centre-cropped too), which
-        image each view belongs to (None: one view per image), the views' descriptions (None:
-        CLIP's centre crop) and, per image, why it could not be covered (None: it was).
-
-        Inputs that cannot be judged become NaN pixel rows, so they cannot score as clean.
-        """
-        encoder = self.encoder
-        settings = {
-            "size": encoder.image_size,
-            "mean": encoder.image_mean,
-            "std": encoder.image_std,
-        }
-        animated = any(f is not None for f in batch.frames)
-        ambiguous = batch.ambiguous_indices()  # a host sync, only after an auto range
-        center = self.policy.views == "center" and not animated
-        if center and not ambiguous:  # CLIP's own crop, bit for bit
-            return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
-        frames = [batch.frames_of(i) for i in range(len(batch))]
-        for i in ambiguous:  # judged under both readings: each concept takes its highest cosine
-            shown, numbers = frames[i]
-            other = batch.alternate(i).to(shown.dtype)
-            frames[i] = (torch.cat([shown, other]), (*numbers, *numbers))
-        pixels, owners, views, errors = judged_views(
-            frames, batch.invalid, self.policy.views, **settings
-        )
-        for i in ambiguous:  # the first half of its views read it as [0,1], the rest as [-1,1]
-            half = len(views[i]) // 2
-            views[i] = [
-                {**v, "range": "0,1" if k < half else "-1,1"} for k, v in enumerate(views[i])
-            ]
-        if center:  # the others keep their one whole view, as on the fast path
-            views = [v if i in ambiguous else None for i, v in enumerate(views)]
-        return pixels, owners, views, errors
 
     def moderate_embeddings(
         self,

@@ -17,12 +17,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moderation.image_checks import (
+    check_dtype,
+    check_layout,
+    check_shape,
+    check_value_range,
+    unsupported_type,
+)
 from moderation.image_files import (
     ImageFile,
     ImageInputError,
     read_image,
 )
 from moderation.preprocess import CLIP_MEAN, CLIP_STD, TALL_CROPS, clip_pixels, clip_resize_size
+from moderation.value_range import (
+    NON_FINITE_INPUT,
+    OUT_OF_RANGE_INPUT,
+    auto_reading,
+    finite_min,
+    float_to_unit,
+    reading_names,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -44,25 +59,6 @@ __all__ = [
 ValueRange = Literal["auto", "-1,1", "0,1"]
 ImageItem = torch.Tensor | np.ndarray | Image.Image | ImageFile | str | Path
 Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0,1]
-
-# A float value this far beyond its range (in [0,1] units) is not overshoot but a wrong range,
-# e.g. 0-255 floats: the image is not judged. A VAE's decoded [-1,1] output overshoots by a
-# few tenths (a tiny random one by 0.5: [-1.22, 1.53]); 0-255 floats reach 2 at value 2.
-RANGE_SLACK = 1.0
-# Auto range: a float object is read as [-1,1] only on evidence overshoot cannot fake, a finite
-# value at or below -SIGNED_EVIDENCE. Overshoot is a fraction of the range: the tiny random VAE above
-# reaches 0.22 below -1 and 0.53 above 1 (in [-1,1] units), so a [0,1] image made of such output
-# without clamping, (x+1)/2, dips to about -0.27 at worst; real VAEs and upscalers overshoot less.
-# The band is twice that. An object whose lowest value lies in (-SIGNED_EVIDENCE, 0) is
-# ambiguous (a [0,1] image that overshot, or a bright [-1,1] image): it is judged under both
-# readings and the most severe result is taken. No value below 0 reads as [0,1], as before.
-SIGNED_EVIDENCE = 0.5
-READINGS = ("0,1", "-1,1", "both")  # Decision.value_range: how a float input was read
-NON_FINITE_INPUT = "the input image holds NaN or infinite values"
-OUT_OF_RANGE_INPUT = (
-    "the input image holds float values far outside [0,1] and [-1,1] "
-    "(0-255 floats? pass uint8, or divide by 255)"
-)
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,7 @@ class ImageBatch:
         j = index - s.start
         sign = torch.ones((), dtype=torch.bool, device=self.device)
         dtype = self.images[index].dtype
-        unit, _, _ = _float_to_unit(part[j : j + 1], sign, dtype, self.device)
+        unit, _, _ = float_to_unit(part[j : j + 1], sign, dtype, self.device)
         return unit
 
     def value_ranges(self) -> list[str | None]:
@@ -150,12 +146,9 @@ class ImageBatch:
         signed, both = torch.stack([self.signed, ambiguous]).cpu().tolist()
         floats = [False] * n
         for s in self.sources:
-            if s.kind in ("tensor", "numpy") and _check_dtype(s.dtype, "images"):
+            if s.kind in ("tensor", "numpy") and s.dtype not in (torch.uint8, np.uint8):
                 floats[s.start : s.start + s.count] = [True] * s.count
-        return [
-            (READINGS[2] if b else READINGS[1] if sg else READINGS[0]) if f else None
-            for f, sg, b in zip(floats, signed, both, strict=True)
-        ]
+        return reading_names(floats, signed, both)
 
     def input_errors(self) -> list[str | None]:
         """Per image, why its input cannot be judged (None: it can); one host transfer."""
@@ -239,8 +232,7 @@ def to_image_batch(
     depth; animation frames). `device` defaults to the
     first tensor's device, else the CPU.
     """
-    if value_range not in ("auto", "-1,1", "0,1"):
-        raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
+    check_value_range(value_range)
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     if device is None:
@@ -267,7 +259,7 @@ def to_image_batch(
             else:
                 sign = torch.tensor(value_range == "-1,1", device=device)
                 maybe = torch.zeros((), dtype=torch.bool, device=device)
-            part, bad, far = _float_to_unit(part, sign, dtype, device)
+            part, bad, far = float_to_unit(part, sign, dtype, device)
             nonfinite.append(bad)
             ranged.append(far)
             signs.append(sign.expand(n))
@@ -305,68 +297,19 @@ def to_image_batch(
     return batch
 
 
-def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange = "auto") -> None:
-    """Raise ImageInputError for the first object to_image_batch would refuse (nothing decoded)."""
-    if value_range not in ("auto", "-1,1", "0,1"):
-        raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
-    single = not isinstance(images, (list, tuple))
-    for i, item in enumerate([images] if single else images):
-        label = "images" if single else f"image {i}"
-        if isinstance(item, torch.Tensor):
-            _check_layout(item, label)
-            if item.device.type == "meta":  # to_image_batch takes them: shapes only, no values
-                raise ImageInputError(
-                    f"{label}: a tensor on the meta device holds no pixel values to judge"
-                )
-        if isinstance(item, (torch.Tensor, np.ndarray)):
-            _check_shape(item, label, single, channels_last=isinstance(item, np.ndarray))
-            _check_dtype(item.dtype, label)
-        elif not isinstance(item, (ImageFile, Image.Image, str, Path)):
-            _read_item(item, label, single, 0, torch.device("cpu"), {})  # raises its error
-
-
-def finite_min(part: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """0-d tensor: the lowest finite value (+inf when there is none); NaN and -inf, which are
-    refused anyway, must not decide a range. On the device, no host sync."""
-    if part.size == 0 if isinstance(part, np.ndarray) else part.numel() == 0:
-        device = part.device if isinstance(part, torch.Tensor) else "cpu"
-        return torch.tensor(float("inf"), device=device)
-    if isinstance(part, np.ndarray):
-        return torch.tensor(float(np.where(part > -np.inf, part, np.inf).min()))
-    return torch.where(part > float("-inf"), part, float("inf")).amin()
-
-
-def auto_reading(lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signed, ambiguous), 0-d bools, from an object's lowest finite value (SIGNED_EVIDENCE)."""
-    signed = lowest <= -SIGNED_EVIDENCE
-    return signed, (lowest < 0) & ~signed
-
-
-def _float_to_unit(
-    part: torch.Tensor, sign: torch.Tensor, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A float [n,3,H,W] -> (our [0,1] copy, [n] non-finite, [n] out of range), in one copy."""
-    x = part.to(device=device, dtype=dtype, copy=True)
-    bad = ~torch.isfinite(x).flatten(1).all(1)  # [n]
-    x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    x.mul_(torch.where(sign, 0.5, 1.0)).add_(torch.where(sign, 0.5, 0.0))
-    far = ((x < -RANGE_SLACK) | (x > 1 + RANGE_SLACK)).flatten(1).any(1)  # [n]
-    return x.clamp_(0, 1), bad, far
-
-
 def _read_item(
     item: Any, label: str, single: bool, start: int, device: torch.device, decode: dict
 ) -> tuple[torch.Tensor, bool, _Source, ImageFile | None]:
     """One caller object -> ([n,3,H,W], is_float, source, decoded file); not yet converted."""
     if isinstance(item, torch.Tensor):
-        t = _check_shape(_check_layout(item, label), label, single, channels_last=False)
-        is_float = _check_dtype(item.dtype, label)
+        t = check_shape(check_layout(item, label), label, single, channels_last=False)
+        is_float = check_dtype(item.dtype, label)
         part = t if t.ndim == 4 else t.unsqueeze(0)
         source = _Source("tensor", start, part.shape[0], t.ndim == 4, t.dtype, t.device, item)
         return part, is_float, source, None
     if isinstance(item, np.ndarray):
-        a = _check_shape(item, label, single, channels_last=True)
-        is_float = _check_dtype(a.dtype, label)
+        a = check_shape(item, label, single, channels_last=True)
+        is_float = check_dtype(a.dtype, label)
         array = np.ascontiguousarray(a)
         hwc = torch.from_numpy(array if array.flags.writeable else array.copy())
         part = hwc.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
@@ -379,49 +322,8 @@ def _read_item(
     elif isinstance(item, (str, Path)):
         file, kind = read_image(item, **decode), "file"
     else:
-        raise ImageInputError(
-            f"{label}: unsupported image type {type(item).__name__} "
-            "(expected a tensor, numpy array, PIL image or file path)"
-        )
+        raise unsupported_type(item, label)
     return file.frames[:1], False, _Source(kind, start, 1, False), file
-
-
-def _check_layout(x: torch.Tensor, label: str) -> torch.Tensor:
-    """Require an ordinary dense tensor: sparse and nested ones hold no [3,H,W] pixels as such."""
-    if x.is_nested:
-        raise ImageInputError(f"{label}: a nested tensor; pass a list of [3,H,W] tensors instead")
-    if x.layout != torch.strided:
-        layout = str(x.layout).removeprefix("torch.")
-        raise ImageInputError(
-            f"{label}: a {layout} tensor holds no dense pixels; pass x.to_dense() instead"
-        )
-    return x
-
-
-def _check_shape(x: Any, label: str, single: bool, *, channels_last: bool) -> Any:
-    """Require [3,H,W] / [B,3,H,W] (tensors) or [H,W,3] / [B,H,W,3] (arrays)."""
-    layout = "[H,W,3]" if channels_last else "[3,H,W]"
-    shape = list(x.shape)
-    if x.ndim == 4 and not single:
-        raise ImageInputError(f"{label}: expected one image {layout} in a list, got shape {shape}")
-    if x.ndim not in (3, 4):
-        raise ImageInputError(f"{label}: expected an image of shape {layout}, got shape {shape}")
-    channels = shape[-1] if channels_last else shape[-3]
-    if channels != 3:
-        raise ImageInputError(f"{label}: expected 3 channels, got {channels}")
-    if 0 in (shape[-3:-1] if channels_last else shape[-2:]):
-        raise ImageInputError(f"{label}: empty image of shape {shape}")
-    return x
-
-
-def _check_dtype(dtype: Any, label: str) -> bool:
-    """True for float dtypes, False for uint8; anything else is an error."""
-    if isinstance(dtype, torch.dtype):
-        if dtype == torch.uint8 or dtype.is_floating_point:
-            return dtype.is_floating_point
-    elif dtype == np.uint8 or np.issubdtype(dtype, np.floating):
-        return dtype != np.uint8
-    raise ImageInputError(f"{label}: unsupported dtype {dtype} (expected uint8 or float)")
 
 
 def load_image_file(path: str | Path, *, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from moderation.chunks import split_call
 from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
-from moderation.images import SIGNED_EVIDENCE, to_image_batch
+from moderation.images import to_image_batch
+from moderation.value_range import SIGNED_EVIDENCE
 from policy import compile_policy, load_policy
 
 

@@ -16,7 +16,7 @@ URL, folder or caller metadata is written: a URL may hold a password, and where 
 pipeline logs is its caller's choice (`checker.log_to(URL)`).
 
 Integrity: loading checks every file against the manifest's sha256 before reading it, refuses
-preprocessing outside sane bounds (`moderation.encoder.preprocessing_settings`), and checks the
+preprocessing outside sane bounds (`moderation.encoder_identity.preprocessing_settings`), and checks the
 loaded tower's digest. Whoever can rewrite the folder can rewrite the manifest too, so a caller
 who must know what judges its images pins the policy (`expect_digest=`) and the encoder
 (`expect_encoder_digest=`); every logged decision records both digests.
@@ -82,7 +82,7 @@ def save_checker(
     for stale in folder.glob("shadow-*.safetensors"):  # a folder saved over keeps no old ones
         if stale.name not in {f["file"] for f in shadow_files}:
             stale.unlink()
-    from moderation.encoder import tower_digest
+    from moderation.encoder_identity import tower_digest
 
     names = [POLICY_FILE, *TOWER_FILES, *(f["file"] for f in shadow_files)]
     manifest = {

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moderation.encoder import tower_digest
+from moderation.encoder_identity import tower_digest
 from moderation.images import CLIP_MEAN, CLIP_STD
 from policy.compiled import CompiledPolicy
 
@@ -33,7 +33,7 @@ class VisionTower(nn.Module):
         config = getattr(vision_model, "config", None)
         self.image_size = int(image_size or getattr(config, "image_size", 224))
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        # moderation.encoder.tower_digest, of the weights as first given (a later .half() does
+        # moderation.encoder_identity.tower_digest, of the weights as first given (a later .half() does
         # not change what the tower is)
         self.digest = digest or tower_digest(
             vision_model, visual_projection, self.image_size, self.image_mean, self.image_std
