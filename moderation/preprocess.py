@@ -22,12 +22,13 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from moderation.errors import ModerationError
+from policy.vocabulary import VIEWS, View
 
 if TYPE_CHECKING:
     from moderation.images import ImageBatch
@@ -39,8 +40,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Above this height/crop ratio, resample tall images vertically first (memory, see below).
 TALL_CROPS = 16
 
-ViewMode = Literal["center", "cover", "tiles"]
-VIEW_MODES: tuple[str, ...] = ("cover", "center", "tiles")
+ViewMode = View
 # Knob: most cover views one frame may need, i.e. the most extreme aspect ratio judged (16:1).
 # Beyond it an image is not judged (error, on_error applies) rather than judged on part of it.
 MAX_COVER_VIEWS = 16
@@ -85,8 +85,8 @@ def _spaced(length: int, crop: int, count: int) -> list[int]:
 @functools.lru_cache(maxsize=1024)
 def plan_views(height: int, width: int, mode: ViewMode, size: int = 224) -> ViewPlan:
     """The views of a `height` x `width` frame for an encoder of input `size` (see module doc)."""
-    if mode not in VIEW_MODES:
-        raise ViewError(f"views must be one of {', '.join(VIEW_MODES)}, got {mode!r}")
+    if mode not in VIEWS:
+        raise ViewError(f"views must be one of {', '.join(VIEWS)}, got {mode!r}")
     new_h, new_w = clip_resize_size(height, width, size)
     if mode == "center":
         crops = (((new_h - size) // 2, (new_w - size) // 2),)

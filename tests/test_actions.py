@@ -163,6 +163,32 @@ def test_one_vocabulary_for_every_layer():
     assert list(vocabulary.ACTION_RANK) == list(vocabulary.ACTIONS)
 
 
+def test_no_layer_writes_a_vocabulary_of_its_own():
+    """Regression: actions.py had its own PLACEHOLDERS (with `allow`), the schema, the compiled
+    rules, review and the decision log theirs. A tuple, list or set literal holding exactly the
+    names of a vocabulary is a copy of it (the benchmarks' choices of what to time aside)."""
+    import ast
+    from pathlib import Path
+
+    from policy import vocabulary
+
+    names = ("ACTIONS", "PLACEHOLDERS", "FAIL_CLOSED", "VERDICTS", "VIEWS", "REVIEW_STATUSES")
+    vocabularies = {frozenset(getattr(vocabulary, n)): n for n in (*names, "DECIDED")}
+    root = Path(vocabulary.__file__).parent.parent
+    copies = []
+    for path in sorted([*root.glob("policy/**/*.py"), *root.glob("moderation/**/*.py")]):
+        if path.name == "vocabulary.py" or "bench" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts
+            ):
+                found = vocabularies.get(frozenset(e.value for e in node.elts))
+                if found and len(node.elts) > 1:
+                    copies.append(f"{path.relative_to(root)}:{node.lineno} {found}")
+    assert copies == []
+
+
 def test_list_of_odd_sizes():
     images = [natural(31, 17, 0), natural(8, 45, 1), natural(31, 17, 2), natural(3, 3, 3)]
     before = [i.clone() for i in images]

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, select
 from moderation.review.labels import decision_and_policy, item_labels
 from moderation.review.queries import iso, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from policy.vocabulary import DECIDED
 
 
 def floats(blob: bytes | None) -> list[float]:
@@ -177,7 +178,7 @@ def decision_labels(conn: Connection, decision_id: str) -> dict[str, Any] | None
         .order_by(ReviewItem.id.desc())
         .limit(1)
     ).first()
-    if item is None or item.status not in ("approved", "rejected"):
+    if item is None or item.status not in DECIDED:
         return None
     decision, policy = decision_and_policy(conn, decision_id)
     labels = item_labels(item.status, item.labels, policy, decision)
