@@ -221,12 +221,14 @@ def to_image_batch(
     Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]; a declared `value_range`
     always wins. With `value_range="auto"` the decision is made per object the caller passed,
     from its lowest finite value (a batched tensor is one generator's output, so one decision
-    for all its images; each item of a list decides for itself): at or below -SIGNED_EVIDENCE,
-    [-1,1]; at or above 0, [0,1]; in between, ambiguous (`ambiguous`: `images` holds the [0,1]
-    reading, `alternate(i)` the [-1,1] one, and the engine judges both). It is an on-device
-    reduction, no host sync. `lowest` (per item, a 0-d tensor or None) gives the lowest value
-    of the whole object an item was cut from, for one object split in chunks. Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
-    RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are zeroed and flagged in `invalid`
+    for all its images; each item of a list decides for itself): at or below
+    -value_range.SIGNED_EVIDENCE, [-1,1]; at or above 0, [0,1]; in between, ambiguous
+    (`ambiguous`: `images` holds the [0,1] reading, `alternate(i)` the [-1,1] one, and the
+    engine judges both). It is an on-device reduction, no host sync. `lowest` (per item, a 0-d
+    tensor or None) gives the lowest value of the whole object an item was cut from, for one
+    object split in chunks. Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an
+    image with values more than RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are
+    zeroed and flagged in `invalid`
     (the engine gives them an error decision). uint8 is always 0..255. Files and PIL images are
     decoded by `read_image` (its budgets: `max_pixels`, `decode_pixels`, `max_frames`; bit
     depth; animation frames). `device` defaults to the

@@ -283,8 +283,7 @@ def decode_policy_text(raw: bytes, file: str) -> str:
         line = before.count(b"\n") + 1
         col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8")) + 1
         message = (
-            f"byte 0x{body[exc.start]:02X} is not UTF-8 text ({exc.reason}); save the file as"
-            " UTF-8"
+            f"byte 0x{body[exc.start]:02X} is not UTF-8 text ({exc.reason}); save the file as UTF-8"
         )
         raise PolicyError([PolicyIssue(file, line, col, _SYNTAX_PATH, message)]) from None
 
