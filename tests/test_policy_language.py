@@ -203,9 +203,17 @@ def test_missing_file_and_folder_and_binary_are_named(tmp_path):
     ("raw", "where", "reason"),
     [
         # Regression: reported as "(byte 58)", with no line or column.
-        (b"policy: x\nversion: 1\nconcepts:\n  - name: caf\xe9\n", "4:14", "0xE9 is not UTF-8 text (invalid"),
+        (
+            b"policy: x\nversion: 1\nconcepts:\n  - name: caf\xe9\n",
+            "4:14",
+            "0xE9 is not UTF-8 text (invalid",
+        ),
         # The column counts characters, not bytes; a BOM is not a character of the file.
-        (b"\xef\xbb\xbfpolicy: x\n# \xc3\xa9\xc3\xa9 \xc3\n", "2:6", "0xC3 is not UTF-8 text (invalid"),
+        (
+            b"\xef\xbb\xbfpolicy: x\n# \xc3\xa9\xc3\xa9 \xc3\n",
+            "2:6",
+            "0xC3 is not UTF-8 text (invalid",
+        ),
         (b"policy: x\r\nversion: \x80\r\n", "2:10", "0x80 is not UTF-8 text (invalid start"),
     ],
 )
