@@ -91,7 +91,7 @@ def tower_digest(
             continue
         values = tensors[name].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}\0{list(values.shape)}\n".encode())
-        h.update(values.numpy().tobytes())
+        h.update(values.numpy())  # the buffer itself: no copy of the weights
     settings = {"size": int(size), "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
