@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
@@ -11,7 +12,7 @@ import torch
 
 from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
-from policy import compile_policy, load_policy
+from policy import PolicyError, compile_policy, load_policy
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +244,20 @@ def test_every_logged_decision_names_its_encoder(tmp_path, encoder, images):
     assert sorted(rows, key=str) == sorted(
         [(encoder.digest, "-1,1")] * 2 + [(encoder.digest, None), (None, None)], key=str
     )
+
+
+def test_a_policy_forced_to_show_held_images_as_they_are_still_hides_them(
+    tmp_path, encoder, images
+):
+    """Regression: the compiled rules refuse `review_placeholder: allow`, but `apply_actions`
+    accepted it, so a policy object changed after it was built (or built around the rules)
+    handed back the original while it waited for review."""
+    policy = write_policy(tmp_path, encoder, images, actions=["review"])
+    with pytest.raises(PolicyError, match="review_placeholder"):
+        dataclasses.replace(policy, review_placeholder="allow")
+    moderator = Moderator(policy, encoder)  # (which checks the policy again)
+    object.__setattr__(moderator.policy, "review_placeholder", "allow")  # past every check
+    result = moderator.moderate(images[:2].clone())
+    assert [d.action for d in result.decisions] == ["review", "allow"]
+    assert torch.equal(result.images[0], torch.full_like(images[0], -1.0))  # blacked out
+    assert torch.equal(result.images[1], images[1])
