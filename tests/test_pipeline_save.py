@@ -388,3 +388,16 @@ def test_a_checker_without_a_clip_tower_cannot_be_saved(tmp_path):
         "cannot save this checker: its encoder (PassThrough) is not a CLIP vision tower with a "
         "projection; build it with from_policy or from_checker"
     )
+
+
+def test_from_policy_pins_the_policy_digest(tiny_clip_dir, tmp_path):
+    path = write_policy(tmp_path / "p.yaml", np.ones(32), 0.99, "blackout")
+    digest = PolicySafetyChecker.from_policy(path, model=tiny_clip_dir).policy.digest
+    pinned = PolicySafetyChecker.from_policy(path, model=tiny_clip_dir, expect_digest=digest)
+    assert pinned.policy.digest == digest
+    with pytest.raises(ModerationError) as err:
+        PolicySafetyChecker.from_policy(path, model=tiny_clip_dir, expect_digest="0" * 64)
+    assert str(err.value) == (
+        f"policy 'pipeline-log': digest {digest[:12]} is not the expected 000000000000: "
+        "refusing to judge images with it"
+    )
