@@ -33,8 +33,8 @@ class VisionTower(nn.Module):
         config = getattr(vision_model, "config", None)
         self.image_size = int(image_size or getattr(config, "image_size", 224))
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        # moderation.encoder_identity.tower_digest, of the weights as first given (a later .half() does
-        # not change what the tower is)
+        # moderation.encoder_identity.tower_digest of the weights as first given (a later
+        # .half() does not change what the tower is)
         self.digest = digest or tower_digest(
             vision_model, visual_projection, self.image_size, self.image_mean, self.image_std
         )
