@@ -16,10 +16,10 @@ URL, folder or caller metadata is written: a URL may hold a password, and where 
 pipeline logs is its caller's choice (`checker.log_to(URL)`).
 
 Integrity: loading checks every file against the manifest's sha256 before reading it, refuses
-preprocessing outside sane bounds (`moderation.encoder_identity.preprocessing_settings`), and checks the
-loaded tower's digest. Whoever can rewrite the folder can rewrite the manifest too, so a caller
-who must know what judges its images pins the policy (`expect_digest=`) and the encoder
-(`expect_encoder_digest=`); every logged decision records both digests.
+preprocessing outside sane bounds (`moderation.encoder_identity.preprocessing_settings`), and
+checks the loaded tower's digest. Whoever can rewrite the folder can rewrite the manifest too,
+so a caller who must know what judges its images pins the policy (`expect_digest=`) and the
+encoder (`expect_encoder_digest=`); every logged decision records both digests.
 """
 
 from __future__ import annotations
