@@ -146,8 +146,8 @@ class DecisionRow(Base):
     # the live decision of the same image; NULL for live decisions.
     shadow_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("decisions.id"))
     # Which image encoder (moderation.encoder_identity.tower_digest: weights + preprocessing)
-    # embedded the image, and how a float input was read ("0,1", "-1,1", "both"); NULL before 0006, for
-    # embeddings given by the caller and (value_range) for uint8 and file inputs.
+    # embedded the image, and how a float input was read ("0,1", "-1,1", "both"); NULL before
+    # 0006, for embeddings given by the caller and (value_range) for uint8 and file inputs.
     encoder_digest: Mapped[str | None] = mapped_column(String(64))
     value_range: Mapped[str | None] = mapped_column(String(8))
 
