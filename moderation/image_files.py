@@ -6,7 +6,8 @@
   its 8-bit decode and not 7.5 GB. The reduced image is what is judged, acted on and written.
 - Bit depth: 16-bit greys (`I;16`, `I;16B`, ...) are scaled by 65535; 32-bit integer greys (`I`)
   by 65535 when their values fit 16 bits, else by their own range; float images (`F`) are read
-  as [0,1] when their values lie in it, else by their own range. NaN/inf is an error.
+  as [0,1] (clamped) when their values lie within RANGE_SLACK of it, so overshoot cannot
+  rescale the other pixels, else by their own range. NaN/inf is an error.
 - Animations (GIF, APNG, WebP): up to `max_frames` frames (default 32) every frame is judged;
   beyond, `max_frames` of them: the first, the last, and the frame on screen at evenly spaced
   instants of the animation's display time, topped up with frames evenly spaced by number. On
@@ -38,6 +39,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from moderation.errors import ModerationError
 from moderation.frame_timing import durations_ms
+from moderation.value_range import RANGE_SLACK
 
 # PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS: refuse from there on.
 MAX_PIXELS = 2 * 89_478_485
@@ -363,7 +365,8 @@ def _gray_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if mode == "I" and low >= 0 and high <= 65535:
         low, high = 0.0, 65535.0
-    elif mode == "F" and low >= 0 and high <= 1:
+    elif mode == "F" and low >= -RANGE_SLACK and high <= 1 + RANGE_SLACK:
+        # [0,1] with overshoot, clamped: one pixel a little beyond must not rescale the others
         low, high = 0.0, 1.0
     span = high - low or 1.0
     unit = (values.astype(np.float32) - np.float32(low)) / np.float32(span)

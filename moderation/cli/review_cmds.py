@@ -22,7 +22,7 @@ from moderation.cli.review_text import items_table, render_show, render_stats, t
 from moderation.review import ReviewQueue
 from moderation.review.report import EXPORT_FORMATS
 from moderation.storage.db import require_database, resolve_db_url
-from moderation.storage.models import REVIEW_STATUSES
+from policy.vocabulary import REVIEW_STATUSES
 
 reviewer_option = click.option(
     "--reviewer", required=True, metavar="NAME", help="Who is reviewing (recorded in the audit)."

@@ -44,7 +44,6 @@ from moderation.review.queries import (
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
 from moderation.review.rows import event_row, locked_item
 from moderation.review.rules import (
-    DECIDED,
     ReviewError,
     check_decidable,
     check_item_id,
@@ -56,7 +55,6 @@ from moderation.storage.db import immediate_transaction, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.held import HeldStore
 from moderation.storage.models import (
-    REVIEW_STATUSES,
     DecisionRow,
     PolicyRow,
     ReviewEvent,
@@ -64,6 +62,7 @@ from moderation.storage.models import (
     utcnow,
 )
 from moderation.storage.schema import get_engine
+from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
 __all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
 

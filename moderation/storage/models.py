@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from policy.vocabulary import REVIEW_STATUSES
+
 # Stable constraint names: Alembic batch mode on SQLite rebuilds tables and must find them by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -33,8 +35,12 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-REVIEW_STATUSES = ("pending", "claimed", "approved", "rejected")
 REVIEW_EVENTS = ("created", "claimed", "lease_expired", "approved", "rejected", "reopened")
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    """SQL string literals of `names`, for a CHECK ... IN (...) constraint."""
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def utcnow() -> datetime:
@@ -140,6 +146,11 @@ class DecisionRow(Base):
     # A shadow decision (a candidate policy scored on live traffic, never acted on) points at
     # the live decision of the same image; NULL for live decisions.
     shadow_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("decisions.id"))
+    # Which image encoder (moderation.encoder_identity.tower_digest: weights + preprocessing)
+    # embedded the image, and how a float input was read ("0,1", "-1,1", "both"); NULL before
+    # 0006, for embeddings given by the caller and (value_range) for uint8 and file inputs.
+    encoder_digest: Mapped[str | None] = mapped_column(String(64))
+    value_range: Mapped[str | None] = mapped_column(String(8))
 
     policy: Mapped[PolicyRow] = relationship()
     review_items: Mapped[list[ReviewItem]] = relationship(
@@ -153,7 +164,7 @@ class ReviewItem(Base):
 
     __tablename__ = "review_items"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'claimed', 'approved', 'rejected')", name="status"),
+        CheckConstraint(f"status IN ({_quoted(REVIEW_STATUSES)})", name="status"),
         Index("ix_review_items_decision_id", "decision_id"),
         Index("ix_review_items_created_at", "created_at"),
         Index("ix_review_items_claim_expires_at", "claim_expires_at"),
