@@ -220,7 +220,7 @@ def test_a_failing_candidate_leaves_live_decisions_and_images_intact(
     def broken(*args, **kwargs):
         raise RuntimeError("candidate exploded")
 
-    monkeypatch.setattr(moderation.shadow._Fused, "decide", broken)
+    monkeypatch.setattr(moderation.shadow.ShadowCandidates, "_decide", broken)
     m = logged_moderator(
         policies["live"], encoder, db_url, tmp_path, shadow=[policies["candidate"]]
     )
