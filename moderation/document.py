@@ -387,6 +387,7 @@ def shadow_summary(f: Facts) -> dict[str, Any]:
     return finite(
         {
             "decision_id": f.decision_id,
+            "shadow_of": f.shadow_of,
             "policy": dict(f.policy),
             "verdict": f.verdict,
             "action": f.action,

@@ -139,6 +139,9 @@ class DecisionRow(Base):
     # A shadow decision (a candidate policy scored on live traffic, never acted on) points at
     # the live decision of the same image; NULL for live decisions.
     shadow_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("decisions.id"))
+    # What set the action, recorded at decision time (moderation.rule): {"rule", "concept"};
+    # NULL for a decision logged before it was recorded (its document derives it).
+    action_reason: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 
     policy: Mapped[PolicyRow] = relationship()
     review_items: Mapped[list[ReviewItem]] = relationship(

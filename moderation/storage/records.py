@@ -67,6 +67,7 @@ class DecisionRecord:
     concept_views: np.ndarray | None = None  # [C] int16: view of each concept's max cosine
     special_views: np.ndarray | None = None  # [S] int16
     shadow_of: str | None = None  # id of the live decision this shadow decision accompanies
+    action_reason: dict | None = None  # {"rule", "concept"}: what set the action (rule.REASONS)
 
 
 F32 = np.dtype("<f4")
@@ -83,7 +84,7 @@ _BINARY_COLUMNS = (
 )
 _DATETIME_COLUMNS = ("created_at",)
 _JSON_COLUMNS = ("fired", "special_hits", "meta")
-NULLABLE_JSON_COLUMNS = ("views",)  # None is SQL NULL, not JSON null
+NULLABLE_JSON_COLUMNS = ("views", "action_reason")  # None is SQL NULL, not JSON null
 
 
 def encode_array(
@@ -151,6 +152,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "concept_views": encode_array(record.concept_views, I16, f"{where}: concept_views"),
         "special_views": encode_array(record.special_views, I16, f"{where}: special_views"),
         "shadow_of": record.shadow_of,
+        "action_reason": None if record.action_reason is None else dict(record.action_reason),
     }
 
 
@@ -286,6 +288,11 @@ def record_of(d: Decision, held_image: bytes | None = None) -> DecisionRecord:
         concept_views=d.concept_views,
         special_views=d.special_views,
         shadow_of=d.shadow_of,
+        action_reason=(
+            None
+            if d.action_reason is None
+            else {"rule": d.action_reason, "concept": d.reason_concept}
+        ),
         meta=d.metadata,
         error=d.error,
         needs_review=d.needs_review,
