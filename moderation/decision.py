@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moderation import rule
 from moderation.host_columns import HostColumns, to_host, values
 from moderation.ids import new_decision_ids
+from moderation.kernel import rule
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ class Decision:
     def to_dict(self, *, top: int | None = 5) -> dict[str, Any]:
         """The decision document (docs/decision-document.md), with the `top` nearest concepts
         (None: every concept) and its shadow decisions; `recorded` is None (not known here)."""
-        from moderation.document import live_document
+        from moderation.kernel.document import live_document
 
         return live_document(self, top=top)
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moderation import rule
 from moderation.errors import ModerationError
+from moderation.kernel import rule
 from policy.compiled import DIFFUSERS_ADJUSTMENT, CompiledPolicy
 
 # diffusers adds this Python float once a special-care concept fires. A `compat: diffusers`

@@ -9,7 +9,7 @@ from moderation.cli.decisions_text import list_table, render_decision
 from moderation.cli.options import db_option, echo_json, failures, json_option, output_errors
 from moderation.decision import VERDICTS
 from moderation.decisions.browser import MAX_LIST, DecisionBrowser
-from moderation.rule import ACTIONS
+from moderation.kernel.rule import ACTIONS
 
 
 @main.group()

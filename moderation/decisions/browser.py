@@ -20,10 +20,10 @@ from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
 from moderation.decision import VERDICTS
 from moderation.decisions.document import logged_decision_document
-from moderation.document import iso
 from moderation.errors import ModerationError
+from moderation.kernel.document import iso
+from moderation.kernel.rule import ACTIONS
 from moderation.review.queries import fired_contains, parse_time
-from moderation.rule import ACTIONS
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from moderation.document import live_document, logged_document
+from moderation.kernel.document import live_document
+from moderation.kernel.logged import logged_document
 from moderation.review.explain import explain_item, review_section
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, select
 
-from moderation.document import iso, logged_document
+from moderation.kernel.document import iso
+from moderation.kernel.logged import logged_document
 from moderation.review.labels import decision_and_policy, item_labels
 from moderation.review.queries import utc
 from moderation.storage.models import ReviewEvent, ReviewItem

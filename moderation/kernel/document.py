@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderation import rule
+from moderation.kernel import rule
 
 if TYPE_CHECKING:
     from moderation.decision import Decision
@@ -406,85 +406,3 @@ def shadow_summary(f: Facts) -> dict[str, Any]:
             "recorded": f.recorded,
         }
     )
-
-
-# -- reading a logged decision ---------------------------------------------------------------
-
-
-def held_file(held_path: str | None) -> str | None:
-    """The held original's full path: as the decision log recorded it; an older, relative path
-    under $MODERATION_HELD_DIR (else ./held)."""
-    from moderation.storage.held import HeldStore
-    from moderation.storage.log import default_held_dir
-
-    if held_path is None:
-        return None
-    return str(HeldStore(default_held_dir()).path_of(held_path).absolute())
-
-
-def logged_rows(conn: Any, decision_id: str) -> tuple[Any, Any] | None:
-    """The `decisions` row of `decision_id` and its `policies` row (None: no such decision).
-    `conn`: a SQLAlchemy Connection or Session."""
-    from sqlalchemy import select
-
-    from moderation.storage.models import DecisionRow, PolicyRow
-
-    decision = conn.execute(
-        select(DecisionRow.__table__).where(DecisionRow.id == decision_id)
-    ).first()
-    if decision is None:
-        return None
-    policy = conn.execute(
-        select(PolicyRow.__table__).where(PolicyRow.digest == decision.policy_digest)
-    ).one()
-    return decision, policy
-
-
-def logged_shadows(conn: Any, decision_id: str) -> list[dict[str, Any]]:
-    """The shadow decisions of a live decision, as `shadow_summary`s (candidate order: policy
-    name, version, id)."""
-    from sqlalchemy import select
-
-    from moderation.storage.models import DecisionRow, PolicyRow
-
-    d, p = DecisionRow.__table__, PolicyRow.__table__
-    rows = conn.execute(
-        select(d, *(c.label(f"policy_{c.name}") for c in p.columns))
-        .join(p, d.c.policy_digest == p.c.digest)
-        .where(d.c.shadow_of == decision_id)
-        .order_by(p.c.name, p.c.version, d.c.id)
-    ).all()
-    out = []
-    for row in rows:
-        policy = _Prefixed(row, "policy_")
-        out.append(shadow_summary(row_facts(row, policy)))
-    return out
-
-
-class _Prefixed:
-    """The `policy_*` columns of a joined row as a policies row."""
-
-    def __init__(self, row: Any, prefix: str) -> None:
-        self._row, self._prefix = row, prefix
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._row, self._prefix + name)
-
-
-def logged_document(
-    conn: Any,
-    decision_id: str,
-    *,
-    top: int | None = None,
-    review: Any = None,
-) -> dict[str, Any] | None:
-    """The document of a logged decision (its full id; None when there is none). `review`:
-    a callable (conn, decision row, policy row) -> (review, labels) that adds the review."""
-    rows = logged_rows(conn, decision_id)
-    if rows is None:
-        return None
-    decision, policy = rows
-    facts = row_facts(decision, policy, held_file=held_file(decision.held_path))
-    found, labels = review(conn, decision, policy) if review is not None else (None, None)
-    shadows = logged_shadows(conn, decision.id)
-    return document(facts, top=top, review=found, labels=labels, shadows=shadows)
