@@ -45,14 +45,14 @@ def logged_shadows(conn: Any, decision_id: str) -> list[dict[str, Any]]:
 
     d, p = DecisionRow.__table__, PolicyRow.__table__
     rows = conn.execute(
-        select(d, *(c.label(f"policy_{c.name}") for c in p.columns))
+        select(d, *(c.label(f"pol_{c.name}") for c in p.columns))
         .join(p, d.c.policy_digest == p.c.digest)
         .where(d.c.shadow_of == decision_id)
         .order_by(p.c.name, p.c.version, d.c.id)
     ).all()
     out = []
     for row in rows:
-        policy = Prefixed(row, "policy_")
+        policy = Prefixed(row, "pol_")
         out.append(shadow_summary(row_facts(row, policy)))
     return out
 
