@@ -158,7 +158,7 @@ def row_policy_summary(p: Any) -> dict[str, Any]:
     }
 
 
-def _floats(blob: bytes | None) -> np.ndarray:
+def floats(blob: bytes | None) -> np.ndarray:
     return np.frombuffer(blob or b"", dtype="<f4")
 
 
@@ -202,10 +202,10 @@ def row_facts(decision: Any, policy: Any, *, held_file: str | None = None) -> Fa
         adjustment=decision.adjustment,
         margin=decision.margin,
         top_concept=decision.top_concept,
-        cosines=_floats(decision.cosines),
-        scores=_floats(decision.scores),
-        special_cosines=_floats(decision.special_cosines),
-        special_scores=_floats(decision.special_scores),
+        cosines=floats(decision.cosines),
+        scores=floats(decision.scores),
+        special_cosines=floats(decision.special_cosines),
+        special_scores=floats(decision.special_scores),
         concept_views=concept_views,
         special_views=special_views,
         views=views,

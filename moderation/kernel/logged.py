@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from moderation.kernel.document import document, row_facts, shadow_summary
+import numpy as np
+import torch
+
+from moderation.kernel import rule
+from moderation.kernel.document import document, floats, row_facts, shadow_summary
 
 
 def held_file(held_path: str | None) -> str | None:
@@ -84,3 +88,19 @@ def logged_document(
     found, labels = review(conn, decision, policy) if review is not None else (None, None)
     shadows = logged_shadows(conn, decision.id)
     return document(facts, top=top, review=found, labels=labels, shadows=shadows)
+
+
+def review_band_concepts(policy: Any, decision: Any) -> list[str]:
+    """The concepts of a logged decision (a row with `scores`) that did not fire but scored
+    within its policy's (a `policies` row) review band, in policy order: the one rule's."""
+    concepts = policy.concepts or []
+    scores = floats(decision.scores)
+    band = float(policy.review_band or 0.0)
+    if band <= 0 or scores.size != len(concepts):
+        return []
+    actions = [c.get("action") for c in concepts]
+    if not all(a in rule.ACTIONS for a in actions):
+        return []
+    rules = rule.Rules.logged(actions, 0, None, band)
+    outcome = rule.apply(rules, torch.from_numpy(scores.copy()[None, :]), torch.zeros(1, 0))
+    return [concepts[i].get("name") for i in np.flatnonzero(outcome.in_band[0].numpy()).tolist()]
