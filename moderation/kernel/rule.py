@@ -45,12 +45,13 @@ REVIEW = ACTION_RANK["review"]
 class Rules:
     """The rule parameters of K policies over their concatenated columns (on one device)."""
 
-    ranks: torch.Tensor  # [C] int64: the action rank of each concept column
+    ranks: torch.Tensor  # [C] uint8: the action rank of each concept column
     owner: torch.Tensor  # [C] int64: the policy of each concept column
     start: torch.Tensor  # [K] int64: each policy's first concept column
     special_owner: torch.Tensor  # [S] int64: the policy of each special-care column
     escalate: torch.Tensor  # [K] int64: the rank a special-care hit raises to (0: none)
     band: torch.Tensor  # [K] float32: the review band (0: none)
+    neg_band: torch.Tensor  # [C] float32: -band of each column's policy (0: no band)
 
     @property
     def k(self) -> int:
@@ -91,9 +92,11 @@ class Rules:
         k = len(counts)
         index = torch.arange(k, device=device)
         counts_t = torch.tensor(list(counts), dtype=torch.int64, device=device)
+        owner = torch.repeat_interleave(index, counts_t)
+        band = torch.tensor([float(b or 0.0) for b in bands], dtype=torch.float32, device=device)
         return cls(
-            ranks=ranks.to(device, torch.int64),
-            owner=torch.repeat_interleave(index, counts_t),
+            ranks=ranks.to(device, torch.uint8),  # small: [B, C] rank columns stay small
+            owner=owner,
             start=torch.cumsum(counts_t, 0) - counts_t,
             special_owner=torch.repeat_interleave(
                 index, torch.tensor(list(special_counts), dtype=torch.int64, device=device)
@@ -101,7 +104,8 @@ class Rules:
             escalate=torch.tensor(
                 [ACTION_RANK[e] if e else 0 for e in escalate], dtype=torch.int64, device=device
             ),
-            band=torch.tensor([float(b or 0.0) for b in bands], dtype=torch.float32, device=device),
+            band=band,
+            neg_band=-band[owner],
         )
 
 
@@ -120,18 +124,33 @@ def rules_of(policy: CompiledPolicy, device: Any = None) -> Rules:
 
 @dataclass(frozen=True, eq=False)
 class Outcome:
-    """What the rule concludes, per image and policy ([B, K]) and per column ([B, C], [B, S])."""
+    """What the rule concludes, per image and policy ([B, K]); per column on demand."""
 
+    rules: Rules
+    scores: torch.Tensor  # [B, C] the scores it was applied to
+    special_scores: torch.Tensor  # [B, S]
     rank: torch.Tensor  # [B, K] int64: the action's rank (ACTIONS[rank])
     margin: torch.Tensor  # [B, K] float32: the highest concept score (-inf: no concepts)
     top: torch.Tensor  # [B, K] int64: the concept holding it, within its policy
     reason: torch.Tensor  # [B, K] int64: REASONS index
     reason_concept: torch.Tensor  # [B, K] int64: the concept named by the reason, or -1
-    fired: torch.Tensor  # [B, C] bool
-    special_fired: torch.Tensor  # [B, S] bool
-    in_band: torch.Tensor  # [B, C] bool: within the review band below the threshold
     any_fired: torch.Tensor  # [B, K] bool
     hit: torch.Tensor  # [B, K] bool: a special-care concept fired
+
+    @property
+    def fired(self) -> torch.Tensor:
+        """[B, C] bool: concepts that fired."""
+        return self.scores > 0
+
+    @property
+    def special_fired(self) -> torch.Tensor:
+        """[B, S] bool: special-care concepts that fired."""
+        return self.special_scores > 0
+
+    @property
+    def in_band(self) -> torch.Tensor:
+        """[B, C] bool: concepts within the review band below their threshold."""
+        return (self.scores > self.rules.neg_band) & (self.scores <= 0)
 
 
 def segment_max(values: torch.Tensor, owner: torch.Tensor, k: int, empty: float) -> torch.Tensor:
@@ -141,6 +160,14 @@ def segment_max(values: torch.Tensor, owner: torch.Tensor, k: int, empty: float)
     out = values.new_full((b, k), empty)
     if c == 0:
         return out
+    if k == 1:  # one policy (the live one): a plain reduction, several times faster
+        return (
+            values.any(dim=1, keepdim=True)
+            if values.dtype == torch.bool
+            else (values.amax(dim=1, keepdim=True))
+        )
+    if values.dtype == torch.bool:
+        return segment_max(values.to(torch.uint8), owner, k, int(empty)).bool()
     index = owner[None, :].expand(b, c)
     out = out.scatter_reduce(1, index, values, "amax", include_self=False)
     if values.is_floating_point():
@@ -156,6 +183,9 @@ def segment_first(holds: torch.Tensor, rules: Rules) -> torch.Tensor:
     b, c = holds.shape
     if c == 0:
         return torch.full((b, rules.k), -1, dtype=torch.int64, device=holds.device)
+    if rules.k == 1:  # argmax gives the first maximal index
+        first = holds.to(torch.uint8).argmax(dim=1, keepdim=True)
+        return torch.where(holds.any(dim=1, keepdim=True), first, torch.full_like(first, -1))
     local = torch.arange(c, device=holds.device) - rules.start[rules.owner]  # [C]
     big = torch.full((b, c), c, dtype=torch.int64, device=holds.device)
     first = torch.full((b, rules.k), c, dtype=torch.int64, device=holds.device).scatter_reduce(
@@ -170,57 +200,74 @@ def special_hits(special_scores: torch.Tensor, rules: Rules) -> torch.Tensor:
     return segment_max(fired, rules.special_owner, rules.k, 0).bool()
 
 
+def per_column(x: torch.Tensor, rules: Rules) -> torch.Tensor:
+    """A [B, K] value of each policy for each of its columns ([B, C]; [B, 1] when K is 1)."""
+    return x if rules.k == 1 else x[:, rules.owner]
+
+
+def segment_argmax(
+    values: torch.Tensor, rules: Rules, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and policy ([B, K]): the maximum of `values` [B, C] over its columns (where
+    `mask`), and the first column holding it, within the policy (-1: none)."""
+    b, c = values.shape
+    if mask is not None:
+        values = values.masked_fill(~mask, -torch.inf)
+    if c == 0:
+        empty = values.new_full((b, rules.k), -torch.inf)
+        return empty, torch.full((b, rules.k), -1, dtype=torch.int64, device=values.device)
+    if rules.k == 1:  # torch.max gives the first maximal index
+        best, at = values.max(dim=1, keepdim=True)
+    else:
+        best = segment_max(values, rules.owner, rules.k, -torch.inf)
+        at = segment_first(values == best[:, rules.owner], rules)
+    if mask is not None:
+        at = torch.where(best > -torch.inf, at, torch.full_like(at, -1))
+    return best, at
+
+
 def apply(rules: Rules, scores: torch.Tensor, special_scores: torch.Tensor) -> Outcome:
     """The rule over K policies' concatenated scores [B, C] and special-care scores [B, S].
 
-    A fixed number of device operations whatever K, B or C; no host sync.
+    A fixed number of device operations whatever K, B or C (two maxima with their index, a few
+    elementwise passes over [B, C]); no host sync.
     """
-    k = rules.k
-    owner = rules.owner
+    k, owner = rules.k, rules.owner
     fired = scores > 0  # [B, C]
-    special_fired = special_scores > 0  # [B, S]
     hit = special_hits(special_scores, rules)  # [B, K]
-    fired_rank = fired.to(torch.int64) * rules.ranks  # [B, C]
-    concept_rank = segment_max(fired_rank, owner, k, 0)  # [B, K]
-    any_fired = segment_max(fired.to(torch.int64), owner, k, 0).bool()  # [B, K]
-    band = rules.band[owner]  # [C]
-    in_band = (scores > -band) & (scores <= 0) & (band > 0)  # [B, C]
-    any_band = segment_max(in_band.to(torch.int64), owner, k, 0).bool()  # [B, K]
-    escalated = hit.to(torch.int64) * rules.escalate  # [B, K]
-    rank = torch.maximum(torch.maximum(concept_rank, escalated), any_band.to(torch.int64) * REVIEW)
+    zero = torch.zeros((), dtype=rules.ranks.dtype, device=scores.device)
+    concept_rank = segment_max(torch.where(fired, rules.ranks, zero), owner, k, 0)  # [B, K]
+    margin, top = segment_argmax(scores, rules)  # [B, K]
+    any_fired = margin > 0  # [B, K]
+    # The review band: a score in (-band, 0]. The highest score not above 0 tells whether any is.
+    nearest = segment_max(scores.masked_fill(fired, -torch.inf), owner, k, -torch.inf)
+    any_band = nearest > -rules.band  # [B, K] (no band: never, as nearest <= 0)
+    rank = torch.maximum(concept_rank.long(), hit.long() * rules.escalate)
+    rank = torch.maximum(rank, any_band.long() * REVIEW)  # [B, K]
 
-    margin = segment_max(scores, owner, k, float("-inf"))  # [B, K]
-    top = segment_first(scores == margin[:, owner], rules).clamp_(min=0)  # [B, K]
-
-    # The reason, by precedence. A concept sets the action when one of its action fired.
-    winners = fired & (rules.ranks == rank[:, owner])  # [B, C]
-    best = segment_max(
-        torch.where(winners, scores, torch.full_like(scores, -torch.inf)), owner, k, -torch.inf
-    )
-    by_concept = segment_first(winners & (scores == best[:, owner]), rules)  # [B, K]
-    in_band_score = torch.where(in_band, scores, torch.full_like(scores, -torch.inf))
-    nearest = segment_max(in_band_score, owner, k, -torch.inf)
-    by_band = segment_first(in_band & (scores == nearest[:, owner]), rules)
+    # The reason, by precedence. A concept sets the action when one of its action fired (the
+    # highest-scoring such concept); the review band names the nearest concept within it. Fired
+    # scores are above 0 and those in the band are not: one maximum finds either.
+    winners = fired & (rules.ranks == per_column(rank, rules))  # [B, C]
+    named = winners | ((scores > rules.neg_band) & ~fired)  # [B, C]
+    best, chosen = segment_argmax(scores, rules, named)  # [B, K]
+    by_concept = torch.where(best > 0, chosen, torch.full_like(chosen, -1))
     escalates = hit & (rules.escalate > 0) & (rules.escalate == rank)
     code = torch.full_like(rank, REASON_CODE["unknown"])
     code = torch.where((rank == 0) & ~any_fired, REASON_CODE["nothing_fired"], code)
     code = torch.where(any_band & (rank == REVIEW), REASON_CODE["review_band"], code)
     code = torch.where(escalates, REASON_CODE["special_care"], code)
     code = torch.where(by_concept >= 0, REASON_CODE["concept"], code)
-    concept = torch.where(
-        code == REASON_CODE["concept"],
-        by_concept,
-        torch.where(code == REASON_CODE["review_band"], by_band, torch.full_like(by_band, -1)),
-    )
+    named_concept = (code == REASON_CODE["concept"]) | (code == REASON_CODE["review_band"])
     return Outcome(
+        rules=rules,
+        scores=scores,
+        special_scores=special_scores,
         rank=rank,
         margin=margin,
-        top=top,
+        top=top.clamp(min=0),
         reason=code,
-        reason_concept=concept,
-        fired=fired,
-        special_fired=special_fired,
-        in_band=in_band,
+        reason_concept=torch.where(named_concept, chosen, torch.full_like(chosen, -1)),
         any_fired=any_fired,
         hit=hit,
     )
