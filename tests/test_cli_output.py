@@ -135,7 +135,9 @@ def test_review_list_show_and_stats_escape_what_users_typed(hostile_db):
     assert "  verdict review, action review: " in shown  # then its reason
     assert "\n  gore\\x1b[2J\\u202e  " in shown  # the hostile concept's row, escaped
     assert "  error bad\\x1b[31m file\\nforged\n" in shown
-    assert '  metadata prompt="=HYPERLINK(\\"http://x\\")\\u001b]0;pwned\\u0007" k\\x1b="+1"' in shown
+    assert (
+        '  metadata prompt="=HYPERLINK(\\"http://x\\")\\u001b]0;pwned\\u0007" k\\x1b="+1"' in shown
+    )
 
     stats = run("review", "stats", "--db", hostile_db).output
     _assert_inert(stats)

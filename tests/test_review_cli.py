@@ -205,9 +205,7 @@ def test_show_text_and_json(db_url, seeded):
         assert expected in text
     shown = run_json("show", str(item), "--db", db_url)
     # The decision document plus the item and its history (CHANGELOG, issue 14).
-    assert {"item", "events", "decision_id", "action_reason", "review_band", "policy"} <= set(
-        shown
-    )
+    assert {"item", "events", "decision_id", "action_reason", "review_band", "policy"} <= set(shown)
     assert shown["decision_id"] == seeded.decisions[1].decision_id
     scores = [c["score"] for c in shown["concepts"]]
     assert sorted(c["name"] for c in shown["concepts"]) == ["gore", "nudity", "weapons"]
