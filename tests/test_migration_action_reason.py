@@ -15,8 +15,8 @@ from moderation.engine import Moderator
 from moderation.storage import DecisionLog, downgrade, head_revision, upgrade
 from moderation.storage import db as storage_db
 from moderation.storage.models import DecisionRow
+from tests.kernel_factory import exact_rows, policy
 from tests.pg import BACKENDS, scratch_url
-from tests.test_decision_kernel import exact_rows, policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
