@@ -227,10 +227,10 @@ def render_show(shown: dict[str, Any]) -> str:
         f"Item {item['id']}: {status}",
         f"  priority {item['priority']}, margin {num(item['margin'])}, created {when(item['created_at'])} UTC"
         + (f"; {'; '.join(links)}" if links else ""),
-        f"  why it is in review: {review_reason(shown)}",
     ]
     if item.get("labels") is not None:
         lines.append(f"  labels: {clean(render_labels(item['labels']))}")
+    lines.append(f"  why it is in review: {review_reason(shown)}")
     lines += decision_lines(shown)
     lines += concept_lines(shown)
     rows = [event_line(e) for e in shown["events"]]
