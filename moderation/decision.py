@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moderation.host_columns import HostColumns, host_columns, values
+from moderation.host_columns import HostColumns, to_host, values
 from moderation.ids import new_decision_ids
-from policy.vocabulary import ACTION_RANK, ACTIONS, verdict_of
+from moderation.kernel import rule
+from policy.vocabulary import ACTIONS, verdict_of
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,9 @@ class Decision:
     adjustment: float = 0.0
     margin: float | None = None  # highest concept score; None when the image could not be scored
     top_concept: str | None = None
+    # Which rule set the action (moderation.rule.REASONS) and the concept it names, if any.
+    action_reason: str | None = None
+    reason_concept: str | None = None
     error: str | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)  # [V, D] float32, per view
     image_sha256: str | None = None
@@ -70,6 +74,10 @@ class Decision:
     # A live decision's shadow decisions: what each shadow candidate would have decided about
     # the same image (candidate order; empty without candidates). Never acted on or queued.
     shadows: tuple[Decision, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.verdict == "error" and self.action_reason is None:
+            self.action_reason = "error"  # the policy's on_error set the action
 
     @property
     def flagged(self) -> bool:
@@ -96,30 +104,6 @@ class Decision:
     def special_care_scores(self) -> dict[str, float]:
         return dict(zip(self.policy.special_names, self.special_scores.tolist(), strict=True))
 
-    def explain(self, top: int | None = None) -> list[dict[str, Any]]:
-        """Per-concept rows (name, category, action, cosine, threshold, score, fired), best first."""
-        thresholds = self.policy.thresholds.detach().cpu().numpy()
-        order = np.argsort(-self.scores, kind="stable") if self.scores.size else np.array([], int)
-        if top is not None:
-            order = order[:top]
-        rows = []
-        for i in order.tolist():
-            name = self.policy.concept_names[i]
-            rows.append(
-                {
-                    "concept": name,
-                    "category": self.policy.categories[i],
-                    "action": self.policy.actions[i],
-                    "cosine": float(self.cosines[i]),
-                    "threshold": float(thresholds[i]),
-                    "score": float(self.scores[i]),
-                    "fired": name in self.fired,
-                    # which of `views` gave the cosine (None: the image was one view)
-                    "view": self.view_of(i),
-                }
-            )
-        return rows
-
     def view_of(self, concept: int) -> int | None:
         """Index in `views` of the view that gave concept `concept` its cosine (None: one view)."""
         if self.views is None:
@@ -127,31 +111,11 @@ class Decision:
         return int(self.concept_views[concept]) if self.concept_views is not None else 0
 
     def to_dict(self, *, top: int | None = 5) -> dict[str, Any]:
-        """A JSON-able summary: the stable shape printed by `--json`."""
-        return {
-            "decision_id": self.decision_id,
-            "created_at": self.created_at.isoformat(),
-            "verdict": self.verdict,
-            "action": self.action,
-            "fired": list(self.fired),
-            "special_care": list(self.special_hits),
-            "adjustment": self.adjustment,
-            "margin": self.margin,
-            "top_concept": self.top_concept,
-            "error": self.error,
-            "image_sha256": self.image_sha256,
-            "policy": {
-                "name": self.policy.name,
-                "version": self.policy.version,
-                "digest": self.policy.digest,
-            },
-            "model": self.policy.model,
-            "concepts": self.explain(top=top),
-            "views": self.views,  # what the image was judged on (None: CLIP's centre crop)
-            "value_range": self.value_range,  # how a float input was read (None: not float)
-            "encoder_digest": self.encoder_digest,  # the tower (weights + preprocessing)
-            "metadata": self.metadata,
-        }
+        """The decision document (docs/decision-document.md), with the `top` nearest concepts
+        (None: every concept) and its shadow decisions; `recorded` is None (not known here)."""
+        from moderation.kernel.document import live_document
+
+        return live_document(self, top=top)
 
 
 NON_FINITE = "non-finite embedding"
@@ -167,7 +131,8 @@ def decide(
     owners: torch.Tensor | None = None,
     views: Sequence[list[dict[str, Any]] | None] | None = None,
 ) -> list[Decision]:
-    """One Decision per image: the action is worked out on the device, then one host transfer.
+    """One Decision per image: the rule (moderation.rule) runs on the device, then one host
+    transfer of the named columns.
 
     `embeddings` are kept in the decisions (one row per view; with `owners` [N], row i belongs
     to image owners[i], as in `score`); `views` describes each image's views.
@@ -183,23 +148,21 @@ def decide(
         raise ValueError(f"views has {len(views)} entries for a batch of {batch}")
 
     columns = decision_columns(policy, scores)
-    width = sum(c.shape[1] for c in columns)
     one_view = owners is None
     if embeddings is not None and one_view:
-        columns.append(embeddings.detach().to(scores.scores.device))
-    # One [B, K] float32 block, one transfer: integer columns are exact below 2**24 concepts.
-    host = torch.cat([c.to(torch.float32) for c in columns], dim=1).cpu().numpy()  # [B, K]
+        columns["embedding"] = embeddings.detach().to(scores.scores.device)
+    host = to_host(columns)  # one transfer
     embedding_rows: list[np.ndarray] | None = None
     if embeddings is not None and one_view:
-        embedding_rows = list(host[:, width:, None].transpose(0, 2, 1))  # B x [1, D]
+        embedding_rows = list(host["embedding"][:, None, :])  # B x [1, D]
     elif embeddings is not None:
         # Views make the rows per image uneven: a second transfer, only when embeddings are kept.
         flat = embeddings.detach().to(torch.float32).cpu().numpy()  # [N, D]
         counts = torch.bincount(owners.to("cpu"), minlength=batch).tolist()
         embedding_rows = np.split(flat, np.cumsum(counts)[:-1])  # B x [V, D]
-    return decisions_from_host(
+    return build_decisions(
         policy,
-        host[:, :width],
+        host_columns(host),
         errors=errors,
         metadata=[_metadata_for(metadata, i) for i in range(batch)],
         views=views,
@@ -207,77 +170,58 @@ def decide(
     )
 
 
-def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tensor]:
-    """The [B, K] device columns `decisions_from_host` reads back (most severe action among
-    fired concepts, special care, review band, margin, top concept), not yet transferred."""
-    rank, margin, top = action_ranks(policy, scores)
-    columns = [
-        scores.cosines,
-        scores.scores,
-        scores.special_cosines,
-        scores.special_scores,
-        scores.adjustment[:, None],
-        rank[:, None],
-        scores.valid[:, None],
-        margin[:, None],
-        top[:, None],
-    ]
-    if scores.concept_views is not None:
-        columns += [scores.concept_views, scores.special_views]
-    return columns
+def decision_columns(policy: CompiledPolicy, scores: Scores) -> dict[str, torch.Tensor | None]:
+    """The named device columns `host_columns` reads back (the rule's outcome for one policy:
+    most severe action, margin, top concept, reason), not yet transferred."""
+    outcome = rule.apply(
+        rule.rules_of(policy, scores.scores.device), scores.scores, scores.special_scores
+    )
+    return {
+        "cosines": scores.cosines,
+        "scores": scores.scores,
+        "special_cosines": scores.special_cosines,
+        "special_scores": scores.special_scores,
+        "adjustment": scores.adjustment,
+        "rank": outcome.rank[:, 0],
+        "valid": scores.valid,
+        "margin": outcome.margin[:, 0],
+        "top": outcome.top[:, 0],
+        "reason": outcome.reason[:, 0],
+        "reason_concept": outcome.reason_concept[:, 0],
+        "concept_views": scores.concept_views,
+        "special_views": scores.special_views,
+    }
+
+
+def host_columns(host: Mapping[str, np.ndarray]) -> HostColumns:
+    """One policy's HostColumns from `to_host(decision_columns(...))`."""
+    views = host.get("concept_views")
+    return HostColumns(
+        cosines=host["cosines"],
+        scores=host["scores"],
+        special_cosines=host["special_cosines"],
+        special_scores=host["special_scores"],
+        adjustment=host["adjustment"],
+        rank=host["rank"],
+        valid=host["valid"],
+        margin=host["margin"],
+        top=host["top"],
+        reason=host["reason"],
+        reason_concept=host["reason_concept"],
+        concept_views=None if views is None else views.astype(np.int16),
+        special_views=None if views is None else host["special_views"].astype(np.int16),
+    )
 
 
 def action_ranks(
     policy: CompiledPolicy, scores: Scores
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image, on the scores' device: the rank (policy.vocabulary.ACTION_RANK) of the action
-    `decide` takes for a scored image, the highest concept score and the concept holding it.
-
-    The most severe action among fired concepts (allow where none fired), raised by a
-    special-care hit to `escalate` and by a score in the review band to review. `decide`, shadow
-    candidates and the backtest (moderation.lifecycle.backtest) all decide through here.
-    """
-    import torch
-
-    batch, n_concepts = scores.scores.shape
-    device = scores.scores.device
-    fired = scores.scores > 0  # [B, C]
-    ranks = policy.action_ranks.to(device)  # [C]
-    if n_concepts:
-        rank = (fired.long() * ranks).amax(dim=1)  # [B]
-    else:
-        rank = torch.zeros(batch, dtype=torch.long, device=device)
-    if policy.escalate is not None:
-        rank = torch.maximum(rank, scores.special_hit.long() * ACTION_RANK[policy.escalate])
-    if policy.review_band > 0 and n_concepts:
-        in_band = ((scores.scores > -policy.review_band) & (scores.scores <= 0)).any(dim=1)  # [B]
-        rank = torch.maximum(rank, in_band.long() * ACTION_RANK["review"])
-    if n_concepts:
-        margin, top = scores.scores.max(dim=1)  # [B], [B]
-    else:
-        margin, top = scores.scores.new_zeros(batch), rank.new_zeros(batch)
-    return rank, margin, top
-
-
-def decisions_from_host(
-    policy: CompiledPolicy,
-    host: np.ndarray,
-    *,
-    errors: Sequence[str | None] | None = None,
-    metadata: Sequence[dict[str, Any]] | None = None,
-    views: Sequence[list[dict[str, Any]] | None] | None = None,
-    embedding_rows: Sequence[np.ndarray] | None = None,
-) -> list[Decision]:
-    """Decisions from the host copy [B, K] of `decision_columns` (views columns when K says so)."""
-    columns = host_columns(policy, host)
-    return build_decisions(
-        policy,
-        columns,
-        errors=errors,
-        metadata=metadata,
-        views=views,
-        embedding_rows=embedding_rows,
+    """Per image, on the scores' device: the rank (ACTIONS index) of the action the rule
+    takes for a scored image, the highest concept score and the concept holding it."""
+    outcome = rule.apply(
+        rule.rules_of(policy, scores.scores.device), scores.scores, scores.special_scores
     )
+    return outcome.rank[:, 0], outcome.margin[:, 0], outcome.top[:, 0]
 
 
 def build_decisions(
@@ -290,13 +234,8 @@ def build_decisions(
     embedding_rows: Sequence[np.ndarray] | None = None,
     live: Sequence[Decision] | None = None,
     ids: Sequence[str] | None = None,
-    fired: tuple[np.ndarray, np.ndarray, list[bool], list[bool]] | None = None,
 ) -> list[Decision]:
     """One Decision per row of `columns` (ids: their decision ids, default new ones).
-
-    The [B] columns may already be Python lists, and `fired` the masks `scores > 0`,
-    `special_scores > 0` and whether each row has any (a caller deciding several policies at
-    once works them out for all of them in one go).
 
     With `live`, these are shadow decisions of a candidate policy: each takes its live
     decision's time, image hash, metadata, views and error (an image the live policy could not
@@ -309,16 +248,16 @@ def build_decisions(
     # Python values once per column, not a NumPy scalar per image.
     adjustment, valid = values(columns.adjustment), values(columns.valid)
     action_rank, top = values(columns.rank, np.int64), values(columns.top, np.int64)
+    reason, reason_concept = (
+        values(columns.reason, np.int64),
+        values(columns.reason_concept, np.int64),
+    )
     margin = values(columns.margin)
-    if fired is None:
-        fired_np = concept_scores > 0  # [B, C]
-        special_fired_np = special_scores > 0  # [B, S]
-        any_fired = fired_np.any(axis=1).tolist()
-        any_special = special_fired_np.any(axis=1).tolist()
-    else:
-        fired_np, special_fired_np, any_fired, any_special = fired
+    fired_np = concept_scores > 0  # [B, C]
+    special_fired_np = special_scores > 0  # [B, S]
+    any_fired = fired_np.any(axis=1).tolist()
+    any_special = special_fired_np.any(axis=1).tolist()
 
-    actions_by_rank = ACTIONS
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
     on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names
@@ -354,8 +293,9 @@ def build_decisions(
                 None,
                 None,
             )
+            why, why_concept = "error", None
         else:
-            action = actions_by_rank[action_rank[i]]
+            action = ACTIONS[action_rank[i]]
             verdict = verdict_of(action)
             fired = tuple(names[j] for j in np.flatnonzero(fired_np[i])) if any_fired[i] else ()
             hits = ()
@@ -363,6 +303,8 @@ def build_decisions(
                 hits = tuple(special_names[j] for j in np.flatnonzero(special_fired_np[i]))
             adjust = adjustment[i]
             best, top_name = (margin[i], names[top[i]]) if c else (None, None)
+            why = rule.REASONS[reason[i]]
+            why_concept = names[reason_concept[i]] if reason_concept[i] >= 0 else None
         decisions.append(
             Decision(
                 verdict=verdict,
@@ -377,6 +319,8 @@ def build_decisions(
                 adjustment=adjust,
                 margin=best,
                 top_concept=top_name,
+                action_reason=why,
+                reason_concept=why_concept,
                 error=error,
                 embedding=embeddings[i],
                 image_sha256=hashes[i],

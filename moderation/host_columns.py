@@ -1,45 +1,63 @@
-"""A policy's decision columns once on the host: what `decision.build_decisions` reads."""
+"""Named device columns to the host in one transfer, and one policy's decision columns there.
+
+`to_host` casts every [B] or [B, w] column to float32 (integers are exact below 2**24),
+concatenates them, copies the block once and hands back a view per name: fields travel by
+name, never by position. `HostColumns` is what `decision.build_decisions` reads for one policy.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from policy.compiled import CompiledPolicy
+    import torch
 
 
-class HostColumns(NamedTuple):
-    """One policy's decision columns on the host: [B, C] / [B, S] arrays and [B] vectors."""
+def to_host(columns: Mapping[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
+    """Every column ([B] or [B, w]; None is skipped) on the host, by name, in one transfer.
+
+    [B] columns come back as [B] arrays, [B, w] ones as [B, w] views of the one block.
+    """
+    import torch
+
+    given = {name: c for name, c in columns.items() if c is not None}
+    if not given:
+        return {}
+    blocks, widths = [], {}
+    for name, column in given.items():
+        block = column[:, None] if column.ndim == 1 else column
+        blocks.append(block.to(torch.float32))
+        widths[name] = (int(block.shape[1]), column.ndim == 1)
+    host = torch.cat(blocks, dim=1).cpu().numpy()
+    out, at = {}, 0
+    for name, (width, flat) in widths.items():
+        out[name] = host[:, at] if flat else host[:, at : at + width]
+        at += width
+    return out
+
+
+@dataclass
+class HostColumns:
+    """One policy's decision columns on the host: [B, C] / [B, S] arrays and [B] values (NumPy
+    arrays or Python lists)."""
 
     cosines: np.ndarray
     scores: np.ndarray
     special_cosines: np.ndarray
     special_scores: np.ndarray
-    adjustment: np.ndarray
-    rank: np.ndarray  # index into ACTION_RANK's order
-    valid: np.ndarray
-    margin: np.ndarray
-    top: np.ndarray
+    adjustment: Any
+    rank: Any  # index into rule.ACTIONS
+    valid: Any
+    margin: Any
+    top: Any
+    reason: Any  # index into rule.REASONS
+    reason_concept: Any  # the concept the reason names (-1: none)
     concept_views: np.ndarray | None = None  # [B, C] int16
     special_views: np.ndarray | None = None  # [B, S] int16
-
-
-def host_columns(policy: CompiledPolicy, host: np.ndarray) -> HostColumns:
-    """The columns of the host copy [B, K] of `decision_columns` (views when K holds them)."""
-    c, s = len(policy.concept_names), len(policy.special_names)
-    tail = host[:, 2 * c + 2 * s :]
-    has_views = tail.shape[1] > 5
-    return HostColumns(
-        host[:, :c],
-        host[:, c : 2 * c],
-        host[:, 2 * c : 2 * c + s],
-        host[:, 2 * c + s : 2 * c + 2 * s],
-        *(tail[:, i] for i in range(5)),
-        tail[:, 5 : 5 + c].astype(np.int16) if has_views else None,
-        tail[:, 5 + c : 5 + c + s].astype(np.int16) if has_views else None,
-    )
 
 
 def values(column: np.ndarray | list, dtype: Any = None) -> list:

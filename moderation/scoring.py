@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moderation.errors import ModerationError
+from moderation.kernel import rule
 from policy.compiled import DIFFUSERS_ADJUSTMENT, CompiledPolicy
 
 # diffusers adds this Python float once a special-care concept fires. A `compat: diffusers`
@@ -129,6 +130,16 @@ def score_many(
     return out
 
 
+def stacked_cosines(
+    embeddings: torch.Tensor,
+    matrices: tuple[torch.Tensor, torch.Tensor],
+    owners: torch.Tensor | None,
+    n_images: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_cosines` against `stacked_matrices(policies)`: every policy's columns in one pass."""
+    return _cosines(embeddings, *matrices, owners, n_images)
+
+
 def stacked_matrices(policies: Sequence[CompiledPolicy]) -> tuple[torch.Tensor, torch.Tensor]:
     """The policies' concept and special-care matrices, concatenated in order (float32)."""
     device = policies[0].device
@@ -196,10 +207,15 @@ def scores_from_cosines(
             cosines, thresholds, special_cosines, special_thresholds
         )
     else:
-        special_scores = special_cosines - special_thresholds  # [B, S]
-        special_hit = (special_scores > 0).any(dim=1)  # [B]
-        adjustment = special_hit.to(torch.float32) * float(policy.adjustment)  # [B]
-        scores = cosines - thresholds + adjustment[:, None]  # [B, C]
+        scores, special_scores, hits, adjustments = adjusted_scores(
+            rule.rules_of(policy, device),
+            cosines,
+            special_cosines,
+            thresholds,
+            special_thresholds,
+            torch.full((1,), float(policy.adjustment), dtype=torch.float32, device=device),
+        )
+        special_hit, adjustment = hits[:, 0], adjustments[:, 0]  # [B]
 
     valid = finite & torch.isfinite(scores).all(dim=1) & torch.isfinite(special_scores).all(dim=1)
     return Scores(
@@ -213,6 +229,27 @@ def scores_from_cosines(
         concept_views=concept_views,
         special_views=special_views,
     )
+
+
+def adjusted_scores(
+    rules: rule.Rules,
+    cosines: torch.Tensor,
+    special_cosines: torch.Tensor,
+    thresholds: torch.Tensor,
+    special_thresholds: torch.Tensor,
+    adjustments: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scores of K policies (not `compat: diffusers`) over their concatenated columns:
+    special-care scores, which policies had a hit, the adjustment each adds ([B, K]: its
+    `adjustments[k]` after a hit, else 0) and the concept scores `cos - threshold + adjustment`.
+
+    Returns (scores [B, C], special_scores [B, S], hit [B, K] bool, adjustment [B, K]).
+    """
+    special_scores = special_cosines - special_thresholds  # [B, S]
+    hit = rule.special_hits(special_scores, rules)  # [B, K]
+    adjustment = hit.to(torch.float32) * adjustments  # [B, K]
+    scores = cosines - thresholds + adjustment[:, rules.owner]  # [B, C]
+    return scores, special_scores, hit, adjustment
 
 
 def max_over_views(

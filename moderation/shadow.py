@@ -2,12 +2,14 @@
 
 A candidate is scored on the live policy's embeddings (its views, its model), in the same pass:
 every candidate's concept and special-care rows are concatenated once per device, so a batch
-costs one matrix product for all of them, one maximum over views, a fixed number of elementwise
-operations whatever the number of candidates (thresholds, special care, the most severe action,
-the review band and the margin of each candidate, as `decide` works them out) and one host
-transfer for all their columns. A `compat: diffusers` candidate (diffusers' rounding) is scored
-with `scoring.score_many` instead, one set of operations per candidate. The live policy keeps its
-own `score()` call, so its decisions are bit for bit those of a Moderator without candidates. A candidate's decisions are attached to the live ones
+costs one matrix product per kind for all of them, one maximum over views, a fixed number of
+device operations whatever the number of candidates (`scoring.adjusted_scores` for thresholds
+and special care, then the one decision rule, `moderation.rule.apply`, over every candidate's
+columns at once) and one host transfer of all their named columns. A `compat: diffusers`
+candidate (diffusers' rounding) is scored with `scoring.scores_from_cosines` one candidate at a
+time; the rule still runs once for all. The live policy keeps its own `score()` call, so its
+decisions are bit for bit those of a Moderator without candidates. A candidate's decisions are
+attached to the live ones
 (`Decision.shadows`), linked by `shadow_of` and logged after them; they are never acted on,
 never queued for review and never hold an original.
 
@@ -26,19 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from moderation.decision import (
-    Decision,
-    HostColumns,
-    build_decisions,
-    decision_columns,
-    host_columns,
-)
+from moderation.decision import Decision, build_decisions
 from moderation.engine_io import error_decisions
 from moderation.errors import ModerationError
+from moderation.host_columns import HostColumns, to_host
 from moderation.ids import new_decision_ids
-from moderation.scoring import max_over_views, score_many, stacked_matrices
+from moderation.kernel import rule
+from moderation.scoring import (
+    adjusted_scores,
+    scores_from_cosines,
+    stacked_cosines,
+    stacked_matrices,
+)
 
 if TYPE_CHECKING:
     from policy import CompiledPolicy, Policy
@@ -88,11 +90,11 @@ class ShadowCandidates:
         self._stack()
 
     def _stack(self) -> None:
-        # Precomputed once per device: the concatenated matrices of every candidate.
+        # Precomputed once per device: the concatenated matrices and rules of every candidate.
         self.matrices = stacked_matrices(self.policies) if self.policies else None
+        self.rules = rule.Rules.of(self.policies) if self.policies else None
         fusable = bool(self.policies) and all(p.compat != "diffusers" for p in self.policies)
-        fusable = fusable and all(p.concept_names for p in self.policies)
-        self.fused = _Fused(self.policies, self.matrices) if fusable else None
+        self.fused = _Fused(self.policies, self.rules) if fusable else None
 
     def __len__(self) -> int:
         return len(self.policies)
@@ -118,8 +120,6 @@ class ShadowCandidates:
         try:
             if embeddings is None:
                 per_candidate = [_error_shadows(p, live, None) for p in self.policies]
-            elif self.fused is not None:
-                per_candidate = self.fused.decide(live, embeddings, owners)
             else:
                 per_candidate = self._decide(live, embeddings, owners)
         except Exception as exc:  # a candidate never changes what the live policy decided
@@ -137,18 +137,74 @@ class ShadowCandidates:
     def _decide(
         self, live: list[Decision], embeddings: torch.Tensor, owners: torch.Tensor | None
     ) -> list[list[Decision]]:
-        scores = score_many(self.policies, embeddings, owners, len(live), matrices=self.matrices)
-        columns = [decision_columns(p, s) for p, s in zip(self.policies, scores, strict=True)]
-        widths = [sum(c.shape[1] for c in cols) for cols in columns]
-        # One transfer for every candidate's columns.
-        flat = [c.to(torch.float32) for cols in columns for c in cols]
-        host = torch.cat(flat, dim=1).cpu().numpy()
-        out, at = [], 0
-        for policy, width in zip(self.policies, widths, strict=True):
-            columns = host_columns(policy, host[:, at : at + width])
-            out.append(build_decisions(policy, columns, live=live))
-            at += width
+        """Every candidate's scores over their concatenated columns, the rule over all of them
+        in one pass (moderation.rule), one host transfer, then each candidate's decisions."""
+        n = len(live)
+        cosines, special_cosines, finite, concept_views, special_views = stacked_cosines(
+            embeddings, self.matrices, owners, n
+        )
+        if self.fused is not None:
+            columns = self.fused.columns(cosines, special_cosines, finite)
+        else:  # a `compat: diffusers` candidate keeps its own arithmetic: one policy at a time
+            columns = _one_by_one(self.policies, cosines, special_cosines, finite)
+        outcome = rule.apply(self.rules, columns["scores"], columns["special_scores"])
+        host = to_host(
+            {
+                "cosines": cosines,
+                "special_cosines": special_cosines,
+                **columns,
+                "rank": outcome.rank,
+                "margin": outcome.margin,
+                "top": outcome.top,
+                "reason": outcome.reason,
+                "reason_concept": outcome.reason_concept,
+                "concept_views": concept_views,
+                "special_views": special_views,
+            }
+        )  # one transfer for every candidate
+        ids = new_decision_ids(n * len(self.policies))  # one call for every candidate
+        out, c0, s0 = [], 0, 0
+        views = host.get("concept_views")
+        for k, policy in enumerate(self.policies):
+            c1, s1 = c0 + len(policy.concept_names), s0 + len(policy.special_names)
+            candidate = HostColumns(
+                cosines=host["cosines"][:, c0:c1],
+                scores=host["scores"][:, c0:c1],
+                special_cosines=host["special_cosines"][:, s0:s1],
+                special_scores=host["special_scores"][:, s0:s1],
+                concept_views=None if views is None else views[:, c0:c1].astype(np.int16),
+                special_views=(
+                    None if views is None else host["special_views"][:, s0:s1].astype(np.int16)
+                ),
+                **{name: host[name][:, k] for name in _PER_CANDIDATE},
+            )
+            out.append(build_decisions(policy, candidate, live=live, ids=ids[k * n : (k + 1) * n]))
+            c0, s0 = c1, s1
         return out
+
+
+# HostColumns' [B] fields: [B, K] host columns, one column per candidate.
+_PER_CANDIDATE = ("adjustment", "rank", "valid", "margin", "top", "reason", "reason_concept")
+
+
+def _one_by_one(
+    policies: Sequence[CompiledPolicy],
+    cosines: torch.Tensor,
+    special_cosines: torch.Tensor,
+    finite: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The scores of candidates one at a time (`scoring.scores_from_cosines`), concatenated."""
+    scores, c0, s0 = [], 0, 0
+    for p in policies:
+        c1, s1 = c0 + len(p.concept_names), s0 + len(p.special_names)
+        scores.append(scores_from_cosines(p, cosines[:, c0:c1], special_cosines[:, s0:s1], finite))
+        c0, s0 = c1, s1
+    return {
+        "scores": torch.cat([x.scores for x in scores], dim=1),
+        "special_scores": torch.cat([x.special_scores for x in scores], dim=1),
+        "adjustment": torch.stack([x.adjustment for x in scores], dim=1),
+        "valid": torch.stack([x.valid for x in scores], dim=1),
+    }
 
 
 def shadow_decisions(live: Sequence[Decision]) -> list[Decision]:
@@ -201,110 +257,42 @@ def _same_model(a: str, b: str) -> bool:
 
 
 class _Fused:
-    """Every candidate's rows in one matrix: one product (and one maximum over views) on the
-    device, one transfer of all the cosines, then every candidate's rules at once on the host.
+    """Every candidate's thresholds and adjustments concatenated on the device: their scores
+    come from one product (`scoring.adjusted_scores` over all their columns at once)."""
 
-    The rules are `scoring.scores_from_cosines` and `decision.decision_columns` as NumPy over
-    the concatenated columns, reduced per candidate (`reduceat` over its columns), so that K
-    candidates cost a fixed number of vector operations instead of dozens of device operations
-    each (test_shadow checks that they decide what each candidate decides alone).
-    """
+    def __init__(self, policies: Sequence[CompiledPolicy], rules: rule.Rules) -> None:
+        device = policies[0].device
 
-    def __init__(self, policies: Sequence[CompiledPolicy], matrices) -> None:
-        from policy.vocabulary import ACTION_RANK
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(p, name).to(device, torch.float32) for p in policies])
 
-        concept, special = matrices
-        self.policies = policies
-        self.n_concepts = int(concept.shape[0])
-        self.matrix = torch.cat([concept, special]).t().contiguous()  # [D, C + S]
-        counts = [len(p.concept_names) for p in policies]  # each > 0 (else not fused)
-        special_counts = [len(p.special_names) for p in policies]
-        self.start = np.cumsum([0, *counts[:-1]])  # [K] first column of each candidate
-        self.slices = [slice(int(a), int(a) + n) for a, n in zip(self.start, counts, strict=True)]
-        bounds = np.cumsum([0, *special_counts])
-        self.special_slices = [
-            slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        owner = np.repeat(np.arange(len(policies)), counts)  # [C] candidate of each column
-
-        def host(name: str) -> np.ndarray:
-            return np.concatenate(
-                [getattr(p, name).detach().to("cpu", torch.float32).numpy() for p in policies]
-            )
-
-        self.owner = owner
-        self.thresholds, self.special_thresholds = host("thresholds"), host("special_thresholds")
-        self.ranks = np.array([ACTION_RANK[a] for p in policies for a in p.actions], np.int64)
-        self.special_mask = (  # [S, K] float32: which candidate owns a special-care column
-            np.repeat(np.arange(len(policies)), special_counts)[:, None]
-            == np.arange(len(policies))[None, :]
-        ).astype(np.float32)
-        self.adjustment = np.array([p.adjustment for p in policies], np.float32)
-        self.escalate = np.array(
-            [ACTION_RANK[p.escalate] if p.escalate else 0 for p in policies], np.int64
+        self.rules = rules
+        self.thresholds, self.special_thresholds = cat("thresholds"), cat("special_thresholds")
+        self.adjustments = torch.tensor(
+            [float(p.adjustment) for p in policies], dtype=torch.float32, device=device
         )
-        # -band per column: a score in (-band, 0] sends the image to review (no band: none).
-        self.neg_band = -np.array([p.review_band for p in policies], np.float32)[owner]
-        self.review = ACTION_RANK["review"]
 
-    def decide(
-        self, live: list[Decision], embeddings: torch.Tensor, owners: torch.Tensor | None
-    ) -> list[list[Decision]]:
-        n, c = len(live), self.n_concepts
-        unit = F.normalize(embeddings.float())
-        cos = torch.mm(unit, self.matrix)  # [N, C + S]: every candidate in one product
-        # A NaN or infinite embedding makes its row of cosines NaN (the norm is NaN or inf), and
-        # NaN wins the maximum over views: such an image is invalid below without a check here.
-        views = None
-        if owners is not None:
-            cos, views = max_over_views(cos, owners, n)  # [B, C + S]
-            cos = torch.cat([cos, views.to(torch.float32)], dim=1)
-        host = cos.cpu().numpy()  # one transfer for every candidate
-        width = self.matrix.shape[1]
-        cosines, special_cosines = host[:, :c], host[:, c:width]
-        views_np = host[:, width:].astype(np.int16) if views is not None else None
-
-        start, mask = self.start, self.special_mask
-        special_scores = special_cosines - self.special_thresholds  # [B, S]
-        special_fired = special_scores > 0
-        hit = (special_fired.astype(np.float32) @ mask) > 0  # [B, K] a special-care hit
-        adjustment = hit * self.adjustment  # [B, K] float32
-        scores = cosines - self.thresholds + adjustment[:, self.owner]  # [B, C]
-        fired = scores > 0
-        rank = np.maximum.reduceat(np.where(fired, self.ranks, 0), start, axis=1)  # [B, K]
-        rank = np.maximum(rank, hit * self.escalate)
-        in_band = (scores > self.neg_band) & ~fired  # within the review band below a threshold
-        rank = np.maximum(rank, np.logical_or.reduceat(in_band, start, axis=1) * self.review)
-        # Thresholds and adjustments are finite: only a non-finite embedding (a NaN row of
-        # cosines) makes a score non-finite, for every candidate alike.
-        valid = np.isfinite(host[:, :width]).all(axis=1).tolist()  # [B]
-        margin = np.maximum.reduceat(scores, start, axis=1)  # [B, K]
-        top = np.stack([scores[:, cs].argmax(axis=1) for cs in self.slices], axis=1)  # [B, K]
-        any_fired = np.logical_or.reduceat(fired, start, axis=1)  # [B, K]
-        # Python lists per candidate in one call per column: no NumPy scalar per decision.
-        per = [x.T.tolist() for x in (adjustment, rank, margin, top, any_fired, hit)]
-
-        ids = new_decision_ids(n * len(self.policies))  # one call for every candidate
-        out = []
-        for k, policy in enumerate(self.policies):
-            cs, ss = self.slices[k], self.special_slices[k]
-            adjust, ranks, best, tops, anyf, anys = (values[k] for values in per)
-            columns = HostColumns(
-                cosines[:, cs],
-                scores[:, cs],
-                special_cosines[:, ss],
-                special_scores[:, ss],
-                adjust,
-                ranks,
-                valid,
-                best,
-                tops,
-                None if views_np is None else views_np[:, cs],
-                None if views_np is None else views_np[:, c:][:, ss],
-            )
-            masks = (fired[:, cs], special_fired[:, ss], anyf, anys)
-            decisions = build_decisions(
-                policy, columns, live=live, ids=ids[k * n : (k + 1) * n], fired=masks
-            )
-            out.append(decisions)
-        return out
+    def columns(
+        self, cosines: torch.Tensor, special_cosines: torch.Tensor, finite: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        scores, special_scores, _, adjustment = adjusted_scores(
+            self.rules,
+            cosines,
+            special_cosines,
+            self.thresholds,
+            self.special_thresholds,
+            self.adjustments,
+        )
+        # Thresholds and adjustments are finite: only a non-finite embedding makes a score
+        # non-finite, but a candidate is judged on its own columns, as it would be alone.
+        bad = rule.segment_max((~torch.isfinite(scores)).long(), self.rules.owner, self.rules.k, 0)
+        bad_special = rule.segment_max(
+            (~torch.isfinite(special_scores)).long(), self.rules.special_owner, self.rules.k, 0
+        )
+        valid = finite[:, None] & (bad == 0) & (bad_special == 0)  # [B, K]
+        return {
+            "scores": scores,
+            "special_scores": special_scores,
+            "adjustment": adjustment,
+            "valid": valid,
+        }

@@ -155,7 +155,9 @@ def test_check_out_writes_a_still_of_a_flagged_animation(
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
-    assert row["verdict"] == "flag" and row["views"][row["concepts"][0]["view"]]["frame"] == 3
+    assert (
+        row["verdict"] == "flag" and row["views"][row["concepts"][0]["view"]["index"]]["frame"] == 3
+    )
     with Image.open(out / f"{animation.name}.png") as written:  # check keeps the input name
         assert not getattr(written, "is_animated", False)  # blacked out, and still
         assert np.asarray(written.convert("RGB")).max() == 0

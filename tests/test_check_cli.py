@@ -72,7 +72,7 @@ def test_check_folder_json_out_and_log(tmp_path, photos, policy_file):
     assert (first["verdict"], first["action"], first["fired"]) == ("flag", "blur", ["anything"])
     assert first["policy"]["name"] == "cli-test" and len(first["policy"]["digest"]) == 64
     assert first["metadata"] == {"prompt": "a beach", "user": "u1", "file": first["file"]}
-    assert [c["concept"] for c in first["concepts"]] == ["anything", "never"]
+    assert [c["name"] for c in first["concepts"]] == ["anything", "never"]  # was "concept"
     assert (first["concepts_listed"], first["concepts_total"]) == (2, 2)
     assert first["checked"] is True and first["out"] == str(out / "sample-00.png")
     assert sorted(p.name for p in out.iterdir()) == [f"sample-0{i}.png" for i in range(5)]
@@ -302,11 +302,14 @@ def test_json_says_how_many_concepts_it_lists_and_has_special_care(photos, fired
     _, (row,) = json_check(image, "--policy", fired_policy, "--no-log", "--top", "2")
     assert (row["concepts_listed"], row["concepts_total"]) == (2, 5)
     assert len(row["concepts"]) == 2
-    assert [(s["concept"], s["threshold"], s["fired"]) for s in row["special_care_concepts"]] == [
+    # Renamed (CHANGELOG, issue 14): special_care_concepts -> special_care.concepts, whose
+    # rows say name and hit (were concept and fired).
+    care = row["special_care"]["concepts"]
+    assert [(s["name"], s["threshold"], s["hit"]) for s in care] == [
         ("always", -1.0, True),
         ("not-this", 1.0, False),
     ]
-    for special in row["special_care_concepts"]:
+    for special in care:
         assert special["score"] == pytest.approx(special["cosine"] - special["threshold"])
 
 

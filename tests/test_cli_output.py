@@ -131,9 +131,13 @@ def test_review_list_show_and_stats_escape_what_users_typed(hostile_db):
     assert shown.startswith(
         "Item 1: rejected by mallory\\x1b]0;pwned\\x07: fine\\nItem 1: approved by admin\\x1b[2J\n"
     )
-    assert "  verdict review, action review, top concept gore\\x1b[2J\\u202e\n" in shown
+    # review show explains the decision as decisions show does (issue 19 item 9)
+    assert "  verdict review, action review: " in shown  # then its reason
+    assert "\n  gore\\x1b[2J\\u202e  " in shown  # the hostile concept's row, escaped
     assert "  error bad\\x1b[31m file\\nforged\n" in shown
-    assert '  meta prompt="=HYPERLINK(\\"http://x\\")\\u001b]0;pwned\\u0007" k\\x1b="+1"' in shown
+    assert (
+        '  metadata prompt="=HYPERLINK(\\"http://x\\")\\u001b]0;pwned\\u0007" k\\x1b="+1"' in shown
+    )
 
     stats = run("review", "stats", "--db", hostile_db).output
     _assert_inert(stats)
@@ -149,7 +153,7 @@ def test_json_stays_exact_and_inert(hostile_db):
     assert item["top_concept"] == HOSTILE_CONCEPT  # exact once parsed
     text = run("review", "show", "1", "--json", "--db", hostile_db).stdout
     assert ESC not in text and "\u202e" not in text  # \u001b and \u202e escapes instead
-    assert json.loads(text)["decision"]["error"] == f"bad{ESC}[31m file\nforged"
+    assert json.loads(text)["error"] == f"bad{ESC}[31m file\nforged"  # was decision.error
 
 
 def test_error_messages_that_echo_input_are_escaped(hostile_db):
@@ -178,8 +182,10 @@ def test_csv_export_neutralises_formulas_and_escapes_controls(hostile_db, tmp_pa
         if cell.startswith(("=", "+", "-", "@", "\t", "\r")):
             float(cell)  # only a number may start like a formula
     lines = run("review", "export", "--format", "jsonl", "--db", hostile_db).stdout.splitlines()
-    exact = [json.loads(line) for line in lines if json.loads(line)["review_status"] == "rejected"]
-    assert exact[0]["review_reason"] == "=1+1\tx" and exact[0]["reviewer"] == "@alice"
+    docs = [json.loads(line) for line in lines]
+    exact = [d["review"]["items"][-1] for d in docs if d["review"]]
+    exact = [i for i in exact if i["status"] == "rejected"]
+    assert exact[0]["reason"] == "=1+1\tx" and exact[0]["reviewer"] == "@alice"
 
 
 def test_check_table_escapes_file_names(tmp_path, tiny_clip_dir):

@@ -131,6 +131,8 @@ def test_list_json_fields_and_text_table(logged):
     (row,) = json.loads(
         run("list", "--db", logged.url, "--json", "--user", "alice", "--verdict", "flag").stdout
     )
+    # Renamed (CHANGELOG, issue 14): policy_name/version/digest and model_id -> policy{...};
+    # user -> metadata (all of it).
     assert row == {
         "decision_id": logged.ids["dolphin"],
         "created_at": "2024-05-01T12:00:00+00:00",
@@ -139,11 +141,13 @@ def test_list_json_fields_and_text_table(logged):
         "top_concept": "gore",
         "fired": ["nudity", "gore"],
         "margin": pytest.approx(0.15, abs=1e-6),
-        "policy_name": "nsfw-basic",
-        "policy_version": "1",
-        "policy_digest": logged.live_digest,
-        "model_id": "tiny-clip",
-        "user": "alice",
+        "policy": {
+            "name": "nsfw-basic",
+            "version": "1",
+            "digest": logged.live_digest,
+            "model": "tiny-clip",
+        },
+        "metadata": {"prompt": "a dolphin", "seed": 1, "user": "alice"},
         "error": None,
         "shadow_of": None,
     }
@@ -196,49 +200,51 @@ def show(logged: Logged, given: str) -> dict:
 
 def test_show_dolphin_names_the_winning_concept_nearest_first(logged):
     shown = show(logged, logged.ids["dolphin"])
+    # The decision document (CHANGELOG, issue 14): `decision` is spread over the top level,
+    # `winner` is `action_reason`, `shadow` is `shadow_of` and `shadows`.
     assert set(shown) == {
-        "decision", "policy", "winner", "concepts", "concepts_total", "views", "special_care",
-        "review_band",
-        "review", "labels", "shadow",
+        "decision_id", "created_at", "policy", "verdict", "action", "action_reason", "fired",
+        "margin", "top_concept", "concepts", "concepts_listed", "concepts_total",
+        "special_care", "review_band", "metadata", "image_sha256", "views", "error",
+        "shadow_of", "shadows", "recorded", "held_path", "held_file", "review", "labels",
+        "value_range", "encoder_digest",
     }  # fmt: skip
     assert [c["name"] for c in shown["concepts"]] == ["gore", "nudity", "weapons"]
     gore = shown["concepts"][0]
     assert gore["cosine"] == pytest.approx(0.45, abs=1e-6)
     assert gore["threshold"] == pytest.approx(0.30)
     assert gore["score"] == pytest.approx(0.15, abs=1e-6)
-    assert gore["margin_to_threshold"] == pytest.approx(0.15, abs=1e-6)
+    assert gore["margin"] == pytest.approx(0.15, abs=1e-6)
     assert gore["fired"] and gore["view"] is None and gore["index"] == 1
     # Both fired; gore's blackout is the decision's action, nudity's blur is not.
-    assert shown["winner"] == {
-        "action": "blackout", "set_by": "concept", "concept": "gore", "reason": "gore",
-        "score": pytest.approx(0.15, abs=1e-6),
+    assert shown["action_reason"] == {
+        "rule": "concept", "concept": "gore", "text": "concept gore (its action is blackout)",
     }  # fmt: skip
     assert shown["views"] is None and shown["review"] is None and shown["labels"] is None
     assert shown["policy"] == {
         "name": "nsfw-basic", "version": "1", "digest": logged.live_digest,
-        "model_id": "tiny-clip", "compat": None, "review_band": pytest.approx(0.02),
+        "model": "tiny-clip", "compat": None, "review_band": pytest.approx(0.02),
+        "adjustment": pytest.approx(0.01), "escalate": "review",
     }  # fmt: skip
-    assert shown["decision"]["meta"] == {"prompt": "a dolphin", "seed": 1, "user": "alice"}
-    assert shown["shadow"] == {
-        "of": None,
-        "decisions": [
-            {
-                "decision_id": logged.shadows["dolphin"],
-                "policy_name": "nsfw-candidate",
-                "policy_version": "2",
-                "policy_digest": logged.candidate_digest,
-                "verdict": "flag",
-                "action": "blackout",
-                "fired": ["gore"],
-                "top_concept": "gore",
-            }
-        ],
+    assert shown["metadata"] == {"prompt": "a dolphin", "seed": 1, "user": "alice"}
+    assert shown["shadow_of"] is None
+    (shadow,) = shown["shadows"]
+    assert {k: shadow[k] for k in ("decision_id", "verdict", "action", "fired", "top_concept")} == {
+        "decision_id": logged.shadows["dolphin"],
+        "verdict": "flag",
+        "action": "blackout",
+        "fired": ["gore"],
+        "top_concept": "gore",
     }
+    assert (shadow["policy"]["name"], shadow["policy"]["version"]) == ("nsfw-candidate", "2")
+    assert shadow["policy"]["digest"] == logged.candidate_digest
 
 
 def test_show_rejected_band_decision_has_its_review_history_and_labels(logged):
     shown = show(logged, logged.ids["band"])
-    assert shown["winner"]["set_by"] == "review_band" and shown["winner"]["concept"] is None
+    # The reason now names the nearest concept within the band (was None).
+    assert shown["action_reason"]["rule"] == "review_band"
+    assert shown["action_reason"]["concept"] == "nudity"
     assert shown["review_band"] == {"band": pytest.approx(0.02), "concepts": ["nudity"]}
     (item,) = shown["review"]["items"]
     assert (item["id"], item["status"], item["reviewer"], item["reason"]) == (
@@ -259,22 +265,22 @@ def test_show_rejected_band_decision_has_its_review_history_and_labels(logged):
         **labels,
     }
     # The candidate's nudity threshold (0.35) puts 0.24 outside its band: allowed.
-    (candidate,) = shown["shadow"]["decisions"]
+    (candidate,) = shown["shadows"]
     assert (candidate["verdict"], candidate["action"]) == ("allow", "allow")
 
 
 def test_show_special_care_escalation(logged):
     shown = show(logged, logged.ids["minor"])
-    assert shown["winner"]["set_by"] == "special_care" and shown["winner"]["action"] == "review"
+    assert shown["action_reason"]["rule"] == "special_care" and shown["action"] == "review"
     care = shown["special_care"]
-    assert care["hits"] == ["minor"] and care["adjustment_applied"] == pytest.approx(0.01)
+    assert care["hits"] == ["minor"] and care["adjustment"] == pytest.approx(0.01)
     (minor,) = care["concepts"]
     assert minor["hit"] and minor["cosine"] == pytest.approx(0.30, abs=1e-6)
     assert minor["threshold"] == pytest.approx(0.20)
     # every concept score carries the adjustment: 0.1 - threshold + 0.01
     assert [c["name"] for c in shown["concepts"]] == ["nudity", "weapons", "gore"]
     assert shown["concepts"][0]["score"] == pytest.approx(-0.14, abs=1e-6)
-    assert shown["concepts"][0]["margin_to_threshold"] == pytest.approx(-0.15, abs=1e-6)
+    assert shown["concepts"][0]["margin"] == pytest.approx(-0.15, abs=1e-6)
     assert [i["status"] for i in shown["review"]["items"]] == ["pending"]
     assert shown["labels"] is None
 
@@ -296,7 +302,7 @@ def test_show_says_which_view_fired(logged):
     assert nudity["view"] == {"index": 1, "frame": 0, "box": VIEWS[1]["box"]}
     assert shown["concepts"][1]["view"]["index"] == 0  # all-zero cosines: the first view
     assert shown["special_care"]["concepts"][0]["view"]["index"] == 1
-    assert shown["winner"]["concept"] == "nudity"
+    assert shown["action_reason"]["concept"] == "nudity"
     text = run("show", logged.ids["views"], "--db", logged.url).stdout
     assert "1 frame 0 box 32,0,64,32" in text and "Views: 2" in text
     assert "one view" in run("show", logged.ids["dolphin"], "--db", logged.url).stdout
@@ -304,20 +310,19 @@ def test_show_says_which_view_fired(logged):
 
 def test_show_error_and_allowed_decisions(logged):
     shown = show(logged, logged.ids["error"])
-    assert shown["winner"] == {
-        "action": "blackout", "set_by": "error", "concept": None, "score": None,
-        "reason": "error: non-finite embedding",
-    }  # fmt: skip
+    assert (shown["action"], shown["action_reason"]["rule"]) == ("blackout", "error")
+    assert shown["action_reason"]["concept"] is None
+    assert "non-finite embedding" in shown["action_reason"]["text"]
     assert all(c["cosine"] is None and c["score"] is None for c in shown["concepts"])
-    assert shown["decision"]["error"] == "non-finite embedding"
-    assert show(logged, logged.ids["clean"])["winner"]["set_by"] == "nothing_fired"
-    assert show(logged, logged.ids["weapons"])["winner"]["concept"] == "weapons"
+    assert shown["error"] == "non-finite embedding"
+    assert show(logged, logged.ids["clean"])["action_reason"]["rule"] == "nothing_fired"
+    assert show(logged, logged.ids["weapons"])["action_reason"]["concept"] == "weapons"
 
 
 def test_show_shadow_decision_links_to_its_live_decision(logged):
     shown = show(logged, logged.shadows["dolphin"][:13])  # a prefix works for shadows too
-    assert shown["decision"]["id"] == logged.shadows["dolphin"]
-    assert shown["shadow"] == {"of": logged.ids["dolphin"], "decisions": []}
+    assert shown["decision_id"] == logged.shadows["dolphin"]
+    assert (shown["shadow_of"], shown["shadows"]) == (logged.ids["dolphin"], [])
     assert shown["policy"]["name"] == "nsfw-candidate"
     assert [c["name"] for c in shown["concepts"] if c["fired"]] == ["gore"]
     text = run("show", logged.shadows["dolphin"], "--db", logged.url).stdout
@@ -326,9 +331,9 @@ def test_show_shadow_decision_links_to_its_live_decision(logged):
 
 def test_show_by_prefix_and_lookup_errors(logged):
     full = logged.ids["dolphin"]
-    assert show(logged, full[:8])["decision"]["id"] == full
-    assert show(logged, f"  {full}  ")["decision"]["id"] == full
-    assert show(logged, TWINS[1])["decision"]["id"] == TWINS[1]
+    assert show(logged, full[:8])["decision_id"] == full
+    assert show(logged, f"  {full}  ")["decision_id"] == full
+    assert show(logged, TWINS[1])["decision_id"] == TWINS[1]
     result = run("show", "abcdef12", "--db", logged.url, code=1)
     one_line_error(result, 'prefix "abcdef12" is ambiguous', TWINS[0], TWINS[1])
     one_line_error(run("show", full[:7], "--db", logged.url, code=1), "at least 8 characters")
@@ -382,10 +387,10 @@ def test_decision_id_from_check_json_pastes_into_show(tmp_path, tiny_clip_dir):
         shown = json.loads(run("show", checked["decision_id"], "--db", url, "--json").stdout)
     finally:
         db.dispose(url)
-    assert shown["decision"]["id"] == checked["decision_id"]
-    assert shown["decision"]["meta"]["user"] == "u1"
-    winner = shown["winner"]
-    assert (winner["set_by"], winner["concept"], winner["action"]) == (
+    assert shown["decision_id"] == checked["decision_id"]
+    assert shown["metadata"]["user"] == "u1"
+    winner = shown["action_reason"]
+    assert (winner["rule"], winner["concept"], shown["action"]) == (
         "concept", "anything", "blackout"
     )  # fmt: skip
     assert shown["policy"]["digest"] == checked["policy"]["digest"]

@@ -63,10 +63,12 @@ def export(logged: Logged, fmt: str) -> str:
 def test_export_jsonl_is_live_decisions_with_labels(logged):
     rows = [json.loads(line) for line in export(logged, "jsonl").splitlines()]
     assert [r["decision_id"] for r in rows] == logged.order  # oldest first, no shadow row
-    assert list(rows[0]) == list(EXPORT_FIELDS) and EXPORT_FIELDS[-1] == "labels"
+    # JSON lines are decision documents (CHANGELOG, issue 14); CSV columns flatten them.
+    assert EXPORT_FIELDS[-1] == "labels" and "review" in rows[0] and "labels" in rows[0]
     by_id = {r["decision_id"]: r for r in rows}
     band = by_id[logged.ids["band"]]
-    assert (band["review_status"], band["reviewer"], band["labels"]) == (
+    (newest,) = band["review"]["items"]
+    assert (newest["status"], newest["reviewer"], newest["labels"]) == (
         "rejected",
         "rita",
         BAND_LABELS,
@@ -74,8 +76,8 @@ def test_export_jsonl_is_live_decisions_with_labels(logged):
     # pending items and decisions never reviewed have no verdict, so no labels
     for role in ("minor", "weapons", "dolphin", "error"):
         assert by_id[logged.ids[role]]["labels"] is None, role
-    assert by_id[logged.ids["minor"]]["review_status"] == "pending"
-    assert by_id[logged.ids["minor"]]["meta"]["user"] == HOSTILE_USER  # exact in JSON lines
+    assert by_id[logged.ids["minor"]]["review"]["items"][-1]["status"] == "pending"
+    assert by_id[logged.ids["minor"]]["metadata"]["user"] == HOSTILE_USER  # exact in JSON
 
 
 def test_export_csv_has_a_labels_column_and_stays_escaped(logged):
@@ -86,5 +88,5 @@ def test_export_csv_has_a_labels_column_and_stays_escaped(logged):
     assert json.loads(by_id[logged.ids["band"]]["labels"]) == BAND_LABELS
     assert by_id[logged.ids["minor"]]["labels"] == ""
     assert "\x1b" not in text and "\x07" not in text
-    meta = by_id[logged.ids["minor"]]["meta"]
+    meta = by_id[logged.ids["minor"]]["metadata"]  # renamed from meta
     assert json.loads(meta)["user"] == HOSTILE_USER  # ensure_ascii JSON: escaped, and exact

@@ -206,12 +206,15 @@ def test_show_text_and_json(db_url, seeded):
     run("approve", str(item), "--reviewer", "alice", "--reason", "harmless", "--db", db_url)
     text = run("show", str(item), "--db", db_url).output
     assert text.startswith(f"Item {item}: approved by alice: harmless\n")
+    # review show explains the decision as decisions show does (issue 19 item 9; CHANGELOG).
     for expected in (
         "Decision " + seeded.decisions[1].decision_id,
-        "Policy nsfw-basic version 1",
-        "CONCEPT  SEVERITY  ACTION",
-        "Special care: adjustment applied",
-        'meta prompt="a test image" seed=7 user="u1"',
+        "policy nsfw-basic version 1",
+        "why it is in review:",
+        "Concepts (nearest first):",
+        "CONCEPT  ACTION",
+        "Special care: hits",
+        'metadata prompt="a test image" seed=7 user="u1"',
         "History (UTC):",
         "system  created",
         "alice   claimed",
@@ -219,8 +222,12 @@ def test_show_text_and_json(db_url, seeded):
     ):
         assert expected in text
     shown = run_json("show", str(item), "--db", db_url)
-    assert set(shown) == {"item", "decision", "policy", "concepts", "special_care", "events"}
-    assert [c["name"] for c in shown["concepts"]] == ["nudity", "gore", "weapons"]
+    # The decision document plus the item and its history (CHANGELOG, issue 14).
+    assert {"item", "events", "decision_id", "action_reason", "review_band", "policy"} <= set(shown)
+    assert shown["decision_id"] == seeded.decisions[1].decision_id
+    scores = [c["score"] for c in shown["concepts"]]
+    assert sorted(c["name"] for c in shown["concepts"]) == ["gore", "nudity", "weapons"]
+    assert scores == sorted(scores, reverse=True)  # nearest first, as decisions show
     assert set(shown["concepts"][0]) == {
         "name",
         "category",
@@ -229,8 +236,11 @@ def test_show_text_and_json(db_url, seeded):
         "threshold",
         "cosine",
         "score",
-        "margin_to_threshold",
+        "margin",  # renamed from margin_to_threshold
         "fired",
+        "in_review_band",
+        "view",
+        "index",
     }
     assert [e["event"] for e in shown["events"]] == ["created", "claimed", "approved"]
 
@@ -256,14 +266,17 @@ def test_export_jsonl_and_csv(db_url, seeded, tmp_path):
     ]
     assert len(rows) == 6
     assert {r["decision_id"] for r in rows} == {d.decision_id for d in seeded.decisions}
-    (rejected,) = [r for r in rows if r["review_item_id"] == item]
-    assert (rejected["review_status"], rejected["reviewer"], rejected["review_reason"]) == (
+    # JSON lines are decision documents; the newest review item is review.items[-1]
+    # (renamed from review_item_id, review_status, reviewer, review_reason: CHANGELOG).
+    (rejected,) = [r for r in rows if r["review"] and r["review"]["items"][-1]["id"] == item]
+    newest = rejected["review"]["items"][-1]
+    assert (newest["status"], newest["reviewer"], newest["reason"]) == (
         "rejected",
         "alice",
         "gore",
     )
-    assert set(rejected["scores"]) == {"nudity", "gore", "weapons"}
-    assert sum(r["review_status"] is None for r in rows) == 2, "allowed decisions have no item"
+    assert {c["name"] for c in rejected["concepts"]} == {"nudity", "gore", "weapons"}
+    assert sum(r["review"] is None for r in rows) == 2, "allowed decisions have no item"
 
     out = tmp_path / "export.csv"
     result = run("export", "--format", "csv", "-o", str(out), "--db", db_url)

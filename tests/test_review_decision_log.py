@@ -106,17 +106,18 @@ def test_logged_decisions_are_reviewed_and_released(
     first, second = items[suspicious.decision_id].id, items[minor.decision_id].id
 
     shown = queue.show(first)
-    held = shown["decision"]["held_file"]
+    held = shown["held_file"]  # the decision document (CHANGELOG, issue 14)
     files = sorted(str(p) for p in written.resolve().rglob("*.png"))
     assert len(files) == 2 and held in files  # the two queued images, and nothing else
-    assert shown["decision"]["held_path"] == held  # recorded as an absolute path
+    assert shown["held_path"] == held  # recorded as an absolute path
     assert not elsewhere.exists()
     assert f"  held image {held}" in shown_by_cli(db_url, first)
-    assert shown["decision"]["meta"] == {"prompt": "prompt 0"}
-    assert shown["decision"]["image_sha256"] == suspicious.image_sha256
-    assert [c["name"] for c in shown["concepts"]] == ["suspicious", "rude"]
-    assert [c["cosine"] for c in shown["concepts"]] == pytest.approx(suspicious.cosines.tolist())
-    assert [c["score"] for c in shown["concepts"]] == pytest.approx(suspicious.scores.tolist())
+    assert shown["metadata"] == {"prompt": "prompt 0"}
+    assert shown["image_sha256"] == suspicious.image_sha256
+    concepts = sorted(shown["concepts"], key=lambda c: c["index"])  # listed nearest first
+    assert [c["name"] for c in concepts] == ["suspicious", "rude"]
+    assert [c["cosine"] for c in concepts] == pytest.approx(suspicious.cosines.tolist())
+    assert [c["score"] for c in concepts] == pytest.approx(suspicious.scores.tolist())
     assert shown["events"][0]["event"] == "created"
     assert queue.show(second)["special_care"]["hits"] == ["minor"]
 

@@ -220,7 +220,7 @@ def test_a_failing_candidate_leaves_live_decisions_and_images_intact(
     def broken(*args, **kwargs):
         raise RuntimeError("candidate exploded")
 
-    monkeypatch.setattr(moderation.shadow._Fused, "decide", broken)
+    monkeypatch.setattr(moderation.shadow.ShadowCandidates, "_decide", broken)
     m = logged_moderator(
         policies["live"], encoder, db_url, tmp_path, shadow=[policies["candidate"]]
     )
@@ -396,9 +396,9 @@ def test_check_shadow_end_to_end(db_url, tmp_path, policies):
     decisions, items, _ = rows_of(db_url)
     assert len(decisions) == 6 and items == []
     for row in rows:
-        [shadow] = row["shadow"]
-        assert shadow["candidate"]["name"] == "candidate"
-        assert shadow["candidate"]["digest"] == policies["candidate"].digest
+        [shadow] = row["shadows"]  # renamed from "shadow" (CHANGELOG, issue 14)
+        assert shadow["policy"]["name"] == "candidate"  # renamed from "candidate"
+        assert shadow["policy"]["digest"] == policies["candidate"].digest
         assert shadow["shadow_of"] == row["decision_id"] and shadow["recorded"] is True
         assert decisions[shadow["decision_id"]].shadow_of == row["decision_id"]
         assert {"verdict", "action", "fired"} <= set(shadow)

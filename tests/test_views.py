@@ -176,7 +176,8 @@ def test_content_in_the_top_third_of_a_tall_image_is_flagged(tmp_path, tiny_clip
     assert decision.concept_views.tolist()[0] == 0  # the top view gave the cosine
     assert decision.embedding.shape == (3, vector.numel())
     row = decision.to_dict()["concepts"][0]
-    assert row["concept"] == "top-content" and row["view"] == 0 and row["fired"]
+    # The decision document (CHANGELOG, issue 14): `name`, and `view` is {index, frame, box}.
+    assert row["name"] == "top-content" and row["view"]["index"] == 0 and row["fired"]
     assert decision.to_dict()["views"] == decision.views
 
     centre_path = write_policy(tmp_path, tiny_clip_dir, vector, threshold, "views: center\n")
@@ -197,8 +198,8 @@ def test_check_json_says_which_view_fired(tmp_path, tiny_clip_dir, top_concept):
     (row,) = json.loads(result.stdout)
     assert row["verdict"] == "flag" and row["fired"] == ["top-content"]
     top = row["concepts"][0]
-    assert top["concept"] == "top-content" and top["view"] == 0
-    assert row["views"][top["view"]] == {"frame": 0, "box": [0, 0, 480, 480]}
+    assert top["name"] == "top-content" and top["view"]["index"] == 0
+    assert row["views"][top["view"]["index"]] == {"frame": 0, "box": [0, 0, 480, 480]}
 
 
 def test_tiles_catch_a_small_region_that_a_whole_view_dilutes(tmp_path, tiny_clip_dir, encoder):

@@ -3,7 +3,7 @@ image of a decision, and how its float values were read ("0,1", "-1,1" or "both"
 before this revision keep NULL in both (not recorded then).
 
 Revision ID: 0006
-Revises: 0004 (re-chained after 0005 at merge)
+Revises: 0005
 Create Date: 2026-12-06 00:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +227,10 @@ def _json_row(
     out_dir: Path | None,
     recorded=lambda _d: False,
 ) -> dict:
-    """One entry of `check --json`: a checked file with its decision, or why it was not checked."""
+    """One entry of `check --json`: the file, then its decision document
+    (moderation.decisions.document), or why it was not checked."""
+    from moderation.decisions.document import decision_document
+
     if isinstance(item, NotChecked):
         return {"file": display_path(item.path), "checked": False, "reason": item.reason}
     d = decisions[id(item)]
@@ -236,38 +238,10 @@ def _json_row(
         "file": display_path(item.path),
         "checked": True,
         "out": display_path(out_dir / item.out_name) if out_dir and item.out_name else None,
-        **d.to_dict(top=top or None),
-        "recorded": recorded(d),
     }
     if item.also_given_as:
         row["also_given_as"] = [display_path(p) for p in item.also_given_as]
-    row["concepts_listed"] = len(row["concepts"])
-    row["concepts_total"] = len(d.policy.concept_names)
-    row["special_care_concepts"] = _special_rows(d)
-    row["shadow"] = [_shadow_row(s, recorded) for s in d.shadows]
-    return _finite(row)
-
-
-def _shadow_row(s, recorded) -> dict[str, Any]:
-    """What a shadow candidate would have decided about the image (never acted on)."""
-    return {
-        "candidate": {
-            "name": s.policy.name,
-            "version": s.policy.version,
-            "digest": s.policy.digest,
-            "model": s.policy.model,
-        },
-        "decision_id": s.decision_id,
-        "shadow_of": s.shadow_of,
-        "verdict": s.verdict,
-        "action": s.action,
-        "fired": list(s.fired),
-        "special_care": list(s.special_hits),
-        "margin": s.margin,
-        "top_concept": s.top_concept,
-        "error": s.error,
-        "recorded": recorded(s),
-    }
+    return {**row, **decision_document(d, recorded=recorded, top=top or None)}
 
 
 def _shadow_summary(moderator, decisions, recorded) -> list[str]:
@@ -285,32 +259,6 @@ def _shadow_summary(moderator, decisions, recorded) -> list[str]:
     return lines
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinity (the scores of an image that could not be judged) as null: valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _special_rows(d) -> list[dict[str, Any]]:
-    """Every special-care concept's cosine, threshold and score (the policy's order)."""
-    thresholds = d.policy.special_thresholds.detach().cpu().tolist()
-    return [
-        {
-            "concept": name,
-            "cosine": float(d.special_cosines[i]),
-            "threshold": thresholds[i],
-            "score": float(d.special_scores[i]),
-            "fired": name in d.special_hits,
-        }
-        for i, name in enumerate(d.policy.special_names)
-    ]
-
-
 def _fired_text(fired: tuple[str, ...]) -> str:
     if not fired:
         return "-"
@@ -318,23 +266,32 @@ def _fired_text(fired: tuple[str, ...]) -> str:
     return shown if len(fired) <= TABLE_FIRED else f"{shown} +{len(fired) - TABLE_FIRED} more"
 
 
+def _note(d) -> str:
+    """Why an image went to review or was escalated, for the table's note column."""
+    notes = []
+    if d.action_reason == "review_band":
+        notes.append(f"within the review band of {d.reason_concept}")
+    if d.special_hits:
+        notes.append(f"special care: {', '.join(d.special_hits)}")
+    return "; ".join(notes)
+
+
 def _print_table(results, out_dir) -> None:
     rows = []
     for item, d in results:
         written = display_path(out_dir / item.out_name) if out_dir and item.out_name else "-"
-        top = d.explain(top=1)
-        if d.verdict == "error" or not top:
+        if d.verdict == "error" or d.top_concept is None:
             cells = [d.verdict, d.action, "-", "-", "-", d.error or ""]
         else:
-            t = top[0]
-            note = ", ".join(d.special_hits) and f"special care: {', '.join(d.special_hits)}"
+            i = d.policy.concept_names.index(d.top_concept)
+            threshold = float(d.policy.thresholds[i])
             cells = [
                 d.verdict,
                 d.action,
                 _fired_text(d.fired),
-                t["concept"],
-                f"{fmt_float(t['cosine'])} / {fmt_float(t['threshold'])}",
-                note,
+                d.top_concept,
+                f"{fmt_float(float(d.cosines[i]))} / {fmt_float(threshold)}",
+                _note(d),
             ]
         rows.append([display_path(item.path), *cells, *([written] if out_dir else [])])
     headers = ["image", "verdict", "action", "fired", "top concept", "cosine / threshold", "note"]

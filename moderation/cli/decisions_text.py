@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from moderation.cli.options import clean
 from moderation.cli.review_text import event_line, indent, lines_of, num, table, when
 from moderation.review.labels import render as render_labels
 
@@ -32,14 +33,14 @@ def list_table(entries: Sequence[dict[str, Any]], *, shadow: bool = False) -> st
         headers.append("SHADOW OF")
     rows = []
     for e in entries:
-        user = e["user"]
+        user = e["metadata"].get("user")
         row = [
             e["decision_id"],
             when(e["created_at"]),
             e["verdict"],
             e["action"],
             concepts_cell(e),
-            f"{e['policy_name']}@{e['policy_version']}",
+            f"{e['policy']['name']}@{e['policy']['version']}",
             "-" if user is None else str(user),
         ]
         rows.append(row + ([e["shadow_of"]] if shadow else []))
@@ -59,24 +60,25 @@ def _view(view: dict[str, Any] | None) -> str:
     return where
 
 
-def _won(won: dict[str, Any], shown: dict[str, Any]) -> str:
-    by, error = won["set_by"], shown["decision"]["error"] or "unknown"
-    if by == "concept":
-        return (
-            f"set by concept {won['concept']} (its action is {won['action']}; "
-            f"score {num(won['score'])})"
-        )
-    if by == "special_care":
-        hits = ", ".join(shown["special_care"]["hits"])
+def reason_line(doc: dict[str, Any]) -> str:
+    """What set the action, for people (the document's `action_reason`)."""
+    why = doc["action_reason"]
+    rule, concept = why["rule"], why["concept"]
+    if rule == "concept":
+        score = next((c["score"] for c in doc["concepts"] if c["name"] == concept), None)
+        score_text = f"; score {num(score)}" if score is not None else ""
+        return f"set by concept {concept} (its action is {doc['action']}{score_text})"
+    if rule == "special_care":
+        hits = ", ".join(doc["special_care"]["hits"])
         return f"set by special care escalation ({hits})"
-    if by == "review_band":
-        near = ", ".join(shown["review_band"]["concepts"])
-        return f"set by the review band ({near} within {shown['review_band']['band']:g})"
-    if by == "error":
-        return f"set by the policy's on_error (the image could not be scored: {error})"
-    if by == "nothing_fired":
+    if rule == "review_band":
+        near = ", ".join(doc["review_band"]["concepts"])
+        return f"set by the review band ({near} within {doc['review_band']['band']:g})"
+    if rule == "error":
+        return f"set by the policy's on_error (the image could not be scored: {doc['error'] or 'unknown'})"
+    if rule == "nothing_fired":
         return "nothing fired"
-    return won["reason"]
+    return why["text"]
 
 
 def _views(views: list[dict[str, Any]] | None) -> list[str]:
@@ -107,69 +109,57 @@ def _review(review: dict[str, Any] | None, labels: dict[str, Any] | None) -> lis
     return lines
 
 
-def _shadow(shadow: dict[str, Any]) -> list[str]:
-    if shadow["of"]:
+def _shadow(doc: dict[str, Any]) -> list[str]:
+    if doc["shadow_of"]:
         return [
-            f"Shadow decision of live decision {shadow['of']} (a candidate policy's verdict; "
+            f"Shadow decision of live decision {doc['shadow_of']} (a candidate policy's verdict; "
             "never acted on)"
         ]
-    if not shadow["decisions"]:
+    if not doc["shadows"]:
         return []
     rows = [
         [
             s["decision_id"],
-            f"{s['policy_name']}@{s['policy_version']}",
-            s["policy_digest"][:12],
+            f"{s['policy']['name']}@{s['policy']['version']}",
+            s["policy"]["digest"][:12],
             s["verdict"],
             s["action"],
             ", ".join(s["fired"]) or "-",
         ]
-        for s in shadow["decisions"]
+        for s in doc["shadows"]
     ]
     headers = ["SHADOW DECISION", "CANDIDATE", "DIGEST", "VERDICT", "ACTION", "FIRED"]
     return ["Shadow decisions (candidates, never acted on):", *indent(table(headers, rows))]
 
 
-def render_decision(shown: dict[str, Any]) -> str:
-    """The `decisions show` text."""
-    dec, pol, care = shown["decision"], shown["policy"], shown["special_care"]
-    meta = " ".join(f"{k}={json.dumps(v)}" for k, v in dec["meta"].items()) or "-"
-    lines = [
-        f"Decision {dec['id']} at {when(dec['created_at'])} UTC",
-        f"  verdict {dec['verdict']}, action {dec['action']}: {_won(shown['winner'], shown)}",
-        f"  policy {pol['name']} version {pol['version']} (digest {pol['digest']}, "
-        f"compat {pol['compat'] or '-'}, model {pol['model_id']})",
-        f"  metadata {meta}",
-        f"  image sha256 {dec['image_sha256'] or '-'}",
-        f"  held image {dec['held_file'] or '-'}",
-    ]
-    if dec["error"]:
-        lines.append(f"  error {dec['error']}")
+def concept_lines(doc: dict[str, Any]) -> list[str]:
+    """The concept table (nearest first), special care and the review band of a document."""
     rows = [
         [
             c["name"],
             c["action"] or "",
             num(c["cosine"], signed=False),
             num(c["threshold"], signed=False),
-            num(c["margin_to_threshold"]),
+            num(c["margin"]),
             num(c["score"]),
             "yes" if c["fired"] else "",
             _view(c["view"]),
         ]
-        for c in shown["concepts"]
+        for c in doc["concepts"]
     ]
     headers = ["CONCEPT", "ACTION", "COSINE", "THRESHOLD", "MARGIN", "SCORE", "FIRED", "VIEW"]
-    listed, total = len(shown["concepts"]), shown["concepts_total"]
+    listed, total = doc["concepts_listed"], doc["concepts_total"]
     title = (
         "Concepts (nearest first):"
         if listed == total
         else f"Concepts ({listed} nearest of {total}):"
     )
-    lines += [title, *indent(table(headers, rows, right=(2, 3, 4, 5)))]
+    lines = [title, *indent(table(headers, rows, right=(2, 3, 4, 5)))]
+    care, pol = doc["special_care"], doc["policy"]
     hits = ", ".join(care["hits"]) or "none"
     lines.append(
-        f"Special care: hits {hits}; adjustment applied {num(care['adjustment_applied'])} "
-        f"(policy {num(care['adjustment'])}, escalate {care['escalate'] or '-'})"
+        f"Special care: hits {hits}; adjustment applied {num(care['adjustment'])} "
+        f"(policy {num(pol['adjustment'])}, escalate {pol['escalate'] or '-'})"
     )
     if care["concepts"]:
         rows = [
@@ -184,13 +174,81 @@ def render_decision(shown: dict[str, Any]) -> str:
         ]
         headers = ["CONCEPT", "COSINE", "THRESHOLD", "HIT", "VIEW"]
         lines += indent(table(headers, rows, right=(1, 2)))
-    band = shown["review_band"]
+    band = doc["review_band"]
     if band["band"] > 0:
         within = ", ".join(band["concepts"]) or "none"
         lines.append(f"Review band {band['band']:g} below each threshold: concepts in it: {within}")
     else:
         lines.append("Review band: none (the policy has no review_band)")
+    return lines
+
+
+def decision_lines(doc: dict[str, Any]) -> list[str]:
+    """The head of a decision's explanation: verdict and reason, policy, metadata, image."""
+    pol = doc["policy"]
+    meta = " ".join(f"{k}={json.dumps(v)}" for k, v in doc["metadata"].items()) or "-"
+    lines = [
+        f"Decision {doc['decision_id']} at {when(doc['created_at'])} UTC",
+        f"  verdict {doc['verdict']}, action {doc['action']}: {reason_line(doc)}",
+        f"  policy {pol['name']} version {pol['version']} (digest {pol['digest']}, "
+        f"compat {pol['compat'] or '-'}, model {pol['model']})",
+        f"  metadata {meta}",
+        f"  image sha256 {doc['image_sha256'] or '-'}",
+        f"  held image {doc['held_file'] or '-'}",
+    ]
+    if doc["error"]:
+        lines.append(f"  error {doc['error']}")
+    return lines
+
+
+def render_decision(shown: dict[str, Any]) -> str:
+    """The `decisions show` text."""
+    lines = decision_lines(shown) + concept_lines(shown)
     lines += _views(shown["views"])
     lines += _review(shown["review"], shown["labels"])
-    lines += _shadow(shown["shadow"])
+    lines += _shadow(shown)
     return lines_of(lines)
+
+
+def render_show(shown: dict[str, Any]) -> str:
+    """The `review show` text: the item, then the decision explained as `decisions show`
+    explains it (reason, concepts nearest first, special care, review band), then the item's
+    history."""
+    item = shown["item"]
+    status = item["status"]
+    if status == "claimed":
+        status += f" by {item['claim_owner']} until {when(item['claim_expires_at'])} UTC"
+    elif item["reviewer"]:
+        status += f" by {item['reviewer']}" + (f": {item['reason']}" if item["reason"] else "")
+    links = []
+    if item["reopened_from"]:
+        links.append(f"reopened from item {item['reopened_from']}")
+    if item["reopened_as"]:
+        links.append("reopened as item " + ", ".join(map(str, item["reopened_as"])))
+    lines = [
+        f"Item {item['id']}: {status}",
+        f"  priority {item['priority']}, margin {num(item['margin'])}, created {when(item['created_at'])} UTC"
+        + (f"; {'; '.join(links)}" if links else ""),
+    ]
+    if item.get("labels") is not None:
+        lines.append(f"  labels: {clean(render_labels(item['labels']))}")
+    lines.append(f"  why it is in review: {review_reason(shown)}")
+    lines += decision_lines(shown)
+    lines += concept_lines(shown)
+    rows = [event_line(e) for e in shown["events"]]
+    lines += ["History (UTC):", *indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
+    return lines_of(lines)
+
+
+def review_reason(doc: dict[str, Any]) -> str:
+    """Why a decision went to review: the review band, a special-care escalation, or its action."""
+    why, hits = doc["action_reason"], doc["special_care"]["hits"]
+    escalate = doc["policy"]["escalate"]
+    if why["rule"] == "review_band":
+        near = ", ".join(doc["review_band"]["concepts"])
+        return f"within the review band ({near} within {doc['review_band']['band']:g})"
+    if hits and escalate not in (None, "allow"):
+        return f"special care: {', '.join(hits)} (escalate {escalate})"
+    if why["rule"] == "concept":
+        return f"concept {why['concept']} has action {doc['action']}"
+    return why["text"]

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from moderation.cli.app import review
+from moderation.cli.decisions_text import render_show
 from moderation.cli.options import (
     clean,
     db_option,
@@ -18,7 +19,7 @@ from moderation.cli.options import (
     output_errors,
     standard_output,
 )
-from moderation.cli.review_text import items_table, render_show, render_stats, table, when
+from moderation.cli.review_text import items_table, render_stats, table, when
 from moderation.review import ReviewQueue
 from moderation.review.report import EXPORT_FORMATS
 from moderation.storage.db import require_database, resolve_db_url

@@ -6,13 +6,11 @@ table cells one by one, and every other line as a whole, so that one line stays 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from moderation.cli.options import clean
-from moderation.review.labels import render as render_labels
 from moderation.review.queries import utc
 
 
@@ -108,73 +106,6 @@ def event_line(e: dict[str, Any]) -> list[str]:
     elif d.get("direct"):
         note = f"{note} (without a claim)".strip()
     return [when(e["at"]), e["actor"], e["event"], note]
-
-
-def render_show(shown: dict[str, Any]) -> str:
-    """The `review show` text: item, decision, per-concept scores, special care, history."""
-    item, dec, pol = shown["item"], shown["decision"], shown["policy"]
-    status = item["status"]
-    if status == "claimed":
-        status += f" by {item['claim_owner']} until {when(item['claim_expires_at'])} UTC"
-    elif item["reviewer"]:
-        status += f" by {item['reviewer']}" + (f": {item['reason']}" if item["reason"] else "")
-    links = []
-    if item["reopened_from"]:
-        links.append(f"reopened from item {item['reopened_from']}")
-    if item["reopened_as"]:
-        links.append("reopened as item " + ", ".join(map(str, item["reopened_as"])))
-    meta = " ".join(f"{k}={json.dumps(v)}" for k, v in dec["meta"].items()) or "-"
-    lines = [
-        f"Item {item['id']}: {status}",
-        f"  priority {item['priority']}, margin {num(item['margin'])}, created {when(item['created_at'])} UTC"
-        + (f"; {'; '.join(links)}" if links else ""),
-        f"Decision {dec['id']} at {when(dec['created_at'])} UTC",
-        f"  verdict {dec['verdict']}, action {dec['action']}, top concept {dec['top_concept'] or '-'}",
-        f"  image sha256 {dec['image_sha256'] or '-'}",
-        f"  held image {dec['held_file'] or '-'}",
-        f"  meta {meta}",
-    ]
-    if item.get("labels") is not None:
-        lines.insert(2, f"  labels: {clean(render_labels(item['labels']))}")
-    if dec["error"]:
-        lines.append(f"  error {dec['error']}")
-    lines.append(
-        f"Policy {pol['name']} version {pol['version']} (digest {pol['digest'][:12]}, model {pol['model_id']})"
-    )
-    rows = [
-        [
-            c["name"],
-            c["severity"] or "",
-            c["action"] or "",
-            num(c["cosine"], signed=False),
-            num(c["threshold"], signed=False),
-            num(c["margin_to_threshold"]),
-            num(c["score"]),
-            "yes" if c["fired"] else "",
-        ]
-        for c in shown["concepts"]
-    ]
-    headers = ["CONCEPT", "SEVERITY", "ACTION", "COSINE", "THRESHOLD", "MARGIN", "SCORE", "FIRED"]
-    lines += ["Concepts:", *indent(table(headers, rows, right=(3, 4, 5, 6)))]
-    care = shown["special_care"]
-    lines.append(
-        f"Special care: adjustment applied {num(care['adjustment_applied'])} "
-        f"(policy {num(care['adjustment'])}, escalate {care['escalate'] or '-'})"
-    )
-    if care["concepts"]:
-        rows = [
-            [
-                s["name"],
-                num(s["cosine"], False),
-                num(s["threshold"], False),
-                "yes" if s["hit"] else "",
-            ]
-            for s in care["concepts"]
-        ]
-        lines += indent(table(["CONCEPT", "COSINE", "THRESHOLD", "HIT"], rows, right=(1, 2)))
-    rows = [event_line(e) for e in shown["events"]]
-    lines += ["History (UTC):", *indent(table(["AT", "WHO", "EVENT", "NOTE"], rows))]
-    return lines_of(lines)
 
 
 def _counts(counts: dict[str, int]) -> str:

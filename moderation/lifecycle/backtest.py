@@ -14,7 +14,8 @@ policy's `PolicyRow.concepts[*]["vector"]`) takes the logged float32 cosine, alr
 over the image's views; only the other concepts are scored from the float16 embedding
 (normalised, one matrix product per chunk, the maximum over each image's views). Thresholds, the
 special-care adjustment and the action are then the engine's own code:
-`scoring.scores_from_cosines` and `decision.action_ranks`. An identical candidate therefore
+`scoring.scores_from_cosines` and the one decision rule (`moderation.kernel.rule`, through
+`decision.action_ranks`). An identical candidate therefore
 changes nothing, and a moved threshold changes exactly the decisions that cross it.
 """
 

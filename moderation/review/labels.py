@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Connection, select
 
+from moderation.kernel.logged import review_band_concepts
 from moderation.review.rules import ReviewError
 from moderation.storage.models import DecisionRow, PolicyRow
 from policy.vocabulary import DECIDED
@@ -47,13 +47,9 @@ def policy_names(policy: Any) -> tuple[list[str], list[str]]:
 
 
 def near_misses(policy: Any, decision: Any) -> list[str]:
-    """Concepts that did not fire but scored within the policy's review band."""
-    band = float(policy.review_band or 0.0)
-    scores = np.frombuffer(decision.scores or b"", dtype="<f4")
-    names = policy_names(policy)[0]
-    if band <= 0 or scores.size != len(names):
-        return []
-    return [names[i] for i in np.flatnonzero((scores > -band) & (scores <= 0)).tolist()]
+    """Concepts that did not fire but scored within the policy's review band (the decision
+    rule's band, moderation.kernel.rule)."""
+    return review_band_concepts(policy, decision)
 
 
 def default_shows(status: str, policy: Any, decision: Any) -> list[str]:

@@ -9,32 +9,37 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, func, select, true
 
-from moderation.review.explain import floats
-from moderation.review.labels import item_labels
+from moderation.kernel.document import document, row_facts
+from moderation.kernel.logged import Prefixed
+from moderation.review.explain import item_view
 from moderation.review.queries import fired_concepts, iso, newest_items, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
 from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
 EXPORT_FORMATS = ("jsonl", "csv")
+# The CSV columns: the decision document (moderation.document) flattened, one cell per column.
+# The newest review item is the decision's review; `review_*`, `reviewer` and `labels` are its.
 EXPORT_FIELDS = (
     "decision_id",
     "created_at",
     "policy_name",
     "policy_version",
     "policy_digest",
-    "model_id",
+    "policy_model",
     "image_sha256",
     "verdict",
     "action",
+    "action_reason",
+    "action_reason_concept",
     "top_concept",
     "margin",
     "fired",
-    "special_hits",
-    "adjustment",
+    "special_care_hits",
+    "special_care_adjustment",
     "scores",
     "cosines",
-    "meta",
+    "metadata",
     "error",
     "held_path",
     "review_item_id",
@@ -110,75 +115,77 @@ def queue_stats(conn: Connection, now: datetime) -> dict[str, Any]:
     }
 
 
-def _named(names: list[str], values: list[float]) -> dict[str, float]:
-    # Error decisions carry empty arrays: zip stops at the shorter side on purpose.
-    return {name: round(value, 6) for name, value in zip(names, values, strict=False)}
-
-
-def export_rows(conn: Connection):
-    """Yield one dict per live decision (oldest first) with its newest review item's status
-    and the labels of its verdict (None while no verdict stands)."""
-    policies = {
-        row.digest: row
-        for row in conn.execute(
-            select(
-                PolicyRow.digest,
-                PolicyRow.name,
-                PolicyRow.concepts,
-                PolicyRow.special_concepts,
-                PolicyRow.review_band,
-            )
-        )
+def flat_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """The CSV row (EXPORT_FIELDS) of a decision document from `export_documents`."""
+    items = (doc["review"] or {}).get("items") or [{}]
+    item = items[-1]
+    pol = doc["policy"]
+    concepts = sorted(doc["concepts"], key=lambda c: c["index"])  # policy order
+    status = item.get("status")
+    return {
+        "decision_id": doc["decision_id"],
+        "created_at": doc["created_at"],
+        "policy_name": pol["name"],
+        "policy_version": pol["version"],
+        "policy_digest": pol["digest"],
+        "policy_model": pol["model"],
+        "image_sha256": doc["image_sha256"],
+        "verdict": doc["verdict"],
+        "action": doc["action"],
+        "action_reason": doc["action_reason"]["rule"],
+        "action_reason_concept": doc["action_reason"]["concept"],
+        "top_concept": doc["top_concept"],
+        "margin": doc["margin"],
+        "fired": doc["fired"],
+        "special_care_hits": doc["special_care"]["hits"],
+        "special_care_adjustment": doc["special_care"]["adjustment"],
+        "scores": _named(concepts, "score"),
+        "cosines": _named(concepts, "cosine"),
+        "metadata": doc["metadata"],
+        "error": doc["error"],
+        "held_path": doc["held_path"],
+        "review_item_id": item.get("id"),
+        "review_status": status,
+        "reviewer": item.get("reviewer"),
+        "review_reason": item.get("reason"),
+        "reviewed_at": item.get("updated_at") if status in DECIDED else None,
+        "labels": item.get("labels"),  # what the newest item's verdict says it shows
     }
-    concept_names = {d: [c.get("name") for c in p.concepts or []] for d, p in policies.items()}
+
+
+def _named(concepts: list[dict[str, Any]], key: str) -> dict[str, float]:
+    # Error decisions carry no values: they are left out.
+    return {c["name"]: round(c[key], 6) for c in concepts if c[key] is not None}
+
+
+def export_documents(conn: Connection):
+    """Yield the decision document of every live decision (oldest first), with its newest
+    review item as its `review` (`items`: that one item, no events) and the labels of its
+    verdict (None while no verdict stands)."""
+    policies = {row.digest: row for row in conn.execute(select(PolicyRow.__table__))}
     latest = newest_items()
+    item = ReviewItem.__table__
     query = (
-        select(
-            DecisionRow.__table__,
-            PolicyRow.name.label("policy_name"),
-            PolicyRow.version.label("policy_version"),
-            ReviewItem.id.label("review_item_id"),
-            ReviewItem.status.label("review_status"),
-            ReviewItem.reviewer.label("reviewer"),
-            ReviewItem.reason.label("review_reason"),
-            ReviewItem.updated_at.label("review_updated_at"),
-            ReviewItem.labels.label("review_labels"),
-        )
-        .join(PolicyRow, DecisionRow.policy_digest == PolicyRow.digest)
+        select(DecisionRow.__table__, *(c.label(f"item_{c.name}") for c in item.columns))
         .outerjoin(latest, latest.c.decision_id == DecisionRow.id)
-        .outerjoin(ReviewItem, ReviewItem.id == latest.c.item_id)
+        .outerjoin(item, item.c.id == latest.c.item_id)
         .where(LIVE)
         .order_by(DecisionRow.created_at, DecisionRow.id)
     )
     for row in conn.execution_options(yield_per=EXPORT_BATCH).execute(query):
-        policy, names = policies[row.policy_digest], concept_names[row.policy_digest]
-        yield {
-            "decision_id": row.id,
-            "created_at": iso(row.created_at),
-            "policy_name": row.policy_name,
-            "policy_version": row.policy_version,
-            "policy_digest": row.policy_digest,
-            "model_id": row.model_id,
-            "image_sha256": row.image_sha256,
-            "verdict": row.verdict,
-            "action": row.action,
-            "top_concept": row.top_concept,
-            "margin": row.margin,
-            "fired": list(row.fired or []),
-            "special_hits": list(row.special_hits or []),
-            "adjustment": row.adjustment,
-            "scores": _named(names, floats(row.scores)),
-            "cosines": _named(names, floats(row.cosines)),
-            "meta": row.meta or {},
-            "error": row.error,
-            "held_path": row.held_path,
-            "review_item_id": row.review_item_id,
-            "review_status": row.review_status,
-            "reviewer": row.reviewer,
-            "review_reason": row.review_reason,
-            "reviewed_at": iso(row.review_updated_at) if row.review_status in DECIDED else None,
-            "labels": item_labels(row.review_status, row.review_labels, policy, row),
-        }
+        policy = policies[row.policy_digest]
+        review = labels = None
+        if row.item_id is not None:
+            view = item_view(Prefixed(row, "item_"), policy, row)
+            review = {"items": [view]}
+            if view["labels"] is not None:
+                labels = {
+                    "item_id": view["id"],
+                    "verdict": view["status"],
+                    "reviewer": view["reviewer"],
+                    **view["labels"],
+                }
+        yield document(row_facts(row, policy), review=review, labels=labels)
 
 
 def _cell(value: Any) -> Any:
@@ -194,16 +201,16 @@ def _cell(value: Any) -> Any:
 
 
 def export_decisions(conn: Connection, fmt: str, out: IO[str]) -> int:
-    """Write `export_rows` to `out` as JSON lines or CSV (with a header); return the row count."""
+    """Write `export_documents` to `out` as JSON lines or CSV (with a header); return the row count."""
     count = 0
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
         writer.writeheader()
-        for row in export_rows(conn):
-            writer.writerow({key: _cell(value) for key, value in row.items()})
+        for doc in export_documents(conn):
+            writer.writerow({key: _cell(value) for key, value in flat_row(doc).items()})
             count += 1
     else:
-        for row in export_rows(conn):
-            out.write(json.dumps(row) + "\n")
+        for doc in export_documents(conn):
+            out.write(json.dumps(doc) + "\n")
             count += 1
     return count

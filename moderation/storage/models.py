@@ -151,6 +151,9 @@ class DecisionRow(Base):
     # 0006, for embeddings given by the caller and (value_range) for uint8 and file inputs.
     encoder_digest: Mapped[str | None] = mapped_column(String(64))
     value_range: Mapped[str | None] = mapped_column(String(8))
+    # What set the action, recorded at decision time (moderation.rule): {"rule", "concept"};
+    # NULL for a decision logged before it was recorded (its document derives it).
+    action_reason: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 
     policy: Mapped[PolicyRow] = relationship()
     review_items: Mapped[list[ReviewItem]] = relationship(

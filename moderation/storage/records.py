@@ -69,6 +69,7 @@ class DecisionRecord:
     shadow_of: str | None = None  # id of the live decision this shadow decision accompanies
     encoder_digest: str | None = None  # the tower that embedded the image (None: not known)
     value_range: str | None = None  # "0,1", "-1,1", "both": how a float input was read
+    action_reason: dict | None = None  # {"rule", "concept"}: what set the action (rule.REASONS)
 
 
 F32 = np.dtype("<f4")
@@ -85,9 +86,9 @@ _BINARY_COLUMNS = (
 )
 _DATETIME_COLUMNS = ("created_at",)
 _JSON_COLUMNS = ("fired", "special_hits", "meta")
-NULLABLE_JSON_COLUMNS = ("views",)  # None is SQL NULL, not JSON null
 # Columns added after spool records were first written: an older record has none (NULL).
-_LATER_COLUMNS = ("encoder_digest", "value_range")
+_LATER_COLUMNS = ("encoder_digest", "value_range", "action_reason")
+NULLABLE_JSON_COLUMNS = ("views", "action_reason")  # None is SQL NULL, not JSON null
 
 
 def encode_array(
@@ -157,6 +158,7 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "shadow_of": record.shadow_of,
         "encoder_digest": record.encoder_digest,
         "value_range": record.value_range,
+        "action_reason": None if record.action_reason is None else dict(record.action_reason),
     }
 
 
@@ -296,6 +298,11 @@ def record_of(d: Decision, held_image: bytes | None = None) -> DecisionRecord:
         shadow_of=d.shadow_of,
         encoder_digest=d.encoder_digest,
         value_range=d.value_range,
+        action_reason=(
+            None
+            if d.action_reason is None
+            else {"rule": d.action_reason, "concept": d.reason_concept}
+        ),
         meta=d.metadata,
         error=d.error,
         needs_review=d.needs_review,

@@ -1,11 +1,12 @@
 """Browse and explain any logged decision (not only review items): `moderation decisions`.
 
-`DecisionBrowser.list` filters the log (every value bound as a parameter) newest first;
-`DecisionBrowser.show` explains one decision: every concept's cosine, threshold and score
-nearest first, the view that gave each cosine, special care, the review band, which concept's
-action won, the policy, the caller's metadata, the review history with its labels, and the
-links between a live decision and its shadow decisions (candidate policies scored on the same
-image, never acted on; see CONTRACTS: `decisions.shadow_of`).
+`DecisionBrowser.list` filters the log (every value bound as a parameter) newest first, one
+summary per decision in the decision document's vocabulary; `DecisionBrowser.show` gives one
+decision's document (moderation.decisions.document): every concept's cosine, threshold and
+score nearest first, the view that gave each cosine, special care, the review band, what set
+the action (`action_reason`), the policy, the caller's metadata, the review history with its
+labels, and the links between a live decision and its shadow decisions (candidate policies
+scored on the same image, never acted on; see CONTRACTS: `decisions.shadow_of`).
 """
 
 from __future__ import annotations
@@ -13,25 +14,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Connection, Engine, or_, select
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
+from moderation.decisions.document import logged_decision_document
 from moderation.errors import ModerationError
-from moderation.review.explain import (
-    concept_rows,
-    decision_labels,
-    decision_view,
-    event_view,
-    policy_view,
-    special_care,
-)
-from moderation.review.labels import item_labels, near_misses
-from moderation.review.queries import fired_contains, iso, parse_time
+from moderation.kernel.document import iso
+from moderation.review.queries import fired_contains, parse_time
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
-from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from moderation.storage.models import DecisionRow, PolicyRow
 from moderation.storage.schema import get_engine
 from moderation.text import escape_controls
 from policy.vocabulary import ACTIONS, VERDICTS
@@ -63,25 +56,23 @@ LIST_COLUMNS = (
 )
 
 
-def _user(meta: Any) -> Any:
-    return meta.get("user") if isinstance(meta, dict) else None
-
-
 def list_entry(row: Any) -> dict[str, Any]:
-    """One `decisions list` row as JSON-ready fields."""
+    """One `decisions list` row: a summary in the decision document's vocabulary."""
     return {
         "decision_id": row.id,
         "created_at": iso(row.created_at),
+        "policy": {
+            "name": row.policy_name,
+            "version": row.policy_version,
+            "digest": row.policy_digest,
+            "model": row.model_id,
+        },
         "verdict": row.verdict,
         "action": row.action,
-        "top_concept": row.top_concept,
         "fired": list(row.fired or []),
         "margin": row.margin,
-        "policy_name": row.policy_name,
-        "policy_version": row.policy_version,
-        "policy_digest": row.policy_digest,
-        "model_id": row.model_id,
-        "user": _user(row.meta),
+        "top_concept": row.top_concept,
+        "metadata": row.meta if isinstance(row.meta, dict) else {},
         "error": row.error,
         "shadow_of": row.shadow_of,
     }
@@ -199,156 +190,6 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
     return matches[0]
 
 
-def _view_indexes(blob: bytes | None, n: int) -> list[int]:
-    if not blob:
-        return [0] * n
-    return np.frombuffer(blob, dtype="<i2").astype(int).tolist()
-
-
-def _view_of(views: list[dict] | None, indexes: list[int], i: int) -> dict[str, Any] | None:
-    """Which of the decision's views gave entry i its cosine (None: one view, the whole image)."""
-    if views is None:
-        return None
-    index = indexes[i] if i < len(indexes) else 0
-    view = views[index] if 0 <= index < len(views) else {}
-    shown = {"index": index, "frame": view.get("frame"), "box": view.get("box")}
-    if "range" in view:  # an ambiguous image, judged under both readings: this view's
-        shown["range"] = view["range"]
-    return shown
-
-
-def winner(decision: Any, policy: Any, concepts: list[dict[str, Any]]) -> dict[str, Any]:
-    """What set the decision's action: a fired concept (the highest-scoring one whose action is
-    the decision's), a special-care escalation, the review band, an error, or nothing firing."""
-    action = decision.action
-    out: dict[str, Any] = {"action": action, "set_by": None, "concept": None, "score": None}
-    if decision.verdict == "error":
-        return {**out, "set_by": "error", "reason": f"error: {decision.error or 'unknown'}"}
-    same = [c for c in concepts if c["fired"] and c["action"] == action]
-    if same:
-        best = max(same, key=lambda c: -np.inf if c["score"] is None else c["score"])
-        named = {"concept": best["name"], "score": best["score"], "reason": best["name"]}
-        return {**out, "set_by": "concept", **named}
-    escalate = policy.escalate
-    if decision.special_hits and escalate not in (None, "allow") and escalate == action:
-        return {**out, "set_by": "special_care", "reason": "special care escalation"}
-    if action == "review" and near_misses(policy, decision):
-        return {**out, "set_by": "review_band", "reason": "review band"}
-    if action == "allow" and not decision.fired:
-        return {**out, "set_by": "nothing_fired", "reason": "nothing fired"}
-    # A row this code cannot account for (a policy row that does not match): say so.
-    return {**out, "set_by": "unknown", "reason": "not explained by the logged policy"}
-
-
-def _review(conn: Connection, decision_id: str, policy: Any, decision: Any) -> dict | None:
-    items = conn.execute(
-        select(ReviewItem.__table__)
-        .where(ReviewItem.decision_id == decision_id)
-        .order_by(ReviewItem.id)
-    ).all()
-    if not items:
-        return None
-    events = conn.execute(
-        select(ReviewEvent.__table__)
-        .where(ReviewEvent.decision_id == decision_id)
-        .order_by(ReviewEvent.id)
-    ).all()
-    return {
-        "items": [
-            {
-                "id": i.id,
-                "status": i.status,
-                "priority": i.priority,
-                "margin": i.margin,
-                "created_at": iso(i.created_at),
-                "updated_at": iso(i.updated_at),
-                "claim_owner": i.claim_owner,
-                "reviewer": i.reviewer,
-                "reason": i.reason,
-                "reopened_from": i.reopened_from,
-                "labels": item_labels(i.status, i.labels, policy, decision),
-            }
-            for i in items
-        ],
-        "events": [event_view(e) for e in events],
-    }
-
-
-def _shadows(conn: Connection, decision_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        select(
-            DecisionRow.id,
-            DecisionRow.verdict,
-            DecisionRow.action,
-            DecisionRow.fired,
-            DecisionRow.top_concept,
-            PolicyRow.name,
-            PolicyRow.version,
-            PolicyRow.digest,
-        )
-        .join(PolicyRow, DecisionRow.policy_digest == PolicyRow.digest)
-        .where(DecisionRow.shadow_of == decision_id)
-        .order_by(PolicyRow.name, PolicyRow.version, DecisionRow.id)
-    ).all()
-    return [
-        {
-            "decision_id": r.id,
-            "policy_name": r.name,
-            "policy_version": r.version,
-            "policy_digest": r.digest,
-            "verdict": r.verdict,
-            "action": r.action,
-            "fired": list(r.fired or []),
-            "top_concept": r.top_concept,
-        }
-        for r in rows
-    ]
-
-
-def explain_decision(conn: Connection, decision_id: str, top: int | None = None) -> dict[str, Any]:
-    """The `decisions show` document of one decision (given by its full id); `top` keeps the
-    nearest concepts only (default: every concept)."""
-    decision = conn.execute(
-        select(DecisionRow.__table__).where(DecisionRow.id == decision_id)
-    ).one()
-    policy = conn.execute(
-        select(PolicyRow.__table__).where(PolicyRow.digest == decision.policy_digest)
-    ).one()
-    views = decision.views
-    n_concepts, n_special = len(policy.concepts or []), len(policy.special_concepts or [])
-    concept_view = _view_indexes(decision.concept_views, n_concepts)
-    special_view = _view_indexes(decision.special_views, n_special)
-    concepts = concept_rows(policy, decision)
-    for i, row in enumerate(concepts):
-        row["index"], row["view"] = i, _view_of(views, concept_view, i)
-    care = special_care(policy, decision)
-    for i, row in enumerate(care["concepts"]):
-        row["view"] = _view_of(views, special_view, i)
-    # Nearest first: highest score first (unscored rows last, in policy order).
-    ordered = sorted(concepts, key=lambda c: (c["score"] is None, -(c["score"] or 0.0)))
-    band = float(policy.review_band or 0.0)
-    return {
-        "decision": {
-            **decision_view(decision),
-            "special_hits": list(decision.special_hits or []),
-            "shadow_of": decision.shadow_of,
-        },
-        "policy": policy_view(policy),
-        "winner": winner(decision, policy, concepts),
-        "concepts": ordered if top is None else ordered[:top],
-        "concepts_total": len(ordered),
-        "views": views,  # None: one view (the whole image, CLIP's centre crop)
-        "special_care": care,
-        "review_band": {
-            "band": band,
-            "concepts": near_misses(policy, decision) if decision.verdict != "error" else [],
-        },
-        "review": _review(conn, decision.id, policy, decision),
-        "labels": decision_labels(conn, decision.id),
-        "shadow": {"of": decision.shadow_of, "decisions": _shadows(conn, decision.id)},
-    }
-
-
 class DecisionBrowser:
     """Read-only access to the decision log of an existing database (SQLite or PostgreSQL)."""
 
@@ -377,4 +218,4 @@ class DecisionBrowser:
             raise DecisionError(f"top must be a whole number >= 1, not {top!r}")
         with database_errors(self.url), self.engine.connect() as conn:
             decision_id = resolve_id(conn, given, display_url(self.url))
-            return explain_decision(conn, decision_id, top)
+            return logged_decision_document(conn, decision_id, top=top)
