@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moderation.host_columns import HostColumns, host_columns, values
-from moderation.ids import new_decision_ids
+from moderation.ids import new_decision_id, new_decision_ids
 
 if TYPE_CHECKING:
     import torch
@@ -20,10 +19,6 @@ if TYPE_CHECKING:
     from policy.compiled import CompiledPolicy
 
 VERDICTS = ("allow", "flag", "review", "error")
-
-
-def new_decision_id() -> str:
-    return str(uuid.uuid4())
 
 
 def utcnow() -> datetime:
@@ -332,7 +327,7 @@ def build_decisions(
         metas = list(metadata) if metadata is not None else [{} for _ in range(batch)]
         views_of = list(views) if views is not None else none
         embeddings = list(embedding_rows) if embedding_rows is not None else none
-        times = [utcnow() for _ in range(batch)]
+        times = [utcnow()] * batch  # one time per batch: the ids order its decisions
         hashes, links = none, none
     else:  # shadow decisions: the live decision's image, time, metadata and error
         errs = [of.error if of.verdict == "error" else None for of in live]

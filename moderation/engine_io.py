@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderation.decision import Decision
+from moderation.decision import Decision, utcnow
 from moderation.errors import ModerationError
+from moderation.ids import new_decision_ids
 from moderation.images import encode_png
 from moderation.storage.errors import PartlyRecordedError
 from moderation.storage.records import DecisionRecord, record_of
@@ -104,6 +105,7 @@ def error_decisions(
     """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
     c, s = len(policy.concept_names), len(policy.special_names)
     nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
+    ids, now = new_decision_ids(len(metas)), utcnow()  # one time per batch, ids in order
     return [
         Decision(
             verdict="error",
@@ -115,6 +117,8 @@ def error_decisions(
             special_scores=nan_s,
             error=message,
             metadata=m,
+            decision_id=decision_id,
+            created_at=now,
         )
-        for m in metas
+        for m, decision_id in zip(metas, ids, strict=True)
     ]

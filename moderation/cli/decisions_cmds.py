@@ -88,7 +88,8 @@ def show_cmd(decision_id, top, as_json, db_url):
     """Explain one decision: why it got its action.
 
     ID is the decision id that `check --json`, `Decision.decision_id` and the diffusers
-    checker's `last_decisions` give, or a unique prefix of at least 8 characters. Shows every
+    checker's `last_decisions` give, or a unique prefix or suffix of at least 8 characters
+    (ids are time-ordered: the last characters tell one batch's decisions apart). Shows every
     concept's cosine, threshold, score and margin (nearest first), the view that gave each
     cosine, special care, the review band, which concept's action won, the policy, the caller's
     metadata, the review history and its labels, and shadow decisions.

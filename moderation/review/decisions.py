@@ -167,8 +167,11 @@ def list_query(
 
 
 def resolve_id(conn: Connection, given: str, where: str) -> str:
-    """The full id of the decision `given` names: its full id or a unique prefix of at least
-    MIN_PREFIX characters. DecisionError names what is wrong (`where`: the database shown)."""
+    """The full id of the decision `given` names: its full id, or a unique prefix or suffix of
+    at least MIN_PREFIX characters. Ids are time-ordered (moderation.ids): their first characters
+    name a minute, their last ones tell one batch's decisions apart, so a prefix is looked up
+    first (along the index) and a suffix when no id starts with `given`. DecisionError names
+    what is wrong (`where`: the database shown)."""
     text = (given or "").strip()
     shown = escape_controls(text)
     if not text:
@@ -178,19 +181,16 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
         return exact.id
     if len(text) < MIN_PREFIX:
         raise DecisionError(
-            f'"{shown}" is not a decision id in {where}; give the full id or a prefix of at '
-            f"least {MIN_PREFIX} characters"
+            f'"{shown}" is not a decision id in {where}; give the full id, or a prefix or suffix '
+            f"of at least {MIN_PREFIX} characters"
         )
-    matches = (
-        conn.execute(
-            select(DecisionRow.id)
-            .where(DecisionRow.id.startswith(text, autoescape=True))
-            .order_by(DecisionRow.id)
-            .limit(LISTED_MATCHES + 1)
-        )
-        .scalars()
-        .all()
-    )
+    matches: list[str] = []
+    for part, match in (("prefix", DecisionRow.id.startswith), ("suffix", DecisionRow.id.endswith)):
+        query = select(DecisionRow.id).where(match(text, autoescape=True))
+        query = query.order_by(DecisionRow.id).limit(LISTED_MATCHES + 1)
+        matches = conn.execute(query).scalars().all()
+        if matches:
+            break
     if not matches:
         raise DecisionError(f'no decision "{shown}" in {where}')
     if len(matches) > 1:
@@ -198,7 +198,7 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
             ", ..." if len(matches) > LISTED_MATCHES else ""
         )
         raise DecisionError(
-            f'decision prefix "{shown}" is ambiguous: it matches {named}; give more characters'
+            f'decision {part} "{shown}" is ambiguous: it matches {named}; give more characters'
         )
     return matches[0]
 
