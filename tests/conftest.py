@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
+from sqlalchemy import make_url
+
+from tests.pg import BACKENDS, PG_ENV, pg_test_url, temporary_pg_database
 
 # Tests never reach a model hub; loading code must work from local folders alone.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,3 +57,92 @@ def _embedding_cache_in_tmp(tmp_path_factory):
         os.environ.pop("MODERATION_EMBEDDING_CACHE_DIR", None)
     else:
         os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = previous
+
+
+# --- databases: one fixture for every test that needs an empty, migrated log -----------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The PostgreSQL server of the tests (MODERATION_TEST_PG_URL); skips where it is unset."""
+    url = pg_test_url()
+    if url is None:
+        pytest.skip(f"{PG_ENV} is not set")
+    return url
+
+
+@pytest.fixture(scope="session")
+def _pg_session_database(pg_server):
+    """One migrated PostgreSQL database for the whole run, emptied before each test that uses
+    it (creating and migrating one per test costs about a second)."""
+    from moderation.storage import upgrade
+
+    with temporary_pg_database(pg_server, "moderation_tests") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory):
+    """A migrated SQLite file, copied for each test (cheaper than migrating each time)."""
+    from moderation.storage import db, upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('db-template')}/template.db"
+    upgrade(url)
+    db.dispose(url)
+    return make_url(url).database
+
+
+def empty_pg(url: str) -> None:
+    """Every table of the log emptied and its ids restarted, as in a new database."""
+    from sqlalchemy import inspect
+
+    from moderation.storage import db
+
+    engine = db.engine_for(url)
+    tables = [t for t in inspect(engine).get_table_names() if t != "alembic_version"]
+    with engine.begin() as conn:
+        names = ", ".join(f'"{t}"' for t in tables)
+        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_db_url(request, tmp_path_factory):
+    """An empty, migrated log database for one module's tests to share (a log seeded once),
+    on SQLite and on PostgreSQL (a database of its own, dropped after the module)."""
+    from moderation.storage import db, upgrade
+
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("module-db") / "moderation.db"
+        shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
+        url = f"sqlite:///{path}"
+        yield url
+        db.dispose(url)
+        return
+    with temporary_pg_database(request.getfixturevalue("pg_server"), "moderation_module") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """An empty, migrated log database for one test, on SQLite and on PostgreSQL (skipped only
+    where MODERATION_TEST_PG_URL is unset)."""
+    from moderation.storage import db
+
+    if request.param == "sqlite":
+        path = tmp_path / "moderation.db"
+        shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
+        url = f"sqlite:///{path}"
+        yield url
+        db.dispose(url)
+        return
+    yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def pg_url(_pg_session_database):
+    """An empty, migrated PostgreSQL log database for one test (skipped where
+    MODERATION_TEST_PG_URL is unset)."""
+    empty_pg(_pg_session_database)
+    return _pg_session_database

@@ -17,7 +17,6 @@ __all__ = [
     "BACKENDS",
     "pg_database_later",
     "pg_test_url",
-    "scratch_url",
     "temporary_pg_database",
 ]
 
@@ -58,45 +57,3 @@ def pg_database_later(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-@contextlib.contextmanager
-def scratch_url(
-    backend: str,
-    folder,
-    name: str,
-    shared: Callable[[], str] | None = None,
-    *,
-    migrate: bool = False,
-) -> Iterator[str]:
-    """An empty database of `backend` for one test: a SQLite file `name`.db in `folder`
-    (migrated on first use, or at once with `migrate`), or a migrated PostgreSQL database on the test server, made for
-    the test and dropped after it, or, with `shared` (a function giving the URL of a migrated
-    database kept for a module), that one emptied. Skips without MODERATION_TEST_PG_URL."""
-    if backend == "sqlite":
-        url = f"sqlite:///{folder}/{name}.db"
-        if migrate:
-            from moderation.storage import upgrade
-
-            upgrade(url)
-        try:
-            yield url
-        finally:
-            db.dispose(url)
-        return
-    if shared is not None:
-        url = shared()
-        with db.engine_for(url).begin() as conn:
-            conn.exec_driver_sql(
-                "TRUNCATE review_events, review_items, decisions, policies RESTART IDENTITY"
-            )
-        yield url
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip(f"{PG_ENV} is not set")
-    from moderation.storage import upgrade
-
-    with temporary_pg_database(server, name) as url:
-        upgrade(url)
-        yield url

@@ -13,17 +13,14 @@ from moderation.cli.app import main as app_main
 from moderation.review.explain import decision_labels
 from moderation.storage import db
 from tests.decisions_factory import HOSTILE_USER, RANDOM_ID, TWINS, VIEWS, Logged, seed
-from tests.pg import BACKENDS, scratch_url
 from tests.review_factory import row_counts
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \n and \t
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def logged(request, tmp_path_factory) -> Logged:
-    folder = tmp_path_factory.mktemp("decisions")
-    with scratch_url(request.param, folder, "decisions", migrate=True) as url:
-        yield seed(url)
+@pytest.fixture(scope="module")
+def logged(module_db_url) -> Logged:
+    return seed(module_db_url)
 
 
 def run(*args, code: int = 0):

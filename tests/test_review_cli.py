@@ -13,7 +13,7 @@ import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
 from moderation.cli.app import review
 from moderation.review.queue import ReviewQueue
-from tests.review_factory import PG_URL, pg_database, seed, sqlite_url
+from tests.review_factory import seed, sqlite_url
 
 ITEM_KEYS = {
     "id",
@@ -257,14 +257,12 @@ def test_export_jsonl_and_csv(db_url, seeded, tmp_path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="MODERATION_TEST_PG_URL is not set")
-def test_cli_on_postgres():
-    with pg_database("review_cli") as url:
-        seeded = seed(url, 2)
-        (claim,) = run_json("claim", "--reviewer", "alice", "--db", url)
-        run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", url)
-        assert run_json("stats", "--db", url)["queue"]["approved"] == 1
-        assert {i["id"] for i in run_json("list", "--db", url)} == set(seeded.item_ids)
+def test_cli_on_postgres(pg_url):
+    seeded = seed(pg_url, 2)
+    (claim,) = run_json("claim", "--reviewer", "alice", "--db", pg_url)
+    run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", pg_url)
+    assert run_json("stats", "--db", pg_url)["queue"]["approved"] == 1
+    assert {i["id"] for i in run_json("list", "--db", pg_url)} == set(seeded.item_ids)
 
 
 def test_database_failure_is_one_line(db_url, seeded):

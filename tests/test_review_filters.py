@@ -9,34 +9,13 @@ import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
 from moderation.review.queue import ReviewError, ReviewQueue
 from tests.review_factory import (
-    PG_URL,
     T0,
-    empty_pg,
-    pg_database,
     review_policy,
     row_counts,
     seed,
-    sqlite_url,
 )
 
 HOSTILE = ["' OR 1=1 --", "id; DROP TABLE decisions", "%", "_", "nsfw%", "x' UNION SELECT 1 --"]
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("review_filters") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url = request.getfixturevalue("pg_url")
-    empty_pg(url)
-    return url
 
 
 @pytest.fixture

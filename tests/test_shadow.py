@@ -22,7 +22,6 @@ from moderation.errors import ModerationError
 from moderation.storage import DecisionLog, db
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from policy import CompiledPolicy, compile_policy, load_policy
-from tests.pg import BACKENDS, scratch_url
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +35,6 @@ def images():
     torch.manual_seed(1)
     base = torch.rand(6, 3, 8, 8)
     return F.interpolate(base, size=(64, 64), mode="bilinear") * 2 - 1
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    with scratch_url(request.param, tmp_path, "shadow") as url:
-        yield url
 
 
 def write_policy(path, model, name, concepts, extra=""):
