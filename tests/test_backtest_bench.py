@@ -55,7 +55,7 @@ def test_the_option_reaches_the_section():
     assert result.exit_code == 2 and "expected positive integers" in result.output
     result = CliRunner().invoke(
         main, ["bench", "--quick", "--size", "tiny", "--sections", "backtest",
-               "--backtest-sizes", "120", "--json", "-"],
+               "--backtest-sizes", "120", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -394,6 +394,7 @@ def _offline_env(tmp_path, **extra):
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(root), **extra}
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_offline_hub_id_fails_at_once_from_the_command_line(tmp_path, tiny_clip_dir):
     """HF_HUB_OFFLINE=1 and an empty cache: one line naming it and --model FOLDER, no retries."""
     policy = tmp_path / "p.yaml"
@@ -430,6 +431,7 @@ print(json.dumps({"error": error, "kind": cached.kind, "text": cached.has_text_t
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_an_unreachable_hub_is_checked_once_then_the_cache_is_used(tmp_path, tiny_clip_dir):
     """Without HF_HUB_OFFLINE, a hub that cannot be reached is known after one request."""
     import socket

@@ -182,6 +182,18 @@ def test_reopen(db_url, seeded):
     )
 
 
+def test_verdicts_print_json_with_json(db_url, seeded):
+    first, second = map(str, seeded.item_ids[:2])
+    who = ("--reviewer", "alice", "--db", db_url)
+    assert run_json("approve", first, *who) == {"item_id": int(first), "status": "approved"}
+    rejected = run_json("reject", second, "--reason", "gore", *who)
+    assert rejected == {"item_id": int(second), "status": "rejected"}
+    reopened = run_json("reopen", second, "--reason", "appeal", *who)
+    new = max(seeded.item_ids) + 1
+    assert reopened == {"item_id": int(second), "status": "reopened", "new_item_id": new}
+    assert run_json("show", str(new), "--db", db_url)["item"]["status"] == "pending"
+
+
 def test_show_text_and_json(db_url, seeded):
     item = seeded.item_ids[1]
     run("claim", "--reviewer", "alice", "-n", "4", "--db", db_url)

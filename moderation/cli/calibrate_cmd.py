@@ -9,7 +9,14 @@ from pathlib import Path
 import click
 
 from moderation.cli.app import policy
-from moderation.cli.options import db_option, echo_json, failures, format_table, json_option
+from moderation.cli.options import (
+    command_errors,
+    db_option,
+    echo_json,
+    format_table,
+    json_option,
+    out_option,
+)
 
 DEFAULT_PRECISION = 0.9
 DEFAULT_MIN_EXAMPLES = 20
@@ -98,7 +105,7 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-@policy.command("calibrate")
+@policy.command("calibrate", short_help="Suggest thresholds from labelled images.")
 @click.argument(
     "policy_path", metavar="POLICY", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -139,11 +146,8 @@ def render(data: dict) -> str:
     metavar="N",
     help="Refuse to suggest with fewer than N positives or N negatives.",
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="NEW.yaml",
-    help="Write the policy with the suggested thresholds (nothing else changes).",
+@out_option(
+    "Write the policy with the suggested thresholds (nothing else changes).", metavar="NEW.yaml"
 )
 @click.option(
     "--plot",
@@ -153,6 +157,7 @@ def render(data: dict) -> str:
     help="Write one PNG per concept: score distributions and thresholds.",
 )
 @json_option
+@command_errors
 def calibrate_command(
     policy_path, db_url, positives, negatives, target_precision, max_false_positive_rate,
     min_examples, out, plot_dir, as_json,
@@ -176,28 +181,27 @@ def calibrate_command(
         else Target(precision=target_precision or DEFAULT_PRECISION)
     )
     use_log = bool(db_url or os.environ.get("MODERATION_DB_URL")) or not (positives or negatives)
-    with failures():
-        report = calibrate(
-            policy_path,
-            db=db_url,
-            use_log=use_log,
-            positives=positives,
-            negatives=negatives,
-            target=target,
-            min_examples=min_examples,
-            progress=sys.stderr.isatty(),  # the bar goes to stderr: --json output stays clean
-        )
-        data = report.to_dict()
-        changes = {c.name: (c.special, c.suggested_threshold) for c in report.concepts if c.changed}
-        if out is not None:
-            from moderation.calibration.rewrite import write_policy
+    report = calibrate(
+        policy_path,
+        db=db_url,
+        use_log=use_log,
+        positives=positives,
+        negatives=negatives,
+        target=target,
+        min_examples=min_examples,
+        progress=sys.stderr.isatty(),  # the bar goes to stderr: --json output stays clean
+    )
+    data = report.to_dict()
+    changes = {c.name: (c.special, c.suggested_threshold) for c in report.concepts if c.changed}
+    if out is not None:
+        from moderation.calibration.rewrite import write_policy
 
-            write_policy(policy_path, out, changes)
-            data["out"] = {"file": str(out), "changed": {n: t for n, (_, t) in changes.items()}}
-        if plot_dir is not None:
-            from moderation.calibration.plot import write_plots
+        write_policy(policy_path, out, changes)
+        data["out"] = {"file": str(out), "changed": {n: t for n, (_, t) in changes.items()}}
+    if plot_dir is not None:
+        from moderation.calibration.plot import write_plots
 
-            data["plots"] = [str(p) for p in write_plots(report, plot_dir)]
+        data["plots"] = [str(p) for p in write_plots(report, plot_dir)]
     if as_json:
         echo_json(data)
         return

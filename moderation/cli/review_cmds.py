@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,12 +10,13 @@ import click
 from moderation.cli.app import review
 from moderation.cli.options import (
     clean,
+    command_errors,
     db_option,
     echo_json,
-    failures,
     json_option,
     open_output,
-    output_errors,
+    out_option,
+    since_option,
     standard_output,
     writing,
 )
@@ -63,28 +63,34 @@ def _labels(concepts: tuple[str, ...], no_concepts: bool) -> list[str] | None:
 
 def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
     """The queue of an existing database: a mistyped SQLite path must not create an empty one."""
-    with failures():
-        url = resolve_db_url(db_url)
-        require_database(url)
-        return ReviewQueue(url, **kwargs)
+    url = resolve_db_url(db_url)
+    require_database(url)
+    return ReviewQueue(url, **kwargs)
+
+
+def _done(as_json: bool, text: str, **result: Any) -> None:
+    """What a verdict command did: one line of text, or its JSON object with --json."""
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text)
 
 
 @review.command("list")
 @click.option("--status", type=click.Choice(REVIEW_STATUSES), help="Only items with this status.")
 @click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
 @click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
-@click.option("--since", metavar="DATE", help="Items created at or after an ISO date/datetime.")
+@since_option
 @click.option(
     "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most N rows."
 )
 @json_option
 @db_option
-@output_errors
+@command_errors
 def list_cmd(status, policy, concept, since, limit, as_json, db_url):
     """List review items in queue order."""
     queue = _queue(db_url)
-    with failures():
-        items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
+    items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
     if as_json:
         echo_json([item.to_dict() for item in items])
         return
@@ -98,12 +104,11 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
 @click.argument("item_id", type=int)
 @json_option
 @db_option
-@output_errors
+@command_errors
 def show_cmd(item_id, as_json, db_url):
     """Explain one item: concept scores, special care, history."""
     queue = _queue(db_url)
-    with failures():
-        shown = queue.show(item_id)
+    shown = queue.show(item_id)
     if as_json:
         echo_json(shown)
         return
@@ -130,12 +135,11 @@ def show_cmd(item_id, as_json, db_url):
 )
 @json_option
 @db_option
-@output_errors
+@command_errors
 def claim_cmd(reviewer, count, lease, as_json, db_url):
     """Claim the next items of the queue for a reviewer."""
     queue = _queue(db_url, lease_seconds=lease)
-    with failures():
-        claims = queue.claim(reviewer, count)
+    claims = queue.claim(reviewer, count)
     if as_json:
         echo_json([c.to_dict() for c in claims])
         return
@@ -154,9 +158,10 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 @click.option("--reason", metavar="TEXT", help="Why the image may be released.")
 @token_option
 @concept_options("the special-care hits; the fired concepts were false alarms")
+@json_option
 @db_option
-@output_errors
-def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
+@command_errors
+def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, as_json, db_url):
     """Approve an item: the held image may be released.
 
     A claimed item can be decided only by its owner while the lease lasts (and with the
@@ -166,9 +171,8 @@ def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url)
     """
     labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
-    with failures():
-        queue.approve(item_id, reviewer, token=token, reason=reason, concepts=labels)
-    click.echo(f"Approved item {item_id}.")
+    queue.approve(item_id, reviewer, token=token, reason=reason, concepts=labels)
+    _done(as_json, f"Approved item {item_id}.", item_id=item_id, status="approved")
 
 
 @review.command("reject")
@@ -177,9 +181,10 @@ def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url)
 @click.option("--reason", required=True, metavar="TEXT", help="Why the image stays moderated.")
 @token_option
 @concept_options("the concepts that fired")
+@json_option
 @db_option
-@output_errors
-def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
+@command_errors
+def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, as_json, db_url):
     """Reject an item: the moderation stands.
 
     Same rules as approve: your own live claim, or a pending item nobody holds. The verdict
@@ -188,51 +193,49 @@ def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """
     labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
-    with failures():
-        queue.reject(item_id, reviewer, reason=reason, token=token, concepts=labels)
-    click.echo(f"Rejected item {item_id}.")
+    queue.reject(item_id, reviewer, reason=reason, token=token, concepts=labels)
+    _done(as_json, f"Rejected item {item_id}.", item_id=item_id, status="rejected")
 
 
-@review.command("reopen")
+@review.command("reopen", short_help="Reopen (appeal) a decided item as a new pending one.")
 @click.argument("item_id", type=int)
 @reviewer_option
 @click.option("--reason", required=True, metavar="TEXT", help="Why the item is appealed.")
+@json_option
 @db_option
-@output_errors
-def reopen_cmd(item_id, reviewer, reason, db_url):
+@command_errors
+def reopen_cmd(item_id, reviewer, reason, as_json, db_url):
     """Reopen (appeal) an approved or rejected item as a new pending item."""
     queue = _queue(db_url)
-    with failures():
-        new_id = queue.reopen(item_id, reviewer, reason)
-    click.echo(f"Reopened item {item_id} as item {new_id} (pending).")
+    new_id = queue.reopen(item_id, reviewer, reason)
+    text = f"Reopened item {item_id} as item {new_id} (pending)."
+    _done(as_json, text, item_id=item_id, status="reopened", new_item_id=new_id)
 
 
 @review.command("stats")
 @json_option
 @db_option
-@output_errors
+@command_errors
 def stats_cmd(as_json, db_url):
     """Queue depth and live decisions per action and concept."""
     queue = _queue(db_url)
-    with failures():
-        stats = queue.stats()
+    stats = queue.stats()
     if as_json:
         echo_json(stats)
         return
     click.echo(render_stats(stats))
 
 
-@review.command("export")
+@review.command("export", short_help="Export live decisions and their review status.")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="File to write (default: stdout); an existing file needs --force.",
+@out_option(
+    "File to write (default: stdout); an existing file needs --force.",
+    name="output",
+    deprecated=("--output",),  # its name before --out was every command's
 )
-@click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
 @db_option
-@output_errors
+@command_errors
 def export_cmd(fmt, output, force, db_url):
     """Export live decisions with their review status as JSON lines or CSV.
 
@@ -244,13 +247,12 @@ def export_cmd(fmt, output, force, db_url):
     """
     queue = _queue(db_url)
     if output is None or str(output) == "-":
-        with failures():
-            queue.export(fmt, standard_output())
+        queue.export(fmt, standard_output())
         return
     created = not os.path.lexists(output)
     out = open_output(output, force=force)
     try:
-        with writing(output), failures(), out:
+        with writing(output), out:
             count = queue.export(fmt, out)
     except BaseException:
         if created:

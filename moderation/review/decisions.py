@@ -184,13 +184,9 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
             f'"{shown}" is not a decision id in {where}; give the full id, or a prefix or suffix '
             f"of at least {MIN_PREFIX} characters"
         )
-    matches: list[str] = []
-    for part, match in (("prefix", DecisionRow.id.startswith), ("suffix", DecisionRow.id.endswith)):
-        query = select(DecisionRow.id).where(match(text, autoescape=True))
-        query = query.order_by(DecisionRow.id).limit(LISTED_MATCHES + 1)
-        matches = conn.execute(query).scalars().all()
-        if matches:
-            break
+    part, matches = "prefix", _first_ids(conn, DecisionRow.id.startswith(text, autoescape=True))
+    if not matches:
+        part, matches = "suffix", _first_ids(conn, DecisionRow.id.endswith(text, autoescape=True))
     if not matches:
         raise DecisionError(f'no decision "{shown}" in {where}')
     if len(matches) > 1:
@@ -201,6 +197,12 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
             f'decision {part} "{shown}" is ambiguous: it matches {named}; give more characters'
         )
     return matches[0]
+
+
+def _first_ids(conn: Connection, condition: Any) -> list[str]:
+    """The first ids (in id order) meeting `condition`: enough to name a few."""
+    query = select(DecisionRow.id).where(condition).order_by(DecisionRow.id)
+    return list(conn.execute(query.limit(LISTED_MATCHES + 1)).scalars())
 
 
 def _view_indexes(blob: bytes | None, n: int) -> list[int]:
