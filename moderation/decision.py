@@ -234,7 +234,7 @@ def action_ranks(
     """
     import torch
 
-    from policy.compiled import ACTION_RANK
+    from policy.schema import ACTION_RANK
 
     batch, n_concepts = scores.scores.shape
     device = scores.scores.device
@@ -299,7 +299,7 @@ def build_decisions(
     decision's time, image hash, metadata, views and error (an image the live policy could not
     judge is not judged by a candidate either) and links to it (`shadow_of`).
     """
-    from policy.compiled import ACTION_RANK
+    from policy.schema import ACTION_RANK
 
     cosines, concept_scores = columns.cosines, columns.scores
     special_cosines, special_scores = columns.special_cosines, columns.special_scores
@@ -400,3 +400,28 @@ def _metadata_for(
     if isinstance(metadata, Mapping):
         return dict(metadata)
     return dict(metadata[index])
+
+
+def error_decisions(
+    policy: CompiledPolicy, metas: Sequence[dict[str, Any]], message: str
+) -> list[Decision]:
+    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
+    c, s = len(policy.concept_names), len(policy.special_names)
+    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
+    ids, now = new_decision_ids(len(metas)), utcnow()  # one time per batch, ids in order
+    return [
+        Decision(
+            verdict="error",
+            action=policy.on_error,
+            policy=policy,
+            cosines=nan_c,
+            scores=nan_c,
+            special_cosines=nan_s,
+            special_scores=nan_s,
+            error=message,
+            metadata=m,
+            decision_id=decision_id,
+            created_at=now,
+        )
+        for m, decision_id in zip(metas, ids, strict=True)
+    ]

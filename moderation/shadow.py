@@ -28,15 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moderation.decision import (
-    Decision,
-    HostColumns,
-    build_decisions,
-    decision_columns,
-    host_columns,
-)
-from moderation.engine_io import error_decisions
+from moderation.decision import Decision, build_decisions, decision_columns, error_decisions
 from moderation.errors import ModerationError
+from moderation.host_columns import HostColumns, host_columns
 from moderation.ids import new_decision_ids
 from moderation.scoring import max_over_views, score_many, stacked_matrices
 
@@ -211,7 +205,7 @@ class _Fused:
     """
 
     def __init__(self, policies: Sequence[CompiledPolicy], matrices) -> None:
-        from policy.compiled import ACTION_RANK
+        from policy.schema import ACTION_RANK
 
         concept, special = matrices
         self.policies = policies

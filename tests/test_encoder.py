@@ -14,16 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moderation.encoder import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ClipEncoder,
-    EncoderError,
-    check_device,
-    default_dtype,
-    resolve_device,
-)
-from moderation.errors import ModerationError
+from moderation.encoder import ClipEncoder, check_device, default_dtype, resolve_device
+from moderation.errors import EncoderError, ModerationError
+from moderation.preprocess import CLIP_MEAN, CLIP_STD
 from moderation.synthetic import build_safety_checker, make_safety_checker, make_tiny_clip
 
 CHECKER_TENSORS = {

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moderation.decision import decide
+from moderation.decision import decide, error_decisions
 from moderation.encoder import ClipEncoder
-from moderation.engine import Moderator, error_decisions
+from moderation.engine import Moderator
 from moderation.scoring import score
 from policy import compile_policy, load_policy
 from policy.compiled import CompiledPolicy

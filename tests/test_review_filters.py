@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
-from moderation.review.queue import ReviewError, ReviewQueue
+from moderation.review.queue import ReviewQueue
+from moderation.review.rules import ReviewError
 from tests.review_factory import (
     T0,
     review_policy,

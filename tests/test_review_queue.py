@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import exc, select
 
 import moderation.review.queue as review_module
-from moderation.review.queue import ReviewError, ReviewQueue
+from moderation.review.queue import ReviewQueue
+from moderation.review.rules import ReviewError
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.review_factory import (
     T0,

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from moderation.storage import DecisionLog, DecisionRow, Spool, upgrade
 from moderation.storage import db as storage_db
-from moderation.storage.spool import HEADER
+from moderation.storage.spool_format import HEADER
 from tests.pg import pg_test_url, temporary_pg_database
 
 REPO = Path(__file__).resolve().parents[1]

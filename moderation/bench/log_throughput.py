@@ -103,9 +103,7 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
         yield url, f"SQLite {sqlite3.sqlite_version} ({db.display_url(url)})"
         return
     if backend != "postgresql":
-        raise BenchError(
-            f"--db {db.display_url(url)}: only SQLite and PostgreSQL are supported"
-        )
+        raise BenchError(f"--db {db.display_url(url)}: only SQLite and PostgreSQL are supported")
     from moderation.bench.scratch import temporary_pg_database
     from moderation.storage import upgrade
 

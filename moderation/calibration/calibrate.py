@@ -139,7 +139,7 @@ def calibrate(
 ) -> Calibration:
     """Calibrate every concept of a policy (YAML or compiled artifact) on labelled images."""
     from moderation.calibration.cache import ImageEmbeddingCache
-    from moderation.engine import load_any_policy, load_compiled
+    from moderation.loading import load_any_policy, load_compiled
     from moderation.storage.db import resolve_db_url
 
     path = Path(policy_path)
@@ -177,7 +177,8 @@ def calibrate(
 
 def _exclude_examples(loaded: Any, compiled: CompiledPolicy, labels: LabelledSet) -> dict:
     """Example images define their concept: never count them as its test data."""
-    from moderation.images import ImageInputError, image_sha256, load_image_file
+    from moderation.image_files import ImageInputError
+    from moderation.images import image_sha256, load_image_file
 
     files: dict[str, set[str]] = {}
     for entry in compiled.example_sha256:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moderation.images import CLIP_MEAN, CLIP_STD
+from moderation.preprocess import CLIP_MEAN, CLIP_STD
 from policy.compiled import CompiledPolicy
 
 

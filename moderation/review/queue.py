@@ -62,7 +62,7 @@ from moderation.storage.models import (
 )
 from moderation.storage.schema import get_engine
 
-__all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
+__all__ = ["ReviewQueue"]
 
 QUEUE_ORDER = (
     ReviewItem.priority.desc(),

@@ -109,7 +109,9 @@ class DecisionRow(Base):
         Index("ix_decisions_shadow_of", "shadow_of"),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # time-ordered UUID text (moderation.ids)
+    id: Mapped[str] = mapped_column(
+        String(36), primary_key=True
+    )  # time-ordered UUID text (moderation.ids)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     policy_digest: Mapped[str] = mapped_column(String(64), ForeignKey("policies.digest"))
     model_id: Mapped[str] = mapped_column(String(500))

@@ -23,8 +23,8 @@ from moderation.storage import inserts
 from moderation.storage.errors import DatabaseUnavailableError, SchemaVersionError, first_line
 from moderation.storage.models import DecisionRow
 from moderation.storage.records import row_from_json
-from moderation.storage.spool import Spool, SpoolRecord, SpoolRecordError
-from moderation.storage.spool_format import encode_record
+from moderation.storage.spool import Spool
+from moderation.storage.spool_format import SpoolRecord, SpoolRecordError, encode_record
 
 # Errors that stop a replay (retry later), as opposed to a refusal of particular records.
 STOP = (DatabaseUnavailableError, SchemaVersionError)
