@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moderation.host_columns import HostColumns, host_columns, values
 from moderation.ids import new_decision_id, new_decision_ids
+from moderation.times import utcnow
 
 if TYPE_CHECKING:
     import torch
@@ -19,10 +20,6 @@ if TYPE_CHECKING:
     from policy.compiled import CompiledPolicy
 
 VERDICTS = ("allow", "flag", "review", "error")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(eq=False)

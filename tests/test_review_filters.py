@@ -139,7 +139,7 @@ def test_parse_time_reads_iso_and_spans_back_from_now():
 
     import pytest
 
-    from moderation.review.queries import parse_time
+    from moderation.times import parse_time
 
     now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
     assert parse_time("2026-11-30") == datetime(2026, 11, 30, tzinfo=timezone.utc)

@@ -13,7 +13,7 @@ from typing import Any
 
 from moderation.cli.options import clean
 from moderation.review.labels import render as render_labels
-from moderation.review.queries import utc
+from moderation.times import utc
 
 
 def when(value: str | datetime | None) -> str:

@@ -28,12 +28,13 @@ from moderation.review.explain import (
     special_care,
 )
 from moderation.review.labels import item_labels, near_misses
-from moderation.review.queries import fired_contains, iso, parse_time
+from moderation.review.queries import fired_contains
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 from moderation.storage.schema import get_engine
 from moderation.text import escape_controls
+from moderation.times import iso, parse_time
 from policy.schema import ACTION_RANK
 
 ACTIONS = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))  # increasing severity

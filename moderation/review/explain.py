@@ -10,8 +10,8 @@ import numpy as np
 from sqlalchemy import Connection, select
 
 from moderation.review.labels import decision_and_policy, item_labels
-from moderation.review.queries import iso, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from moderation.times import iso, utc
 
 
 def floats(blob: bytes | None) -> list[float]:

@@ -33,10 +33,7 @@ from moderation.review.queries import (
     Claim,
     ReviewItemView,
     fired_contains,
-    iso,
     item_view,
-    parse_since,
-    utc,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
 from moderation.review.rows import event_row, locked_item
@@ -58,9 +55,9 @@ from moderation.storage.models import (
     PolicyRow,
     ReviewEvent,
     ReviewItem,
-    utcnow,
 )
 from moderation.storage.schema import get_engine
+from moderation.times import iso, parse_since, utc, utcnow
 
 __all__ = ["ReviewQueue"]
 

@@ -11,9 +11,10 @@ from sqlalchemy import Connection, func, select, true
 
 from moderation.review.explain import floats
 from moderation.review.labels import item_labels
-from moderation.review.queries import fired_concepts, iso, newest_items, utc
+from moderation.review.queries import fired_concepts, newest_items
 from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
+from moderation.times import iso, utc
 
 EXPORT_FORMATS = ("jsonl", "csv")
 EXPORT_FIELDS = (

@@ -23,6 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from moderation.times import utcnow
+
 # Stable constraint names: Alembic batch mode on SQLite rebuilds tables and must find them by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -34,11 +36,6 @@ NAMING_CONVENTION = {
 
 REVIEW_STATUSES = ("pending", "claimed", "approved", "rejected")
 REVIEW_EVENTS = ("created", "claimed", "lease_expired", "approved", "rejected", "reopened")
-
-
-def utcnow() -> datetime:
-    """The current time as a timezone-aware UTC datetime."""
-    return datetime.now(timezone.utc)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
