@@ -18,13 +18,14 @@ PACKAGES = ("policy", "moderation")
 # the engine, storage, review queue, integrations and CLI must not.
 SYNTHETIC = ("moderation.synthetic",)
 MAY_USE_SYNTHETIC = ("moderation.demo", "moderation.bench")
-# Modules directly in moderation/ that are not the engine core: the error base, the output
-# escaping and the time handling every package shares, the entry point and the tools. Each is a node of its own in the
-# package graph.
+# Modules directly in moderation/ that are not the engine core: what every package shares (the
+# error base, output escaping, tables and numbers, time), the entry point and the tools. Each is
+# a node of its own in the package graph.
 STANDALONE = (
     "moderation.errors",
     "moderation.text",
     "moderation.times",
+    "moderation.tables",
     "moderation.__main__",
     "moderation.demo",
     "moderation.synthetic",

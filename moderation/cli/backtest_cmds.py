@@ -16,12 +16,12 @@ from moderation.cli.options import (
     command_errors,
     db_option,
     echo_json,
-    format_table,
     json_option,
     model_option,
     since_option,
     until_option,
 )
+from moderation.tables import format_table
 
 DEFAULT_EXAMPLES = 5
 

@@ -10,20 +10,17 @@ import click
 
 from moderation.cli.app import policy
 from moderation.cli.options import (
+    clean,
     command_errors,
     db_option,
     echo_json,
-    format_table,
     json_option,
     out_option,
 )
+from moderation.tables import fixed, format_table, plural
 
 DEFAULT_PRECISION = 0.9
 DEFAULT_MIN_EXAMPLES = 20
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _positive(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -36,14 +33,6 @@ def _positive(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
             raise click.BadParameter(f"{folder!r} is not a folder", ctx, param)
         pairs.append((concept, Path(folder)))
     return pairs
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _rate(value: float | None, interval: list[float] | None) -> str:
@@ -74,7 +63,7 @@ def render(data: dict) -> str:
         else f"precision >= {target['precision']:g}"
     )
     lines = [
-        f"Policy {_printable(pol['name'])} v{_printable(pol['version'])} (digest {pol['digest'][:12]}): "
+        f"Policy {clean(pol['name'])} v{clean(pol['version'])} (digest {pol['digest'][:12]}): "
         f"{labels['distinct_images']} labelled images ({labels['decisions']} reviewed decisions, "
         f"{labels['images']} folder images); target {goal}, best recall"
     ]
@@ -83,7 +72,7 @@ def render(data: dict) -> str:
         lines.append(f"Not counted: {skipped}")
     rows, notes = [], []
     for name, c in data["concepts"].items():
-        shown = _printable(name) + (" (special care)" if c["special_care"] else "")
+        shown = clean(name) + (" (special care)" if c["special_care"] else "")
         rows.append(_row(shown, str(c["positives"]), str(c["negatives"]), "current", c["current"]))
         if c["suggested"] is not None:
             which = "suggested" if c["suggested"]["changed"] else "keep"
@@ -208,17 +197,17 @@ def calibrate_command(
     click.echo(render(data))
     if out is not None:
         moved = ", ".join(
-            f"{_printable(n)} {_num(next(c.threshold for c in report.concepts if c.name == n), 4)}"
+            f"{clean(n)} {fixed(next(c.threshold for c in report.concepts if c.name == n), 4)}"
             f" -> {t:.4g}"
             for n, (_, t) in changes.items()
         )
         click.echo(
             f"\nWrote {out}: "
             + (
-                f"{_count(len(changes), 'threshold')} changed ({moved})"
+                f"{plural(len(changes), 'threshold')} changed ({moved})"
                 if changes
                 else "no threshold changed"
             )
         )
     if plot_dir is not None:
-        click.echo(f"Plots: {_count(len(data['plots']), 'PNG file')} in {plot_dir}")
+        click.echo(f"Plots: {plural(len(data['plots']), 'PNG file')} in {plot_dir}")

@@ -22,7 +22,6 @@ from moderation.cli.options import (
     db_option,
     echo_json,
     echo_table,
-    fmt_float,
     json_option,
     model_options,
     out_option,
@@ -32,6 +31,7 @@ from moderation.cli.options import (
 )
 from moderation.cli.recording import recording_failure, recording_summary
 from moderation.errors import ModerationError
+from moderation.tables import fixed
 
 # Fired concepts named in the table before "+N more" (--json lists them all).
 TABLE_FIRED = 3
@@ -325,7 +325,7 @@ def _print_table(results, out_dir) -> None:
                 d.action,
                 _fired_text(d.fired),
                 t["concept"],
-                f"{fmt_float(t['cosine'])} / {fmt_float(t['threshold'])}",
+                f"{fixed(t['cosine'])} / {fixed(t['threshold'])}",
                 note,
             ]
         rows.append([display_path(item.path), *cells, *([written] if out_dir else [])])

@@ -12,6 +12,7 @@ import click
 from moderation.cli.app import policy
 from moderation.cli.options import clean, command_errors, echo_json, json_option, model_option
 from moderation.errors import ModerationError
+from moderation.tables import plural
 from policy import PolicyError
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def definition(source: dict[str, Any]) -> str:
     if "examples" in source:
         content = f", content {source['content']}" if "content" in source else ""
         parts.append(
-            f"examples {clean(source['examples'])} ({_count(source['images'], 'image')}{content})"
+            f"examples {clean(source['examples'])} ({plural(source['images'], 'image')}{content})"
         )
     embedding = source.get("embedding")
     if embedding == "inline":
@@ -166,10 +167,6 @@ def definition(source: dict[str, Any]) -> str:
     if "vector" in source:
         parts.append(f"vector {source['vector']}")
     return ", ".join(parts)
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _reference(ref: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from moderation.errors import ModerationError
+from moderation.tables import format_table
 from moderation.text import BEYOND_C0, escape_controls
 from policy.errors import PolicyError
 
@@ -230,22 +231,5 @@ def open_output(path: Path, *, force: bool) -> IO[str]:
 # -- tables -----------------------------------------------------------------------------------
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces, with a dashed rule under the headers.
-
-    Every cell is escaped (`clean`): one row is always one line."""
-    cells = [[clean(h) for h in headers]] + [[clean(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     click.echo(format_table(headers, rows))
-
-
-def fmt_float(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"

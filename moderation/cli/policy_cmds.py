@@ -19,6 +19,7 @@ from moderation.cli.options import (
     out_option,
     regular_target,
 )
+from moderation.tables import plural
 from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
 
 
@@ -42,10 +43,6 @@ def _validate_one(file: str, embed_dim: int | None) -> Policy:
         if own_dim is not None:
             check_embed_dim(loaded, own_dim)
     return loaded
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 @policy.command("validate", short_help="Validate policy files (folders: every *.yaml inside).")
@@ -83,7 +80,7 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     if invalid:
         verb = "is" if invalid == 1 else "are"
         raise click.ClickException(
-            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
+            f"{invalid} of {plural(len(results), 'policy file')} {verb} invalid"
         )
 
 
@@ -105,7 +102,7 @@ def _as_text(result: dict) -> str:
         return str(result["error"])
     loaded: Policy = result["policy"]
     counts = (
-        f"{_plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
+        f"{plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
     )
     return f"{clean(result['path'])}: ok ({counts})"
 
