@@ -54,6 +54,17 @@ def _type_checking_only(node: ast.If) -> bool:
     )
 
 
+def imported_module(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """The absolute name of the module a `from ... import` statement of `importer` reads."""
+    base = node.module or ""
+    if node.level:
+        parent = importer if is_package else importer.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            parent = parent.rpartition(".")[0]
+        base = f"{parent}.{base}" if base else parent
+    return base
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """Project modules that `name` imports (a package import counts as its __init__)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -77,12 +88,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 for alias in child.names:
                     resolve(alias.name)
             elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    parent = name if is_package else name.rpartition(".")[0]
-                    for _ in range(child.level - 1):
-                        parent = parent.rpartition(".")[0]
-                    base = f"{parent}.{base}" if base else parent
+                base = imported_module(child, name, is_package)
                 for alias in child.names:
                     resolve(f"{base}.{alias.name}")
             visit(child)
@@ -255,12 +261,7 @@ def reexported_imports(files: dict[str, Path], homes: dict[str, Path]) -> list[s
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            source = node.module or ""
-            if node.level:
-                parent = importer if is_package else importer.rpartition(".")[0]
-                for _ in range(node.level - 1):
-                    parent = parent.rpartition(".")[0]
-                source = f"{parent}.{source}" if source else parent
+            source = imported_module(node, importer, is_package)
             home = homes.get(source)
             if home is None or home.name == "__init__.py":
                 continue
