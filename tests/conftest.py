@@ -19,16 +19,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _env_in_tmp(tmp_path_factory, variable: str, name: str):
+    """Point `variable` at a new temporary folder for the session, then restore it."""
+    previous = os.environ.get(variable)
+    os.environ[variable] = str(tmp_path_factory.mktemp(name))
+    yield
+    if previous is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = previous
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _prompt_cache_in_tmp(tmp_path_factory):
     """Keep the prompt-embedding cache out of the user's ~/.cache during tests."""
-    previous = os.environ.get("MODERATION_CACHE_DIR")
-    os.environ["MODERATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("prompt-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("MODERATION_CACHE_DIR", None)
-    else:
-        os.environ["MODERATION_CACHE_DIR"] = previous
+    yield from _env_in_tmp(tmp_path_factory, "MODERATION_CACHE_DIR", "prompt-cache")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _embedding_cache_in_tmp(tmp_path_factory):
+    """Keep calibrate's image-embedding cache out of the user's ~/.cache during tests."""
+    yield from _env_in_tmp(tmp_path_factory, "MODERATION_EMBEDDING_CACHE_DIR", "image-cache")
 
 
 @pytest.fixture(scope="session")
@@ -40,23 +51,19 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def encoder(tiny_clip_dir):
+    """The tiny CLIP checkpoint loaded once on the CPU, for every test that embeds with it."""
+    from moderation.encoder import ClipEncoder
+
+    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_checker_dir(tmp_path_factory):
     """A tiny StableDiffusionSafetyChecker checkpoint (17 + 3 concepts) in the current key layout."""
     from moderation.synthetic import make_safety_checker
 
     return make_safety_checker(tmp_path_factory.mktemp("tiny-checker"))
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _embedding_cache_in_tmp(tmp_path_factory):
-    """Keep calibrate's image-embedding cache out of the user's ~/.cache during tests."""
-    previous = os.environ.get("MODERATION_EMBEDDING_CACHE_DIR")
-    os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = str(tmp_path_factory.mktemp("image-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("MODERATION_EMBEDDING_CACHE_DIR", None)
-    else:
-        os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = previous
 
 
 # --- databases: one fixture for every test that needs an empty, migrated log -----------------
@@ -146,3 +153,19 @@ def pg_url(_pg_session_database):
     MODERATION_TEST_PG_URL is unset)."""
     empty_pg(_pg_session_database)
     return _pg_session_database
+
+
+@pytest.fixture(params=BACKENDS)
+def outage(request, tmp_path):
+    """(URL of a database that is unreachable now, a function that brings it up), per backend."""
+    from moderation.storage import db
+    from tests.pg import pg_database_later
+
+    if request.param == "sqlite":
+        folder = tmp_path / "later"
+        url = f"sqlite:///{folder / 'log.db'}"
+        yield url, folder.mkdir
+        db.dispose(url)
+        return
+    with pg_database_later(request.getfixturevalue("pg_server")) as (url, create):
+        yield url, create

@@ -272,15 +272,10 @@ def test_bench_error_is_a_moderation_error():
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path):
-    from tests.pg import pg_test_url
-
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
+def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path, pg_server):
     path = tmp_path / "bench.json"
     args = ["bench", "--size", "tiny", "--sections", "logging", "--decisions", "500"]
-    result = _invoke([*args, "--db", server, "--out", str(path)])
+    result = _invoke([*args, "--db", pg_server, "--out", str(path)])
     assert result.exit_code == 0, result.output
     (log,) = json.loads(path.read_text())["logging"]
     assert log["database"].startswith("PostgreSQL")

@@ -26,7 +26,6 @@ import pytest
 from click.testing import CliRunner
 
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.review.queue import ReviewQueue
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
 
@@ -36,11 +35,6 @@ NUDITY_LABELS = [
     (0.35, APPROVE), (0.33, APPROVE), (0.32, APPROVE), (0.31, APPROVE),
     (0.295, REJECT), (0.29, APPROVE), (0.285, APPROVE),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
 
 
 def review(queue: ReviewQueue, decisions, verdicts) -> None:

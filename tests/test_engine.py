@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from policy import compile_policy, load_policy
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

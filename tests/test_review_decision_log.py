@@ -13,17 +13,11 @@ from PIL import Image
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.review import ReviewError
 from moderation.review.queue import ReviewQueue
 from moderation.storage import DecisionLog, HeldStore
 from policy import compile_policy, load_policy
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,6 @@ from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    from moderation.encoder import ClipEncoder
-
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
-
-
 @pytest.fixture
 def logged(tmp_path, tiny_clip_dir, encoder, db_url):
     """Four reviewable decisions: nudity fired; gore fired with minor; a band near-miss; minor."""

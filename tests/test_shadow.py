@@ -16,18 +16,12 @@ from sqlalchemy import select
 
 import moderation.shadow
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.storage import DecisionLog, db
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from policy import CompiledPolicy, compile_policy, load_policy
 from tests.policy_factory import random_policy
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -27,22 +27,8 @@ from moderation.storage import log as log_module
 from moderation.storage import records as storage_records
 from moderation.storage import schema as storage_schema
 from moderation.storage.errors import PartlyRecordedError
-from tests.pg import BACKENDS, pg_database_later
 
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
-
-
-@pytest.fixture(params=BACKENDS)
-def outage(request, tmp_path):
-    """(URL of a database that is unreachable now, a function that brings it up), per backend."""
-    if request.param == "sqlite":
-        folder = tmp_path / "later"
-        db_url = f"sqlite:///{folder / 'log.db'}"
-        yield db_url, folder.mkdir
-        storage_db.dispose(db_url)
-    else:
-        with pg_database_later(request.getfixturevalue("pg_server")) as (db_url, create):
-            yield db_url, create
 
 
 @pytest.fixture

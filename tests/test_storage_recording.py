@@ -16,7 +16,6 @@ import torch
 from sqlalchemy import func, select
 
 from moderation.bench.records import example_decisions, example_policy
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.storage import DecisionLog, DecisionRow, ReviewItem, StorageError
 from moderation.storage import db as storage_db
@@ -24,11 +23,6 @@ from moderation.storage import spool as spool_module
 from moderation.storage.errors import PartlyRecordedError, UnrecordedError
 from moderation.storage.spool_format import scan
 from policy import compile_policy, load_policy
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
