@@ -82,6 +82,12 @@ def test_one_grammar_for_shared_options(path, command):
         assert "--db" in opts
 
 
+def test_every_command_that_prints_a_result_takes_json():
+    # review export writes its data in the format asked for (--format jsonl or csv)
+    missing = [" ".join(p) for p, c in LEAVES if "--json" not in options(c)]
+    assert missing == ["review export"]
+
+
 def _helps(name: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path, command in LEAVES:
