@@ -311,10 +311,9 @@ class Moderator:
     def fail(self, messages: Sequence[str], *, metadata: Metadata = None) -> list[Decision]:
         """Error decisions for images that could not even be read; logged like any other."""
         metas = per_image(metadata, len(messages))
-        decisions = [
-            error_decisions(self.policy, [m], msg)[0]
-            for m, msg in zip(metas, messages, strict=True)
-        ]
+        decisions = error_decisions(self.policy, metas, "")  # one time for the batch
+        for d, message in zip(decisions, messages, strict=True):
+            d.error = message
         self.shadows.attach(decisions, None)
         if self.log is not None and decisions:
             self._log(decisions, None)

@@ -60,3 +60,22 @@ def test_threads_never_share_an_id():
     every = [i for batch in out for i in batch]
     assert len(set(every)) == 4000
     assert all(batch == sorted(batch) for batch in out)
+
+
+def test_one_batch_shares_one_time_and_its_ids_follow_the_images():
+    import torch
+
+    from moderation.engine import Moderator
+    from tests.policy_factory import random_policy
+
+    moderator = Moderator(random_policy(4, 1, 16, seed=2))
+    embeddings = torch.randn(5, 16)
+    embeddings[2, 0] = float("nan")  # an error decision is part of the batch too
+    first = moderator.moderate_embeddings(embeddings)
+    second = moderator.moderate_embeddings(embeddings[:2])
+    failed = moderator.fail(["cannot decode", "cannot decode"])
+    for batch in (first, second, failed):
+        assert len({d.created_at for d in batch}) == 1
+    ids = [d.decision_id for d in (*first, *second, *failed)]
+    assert ids == sorted(ids) and len(set(ids)) == 9
+    assert first[0].created_at <= second[0].created_at <= failed[0].created_at
