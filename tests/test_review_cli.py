@@ -159,6 +159,8 @@ def test_usage_and_input_errors(db_url, seeded):
     assert result.output == "Error: item 999: no such review item\n"
     result = run("list", "--since", "last week", "--db", db_url, code=1)
     assert result.output.startswith('Error: invalid since "last week"')
+    result = run("list", "--until", "soon", "--db", db_url, code=1)
+    assert result.output.startswith('Error: invalid until "soon"')
     result = run("export", "--format", "xml", "--db", db_url, code=2)
     assert "Invalid value for '--format'" in result.output
     result = run("list", "--db", "nosuchdriver://x", code=1)

@@ -61,6 +61,9 @@ def test_filter_by_status_since_and_limit(seeded):
     assert ids(queue.list(since="2024-05-01T12:00:03")) == set(basic.item_ids[3:] + strict.item_ids)
     assert len(queue.list(since="2024-05-01")) == 8
     assert queue.list(since="2024-05-02") == []
+    assert ids(queue.list(until="2024-05-01T13:00:00Z")) == set(basic.item_ids)
+    window = queue.list(since="2024-05-01T12:00:03", until="2024-05-01T13:00:00Z")
+    assert ids(window) == set(basic.item_ids[3:])
     limited = queue.list(limit=3)
     assert [i.id for i in limited] == [i.id for i in queue.list()][:3]
     assert limited[0].to_dict()["created_at"].endswith("+00:00")

@@ -18,6 +18,7 @@ from moderation.cli.options import (
     out_option,
     since_option,
     standard_output,
+    until_option,
     writing,
 )
 from moderation.cli.review_text import items_table, render_show, render_stats, table, when
@@ -81,16 +82,19 @@ def _done(as_json: bool, text: str, **result: Any) -> None:
 @click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
 @click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
 @since_option
+@until_option
 @click.option(
     "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most N rows."
 )
 @json_option
 @db_option
 @command_errors
-def list_cmd(status, policy, concept, since, limit, as_json, db_url):
+def list_cmd(status, policy, concept, since, until, limit, as_json, db_url):
     """List review items in queue order."""
     queue = _queue(db_url)
-    items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
+    items = queue.list(
+        status=status, policy=policy, concept=concept, since=since, until=until, limit=limit
+    )
     if as_json:
         echo_json([item.to_dict() for item in items])
         return

@@ -57,7 +57,7 @@ from moderation.storage.models import (
     ReviewItem,
 )
 from moderation.storage.schema import get_engine
-from moderation.times import iso, parse_since, utc, utcnow
+from moderation.times import iso, parse_since, parse_time, utc, utcnow
 
 __all__ = ["ReviewQueue"]
 
@@ -328,9 +328,11 @@ class ReviewQueue:
         policy: str | None = None,
         concept: str | None = None,
         since: str | datetime | None = None,
+        until: str | datetime | None = None,
         limit: int = 50,
     ) -> list[ReviewItemView]:
-        """Items in queue order, filtered; every filter value is bound as a parameter."""
+        """Items in queue order, filtered; every filter value is bound as a parameter. `since`
+        and `until` (exclusive): ISO dates or datetimes, or spans back from now such as 7d."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
         query = (
@@ -361,6 +363,12 @@ class ReviewQueue:
             except ValueError as err:
                 raise ReviewError(str(err)) from None
             query = query.where(ReviewItem.created_at >= start)
+        if until is not None:
+            try:
+                end = parse_time(until, what="until")
+            except ValueError as err:
+                raise ReviewError(str(err)) from None
+            query = query.where(ReviewItem.created_at < end)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
         with self.engine.connect() as conn:
             return [item_view(row) for row in conn.execute(query)]
