@@ -20,6 +20,14 @@ TENSOR = "embedding"
 log = logging.getLogger(__name__)
 
 
+def cache_folder(variable: str, name: str) -> Path:
+    """$variable when set, else ~/.cache/moderation/<name> ($XDG_CACHE_HOME honoured)."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moderation" / name
+
+
 class EntryFiles:
     """Reads and writes the entries of one cache folder; `what` names the cache in warnings."""
 
