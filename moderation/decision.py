@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moderation.host_columns import HostColumns, to_host, values
-from moderation.ids import new_decision_ids
+from moderation.ids import new_decision_id, new_decision_ids
 from moderation.kernel import rule
+from moderation.times import utcnow
 from policy.vocabulary import ACTIONS, verdict_of
 
 if TYPE_CHECKING:
@@ -20,14 +20,6 @@ if TYPE_CHECKING:
 
     from moderation.scoring import Scores
     from policy.compiled import CompiledPolicy
-
-
-def new_decision_id() -> str:
-    return str(uuid.uuid4())
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(eq=False)
@@ -267,7 +259,7 @@ def build_decisions(
         metas = list(metadata) if metadata is not None else [{} for _ in range(batch)]
         views_of = list(views) if views is not None else none
         embeddings = list(embedding_rows) if embedding_rows is not None else none
-        times = [utcnow() for _ in range(batch)]
+        times = [utcnow()] * batch  # one time per batch: the ids order its decisions
         hashes, links = none, none
     else:  # shadow decisions: the live decision's image, time, metadata and error
         errs = [of.error if of.verdict == "error" else None for of in live]
@@ -345,3 +337,28 @@ def _metadata_for(
     if isinstance(metadata, Mapping):
         return dict(metadata)
     return dict(metadata[index])
+
+
+def error_decisions(
+    policy: CompiledPolicy, metas: Sequence[dict[str, Any]], message: str
+) -> list[Decision]:
+    """Decisions for images that could not be judged: verdict error, the policy's on_error action."""
+    c, s = len(policy.concept_names), len(policy.special_names)
+    nan_c, nan_s = np.full(c, np.nan, np.float32), np.full(s, np.nan, np.float32)
+    ids, now = new_decision_ids(len(metas)), utcnow()  # one time per batch, ids in order
+    return [
+        Decision(
+            verdict="error",
+            action=policy.on_error,
+            policy=policy,
+            cosines=nan_c,
+            scores=nan_c,
+            special_cosines=nan_s,
+            special_scores=nan_s,
+            error=message,
+            metadata=m,
+            decision_id=decision_id,
+            created_at=now,
+        )
+        for m, decision_id in zip(metas, ids, strict=True)
+    ]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from moderation.checkpoint import Checkpoint
 from moderation.encoder_identity import preprocessing_settings, tower_digest
 from moderation.errors import EncoderError
-from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
+from moderation.preprocess import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
 SAFETY_CHECKER_TENSORS = (
     "concept_embeds",
@@ -351,7 +351,8 @@ class ClipEncoder:
 
         An image that cannot be read raises EncoderError with `index` naming it.
         """
-        from moderation.images import ImageInputError, load_image_file
+        from moderation.image_files import ImageInputError
+        from moderation.images import load_image_file
 
         rows = [torch.zeros((0, self.embed_dim))]
         for start in range(0, len(images), IMAGE_CHUNK):

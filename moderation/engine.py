@@ -11,28 +11,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moderation.chunks import Chunk, join_results, split_call
-from moderation.decision import Decision, decide
-from moderation.engine_io import (
-    Metadata,
-    error_decisions,
-    failure_text,
-    given_pixels,
-    image_count,
-    per_image,
-)
+from moderation.decision import Decision, decide, error_decisions
 from moderation.errors import ModerationError
 from moderation.image_checks import check_items
 from moderation.images import (
     ImageBatch,
     ValueRange,
     batch_sha256,
+    encode_png,
     to_image_batch,
 )
-from moderation.loading import load_any_policy, load_compiled  # noqa: F401  (re-exported)
+from moderation.loading import load_compiled
 from moderation.preprocess import batch_views
 from moderation.scoring import score
 from moderation.shadow import ShadowCandidates, load_candidates
-from moderation.storage.records import policy_record
+from moderation.storage.errors import PartlyRecordedError
+from moderation.storage.records import DecisionRecord, policy_record, record_of
+from moderation.storage.storable import Metadata, per_image
 
 if TYPE_CHECKING:
     from moderation.encoder import ClipEncoder
@@ -181,7 +176,7 @@ class Moderator:
         chunks = split_call(images, value_range, self.policy.views, self.encoder.image_size)
         metas = per_image(metadata, sum(c.count for c in chunks))
         if pixel_values is not None:
-            pixel_values = given_pixels(pixel_values, len(metas))
+            pixel_values = _given_pixels(pixel_values, len(metas))
         if not chunks:
             return ModerationResult(to_image_batch(images).to_caller(), [])
         parts = [
@@ -232,7 +227,7 @@ class Moderator:
             ]
         except Exception as exc:  # fail closed: an image the engine could not judge is not clean
             logger.exception("moderation failed for a batch of %d images", len(batch))
-            return self.after_encoder(batch, None, metas, apply, failure=failure_text(exc))
+            return self.after_encoder(batch, None, metas, apply, failure=_failure_text(exc))
         return self.after_encoder(batch, embeddings, metas, apply, errors, owners, views)
 
     def after_encoder(
@@ -256,7 +251,7 @@ class Moderator:
                 decisions = self._decide(embeddings, metas, errors, owners=owners, views=views)
             except Exception as exc:  # fail closed, as in moderate()
                 logger.exception("moderation failed for a batch of %d images", len(batch))
-                failure = failure_text(exc)
+                failure = _failure_text(exc)
         if failure is not None:
             embeddings, decisions = None, error_decisions(self.policy, metas, failure)
         self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
@@ -297,7 +292,7 @@ class Moderator:
         each row's image (non-decreasing), and optionally `views` describing them per image.
         """
         embeddings = torch.as_tensor(embeddings).to(self.policy.device).float()
-        n_images = embeddings.shape[0] if owners is None else image_count(owners, views)
+        n_images = embeddings.shape[0] if owners is None else _image_count(owners, views)
         if owners is not None:
             owners = owners.to(embeddings.device)
         decisions = self._decide(
@@ -313,10 +308,9 @@ class Moderator:
     def fail(self, messages: Sequence[str], *, metadata: Metadata = None) -> list[Decision]:
         """Error decisions for images that could not even be read; logged like any other."""
         metas = per_image(metadata, len(messages))
-        decisions = [
-            error_decisions(self.policy, [m], msg)[0]
-            for m, msg in zip(metas, messages, strict=True)
-        ]
+        decisions = error_decisions(self.policy, metas, "")  # one time for the batch
+        for d, message in zip(decisions, messages, strict=True):
+            d.error = message
         self.shadows.attach(decisions, None)
         if self.log is not None and decisions:
             self._log(decisions, None)
@@ -367,10 +361,8 @@ class Moderator:
     # -- logging and review ------------------------------------------------------------------
 
     def _log(self, decisions: list[Decision], images) -> tuple[list[str], str | None]:
-        """Record the decisions and their shadows (`engine_log.write_batch`: never raises);
-        the ids recorded nowhere and the problem are also kept on the Moderator."""
-        from moderation.engine_io import write_batch
-
+        """Record the decisions and their shadows (`write_batch`: never raises); the ids
+        recorded nowhere and the problem are also kept on the Moderator."""
         unrecorded, error = write_batch(self.log, decisions, images)
         self.unrecorded += unrecorded
         if error is not None:
@@ -402,3 +394,61 @@ class Moderator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- a batch's way in and out ----------------------------------------------------------------
+
+
+def _failure_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _given_pixels(pixel_values: torch.Tensor, n_images: int) -> torch.Tensor:
+    """The caller's pixel values, checked to hold one row per image."""
+    if not torch.is_tensor(pixel_values) or pixel_values.ndim < 2 or len(pixel_values) != n_images:
+        raise ModerationError(
+            f"pixel_values must be a tensor with one row for each of {n_images} images"
+        )
+    return pixel_values
+
+
+def _image_count(owners: torch.Tensor, views: Sequence | None) -> int:
+    """How many images views belong to: len(views) when given, else the last owner + 1."""
+    if views is not None:
+        return len(views)
+    return int(owners[-1]) + 1 if owners.numel() else 0
+
+
+def batch_records(decisions: list[Decision], images: Any) -> list[DecisionRecord]:
+    """The records of a batch: each live decision (with its held original when it goes to
+    review and `images` are given), then every shadow decision, after the live ones they
+    reference (the log writes in order: foreign keys hold). Shadows hold no original."""
+    records = []
+    for i, d in enumerate(decisions):
+        held = None
+        if images is not None and d.needs_review:
+            held = encode_png(images[i])
+        records.append(record_of(d, held))
+    for d in decisions:
+        records.extend(record_of(s) for s in d.shadows)
+    return records
+
+
+def write_batch(
+    log: DecisionLog, decisions: list[Decision], images: Any
+) -> tuple[list[str], str | None]:
+    """Record the decisions (and their shadows); never raises (the images are moderated
+    already). Returns the ids recorded nowhere and the problem, if any."""
+    try:
+        log.write(batch_records(decisions, images))
+    except PartlyRecordedError as err:  # recorded, in the spool or without its original
+        logger.error("%s", err)
+        return [], str(err)
+    except Exception as err:
+        ids = getattr(err, "decision_ids", None) or [
+            x.decision_id for d in decisions for x in (d, *d.shadows)
+        ]
+        reason = str(err) if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
+        logger.error("%d decisions were not recorded (%s): %s", len(ids), reason, ", ".join(ids))
+        return ids, reason
+    return [], None

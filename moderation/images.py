@@ -29,7 +29,7 @@ from moderation.image_files import (
     ImageInputError,
     read_image,
 )
-from moderation.preprocess import CLIP_MEAN, CLIP_STD, TALL_CROPS, clip_pixels, clip_resize_size
+from moderation.preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
 from moderation.value_range import (
     NON_FINITE_INPUT,
     OUT_OF_RANGE_INPUT,
@@ -40,19 +40,12 @@ from moderation.value_range import (
 )
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "TALL_CROPS",
     "ImageBatch",
-    "ImageFile",
-    "ImageInputError",
     "batch_sha256",
     "clip_preprocess",
-    "clip_resize_size",
     "encode_png",
     "image_sha256",
     "load_image_file",
-    "read_image",
     "to_image_batch",
 ]
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from moderation.errors import ModerationError
 from moderation.kernel import rule
-from policy.compiled import DIFFUSERS_ADJUSTMENT, CompiledPolicy
+from policy.compiled import CompiledPolicy
+from policy.limits import DIFFUSERS_ADJUSTMENT
 
 # diffusers adds this Python float once a special-care concept fires. A `compat: diffusers`
 # policy cannot hold another adjustment (CompiledPolicy refuses it), so this is the policy's own.

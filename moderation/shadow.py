@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderation.decision import Decision, build_decisions
-from moderation.engine_io import error_decisions
+from moderation.decision import Decision, build_decisions, error_decisions
 from moderation.errors import ModerationError
 from moderation.host_columns import HostColumns, to_host
 from moderation.ids import new_decision_ids

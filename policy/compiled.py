@@ -19,12 +19,11 @@ from policy.compiled_rules import problems
 from policy.errors import PolicyError, PolicyIssue
 from policy.limits import (
     BLUR_RADIUS_DEFAULT,
-    DIFFUSERS_ADJUSTMENT,
     PIXELATE_BLOCK_DEFAULT,
 )
 from policy.vocabulary import ACTION_RANK
 
-__all__ = ["DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPolicy"]
+__all__ = ["FORMAT_VERSION", "CompiledPolicy"]
 
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
 # 2: blur_radius and pixelate_block are fractions of the image's shorter side, not pixels;

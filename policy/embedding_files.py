@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from policy.paths import PathOutside, resolve_inside
 from policy.schema import EmbeddingRef
 
 # Rows of one safetensors tensor read one by one before the whole tensor is read at once: a few
@@ -96,19 +97,13 @@ class EmbeddingFiles:
 
     def _inside(self, name: str) -> Path:
         """The file `name` relative to the policy's folder, refusing anything leading out of it."""
-        if Path(name).is_absolute():
-            message = f"'{name}' must be a path relative to the policy's folder"
-            raise EmbeddingProblem(message, "file")
         try:
-            path = (self.folder / name).resolve()  # follows symlinks: a link out is caught too
-            inside, found = path.is_relative_to(self._root), path.is_file()
-        except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
-            raise EmbeddingProblem(f"'{name}' is not a usable file name ({exc})", "file") from None
-        if not inside:
-            raise EmbeddingProblem(f"'{name}' is outside the policy's folder", "file")
-        if not found:
+            found = resolve_inside(self.folder, name, root=self._root)
+        except PathOutside as exc:
+            raise EmbeddingProblem(str(exc), "file") from None
+        if not found.is_file:
             raise EmbeddingProblem(f"file '{name}' not found", "file")
-        return path
+        return found.path
 
     @staticmethod
     def _open_npy(path: Path, name: str) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from policy.encoding import EncodingError
 from policy.errors import PolicyError, PolicyIssue
+from policy.paths import PathOutside, resolve_inside
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -47,16 +48,14 @@ def resolve_examples(policy: Policy) -> list[PolicyIssue]:
 
 def example_files(folder: Path, name: str) -> tuple[tuple[str, Path], ...]:
     """(name as shown, resolved path) of each image under `folder / name`, sorted by name."""
-    if Path(name).is_absolute():
-        raise _Problem(f"'{name}' must be a folder relative to the policy's folder")
     root = folder.resolve()
     try:
-        start = (folder / name).resolve()
-        inside, is_dir, exists = start.is_relative_to(root), start.is_dir(), start.exists()
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
-        raise _Problem(f"'{name}' is not a usable folder name ({exc})") from None
-    if not inside:
-        raise _Problem(f"'{name}' is outside the policy's folder")
+        found = resolve_inside(
+            folder, name, kind="folder", relative="a folder relative to the policy's folder"
+        )
+    except PathOutside as exc:
+        raise _Problem(str(exc)) from None
+    start, exists, is_dir = found.path, found.exists, found.is_dir
     if not exists:
         raise _Problem(f"folder '{name}' not found")
     if not is_dir:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_of
+from policy.paths import PathOutside, resolve_inside
 from policy.yaml_loader import LoadedYaml, load_yaml
 
 BUILTIN = "builtin:"
@@ -123,19 +124,20 @@ def _resolve(ref: str, file: str, root: Path) -> tuple[str, Path]:
         if name not in names:
             raise _Problem(f"no shipped policy '{name}' (shipped: {', '.join(names) or 'none'})")
         return str(builtin_folder() / f"{name}.yaml"), builtin_folder().resolve()
-    if Path(ref).is_absolute():
-        raise _Problem(f"'{ref}' must be a path relative to this policy's folder, or {BUILTIN}NAME")
     shown = os.path.normpath(os.path.join(os.path.dirname(file), ref))
     try:
-        path = (Path(file).absolute().parent / ref).resolve()  # follows symlinks
-        inside, exists, is_file = path.is_relative_to(root), path.exists(), path.is_file()
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, long names
-        raise _Problem(f"'{ref}' is not a usable file name ({exc})") from None
-    if not inside:
-        raise _Problem(f"base policy '{ref}' is outside the policy's folder")
-    if not exists:
+        found = resolve_inside(
+            Path(file).absolute().parent,
+            ref,
+            root=root,
+            relative=f"a path relative to this policy's folder, or {BUILTIN}NAME",
+            shown=f"base policy '{ref}'",
+        )
+    except PathOutside as exc:
+        raise _Problem(str(exc)) from None
+    if not found.exists:
         raise _Problem(f"base policy '{ref}' not found")
-    if not is_file:
+    if not found.is_file:
         raise _Problem(f"base policy '{ref}' is not a file")
     return shown, root
 

@@ -9,7 +9,6 @@ a file that does not hold exactly what its name promises is ignored and written 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from policy.tensor_files import EntryFiles
+from policy.tensor_files import EntryFiles, cache_folder
 
 if TYPE_CHECKING:
     from policy.encoding import PolicyEncoder
@@ -28,10 +27,7 @@ _FORMAT = "1"
 
 def default_cache_dir() -> Path:
     """$MODERATION_CACHE_DIR, else ~/.cache/moderation/prompts ($XDG_CACHE_HOME honoured)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moderation" / "prompts"
+    return cache_folder(CACHE_ENV, "prompts")
 
 
 class PromptCache:

@@ -8,6 +8,7 @@ written again), and a cache folder that cannot be written costs one warning, nev
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,14 @@ import numpy as np
 TENSOR = "embedding"
 
 log = logging.getLogger(__name__)
+
+
+def cache_folder(variable: str, name: str) -> Path:
+    """$variable when set, else ~/.cache/moderation/<name> ($XDG_CACHE_HOME honoured)."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moderation" / name
 
 
 class EntryFiles:

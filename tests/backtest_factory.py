@@ -28,8 +28,7 @@ Images 0-9 are logged in a first batch, 10-14 in a second one `between` later.
 from __future__ import annotations
 
 import dataclasses
-import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +154,8 @@ def log_history(folder: Path, model, url: str) -> History:
     with DecisionLog(url, spool_dir=spool, held_dir=held) as log:
         first = moderate(Moderator(policy, log=log), FIRST)
         log.flush()
-        time.sleep(0.01)
-        between = datetime.now(timezone.utc)
-        time.sleep(0.01)
+        # After the first batch's one time and before the second's, which is taken later.
+        between = first[0].created_at + timedelta(microseconds=1)
         second = moderate(Moderator(policy, log=log), SECOND)
         nan = np.full(DIM, np.nan, dtype=np.float32)
         second += Moderator(policy, log=log).moderate_embeddings(torch.from_numpy(nan[None]))

@@ -30,6 +30,8 @@ from tests.review_factory import POLICY_YAML, T0, _WidthOnly, axis, embedding, r
 STEP = timedelta(minutes=1)
 HOSTILE_USER = "eve\x1b[2J\nforged line"
 TWINS = ("abcdef12-0000-4000-8000-000000000001", "abcdef12-0000-4000-8000-000000000002")
+# A random (version 4) id, as a log written before ids were time-ordered holds.
+RANDOM_ID = "5e1f0c2a-9d3b-4c6e-8f70-1a2b3c4d5e6f"
 VIEWS = [{"frame": 0, "box": [0, 0, 32, 32]}, {"frame": 0, "box": [32, 0, 64, 32]}]
 
 
@@ -89,6 +91,7 @@ def seed(url: str) -> Logged:
     roles += ["views", "error"]
     for role, twin in zip(("clean", "numeric"), TWINS, strict=True):
         decisions[roles.index(role)].decision_id = twin  # ids that share a long prefix
+    decisions[roles.index("weapons")].decision_id = RANDOM_ID
     seeded = write(url, decisions, start=T0, step_s=STEP.total_seconds())
     ids = {role: d.decision_id for role, d in zip(roles, decisions, strict=True)}
     item_of = {r: seeded.item_of[i] for r, i in ids.items() if i in seeded.item_of}

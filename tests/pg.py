@@ -15,9 +15,9 @@ from moderation.storage import db
 
 __all__ = [
     "BACKENDS",
+    "scratch_url",
     "pg_database_later",
     "pg_test_url",
-    "scratch_url",
     "temporary_pg_database",
 ]
 

@@ -16,12 +16,10 @@ import functools
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
     from moderation.decision import Decision
     from policy import CompiledPolicy
 
-PG_URL = os.environ.get("MODERATION_TEST_PG_URL")
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 META = {"prompt": "a test image", "seed": 7, "user": "u1"}
@@ -238,24 +235,6 @@ def sqlite_url(folder) -> str:
     url = f"sqlite:///{folder}/review.db"
     upgrade(url)
     return url
-
-
-@contextmanager
-def pg_database(prefix: str) -> Iterator[str]:
-    """A fresh, migrated database on the MODERATION_TEST_PG_URL server; dropped afterwards."""
-    from moderation.storage import upgrade
-    from tests.pg import temporary_pg_database
-
-    with temporary_pg_database(PG_URL, prefix) as url:
-        upgrade(url)
-        yield url
-
-
-def empty_pg(url: str) -> None:
-    """Delete every row so each test starts from an empty database (faster than TRUNCATE)."""
-    with db.engine_for(url).begin() as conn:
-        for table in ("review_events", "review_items", "decisions", "policies"):
-            conn.exec_driver_sql(f"DELETE FROM {table}")
 
 
 def claim_worker(url: str, name: str, batch: int) -> list[int]:

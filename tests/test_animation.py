@@ -14,17 +14,10 @@ from PIL import Image
 
 from moderation import image_files
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
-from moderation.image_files import LONG_FRAME_MS, read_image, sample_frames
-from moderation.images import ImageInputError
+from moderation.image_files import LONG_FRAME_MS, ImageInputError, read_image, sample_frames
 from moderation.preprocess import clip_pixels
 from tests.test_images import natural_image
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 def frames_of(n: int, size: int = 48) -> list[Image.Image]:

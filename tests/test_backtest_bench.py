@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from moderation.bench.backtest import bench_policies, fill
@@ -15,6 +16,7 @@ from moderation.lifecycle.backtest import backtest
 from moderation.storage import db
 
 
+@pytest.mark.slow  # fills two logs and times both candidates in fresh processes
 def test_the_section_fills_a_log_and_times_both_candidates():
     config = BenchConfig.quick(
         size="tiny", sections=("backtest",), backtest_sizes=(150, 300), backtest_dim=64
@@ -55,7 +57,7 @@ def test_the_option_reaches_the_section():
     assert result.exit_code == 2 and "expected positive integers" in result.output
     result = CliRunner().invoke(
         main, ["bench", "--quick", "--size", "tiny", "--sections", "backtest",
-               "--backtest-sizes", "120", "--json", "-"],
+               "--backtest-sizes", "120", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -93,7 +93,7 @@ def _invoke(args):
 def tiny_result(tmp_path_factory):
     """One quick bench on tiny widths through the command line, with its JSON file."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = _invoke([*TINY_ARGS, "--json", str(path)])
+    result = _invoke([*TINY_ARGS, "--out", str(path)])
     assert result.exit_code == 0, result.output
     return result.output, json.loads(path.read_text())
 
@@ -240,7 +240,7 @@ def test_bench_help_lists_the_issue_options():
     assert result.exit_code == 0
     for option in ("--model", "--device", "--dtype", "--batch-sizes", "--concepts", "--repeats"):
         assert option in result.output
-    for option in ("--db-url", "--decisions", "--json", "--quick"):
+    for option in ("--db", "--decisions", "--out", "--json", "--quick"):
         assert option in result.output
     assert "--size" not in result.output  # test-only widths stay hidden
 
@@ -272,15 +272,10 @@ def test_bench_error_is_a_moderation_error():
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path):
-    from tests.pg import pg_test_url
-
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
+def test_bench_logs_to_postgresql_in_a_scratch_database(tmp_path, pg_server):
     path = tmp_path / "bench.json"
     args = ["bench", "--size", "tiny", "--sections", "logging", "--decisions", "500"]
-    result = _invoke([*args, "--db-url", server, "--json", str(path)])
+    result = _invoke([*args, "--db", pg_server, "--out", str(path)])
     assert result.exit_code == 0, result.output
     (log,) = json.loads(path.read_text())["logging"]
     assert log["database"].startswith("PostgreSQL")

@@ -26,10 +26,8 @@ import pytest
 from click.testing import CliRunner
 
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.review.queue import ReviewQueue
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
-from tests.pg import BACKENDS, scratch_url
 
 REJECT, APPROVE = "reject", "approve"
 NUDITY_LABELS = [
@@ -37,17 +35,6 @@ NUDITY_LABELS = [
     (0.35, APPROVE), (0.33, APPROVE), (0.32, APPROVE), (0.31, APPROVE),
     (0.295, REJECT), (0.29, APPROVE), (0.285, APPROVE),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path):
-    with scratch_url(request.param, tmp_path, "calibrate") as url:
-        yield url
 
 
 def review(queue: ReviewQueue, decisions, verdicts) -> None:
@@ -62,11 +49,11 @@ def review(queue: ReviewQueue, decisions, verdicts) -> None:
 
 
 @pytest.fixture
-def labelled(tmp_path, tiny_clip_dir, encoder, url):
+def labelled(tmp_path, tiny_clip_dir, encoder, db_url):
     """The policy file and a log holding the labels described above (plus unlabelled ones)."""
     policy = write_policy(tmp_path / "policies", tiny_clip_dir)
-    log = Log(policy, encoder, url, tmp_path)
-    queue = ReviewQueue(url)
+    log = Log(policy, encoder, db_url, tmp_path)
+    queue = ReviewQueue(db_url)
     cases = [(embedding({NUDITY: c}), v) for c, v in NUDITY_LABELS]
     cases += [(embedding({GORE: 0.40}), REJECT)] * 2 + [(embedding({GORE: 0.32}), APPROVE)]
     cases += [(embedding({MINOR: 0.30}), APPROVE)] * 5
@@ -91,11 +78,11 @@ def calibrate_json(*args: str) -> dict:
     return json.loads(calibrate(*args, "--json").stdout)
 
 
-def test_exact_counts_and_the_known_best_threshold(labelled, url):
+def test_exact_counts_and_the_known_best_threshold(labelled, db_url):
     policy, queue, appealed = labelled
     (first,) = [c for c in queue.show(appealed.id)["concepts"] if c["index"] == 0]
     assert first["cosine"] == pytest.approx(0.35, abs=1e-3)
-    data = calibrate_json(str(policy), "--db", url, "--target-precision", "0.75",
+    data = calibrate_json(str(policy), "--db", db_url, "--target-precision", "0.75",
                           "--min-examples", "3")  # fmt: skip
     assert data["policy"]["name"] == "calib" and len(data["policy"]["digest"]) == 64
     assert data["labels"]["decisions"] == 18
@@ -123,12 +110,12 @@ def test_exact_counts_and_the_known_best_threshold(labelled, url):
     assert nudity["refused"] is None
 
 
-def test_the_latest_verdict_counts(labelled, url):
+def test_the_latest_verdict_counts(labelled, db_url):
     policy, queue, appealed = labelled
     again = queue.list(status="pending", limit=10)
     new_item = next(i for i in again if i.decision_id == appealed.decision_id)
     queue.reject(new_item.id, "carol", reason="it does show nudity")
-    data = calibrate_json(str(policy), "--db", url, "--min-examples", "3")
+    data = calibrate_json(str(policy), "--db", db_url, "--min-examples", "3")
     nudity = data["concepts"]["nudity"]
     assert data["labels"]["skipped"] == {"awaiting_review": 1}
     assert data["labels"]["decisions"] == 19
@@ -138,9 +125,9 @@ def test_the_latest_verdict_counts(labelled, url):
     }  # fmt: skip
 
 
-def test_targets_refusals_and_special_care(labelled, url):
+def test_targets_refusals_and_special_care(labelled, db_url):
     policy, _, _ = labelled
-    data = calibrate_json(str(policy), "--db", url, "--max-false-positive-rate", "0",
+    data = calibrate_json(str(policy), "--db", db_url, "--max-false-positive-rate", "0",
                           "--min-examples", "3")  # fmt: skip
     assert data["target"] == {"max_false_positive_rate": 0.0}
     nudity, gore, minor = (data["concepts"][n] for n in ("nudity", "gore", "minor"))
@@ -158,7 +145,7 @@ def test_targets_refusals_and_special_care(labelled, url):
     assert minor["current"]["tp"] == 5 and minor["current"]["fp"] == 0
     assert minor["suggested"]["threshold"] == 0.25 and minor["suggested"]["changed"] is False
 
-    many = calibrate_json(str(policy), "--db", url)  # --min-examples 20 by default
+    many = calibrate_json(str(policy), "--db", db_url)  # --min-examples 20 by default
     for name, concept in many["concepts"].items():
         assert concept["suggested"] is None, name
         assert concept["refused"].startswith("needs "), name
@@ -166,16 +153,16 @@ def test_targets_refusals_and_special_care(labelled, url):
         "needs 15 more positives and 7 more negatives (--min-examples 20; "
         "has 5 positives, 13 negatives)"
     )
-    unreachable = calibrate_json(str(policy), "--db", url, "--target-precision", "1",
+    unreachable = calibrate_json(str(policy), "--db", db_url, "--target-precision", "1",
                                  "--min-examples", "2")  # fmt: skip
     assert unreachable["concepts"]["gore"]["suggested"]["threshold"] == 0.36
     assert unreachable["concepts"]["nudity"]["suggested"]["threshold"] == 0.335
 
 
-def test_out_changes_only_thresholds(labelled, url, tmp_path):
+def test_out_changes_only_thresholds(labelled, db_url, tmp_path):
     policy, _, _ = labelled
     out = policy.parent / "calibrated.yaml"
-    result = calibrate(str(policy), "--db", url, "--target-precision", "1", "--min-examples", "2",
+    result = calibrate(str(policy), "--db", db_url, "--target-precision", "1", "--min-examples", "2",
                        "--out", str(out))  # fmt: skip
     assert f"Wrote {out}: 2 thresholds changed (nudity 0.3000 -> 0.335, gore 0.3000 -> 0.36)" in (
         result.output
@@ -194,14 +181,16 @@ def test_out_changes_only_thresholds(labelled, url, tmp_path):
     ]
     lines = out.read_text().splitlines()
     assert lines[lines.index("  - name: gore") + 1] == "    threshold: 0.36"
-    again = calibrate_json(str(out), "--db", url, "--target-precision", "1", "--min-examples", "2")
+    again = calibrate_json(
+        str(out), "--db", db_url, "--target-precision", "1", "--min-examples", "2"
+    )
     assert again["concepts"]["nudity"]["current"]["threshold"] == 0.335
     assert again["concepts"]["nudity"]["suggested"]["changed"] is False
 
 
-def test_text_report(labelled, url):
+def test_text_report(labelled, db_url):
     policy, _, _ = labelled
-    text = calibrate(str(policy), "--db", url, "--target-precision", "0.75",
+    text = calibrate(str(policy), "--db", db_url, "--target-precision", "0.75",
                      "--min-examples", "3").output  # fmt: skip
     assert "Not counted: 1 awaiting review, 1 under appeal" in text
     lines = text.splitlines()
@@ -215,9 +204,9 @@ def test_text_report(labelled, url):
     assert "gore: no suggestion: needs 1 more positive (--min-examples 3" in text
 
 
-def test_usage_errors(labelled, url, tmp_path):
+def test_usage_errors(labelled, db_url, tmp_path):
     policy, _, _ = labelled
-    both = calibrate(str(policy), "--db", url, "--target-precision", "0.9",
+    both = calibrate(str(policy), "--db", db_url, "--target-precision", "0.9",
                      "--max-false-positive-rate", "0.1", code=2)  # fmt: skip
     assert "give --target-precision or --max-false-positive-rate, not both" in both.output
     bad = calibrate(str(policy), "--positive", "nudity", code=2)

@@ -448,6 +448,7 @@ def test_a_folder_with_no_image_names_what_it_skipped(tmp_path, policy_file):
     assert f"Error: no image files found in {folder}" in result.output
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_a_command_prints_no_progress_bars_of_its_libraries(tmp_path, photos, policy_file):
     """stderr is for our messages: transformers' "Loading weights" bars are switched off."""
     import subprocess

@@ -15,7 +15,7 @@ from moderation.demo import sample_images
 from moderation.storage import db as storage_db
 from moderation.storage import spool as spool_module
 from moderation.storage import upgrade
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import temporary_pg_database
 
 DOWN_PG = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/x"
 
@@ -81,11 +81,8 @@ def test_the_next_run_says_how_many_it_replayed(tmp_path, photos, policy, spool)
 
 
 @pytest.mark.postgres
-def test_a_logged_run_masks_the_password(photos, policy, spool):
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, prefix="moderation_check") as url:
+def test_a_logged_run_masks_the_password(photos, policy, spool, pg_server):
+    with temporary_pg_database(pg_server, prefix="moderation_check") as url:
         upgrade(url)
         with_password = url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
         result = check(photos, policy, "--db", with_password)

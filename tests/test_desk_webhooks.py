@@ -17,9 +17,11 @@ from sqlalchemy import func, select
 
 from moderation.cli import main
 from moderation.desk.webhooks import SIGNATURE_HEADER, add_webhook, backoff, deliver_due
-from moderation.review.queue import ReviewError, ReviewQueue
-from moderation.storage.models import PolicyRow, WebhookDelivery, utcnow
+from moderation.review.queue import ReviewQueue
+from moderation.review.rules import ReviewError
+from moderation.storage.models import PolicyRow, WebhookDelivery
 from moderation.storage.schema import get_engine
+from moderation.times import utcnow
 from tests.desk_app import cheap_passwords, clock, db_url, pg_url  # noqa: F401  (fixtures)
 from tests.desk_factory import seed_desk
 

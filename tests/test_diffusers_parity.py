@@ -29,10 +29,10 @@ from safetensors.torch import load_file
 import moderation.scoring
 from moderation.cli import main
 from moderation.integrations.diffusers import PolicySafetyChecker
-from moderation.integrations.sd_checker import DIFFUSERS_ADJUSTMENT
 from moderation.scoring import score
 from moderation.synthetic import build_safety_checker
 from policy.compiled import CompiledPolicy
+from policy.limits import DIFFUSERS_ADJUSTMENT
 
 DIFFUSERS_FORWARD = StableDiffusionSafetyChecker.forward.__wrapped__.__code__
 ULPS = range(-4, 5)  # threshold steps around each rounding edge

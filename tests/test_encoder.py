@@ -14,16 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moderation.encoder import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ClipEncoder,
-    EncoderError,
-    check_device,
-    default_dtype,
-    resolve_device,
-)
-from moderation.errors import ModerationError
+from moderation.encoder import ClipEncoder, check_device, default_dtype, resolve_device
+from moderation.errors import EncoderError, ModerationError
+from moderation.preprocess import CLIP_MEAN, CLIP_STD
 from moderation.synthetic import build_safety_checker, make_safety_checker, make_tiny_clip
 
 CHECKER_TENSORS = {
@@ -408,6 +401,7 @@ def _offline_env(tmp_path, **extra):
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(root), **extra}
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_offline_hub_id_fails_at_once_from_the_command_line(tmp_path, tiny_clip_dir):
     """HF_HUB_OFFLINE=1 and an empty cache: one line naming it and --model FOLDER, no retries."""
     policy = tmp_path / "p.yaml"
@@ -444,6 +438,7 @@ print(json.dumps({"error": error, "kind": cached.kind, "text": cached.has_text_t
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_an_unreachable_hub_is_checked_once_then_the_cache_is_used(tmp_path, tiny_clip_dir):
     """Without HF_HUB_OFFLINE, a hub that cannot be reached is known after one request."""
     import socket

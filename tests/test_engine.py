@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from policy import PolicyError, compile_policy, load_policy
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +188,7 @@ def test_database_down_1000_images_moderated_then_replayed(tmp_path, encoder, im
 def test_tensors_without_dense_pixels_are_one_clear_error(tmp_path, encoder, images, make, message):
     """Regression: meta and sparse tensors raised a raw NotImplementedError from deep in torch."""
     from moderation.errors import ModerationError
-    from moderation.images import ImageInputError
+    from moderation.image_files import ImageInputError
 
     moderator = Moderator(write_policy(tmp_path, encoder, images, actions=["blur"]), encoder)
     for call in (moderator.moderate, encoder.embed_images):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moderation.image_files import read_image
-from moderation.images import ImageInputError, load_image_file, to_image_batch
+from moderation.image_files import ImageInputError, read_image
+from moderation.images import load_image_file, to_image_batch
 from tests.test_images import natural_image
 
 

@@ -12,19 +12,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from moderation.errors import ModerationError
+from moderation.image_files import ImageInputError
 from moderation.images import (
-    CLIP_MEAN,
-    CLIP_STD,
     ImageBatch,
-    ImageInputError,
     batch_sha256,
     clip_preprocess,
-    clip_resize_size,
     encode_png,
     image_sha256,
     load_image_file,
     to_image_batch,
 )
+from moderation.preprocess import CLIP_MEAN, CLIP_STD, clip_resize_size
 
 NON_FINITE = "the input image holds NaN or infinite values"
 

@@ -17,16 +17,13 @@ from moderation.review.report import EXPORT_FIELDS
 from moderation.storage import db
 from moderation.storage.models import DecisionRow
 from tests.decisions_factory import HOSTILE_USER, Logged, seed
-from tests.pg import BACKENDS, scratch_url
 
 BAND_LABELS = {"shows": ["nudity"], "missed": ["nudity"], "false_alarms": [], "explicit": True}
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def logged(request, tmp_path_factory) -> Logged:
-    folder = tmp_path_factory.mktemp("live_readers")
-    with scratch_url(request.param, folder, "live_readers", migrate=True) as url:
-        yield seed(url)
+@pytest.fixture(scope="module")
+def logged(module_db_url) -> Logged:
+    return seed(module_db_url)
 
 
 def test_the_log_holds_shadow_rows(logged):

@@ -249,14 +249,11 @@ def test_a_database_outage_mid_run_ends_with_every_record_in_db_and_spool(
 
 
 @pytest.mark.postgres
-def test_many_writes_to_postgresql_land_exactly_once(tmp_path):
+def test_many_writes_to_postgresql_land_exactly_once(tmp_path, pg_server):
     from moderation.storage import upgrade
-    from tests.pg import pg_test_url, temporary_pg_database
+    from tests.pg import temporary_pg_database
 
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, prefix="moderation_log_writer") as url:
+    with temporary_pg_database(pg_server, prefix="moderation_log_writer") as url:
         upgrade(url)
         policy = example_policy()
         records = example_decisions(3000, policy, dim=768, review_every=9)

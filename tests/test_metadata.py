@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.storage.storable import MetadataError
 from policy import compile_policy, load_policy
@@ -36,11 +35,6 @@ BAD_METADATA = [
         "bool or None, not tuple",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture

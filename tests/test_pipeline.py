@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moderation.integrations.diffusers import PolicySafetyChecker, VisionTower
+from moderation.integrations.diffusers import PolicySafetyChecker
+from moderation.integrations.towers import VisionTower
 from moderation.synthetic import build_safety_checker, make_tiny_pipeline
 from policy.compiled import CompiledPolicy
 

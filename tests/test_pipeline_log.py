@@ -19,10 +19,9 @@ from moderation.cli import main
 from moderation.images import image_sha256
 from moderation.integrations.diffusers import PolicySafetyChecker
 from moderation.review import ReviewError
-from moderation.storage import db, upgrade
+from moderation.storage import db
 from moderation.storage.models import DecisionRow
 from moderation.synthetic import make_tiny_pipeline
-from tests.pg import pg_test_url, temporary_pg_database
 
 PROMPT = "a photo of a dolphin"
 
@@ -77,19 +76,6 @@ def setup(tiny_clip_dir, tmp_path_factory):
         "plain": plain.images,
         "review": write_policy(folder / "review.yaml", direction, threshold, "review"),
     }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/moderation.db"
-        return
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, "pipeline_log") as url:
-        upgrade(url)
-        yield url
 
 
 def checker_for(setup, db_url, tmp_path, policy=None):

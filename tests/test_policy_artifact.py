@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moderation.decision import decide
-from moderation.encoder import ClipEncoder
-from moderation.engine import Moderator, error_decisions
+from moderation.decision import decide, error_decisions
+from moderation.engine import Moderator
 from moderation.scoring import score
 from policy import compile_policy, load_policy
 from policy.compiled import CompiledPolicy
@@ -32,11 +31,6 @@ special_care:
   concepts:
     - {name: minor, prompts: ["a photo of a child"], threshold: 0.19}
 """
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

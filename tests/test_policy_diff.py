@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from policy import compile_policy, load_policy
 
 E = [[1.0 if i == k else 0.0 for i in range(32)] for k in range(32)]  # basis vectors, width 32
@@ -277,11 +276,6 @@ def test_examples_are_compared_by_content(tmp_path):
 
 
 # -- with the tiny model --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 def test_yaml_and_its_compiled_artifact_are_identical(tmp_path, tiny_clip_dir):

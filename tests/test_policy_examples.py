@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from policy import CompiledPolicy, PolicyError, compile_policy, load_policy
 
@@ -36,11 +35,6 @@ def png(color, seed: int, noise: float = 20, size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
 
 
 @pytest.fixture

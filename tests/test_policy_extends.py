@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from policy import PolicyError, compile_policy, load_policy
 from policy.extends import builtin_folder
@@ -97,11 +96,6 @@ special_care:
       embedding: {E[3]}
       threshold: 0.25
 """
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
 
 
 def write(folder: Path, name: str, text: str, **fmt) -> Path:

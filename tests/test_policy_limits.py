@@ -82,11 +82,6 @@ def test_names_at_the_column_size_and_diffusers_default_adjustment_are_fine(tmp_
 # --- compile time: what only the model knows --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
-
-
 def test_prompts_the_text_tower_would_truncate_are_errors(tmp_path, encoder):
     # The tiny tokenizer reads one token per character; 77 tokens include start and end.
     first, second = "a" * 80 + " cat", "a" * 80 + " dog"

@@ -14,7 +14,7 @@ import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
 from moderation.cli.app import review
 from moderation.review.queue import ReviewQueue
-from tests.review_factory import PG_URL, pg_database, seed, sqlite_url
+from tests.review_factory import seed, sqlite_url
 
 ITEM_KEYS = {
     "id",
@@ -177,6 +177,8 @@ def test_usage_and_input_errors(db_url, seeded):
     assert result.output == "Error: item 999: no such review item\n"
     result = run("list", "--since", "last week", "--db", db_url, code=1)
     assert result.output.startswith('Error: invalid since "last week"')
+    result = run("list", "--until", "soon", "--db", db_url, code=1)
+    assert result.output.startswith('Error: invalid until "soon"')
     result = run("export", "--format", "xml", "--db", db_url, code=2)
     assert "Invalid value for '--format'" in result.output
     result = run("list", "--db", "nosuchdriver://x", code=1)
@@ -198,6 +200,18 @@ def test_reopen(db_url, seeded):
     assert result.output == (
         f"Error: item {item}: already reopened as item {new} (pending); reopen item {new} instead\n"
     )
+
+
+def test_verdicts_print_json_with_json(db_url, seeded):
+    first, second = map(str, seeded.item_ids[:2])
+    who = ("--reviewer", "alice", "--db", db_url)
+    assert run_json("approve", first, *who) == {"item_id": int(first), "status": "approved"}
+    rejected = run_json("reject", second, "--reason", "gore", *who)
+    assert rejected == {"item_id": int(second), "status": "rejected"}
+    reopened = run_json("reopen", second, "--reason", "appeal", *who)
+    new = max(seeded.item_ids) + 1
+    assert reopened == {"item_id": int(second), "status": "reopened", "new_item_id": new}
+    assert run_json("show", str(new), "--db", db_url)["item"]["status"] == "pending"
 
 
 def test_show_text_and_json(db_url, seeded):
@@ -288,14 +302,12 @@ def test_export_jsonl_and_csv(db_url, seeded, tmp_path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="MODERATION_TEST_PG_URL is not set")
-def test_cli_on_postgres():
-    with pg_database("review_cli") as url:
-        seeded = seed(url, 2)
-        (claim,) = run_json("claim", "--reviewer", "alice", "--db", url)
-        run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", url)
-        assert run_json("stats", "--db", url)["queue"]["approved"] == 1
-        assert {i["id"] for i in run_json("list", "--db", url)} == set(seeded.item_ids)
+def test_cli_on_postgres(pg_url):
+    seeded = seed(pg_url, 2)
+    (claim,) = run_json("claim", "--reviewer", "alice", "--db", pg_url)
+    run("approve", str(claim["item_id"]), "--reviewer", "alice", "--db", pg_url)
+    assert run_json("stats", "--db", pg_url)["queue"]["approved"] == 1
+    assert {i["id"] for i in run_json("list", "--db", pg_url)} == set(seeded.item_ids)
 
 
 def test_database_failure_is_one_line(db_url, seeded):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from moderation.review.queue import ReviewQueue
 from moderation.storage.models import ReviewEvent, ReviewItem
-from tests.review_factory import PG_URL, pg_database, seed, sqlite_url
+from tests.review_factory import seed, sqlite_url
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "review_factory.py"
@@ -97,9 +97,12 @@ def test_concurrent_claims_sqlite_wal(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="MODERATION_TEST_PG_URL is not set")
-def test_concurrent_claims_postgres():
-    with pg_database("review_concurrency") as url:
+def test_concurrent_claims_postgres(pg_server):
+    from moderation.storage import upgrade
+    from tests.pg import temporary_pg_database
+
+    with temporary_pg_database(pg_server, "review_concurrency") as url:
+        upgrade(url)
         seeded = seed(url, ITEMS, step_s=0.001)
         results, seconds = drain(url)
         print(

@@ -13,29 +13,11 @@ from PIL import Image
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.review import ReviewError
 from moderation.review.queue import ReviewQueue
 from moderation.storage import DecisionLog, HeldStore
 from policy import compile_policy, load_policy
-from tests.review_factory import PG_URL, pg_database, sqlite_url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield sqlite_url(tmp_path)
-        return
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("review_log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

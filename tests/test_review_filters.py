@@ -7,36 +7,16 @@ from click.testing import CliRunner
 
 import moderation.cli.review_cmds  # noqa: F401  (registers the review commands)
 from moderation.cli import main
-from moderation.review.queue import ReviewError, ReviewQueue
+from moderation.review.queue import ReviewQueue
+from moderation.review.rules import ReviewError
 from tests.review_factory import (
-    PG_URL,
     T0,
-    empty_pg,
-    pg_database,
     review_policy,
     row_counts,
     seed,
-    sqlite_url,
 )
 
 HOSTILE = ["' OR 1=1 --", "id; DROP TABLE decisions", "%", "_", "nsfw%", "x' UNION SELECT 1 --"]
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("review_filters") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url = request.getfixturevalue("pg_url")
-    empty_pg(url)
-    return url
 
 
 @pytest.fixture
@@ -81,6 +61,9 @@ def test_filter_by_status_since_and_limit(seeded):
     assert ids(queue.list(since="2024-05-01T12:00:03")) == set(basic.item_ids[3:] + strict.item_ids)
     assert len(queue.list(since="2024-05-01")) == 8
     assert queue.list(since="2024-05-02") == []
+    assert ids(queue.list(until="2024-05-01T13:00:00Z")) == set(basic.item_ids)
+    window = queue.list(since="2024-05-01T12:00:03", until="2024-05-01T13:00:00Z")
+    assert ids(window) == set(basic.item_ids[3:])
     limited = queue.list(limit=3)
     assert [i.id for i in limited] == [i.id for i in queue.list()][:3]
     assert limited[0].to_dict()["created_at"].endswith("+00:00")
@@ -159,7 +142,7 @@ def test_parse_time_reads_iso_and_spans_back_from_now():
 
     import pytest
 
-    from moderation.review.queries import parse_time
+    from moderation.times import parse_time
 
     now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
     assert parse_time("2026-11-30") == datetime(2026, 11, 30, tzinfo=timezone.utc)

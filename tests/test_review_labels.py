@@ -16,26 +16,12 @@ from moderation.storage import db as storage_db
 from moderation.storage import downgrade, upgrade
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.calibration_factory import GORE, MINOR, NUDITY, Log, embedding, write_policy
-from tests.pg import BACKENDS, scratch_url
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    from moderation.encoder import ClipEncoder
-
-    return ClipEncoder.from_pretrained(tiny_clip_dir)
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path):
-    with scratch_url(request.param, tmp_path, "labels") as url:
-        yield url
 
 
 @pytest.fixture
-def logged(tmp_path, tiny_clip_dir, encoder, url):
+def logged(tmp_path, tiny_clip_dir, encoder, db_url):
     """Four reviewable decisions: nudity fired; gore fired with minor; a band near-miss; minor."""
-    log = Log(write_policy(tmp_path / "p", tiny_clip_dir), encoder, url, tmp_path)
+    log = Log(write_policy(tmp_path / "p", tiny_clip_dir), encoder, db_url, tmp_path)
     decisions = log.decide(
         [
             embedding({NUDITY: 0.40}),
@@ -46,7 +32,7 @@ def logged(tmp_path, tiny_clip_dir, encoder, url):
     )
     assert [d.fired for d in decisions] == [("nudity",), ("gore",), (), ()]
     assert [d.special_hits for d in decisions] == [(), ("minor",), (), ("minor",)]
-    queue = ReviewQueue(url)
+    queue = ReviewQueue(db_url)
     items = {i.decision_id: i.id for i in queue.list()}
     yield queue, [items[d.decision_id] for d in decisions], decisions
     log.close()
@@ -133,35 +119,35 @@ def test_unknown_concept_is_refused_and_nothing_changes(logged):
         queue.reject(nudity, "alice", reason="x", concepts=[3])
 
 
-def test_cli_concepts_show_and_errors(logged, url):
+def test_cli_concepts_show_and_errors(logged, db_url):
     queue, (nudity, gore, band, minor), _ = logged
     out = run("review", "reject", str(nudity), "--reviewer", "alice", "--reason", "r",
-              "--concept", "gore", "--db", url)  # fmt: skip
+              "--concept", "gore", "--db", db_url)  # fmt: skip
     assert out.output == f"Rejected item {nudity}.\n"
-    shown = json.loads(run("review", "show", str(nudity), "--json", "--db", url).output)
+    shown = json.loads(run("review", "show", str(nudity), "--json", "--db", db_url).output)
     assert shown["item"]["labels"] == {
         "shows": ["gore"],
         "missed": ["gore"],
         "false_alarms": ["nudity"],
         "explicit": True,
     }
-    text = run("review", "show", str(nudity), "--db", url).output
+    text = run("review", "show", str(nudity), "--db", db_url).output
     assert (
         "  labels: shows gore; missed gore; false alarms nudity (named by the reviewer)\n" in text
     )
 
     bad = run("review", "approve", str(gore), "--reviewer", "a", "--concept", "nope",
-              "--db", url, code=1)  # fmt: skip
+              "--db", db_url, code=1)  # fmt: skip
     assert bad.output == (
         f"Error: item {gore}: unknown concept 'nope'; policy calib has: nudity, gore; "
         "special care: minor\n"
     )
     both = run("review", "approve", str(gore), "--reviewer", "a", "--concept", "gore",
-               "--no-concepts", "--db", url, code=2)  # fmt: skip
+               "--no-concepts", "--db", db_url, code=2)  # fmt: skip
     assert "give --concept or --no-concepts, not both" in both.output
-    run("review", "approve", str(gore), "--reviewer", "a", "--no-concepts", "--db", url)
+    run("review", "approve", str(gore), "--reviewer", "a", "--no-concepts", "--db", db_url)
     assert stored(queue, gore)["false_alarms"] == ["gore", "minor"]
-    pending = json.loads(run("review", "show", str(band), "--json", "--db", url).output)
+    pending = json.loads(run("review", "show", str(band), "--json", "--db", db_url).output)
     assert pending["item"]["labels"] is None
 
 
@@ -190,20 +176,20 @@ def test_latest_verdict_wins_after_a_reopen(logged):
     }
 
 
-def test_labels_survive_migrating_down_and_up(logged, url):
+def test_labels_survive_migrating_down_and_up(logged, db_url):
     """0004 down drops the labels; back up, a verdict without labels counts with its default."""
     queue, (nudity, gore, *_), decisions = logged
     queue.reject(nudity, "alice", reason="r", concepts=["gore"])
     queue.approve(gore, "alice")
-    storage_db.dispose(url)
-    downgrade(url, "0003")
-    with storage_db.engine_for(url).connect() as conn:
+    storage_db.dispose(db_url)
+    downgrade(db_url, "0003")
+    with storage_db.engine_for(db_url).connect() as conn:
         rows = conn.exec_driver_sql("SELECT id, status FROM review_items ORDER BY id").all()
         columns = conn.exec_driver_sql("SELECT * FROM review_items").keys()
     assert (nudity, "rejected") in [tuple(r) for r in rows] and "labels" not in columns
-    storage_db.dispose(url)
-    upgrade(url)
-    queue = ReviewQueue(url)
+    storage_db.dispose(db_url)
+    upgrade(db_url)
+    queue = ReviewQueue(db_url)
     assert stored(queue, nudity) is None
     shown = queue.show(nudity)["item"]["labels"]
     assert shown == {

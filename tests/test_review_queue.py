@@ -11,38 +11,19 @@ import pytest
 from sqlalchemy import exc, select
 
 import moderation.review.queue as review_module
-from moderation.review.queue import ReviewError, ReviewQueue
+from moderation.review.queue import ReviewQueue
+from moderation.review.rules import ReviewError
 from moderation.storage.models import ReviewEvent, ReviewItem
 from tests.review_factory import (
-    PG_URL,
     T0,
     Clock,
     decide,
-    empty_pg,
-    pg_database,
     seed,
     sqlite_url,
     write,
 )
 
 LEASE = 60
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("review_queue") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url = request.getfixturevalue("pg_url")
-    empty_pg(url)
-    return url
 
 
 @pytest.fixture

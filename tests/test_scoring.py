@@ -15,29 +15,7 @@ from moderation.errors import ModerationError
 from moderation.scoring import score
 from policy.compiled import CompiledPolicy
 from policy.errors import PolicyError
-
-
-def make_policy(
-    n_concepts=6, n_special=2, dim=16, *, seed=0, actions=None, thresholds=None, **kwargs
-) -> CompiledPolicy:
-    g = torch.Generator().manual_seed(seed)
-    if thresholds is None:
-        thresholds = 0.1 * torch.randn(n_concepts, generator=g)
-    return CompiledPolicy(
-        name="test",
-        version="1",
-        model="tiny",
-        concept_names=tuple(f"c{i}" for i in range(n_concepts)),
-        categories=(None,) * n_concepts,
-        severities=("medium",) * n_concepts,
-        actions=tuple(actions or ["blur"] * n_concepts),
-        concept_matrix=F.normalize(torch.randn(n_concepts, dim, generator=g)),
-        thresholds=torch.as_tensor(thresholds, dtype=torch.float32),
-        special_names=tuple(f"s{i}" for i in range(n_special)),
-        special_matrix=F.normalize(torch.randn(n_special, dim, generator=g)),
-        special_thresholds=0.1 * torch.randn(n_special, generator=g),
-        **kwargs,
-    )
+from tests.policy_factory import random_policy
 
 
 def loop_reference(policy: CompiledPolicy, embeddings: torch.Tensor):
@@ -63,7 +41,7 @@ def loop_reference(policy: CompiledPolicy, embeddings: torch.Tensor):
 
 
 def test_default_semantics_match_a_loop():
-    policy = make_policy(13, 4, 16, adjustment=0.05)
+    policy = random_policy(13, 4, 16, adjustment=0.05)
     embeddings = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
     result = score(policy, embeddings)
     assert result.scores.shape == (9, 13) and result.special_scores.shape == (9, 4)
@@ -80,7 +58,7 @@ def test_default_semantics_match_a_loop():
 
 
 def test_scores_stay_on_the_embeddings_device_and_dtype():
-    policy = make_policy()
+    policy = random_policy()
     result = score(policy, torch.randn(3, 16).half())
     for t in (result.cosines, result.scores, result.special_scores, result.adjustment):
         assert t.dtype == torch.float32 and t.device == torch.device("cpu")
@@ -88,13 +66,13 @@ def test_scores_stay_on_the_embeddings_device_and_dtype():
 
 def test_wrong_width_is_a_clear_error():
     with pytest.raises(ModerationError, match=r"expected \[batch, 16\]"):
-        score(make_policy(), torch.randn(2, 8))
+        score(random_policy(), torch.randn(2, 8))
 
 
 def test_decide_actions_verdicts_margin():
     # Image i lies on concept i: c0 fires (blur), c1 fires (blackout), c2 sits in the review
     # band, c3 is out of reach.
-    base = make_policy(
+    base = random_policy(
         4,
         1,
         8,
@@ -128,7 +106,7 @@ def test_decide_actions_verdicts_margin():
 
 
 def test_most_severe_action_and_special_care_escalation():
-    policy = make_policy(
+    policy = random_policy(
         3,
         1,
         8,
@@ -160,7 +138,7 @@ def test_most_severe_action_and_special_care_escalation():
 
 
 def test_nan_embedding_is_an_error_with_on_error_action():
-    policy = make_policy(on_error="pixelate")
+    policy = random_policy(on_error="pixelate")
     embeddings = torch.randn(3, 16)
     embeddings[1, 4] = float("nan")
     embeddings[2, 0] = float("inf")
@@ -175,7 +153,7 @@ def test_nan_embedding_is_an_error_with_on_error_action():
 
 
 def test_error_strings_get_the_policy_on_error():
-    policy = make_policy(thresholds=torch.full((6,), 1.0), on_error="review")
+    policy = random_policy(thresholds=torch.full((6,), 1.0), on_error="review")
     result = score(policy, torch.randn(2, 16))
     decisions = decide(policy, result, errors=[None, "decoder crashed"])
     assert decisions[0].verdict == "allow"
@@ -186,7 +164,7 @@ def test_error_strings_get_the_policy_on_error():
 def test_on_error_allow_cannot_reach_decide():
     # Fail closed in one place: a policy that would pass unjudged images does not exist.
     with pytest.raises(PolicyError) as info:
-        make_policy(on_error="allow")
+        random_policy(on_error="allow")
     assert str(info.value) == (
         "compiled policy 'test': on_error must not be 'allow': an image that could not be"
         " checked must not pass unchecked"
@@ -194,14 +172,14 @@ def test_on_error_allow_cannot_reach_decide():
 
 
 def test_empty_batch():
-    policy = make_policy()
+    policy = random_policy()
     result = score(policy, torch.zeros(0, 16))
     assert result.scores.shape == (0, 6) and result.special_hit.shape == (0,)
     assert decide(policy, result, embeddings=torch.zeros(0, 16)) == []
 
 
 def test_no_concepts_and_no_special_care():
-    policy = make_policy(0, 0, 16)
+    policy = random_policy(0, 0, 16)
     result = score(policy, torch.randn(2, 16))
     assert result.scores.shape == (2, 0) and result.special_scores.shape == (2, 0)
     decisions = decide(policy, result)
@@ -209,7 +187,7 @@ def test_no_concepts_and_no_special_care():
 
 
 def test_large_policy():
-    policy = make_policy(10_000, 3, 32, seed=5)
+    policy = random_policy(10_000, 3, 32, seed=5)
     embeddings = torch.randn(4, 32)
     result = score(policy, embeddings)
     decisions = decide(policy, result, embeddings=embeddings)
@@ -222,7 +200,7 @@ def test_large_policy():
 
 @pytest.mark.parametrize("escalate, expected", [("review", True), ("blur", True), ("allow", False)])
 def test_special_care_hits_need_review_only_when_they_escalate(escalate, expected):
-    policy = make_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 1.0))
+    policy = random_policy(2, 1, 8, escalate=escalate, thresholds=torch.full((2,), 1.0))
     policy = dataclasses.replace(policy, special_thresholds=torch.tensor([-1.0]), digest="")
     (decision,) = decide(policy, score(policy, torch.randn(1, 8)))
     assert decision.special_hits == ("s0",)
@@ -233,9 +211,9 @@ def test_score_many_matches_score_per_policy_and_keeps_views():
     from moderation.scoring import score_many
 
     policies = [
-        make_policy(seed=1, adjustment=0.05),
-        make_policy(n_concepts=3, n_special=0, seed=2),
-        make_policy(n_concepts=9, n_special=4, seed=3, compat="diffusers", adjustment=0.01),
+        random_policy(seed=1, adjustment=0.05),
+        random_policy(n_concepts=3, n_special=0, seed=2),
+        random_policy(n_concepts=9, n_special=4, seed=3, compat="diffusers", adjustment=0.01),
     ]
     g = torch.Generator().manual_seed(7)
     embeddings = torch.randn(10, 16, generator=g)
@@ -256,15 +234,15 @@ def test_score_many_refuses_policies_of_another_width():
     from moderation.scoring import score_many
 
     with pytest.raises(ModerationError, match="model"):
-        score_many([make_policy(), make_policy(dim=8)], torch.randn(2, 16))
+        score_many([random_policy(), random_policy(dim=8)], torch.randn(2, 16))
 
 
 def test_scores_from_logged_cosines_are_the_scores():
     from moderation.scoring import scores_from_cosines
 
     for policy in (
-        make_policy(seed=4, adjustment=0.03),
-        make_policy(seed=5, compat="diffusers", adjustment=0.01),
+        random_policy(seed=4, adjustment=0.03),
+        random_policy(seed=5, compat="diffusers", adjustment=0.01),
     ):
         fresh = score(policy, torch.randn(8, 16, generator=torch.Generator().manual_seed(9)))
         again = scores_from_cosines(policy, fresh.cosines, fresh.special_cosines, fresh.valid)
@@ -274,9 +252,9 @@ def test_scores_from_logged_cosines_are_the_scores():
 
 
 def test_vector_digests_name_each_vector():
-    policy = make_policy(seed=6)
+    policy = random_policy(seed=6)
     moved = dataclasses.replace(policy, thresholds=policy.thresholds + 0.1, digest="")
-    other = make_policy(seed=8)
+    other = random_policy(seed=8)
     concepts, special = policy.vector_digests
     assert len(concepts) == 6 and len(special) == 2 and len(set(concepts)) == 6
     assert moved.vector_digests == policy.vector_digests  # thresholds are not the vector

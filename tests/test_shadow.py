@@ -16,18 +16,12 @@ from sqlalchemy import select
 
 import moderation.shadow
 from moderation.cli import main
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.storage import DecisionLog, db
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from policy import CompiledPolicy, compile_policy, load_policy
-from tests.pg import BACKENDS, scratch_url
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
+from tests.policy_factory import random_policy
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +30,6 @@ def images():
     torch.manual_seed(1)
     base = torch.rand(6, 3, 8, 8)
     return F.interpolate(base, size=(64, 64), mode="bilinear") * 2 - 1
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    with scratch_url(request.param, tmp_path, "shadow") as url:
-        yield url
 
 
 def write_policy(path, model, name, concepts, extra=""):
@@ -417,23 +405,12 @@ def test_check_shadow_end_to_end(db_url, tmp_path, policies):
     assert bad.stderr.endswith(error + "\n")
 
 
-def random_policy(g, name, n, s, dim=32, **rules):
-    actions = ("allow", "blur", "pixelate", "blackout", "review")
-    return CompiledPolicy(
-        name=name,
-        version="1",
-        model="m",
-        concept_names=tuple(f"{name}{i}" for i in range(n)),
-        categories=(None,) * n,
-        severities=("high",) * n,
-        actions=tuple(actions[int(i)] for i in torch.randint(0, 5, (n,), generator=g)),
-        concept_matrix=F.normalize(torch.randn(n, dim, generator=g)),
-        thresholds=0.3 + 0.1 * torch.randn(n, generator=g),
-        special_names=tuple(f"{name}-s{i}" for i in range(s)),
-        special_matrix=F.normalize(torch.randn(s, dim, generator=g)),
-        special_thresholds=0.15 + 0.05 * torch.randn(s, generator=g),
-        **rules,
-    )
+def shadow_policy(g, name, n, s, **rules):
+    """A random policy of n concepts (random actions) and s special-care ones, width 32."""
+    return random_policy(
+        n, s, 32, generator=g, name=name, names=name, special_names=f"{name}-s", actions="random",
+        threshold=0.3, special_threshold=0.15, special_spread=0.05, **rules,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("with_views", [False, True])
@@ -441,11 +418,11 @@ def test_fused_candidates_decide_as_each_would_alone(with_views):
     """K candidates in one product decide what each decides as a live policy (scores up to
     float rounding): thresholds, special care and escalation, review band, margin, top concept."""
     g = torch.Generator().manual_seed(3)
-    live = random_policy(g, "live", 4, 1)
+    live = shadow_policy(g, "live", 4, 1)
     candidates = [
-        random_policy(g, "a", 7, 2, adjustment=0.05, escalate="review", review_band=0.05),
-        random_policy(g, "b", 3, 0),
-        random_policy(g, "c", 12, 1, escalate="blur", review_band=0.2),
+        shadow_policy(g, "a", 7, 2, adjustment=0.05, escalate="review", review_band=0.05),
+        shadow_policy(g, "b", 3, 0),
+        shadow_policy(g, "c", 12, 1, escalate="blur", review_band=0.2),
     ]
     embeddings = torch.randn(20, 32, generator=g)
     embeddings[4, 3] = float("nan")  # images that cannot be scored
@@ -471,7 +448,8 @@ def test_fused_candidates_decide_as_each_would_alone(with_views):
             )
             np.testing.assert_allclose(s.scores, own.scores, atol=1e-6)
             np.testing.assert_allclose(s.special_scores, own.special_scores, atol=1e-6)
-            assert s.margin == pytest.approx(own.margin, abs=1e-6) if own.margin else True
+            # None (an image that could not be scored) only where the candidate alone says so
+            assert s.margin == (None if own.margin is None else pytest.approx(own.margin, abs=1e-6))
             assert s.adjustment == own.adjustment
             if with_views:
                 assert s.concept_views.tolist() == own.concept_views.tolist()

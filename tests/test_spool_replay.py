@@ -17,25 +17,9 @@ from moderation.storage import DecisionLog, DecisionRow, Spool, upgrade
 from moderation.storage import db as storage_db
 from moderation.storage.errors import OtherDatabaseError
 from moderation.storage.spool_format import HEADER, MAGIC, scan
-from tests.pg import pg_database_later, pg_test_url
+from tests.pg import pg_database_later
 
 DOWN_PG = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/x"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def outage(request, tmp_path):
-    """(URL of a database that is unreachable now, a function that brings it up), per backend."""
-    if request.param == "sqlite":
-        folder = tmp_path / "later"
-        url = f"sqlite:///{folder / 'log.db'}"
-        yield url, folder.mkdir
-        storage_db.dispose(url)
-    else:
-        server = pg_test_url()
-        if server is None:
-            pytest.skip("MODERATION_TEST_PG_URL is not set")
-        with pg_database_later(server) as (url, create):
-            yield url, create
 
 
 def stored_ids(url: str) -> set[str]:
@@ -142,14 +126,11 @@ def test_a_record_with_a_valid_checksum_but_bad_contents_is_quarantined(tmp_path
 
 
 @pytest.mark.postgres
-def test_a_nul_that_postgresql_refuses_quarantines_only_its_own_decision(tmp_path):
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
+def test_a_nul_that_postgresql_refuses_quarantines_only_its_own_decision(tmp_path, pg_server):
     policy = example_policy()
     records = example_decisions(5, policy, seed=9)
     records[3].meta = {"prompt": "a\x00b"}  # a caller that bypassed the engine's check
-    with pg_database_later(server) as (url, bring_up):
+    with pg_database_later(pg_server) as (url, bring_up):
         path = spool_while_down(url, tmp_path / "spool", [records], policies=[policy])
         bring_up()
         with DecisionLog(url, spool_dir=tmp_path / "spool") as log:

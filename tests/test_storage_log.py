@@ -21,59 +21,19 @@ from moderation.storage import (
     ReviewEvent,
     ReviewItem,
     StorageError,
-    upgrade,
 )
 from moderation.storage import db as storage_db
 from moderation.storage import log as log_module
 from moderation.storage import records as storage_records
 from moderation.storage import schema as storage_schema
 from moderation.storage.errors import PartlyRecordedError
-from tests.pg import BACKENDS, pg_database_later, pg_test_url, scratch_url, temporary_pg_database
 
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> str:
-    url = pg_test_url()
-    if url is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    return url
-
-
-@pytest.fixture(scope="module")
-def pg_database(pg_server) -> str:
-    """One migrated PostgreSQL database for this module, dropped at its end."""
-    with temporary_pg_database(pg_server) as url:
-        upgrade(url)
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path):
-    """A migrated, empty database on each backend."""
-    with scratch_url(
-        request.param, tmp_path, "log", lambda: request.getfixturevalue("pg_database")
-    ) as url:
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def outage(request, tmp_path):
-    """(URL of a database that is unreachable now, a function that brings it up), per backend."""
-    if request.param == "sqlite":
-        folder = tmp_path / "later"
-        url = f"sqlite:///{folder / 'log.db'}"
-        yield url, folder.mkdir
-        storage_db.dispose(url)
-    else:
-        with pg_database_later(request.getfixturevalue("pg_server")) as (url, create):
-            yield url, create
-
-
 @pytest.fixture
-def log(url, tmp_path):
-    with DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
+def log(db_url, tmp_path):
+    with DecisionLog(db_url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
         yield log
 
 
@@ -93,12 +53,12 @@ def spooled_ids(folder) -> set[str]:
     return ids
 
 
-def count(url: str, model) -> int:
-    with storage_db.engine_for(url).connect() as conn:
+def count(db_url: str, model) -> int:
+    with storage_db.engine_for(db_url).connect() as conn:
         return conn.execute(select(func.count()).select_from(model)).scalar_one()
 
 
-def test_batch_round_trips_exactly(log, url):
+def test_batch_round_trips_exactly(log, db_url):
     policy = example_policy()
     log.register_policy(policy)
     records = example_decisions(50, policy, dim=768)
@@ -132,7 +92,7 @@ def test_batch_round_trips_exactly(log, url):
     assert log.get("no-such-id") is None
 
 
-def test_write_is_idempotent_and_queues_reviews_once(log, url):
+def test_write_is_idempotent_and_queues_reviews_once(log, db_url):
     policy = example_policy()
     log.register_policy(policy)
     log.register_policy(policy)  # stored once per digest
@@ -140,11 +100,11 @@ def test_write_is_idempotent_and_queues_reviews_once(log, url):
     log.write(records)
     log.write(records)  # a retry of the same batch adds nothing
     log.write(records[:5] + records[:5])  # repeats inside a batch too
-    assert count(url, PolicyRow) == 1
-    assert count(url, DecisionRow) == 40
-    assert count(url, ReviewItem) == 10
-    assert count(url, ReviewEvent) == 10
-    with storage_db.engine_for(url).connect() as conn:
+    assert count(db_url, PolicyRow) == 1
+    assert count(db_url, DecisionRow) == 40
+    assert count(db_url, ReviewItem) == 10
+    assert count(db_url, ReviewEvent) == 10
+    with storage_db.engine_for(db_url).connect() as conn:
         items = conn.execute(select(ReviewItem.__table__).order_by(ReviewItem.id)).all()
         events = conn.execute(select(ReviewEvent.__table__)).all()
     assert {i.status for i in items} == {"pending"}
@@ -172,7 +132,7 @@ def test_unregistered_policy_is_a_clear_error_and_the_batch_is_kept(log):
     assert log.counts.refused == 2 and log.counts.logged == 0
 
 
-def test_database_down_spools_then_replays_exactly_once(url, tmp_path):
+def test_database_down_spools_then_replays_exactly_once(db_url, tmp_path):
     spool = tmp_path / "spool"
     policy = example_policy()
     records = example_decisions(1000, policy, review_every=10)
@@ -181,11 +141,11 @@ def test_database_down_spools_then_replays_exactly_once(url, tmp_path):
         down.write(records)  # does not raise: the batch goes to the spool
     assert [p.suffix for p in spool.iterdir()] == [".spool"]
 
-    with DecisionLog(url, spool_dir=spool, held_dir=tmp_path / "held") as up:
+    with DecisionLog(db_url, spool_dir=spool, held_dir=tmp_path / "held") as up:
         assert up.replay(into_other_database=True) == 1000
         assert up.replay() == 0
-    assert count(url, DecisionRow) == 1000
-    assert count(url, ReviewItem) == 100
+    assert count(db_url, DecisionRow) == 1000
+    assert count(db_url, ReviewItem) == 100
     assert list(spool.iterdir()) == []
 
 
@@ -199,23 +159,23 @@ def test_unusable_sqlite_path_spools(tmp_path):
 
 
 def test_next_successful_write_replays_the_spool_first(outage, tmp_path):
-    url, bring_up = outage
+    db_url, bring_up = outage
     spool = tmp_path / "spool"
     policy = example_policy()
     first, second = example_decisions(20, policy, seed=1), example_decisions(5, policy, seed=2)
-    with DecisionLog(url, spool_dir=spool) as down:
+    with DecisionLog(db_url, spool_dir=spool) as down:
         down.register_policy(policy)
         down.write(first)
         assert down.counts.spooled == 20
     bring_up()
-    with DecisionLog(url, spool_dir=spool) as up:
+    with DecisionLog(db_url, spool_dir=spool) as up:
         up.write(second)
         assert (up.counts.replayed, up.counts.logged) == (20, 5)
-    assert count(url, DecisionRow) == 25
+    assert count(db_url, DecisionRow) == 25
     assert list(spool.glob("*.spool")) == []
 
 
-def test_db_replay_command(url, tmp_path):
+def test_db_replay_command(db_url, tmp_path):
     spool = tmp_path / "spool"
     policy = example_policy()
     with DecisionLog(DOWN_PG, spool_dir=spool) as down:
@@ -223,11 +183,11 @@ def test_db_replay_command(url, tmp_path):
         down.write(example_decisions(7, policy))
     (path,) = spool.glob("*.spool")
     runner = CliRunner()
-    args = ["db", "replay", "--db", url, "--spool", str(spool)]
+    args = ["db", "replay", "--db", db_url, "--spool", str(spool)]
     result = runner.invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 1
     assert result.output == (
-        f"Error: replayed 0 decisions into {storage_db.display_url(url)}, and left 1 spool "
+        f"Error: replayed 0 decisions into {storage_db.display_url(db_url)}, and left 1 spool "
         f"file(s) alone: {path}: is meant for {DOWN_PG} (replay them with --db set to their "
         "database, or pass --into-other-database to replay them here)\n"
     )
@@ -284,12 +244,12 @@ def test_meta_that_is_not_json_is_named(log, bad):
 
 
 def test_a_poisoned_spool_does_not_block_new_decisions(outage, tmp_path, caplog):
-    url, bring_up = outage
+    db_url, bring_up = outage
     spool = tmp_path / "spool"
     policy = example_policy()
     orphan = example_decisions(3, example_policy("never-registered"), seed=5)
     good = example_decisions(6, policy, seed=6)
-    with DecisionLog(url, spool_dir=spool) as down:
+    with DecisionLog(db_url, spool_dir=spool) as down:
         down.register_policy(policy)
         down.write(good[:3])
         down.write(orphan)  # its policy was never registered anywhere
@@ -297,7 +257,7 @@ def test_a_poisoned_spool_does_not_block_new_decisions(outage, tmp_path, caplog)
     (path,) = spool.glob("*.spool")
     bring_up()
     fresh = example_decisions(4, policy, seed=7)
-    with DecisionLog(url, spool_dir=spool) as up:
+    with DecisionLog(db_url, spool_dir=spool) as up:
         up.write(fresh)  # replays the spool first: the orphans are set aside, named
         assert up.counts.replayed == 6 and up.counts.quarantined == 3
         (report,) = up.quarantined
@@ -306,7 +266,7 @@ def test_a_poisoned_spool_does_not_block_new_decisions(outage, tmp_path, caplog)
         f"({', '.join(r.id for r in orphan)}): "
     )
     assert report.endswith(f"; kept in {spool / 'quarantine' / path.name}")
-    assert count(url, DecisionRow) == 10
+    assert count(db_url, DecisionRow) == 10
     assert list(spool.glob("*.spool")) == []
     assert spooled_ids(spool / "quarantine") == {r.id for r in orphan}
     assert any(report in r.getMessage() for r in caplog.records)
@@ -327,7 +287,7 @@ def test_optional_fields_may_all_be_empty(log):
     assert got.special_scores.shape == (0,)
 
 
-def test_concurrent_writers_share_one_log(log, url):
+def test_concurrent_writers_share_one_log(log, db_url):
     policy = example_policy()
     log.register_policy(policy)
     batches = [example_decisions(100, policy, seed=k, dim=16, review_every=9) for k in range(8)]
@@ -336,24 +296,24 @@ def test_concurrent_writers_share_one_log(log, url):
         t.start()
     for t in threads:
         t.join()
-    assert count(url, DecisionRow) == 800
-    assert count(url, ReviewItem) == count(url, ReviewEvent) == 8 * 12
+    assert count(db_url, DecisionRow) == 800
+    assert count(db_url, ReviewItem) == count(db_url, ReviewEvent) == 8 * 12
 
 
 def test_one_log_recovers_when_the_database_comes_back(tmp_path, monkeypatch):
     monkeypatch.setattr(log_module, "RETRY_MIN_S", 0.0)  # retry the database on every batch
     folder = tmp_path / "later"
-    url = f"sqlite:///{folder / 'x.db'}"
+    db_url = f"sqlite:///{folder / 'x.db'}"
     policy = example_policy()
-    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+    with DecisionLog(db_url, spool_dir=tmp_path / "spool") as log:
         log.register_policy(policy)
         log.write(example_decisions(10, policy, seed=1))  # folder missing: spooled
         folder.mkdir()
         log.write(example_decisions(10, policy, seed=2))  # replays the spool, then writes
-        assert count(url, DecisionRow) == 20
-        assert count(url, PolicyRow) == 1
+        assert count(db_url, DecisionRow) == 20
+        assert count(db_url, PolicyRow) == 1
     assert list((tmp_path / "spool").glob("*.spool")) == []
-    storage_db.dispose(url)
+    storage_db.dispose(db_url)
 
 
 def test_sqlite_fast_path_stores_what_sqlalchemy_would(tmp_path):
@@ -373,8 +333,8 @@ def test_sqlite_fast_path_stores_what_sqlalchemy_would(tmp_path):
         )
     query = "SELECT * FROM decisions ORDER BY id"
     stored = []
-    for url in (fast, orm):
-        with storage_db.engine_for(url).connect() as conn:
+    for db_url in (fast, orm):
+        with storage_db.engine_for(db_url).connect() as conn:
             stored.append(conn.exec_driver_sql(query).all())  # raw column text and bytes
-        storage_db.dispose(url)
+        storage_db.dispose(db_url)
     assert stored[0] == stored[1]

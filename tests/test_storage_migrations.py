@@ -28,7 +28,7 @@ from moderation.storage import (
     upgrade,
 )
 from moderation.storage import db as storage_db
-from tests.pg import pg_test_url, temporary_pg_database
+from tests.pg import temporary_pg_database
 
 TABLES = {
     "policies",
@@ -41,14 +41,6 @@ TABLES = {
     "webhooks",
     "webhook_outbox",
 }
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> str:
-    url = pg_test_url()
-    if url is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    return url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

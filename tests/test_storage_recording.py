@@ -16,38 +16,13 @@ import torch
 from sqlalchemy import func, select
 
 from moderation.bench.records import example_decisions, example_policy
-from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
-from moderation.storage import DecisionLog, DecisionRow, ReviewItem, StorageError, upgrade
+from moderation.storage import DecisionLog, DecisionRow, ReviewItem, StorageError
 from moderation.storage import db as storage_db
 from moderation.storage import spool as spool_module
 from moderation.storage.errors import PartlyRecordedError, UnrecordedError
 from moderation.storage.spool_format import scan
 from policy import compile_policy, load_policy
-from tests.pg import BACKENDS, pg_test_url, scratch_url, temporary_pg_database
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    server = pg_test_url()
-    if server is None:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with temporary_pg_database(server, prefix="moderation_recording") as url:
-        upgrade(url)
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path):
-    with scratch_url(
-        request.param, tmp_path, "rec", lambda: request.getfixturevalue("pg_url")
-    ) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +42,8 @@ def policy(tmp_path, tiny_clip_dir, encoder):
     return compile_policy(load_policy(path), encoder)
 
 
-def stored(url: str, model=DecisionRow) -> int:
-    with storage_db.engine_for(url).connect() as conn:
+def stored(db_url: str, model=DecisionRow) -> int:
+    with storage_db.engine_for(db_url).connect() as conn:
         return conn.execute(select(func.count()).select_from(model)).scalar_one()
 
 
@@ -117,9 +92,9 @@ def spooled_ids(folder) -> list[str]:
     ids=["nul-value", "nul-key", "surrogate", "nan", "object"],
 )
 def test_unstorable_metadata_is_refused_before_any_image_is_changed(
-    url, tmp_path, encoder, policy, images, metadata, message
+    db_url, tmp_path, encoder, policy, images, metadata, message
 ):
-    log = DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
+    log = DecisionLog(db_url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
     original = images.clone()
     with Moderator(policy, encoder, log=log) as moderator:
         with pytest.raises(StorageError) as caught:
@@ -128,7 +103,7 @@ def test_unstorable_metadata_is_refused_before_any_image_is_changed(
         with pytest.raises(StorageError, match=r"^metadata\[1\]"):
             moderator.moderate(images[:2], metadata=[{}, metadata])
     assert torch.equal(images, original)
-    assert stored(url) == 0 and spooled_ids(tmp_path / "spool") == []
+    assert stored(db_url) == 0 and spooled_ids(tmp_path / "spool") == []
 
 
 @pytest.mark.parametrize(
@@ -157,10 +132,10 @@ def test_unstorable_metadata_is_refused_before_any_image_is_changed(
     ids=["name", "version", "concept", "nul"],
 )
 def test_a_policy_that_does_not_fit_the_log_is_refused_when_registered(
-    url, tmp_path, change, message
+    db_url, tmp_path, change, message
 ):
     record = dataclasses.replace(example_policy(), **change)
-    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+    with DecisionLog(db_url, spool_dir=tmp_path / "spool") as log:
         with pytest.raises(StorageError) as caught:
             log.register_policy(record)
     assert str(caught.value) == message
@@ -244,7 +219,7 @@ def test_an_unwritable_spool_folder_while_the_database_is_down_is_refused_up_fro
 
 
 def test_an_unwritable_held_folder_records_the_decision_without_its_original(
-    url, tmp_path, encoder, tiny_clip_dir, images
+    db_url, tmp_path, encoder, tiny_clip_dir, images
 ):
     path = tmp_path / "review.yaml"
     path.write_text(
@@ -254,7 +229,7 @@ def test_an_unwritable_held_folder_records_the_decision_without_its_original(
     policy = compile_policy(load_policy(path), encoder)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    log = DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=blocker / "held")
+    log = DecisionLog(db_url, spool_dir=tmp_path / "spool", held_dir=blocker / "held")
     with Moderator(policy, encoder, log=log) as moderator:
         result = moderator.moderate(images[:2].clone())
     ids = [d.decision_id for d in result.decisions]
@@ -264,19 +239,19 @@ def test_an_unwritable_held_folder_records_the_decision_without_its_original(
         f"'{blocker / 'held'}': the originals of 2 decisions are not held and cannot be "
         f"released ({', '.join(ids)})"
     )
-    assert stored(url) == 2 and stored(url, ReviewItem) == 2  # the reviewer still sees them
-    with storage_db.engine_for(url).connect() as conn:
+    assert stored(db_url) == 2 and stored(db_url, ReviewItem) == 2  # the reviewer still sees them
+    with storage_db.engine_for(db_url).connect() as conn:
         assert conn.execute(select(DecisionRow.held_path)).scalars().all() == [None, None]
 
 
 def test_a_refused_batch_is_recorded_in_the_spool_and_reported(tmp_path, encoder, policy, images):
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    with Moderator(policy, encoder, log=DecisionLog(url, spool_dir=tmp_path / "s")) as moderator:
-        with storage_db.engine_for(url).begin() as conn:
+    db_url = f"sqlite:///{tmp_path / 'r.db'}"
+    with Moderator(policy, encoder, log=DecisionLog(db_url, spool_dir=tmp_path / "s")) as moderator:
+        with storage_db.engine_for(db_url).begin() as conn:
             conn.exec_driver_sql("DELETE FROM policies")  # the decisions now break a foreign key
         result = moderator.moderate(images.clone())
     assert result.unrecorded == []
-    assert result.log_error.startswith(f"database {url} refused the rows: FOREIGN KEY")
+    assert result.log_error.startswith(f"database {db_url} refused the rows: FOREIGN KEY")
     assert spooled_ids(tmp_path / "s") == [d.decision_id for d in result.decisions]
 
 

@@ -16,8 +16,8 @@ from sqlalchemy import select
 
 from moderation.storage import DecisionLog, DecisionRow, Spool, upgrade
 from moderation.storage import db as storage_db
-from moderation.storage.spool import HEADER
-from tests.pg import pg_test_url, temporary_pg_database
+from moderation.storage.spool_format import HEADER
+from tests.pg import temporary_pg_database
 
 REPO = Path(__file__).resolve().parents[1]
 DOWN_PG = "postgresql+psycopg://postgres@127.0.0.1:1/x"
@@ -141,10 +141,7 @@ def kill_urls(request, tmp_path):
     elif request.param == "sqlite":
         yield sqlite_url, sqlite_url
     else:
-        server = pg_test_url()
-        if server is None:
-            pytest.skip("MODERATION_TEST_PG_URL is not set")
-        with temporary_pg_database(server) as url:
+        with temporary_pg_database(request.getfixturevalue("pg_server")) as url:
             upgrade(url)
             yield url, url
         return

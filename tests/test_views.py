@@ -32,11 +32,6 @@ SIZES = [(512, 512), (768, 512), (512, 768), (1280, 720), (720, 1280), (1440, 48
 SIZES += [(31, 17), (64, 1024), (225, 224)]
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_clip_dir):
-    return ClipEncoder.from_pretrained(tiny_clip_dir, device="cpu")
-
-
 def covered(plan, height, width) -> np.ndarray:
     seen = np.zeros((height, width), bool)
     for left, top, right, bottom in plan.boxes:

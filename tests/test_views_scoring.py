@@ -14,8 +14,7 @@ from moderation.engine import Moderator
 from moderation.scoring import max_over_views, score
 from moderation.storage import DecisionLog, DecisionRow, db
 from moderation.storage.records import record_from_row
-from tests.pg import BACKENDS, scratch_url
-from tests.test_scoring import make_policy
+from tests.policy_factory import random_policy
 
 
 def views_of(n_views: list[int], dim=16, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +41,7 @@ def test_a_nan_view_is_the_maximum_so_it_cannot_hide():
 
 
 def test_scores_over_views_are_the_scores_of_the_best_view():
-    policy = make_policy(adjustment=0.02)
+    policy = random_policy(adjustment=0.02)
     embeddings, owners = views_of([3, 1, 2])
     grouped = score(policy, embeddings, owners)
     single = score(policy, embeddings)  # every view as if it were an image
@@ -58,7 +57,7 @@ def test_scores_over_views_are_the_scores_of_the_best_view():
 
 
 def test_one_non_finite_view_makes_the_image_an_error():
-    policy = make_policy()
+    policy = random_policy()
     embeddings, owners = views_of([2, 2])
     embeddings[1, 3] = float("inf")
     decisions = Moderator(policy).moderate_embeddings(embeddings, owners=owners)
@@ -68,7 +67,7 @@ def test_one_non_finite_view_makes_the_image_an_error():
 
 
 def test_decisions_carry_views_and_which_view_fired():
-    policy = make_policy(thresholds=[-1.0] * 6)  # every concept fires everywhere
+    policy = random_policy(thresholds=[-1.0] * 6)  # every concept fires everywhere
     embeddings, owners = views_of([3, 1])
     views = [
         [
@@ -87,20 +86,14 @@ def test_decisions_carry_views_and_which_view_fired():
     np.testing.assert_allclose(decisions[0].embedding, embeddings[:3].numpy())
 
 
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path):
-    with scratch_url(request.param, tmp_path, "views") as url:
-        yield url
-
-
-def test_views_round_trip_through_the_log(url, tmp_path):
-    policy = make_policy()
+def test_views_round_trip_through_the_log(db_url, tmp_path):
+    policy = random_policy()
     embeddings, owners = views_of([3, 1])
     views = [[{"frame": f, "box": [0, 8 * f, 16, 16 + 8 * f]} for f in range(3)], None]
-    log = DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
+    log = DecisionLog(db_url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
     with Moderator(policy, log=log) as moderator:
         decisions = moderator.moderate_embeddings(embeddings, owners=owners, views=views)
-    with db.engine_for(url).connect() as conn:
+    with db.engine_for(db_url).connect() as conn:
         rows = {r["id"]: r for r in conn.execute(select(DecisionRow.__table__)).mappings()}
     many, one = (record_from_row(dict(rows[d.decision_id])) for d in decisions)
     assert many.views == views[0] and one.views is None

@@ -98,16 +98,12 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
     try:
         backend = make_url(url).get_backend_name()
     except (exc.ArgumentError, ValueError) as err:
-        raise BenchError(
-            f"--db-url {db.display_url(spec)!r}: {db.safe_reason(err, spec)}"
-        ) from None
+        raise BenchError(f"--db {db.display_url(spec)!r}: {db.safe_reason(err, spec)}") from None
     if backend == "sqlite":
         yield url, f"SQLite {sqlite3.sqlite_version} ({db.display_url(url)})"
         return
     if backend != "postgresql":
-        raise BenchError(
-            f"--db-url {db.display_url(url)}: only SQLite and PostgreSQL are supported"
-        )
+        raise BenchError(f"--db {db.display_url(url)}: only SQLite and PostgreSQL are supported")
     from moderation.bench.scratch import temporary_pg_database
     from moderation.storage import upgrade
 
@@ -118,7 +114,7 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
             version = _server_version(scratch)
         except (exc.SQLAlchemyError, OSError) as err:
             raise BenchError(
-                f"--db-url {db.display_url(url)}: cannot create a scratch database there (the "
+                f"--db {db.display_url(url)}: cannot create a scratch database there (the "
                 f"bench writes into a throwaway database and drops it): {first_line(err)}"
             ) from None
         yield scratch, f"PostgreSQL {version} (scratch db on {db.display_url(url)})"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from moderation.tables import format_table
+
 # The issue's targets (knobs: change them here and in BENCHMARKS.md together).
 CONCEPTS_TARGET_N = 10_000
 CONCEPTS_MIN_SPEEDUP = 50.0
@@ -75,23 +77,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Columns separated by two spaces, numbers right-aligned, a dashed rule under the headers."""
-    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: list[str], numeric: bool) -> str:
-        parts = []
-        for i, (cell, width) in enumerate(zip(row, widths, strict=True)):
-            right = numeric and i > 0 and _looks_numeric(cell)
-            parts.append(cell.rjust(width) if right else cell.ljust(width))
-        return "  ".join(parts).rstrip()
-
-    out = [line(cells[0], False), "  ".join("-" * w for w in widths)]
-    out += [line(r, True) for r in cells[1:]]
-    return "\n".join(out)
-
-
-def _looks_numeric(cell: str) -> bool:
-    return bool(cell) and (cell[0].isdigit() or cell[0] == "-" and cell[1:2].isdigit())
+    return format_table(headers, rows, right="numbers", missing="-")
 
 
 def ms(value: float | None) -> str:

@@ -11,12 +11,11 @@ hold what its name promises is ignored and written again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
-from policy.tensor_files import EntryFiles
+from policy.tensor_files import EntryFiles, cache_folder
 
 CACHE_ENV = "MODERATION_EMBEDDING_CACHE_DIR"
 _FORMAT = "1"
@@ -24,10 +23,7 @@ _FORMAT = "1"
 
 def default_cache_dir() -> Path:
     """$MODERATION_EMBEDDING_CACHE_DIR, else ~/.cache/moderation/images ($XDG_CACHE_HOME honoured)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moderation" / "images"
+    return cache_folder(CACHE_ENV, "images")
 
 
 def _engine_code() -> str:

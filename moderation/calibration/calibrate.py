@@ -30,6 +30,7 @@ from moderation.calibration.samples import (
 )
 from moderation.scoring import score
 from moderation.storage.db import require_database
+from moderation.tables import plural
 from policy.compiled import CompiledPolicy
 from policy.schema import Policy
 
@@ -142,7 +143,7 @@ def calibrate(
 ) -> Calibration:
     """Calibrate every concept of a policy (YAML or compiled artifact) on labelled images."""
     from moderation.calibration.cache import ImageEmbeddingCache
-    from moderation.engine import load_any_policy, load_compiled
+    from moderation.loading import load_any_policy, load_compiled
     from moderation.storage.db import resolve_db_url
 
     path = Path(policy_path)
@@ -181,7 +182,8 @@ def calibrate(
 
 def _exclude_examples(loaded: Any, compiled: CompiledPolicy, labels: LabelledSet) -> dict:
     """Example images define their concept: never count them as its test data."""
-    from moderation.images import ImageInputError, image_sha256, load_image_file
+    from moderation.image_files import ImageInputError
+    from moderation.images import image_sha256, load_image_file
 
     files: dict[str, set[str]] = {}
     for entry in compiled.example_sha256:
@@ -263,17 +265,13 @@ def _calibrate_concepts(report: Calibration, excluded: dict[str, int]) -> None:
     _rescore(report, samples)
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} more {word}" + ("" if count == 1 else "s")
-
-
 def _suggest(entry: ConceptCalibration, fired: np.ndarray, target: Target, minimum: int) -> None:
     """Refuse with too few labels; else the best cut, keeping the current threshold when it
     already makes that cut (the smallest change)."""
     n_pos, n_neg = int(entry.positive.sum()), int((~entry.positive).sum())
     if n_pos < minimum or n_neg < minimum:
         short = [
-            _plural(minimum - n, word)
+            plural(minimum - n, f"more {word}")
             for n, word in ((n_pos, "positive"), (n_neg, "negative"))
             if n < minimum
         ]

@@ -173,7 +173,8 @@ class FolderEncoder:
     def __call__(self, paths: Sequence[Path]) -> list[tuple[str, str, np.ndarray]]:
         import hashlib
 
-        from moderation.images import ImageInputError, image_sha256, load_image_file
+        from moderation.image_files import ImageInputError
+        from moderation.images import image_sha256, load_image_file
 
         out = []
         for path in paths:

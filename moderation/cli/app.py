@@ -17,7 +17,7 @@ def main() -> None:
     """Declarative moderation policies for generated images."""
 
 
-@main.group()
+@main.group(short_help="Validate, compile, compare and test policies.")
 def policy() -> None:
     """Validate, compile, import, compare and test moderation policies."""
 

@@ -13,13 +13,15 @@ import click
 from moderation.cli.app import policy
 from moderation.cli.options import (
     clean,
+    command_errors,
     db_option,
     echo_json,
-    failures,
-    format_table,
     json_option,
-    output_errors,
+    model_option,
+    since_option,
+    until_option,
 )
+from moderation.tables import format_table
 
 DEFAULT_EXAMPLES = 5
 
@@ -36,15 +38,7 @@ def _filters(command):
     command = click.option(
         "--limit", type=click.IntRange(min=1), metavar="N", help="Read at most N decisions."
     )(command)
-    command = click.option(
-        "--until", metavar="T", help="Decisions logged before T (exclusive; as --since)."
-    )(command)
-    return click.option(
-        "--since",
-        metavar="T",
-        help="Decisions logged at or after T: an ISO date or datetime (UTC unless it says), or "
-        "a span back from now such as 12h or 7d.",
-    )(command)
+    return since_option(until_option(command))
 
 
 def _progress(as_json: bool) -> bool:
@@ -59,14 +53,9 @@ def _candidate_file(value: str) -> Path:
     return path
 
 
-@policy.command("backtest")
+@policy.command("backtest", short_help="Decide the logged history again with CANDIDATE.")
 @click.argument("candidate", metavar="CANDIDATE")
-@click.option(
-    "--model",
-    "-m",
-    help="Compile a YAML candidate for this checkpoint (folder or hub id; default: its model). "
-    "A compiled artifact needs no model.",
-)
+@model_option
 @db_option
 @click.option(
     "--policy",
@@ -76,7 +65,7 @@ def _candidate_file(value: str) -> Path:
 )
 @_filters
 @json_option
-@output_errors
+@command_errors
 def backtest_command(
     candidate, model, db_url, policy_filter, since, until, limit, examples, as_json
 ):  # fmt: skip
@@ -98,13 +87,12 @@ def backtest_command(
     from moderation.lifecycle.history import Filters
 
     path = _candidate_file(candidate)
-    with failures():
-        filters = Filters.parse(since, until, policy_filter, limit)
-        _database(db_url)  # before a model loads: a typo in --db fails at once
-        compiled = _load(path, model)
-        data = backtest(
-            compiled, db=db_url, filters=filters, examples=examples, progress=_progress(as_json)
-        )
+    filters = Filters.parse(since, until, policy_filter, limit)
+    _database(db_url)  # before a model loads: a typo in --db fails at once
+    compiled = _load(path, model)
+    data = backtest(
+        compiled, db=db_url, filters=filters, examples=examples, progress=_progress(as_json)
+    )
     if as_json:
         echo_json(data)
     else:
@@ -128,17 +116,13 @@ def _load(path: Path, model: str | None):
         raise ModerationError(f"cannot load candidate {path}: {err}") from err
 
 
-@policy.command("shadow-report")
+@policy.command("shadow-report", short_help="Report what shadow CANDIDATE decided on live traffic.")
 @click.argument("candidate", metavar="CANDIDATE")
-@click.option(
-    "--model",
-    "-m",
-    help="Compile a YAML candidate for this checkpoint to find its digest (default: its model).",
-)
+@model_option
 @db_option
 @_filters
 @json_option
-@output_errors
+@command_errors
 def shadow_report_command(candidate, model, db_url, since, until, limit, examples, as_json):
     """Report what shadow CANDIDATE decided on live traffic, against the live decisions.
 
@@ -151,19 +135,18 @@ def shadow_report_command(candidate, model, db_url, since, until, limit, example
     from moderation.lifecycle.history import Filters
     from moderation.lifecycle.shadow_report import shadow_report
 
-    with failures():
-        filters = Filters.parse(since, until, None, limit)
-        _database(db_url)
-        # A file is loaded here (its digest names its shadow rows); anything else is a logged
-        # policy's name or digest prefix.
-        given = _load(Path(candidate), model) if Path(candidate).is_file() else candidate
-        data = shadow_report(
-            given,
-            db=db_url,
-            filters=filters,
-            examples=examples,
-            progress=_progress(as_json),
-        )
+    filters = Filters.parse(since, until, None, limit)
+    _database(db_url)
+    # A file is loaded here (its digest names its shadow rows); anything else is a logged
+    # policy's name or digest prefix.
+    given = _load(Path(candidate), model) if Path(candidate).is_file() else candidate
+    data = shadow_report(
+        given,
+        db=db_url,
+        filters=filters,
+        examples=examples,
+        progress=_progress(as_json),
+    )
     if as_json:
         echo_json(data)
     else:

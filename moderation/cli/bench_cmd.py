@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from moderation.cli.app import main
-from moderation.errors import ModerationError
+from moderation.cli.options import HiddenAliases, command_errors, echo_json, out_option, writing
+from policy.atomic import atomic_write
 
 
 def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
@@ -24,9 +24,12 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     return numbers
 
 
-@main.command("bench")
+@main.command("bench", short_help="Time our moderation path against diffusers' checker.")
 @click.option(
-    "--model", "-m", help="Checkpoint folder or hub id (default: random ViT-L/14 weights)."
+    "--model",
+    "-m",
+    metavar="MODEL",
+    help="CLIP or safety-checker checkpoint (folder or hub id); default: random ViT-L/14 weights.",
 )
 @click.option("--device", help="torch device (default: cuda when available, else cpu).")
 @click.option(
@@ -54,8 +57,12 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
 )
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up calls per row [1].")
 @click.option(
-    "--db-url",
+    "--db",
+    "--db-url",  # its name before --db was every command's
     "db_urls",
+    cls=HiddenAliases,
+    hidden_names=("--db-url",),
+    metavar="URL",
     multiple=True,
     help="Database to log to, repeatable: 'sqlite' (a temp file, default), a sqlite:/// URL, or "
     "a PostgreSQL server URL (a scratch database is created there and dropped).",
@@ -79,11 +86,9 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     callback=_int_list,
     help="Logged decisions of the backtest section [100000,1000000]; --quick: 20000.",
 )
+@out_option("Also write the results as JSON to this file.")
 @click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the results as JSON to this file ('-': stdout, tables to stderr).",
+    "--json", "as_json", is_flag=True, help="Print the results as JSON (the tables go to stderr)."
 )
 @click.option(
     "--quick",
@@ -92,6 +97,7 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
     "3 minutes on 2 CPU cores (without it: batches up to 32, meant for a GPU).",
 )
 @click.option("--size", type=click.Choice(["vit-l", "tiny"]), hidden=True)
+@command_errors
 def bench_cmd(
     model,
     device,
@@ -109,7 +115,8 @@ def bench_cmd(
     attention,
     compile_,
     sections,
-    json_path,
+    out,
+    as_json,
     quick,
     size,
     backtest_sizes,
@@ -143,21 +150,14 @@ def bench_cmd(
     }
     given = {k: v for k, v in options.items() if v is not None}
     config = BenchConfig.quick(**given) if quick else BenchConfig(**given)
-    to_stdout = json_path is not None and str(json_path) == "-"
 
     def progress(message: str) -> None:
         click.echo(f"... {message}", err=True)
 
-    try:
-        result = run_bench(config, progress=progress)
-    except ModerationError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(format_report(result), err=to_stdout)
-    if json_path is not None:
-        text = json.dumps(result, indent=2, default=str)
-        if to_stdout:
-            click.echo(text)
-        else:
-            from policy.atomic import atomic_write
-
-            atomic_write(json_path, text + "\n")
+    result = run_bench(config, progress=progress)
+    click.echo(format_report(result), err=as_json)
+    if out is not None:
+        with writing(out):
+            atomic_write(out, json.dumps(result, indent=2, default=str) + "\n")
+    if as_json:
+        echo_json(result)

@@ -9,14 +9,18 @@ from pathlib import Path
 import click
 
 from moderation.cli.app import policy
-from moderation.cli.options import db_option, echo_json, failures, format_table, json_option
+from moderation.cli.options import (
+    clean,
+    command_errors,
+    db_option,
+    echo_json,
+    json_option,
+    out_option,
+)
+from moderation.tables import fixed, format_table, plural
 
 DEFAULT_PRECISION = 0.9
 DEFAULT_MIN_EXAMPLES = 20
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _positive(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -29,14 +33,6 @@ def _positive(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
             raise click.BadParameter(f"{folder!r} is not a folder", ctx, param)
         pairs.append((concept, Path(folder)))
     return pairs
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _rate(value: float | None, interval: list[float] | None) -> str:
@@ -67,7 +63,7 @@ def render(data: dict) -> str:
         else f"precision >= {target['precision']:g}"
     )
     lines = [
-        f"Policy {_printable(pol['name'])} v{_printable(pol['version'])} (digest {pol['digest'][:12]}): "
+        f"Policy {clean(pol['name'])} v{clean(pol['version'])} (digest {pol['digest'][:12]}): "
         f"{labels['distinct_images']} labelled images ({labels['decisions']} reviewed decisions, "
         f"{labels['images']} folder images); target {goal}, best recall"
     ]
@@ -76,7 +72,7 @@ def render(data: dict) -> str:
         lines.append(f"Not counted: {skipped}")
     rows, notes = [], []
     for name, c in data["concepts"].items():
-        shown = _printable(name) + (" (special care)" if c["special_care"] else "")
+        shown = clean(name) + (" (special care)" if c["special_care"] else "")
         rows.append(_row(shown, str(c["positives"]), str(c["negatives"]), "current", c["current"]))
         if c["suggested"] is not None:
             which = "suggested" if c["suggested"]["changed"] else "keep"
@@ -98,7 +94,7 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-@policy.command("calibrate")
+@policy.command("calibrate", short_help="Suggest thresholds from labelled images.")
 @click.argument(
     "policy_path", metavar="POLICY", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -139,11 +135,8 @@ def render(data: dict) -> str:
     metavar="N",
     help="Refuse to suggest with fewer than N positives or N negatives.",
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="NEW.yaml",
-    help="Write the policy with the suggested thresholds (nothing else changes).",
+@out_option(
+    "Write the policy with the suggested thresholds (nothing else changes).", metavar="NEW.yaml"
 )
 @click.option(
     "--plot",
@@ -153,6 +146,7 @@ def render(data: dict) -> str:
     help="Write one PNG per concept: score distributions and thresholds.",
 )
 @json_option
+@command_errors
 def calibrate_command(
     policy_path, db_url, positives, negatives, target_precision, max_false_positive_rate,
     min_examples, out, plot_dir, as_json,
@@ -176,45 +170,44 @@ def calibrate_command(
         else Target(precision=target_precision or DEFAULT_PRECISION)
     )
     use_log = bool(db_url or os.environ.get("MODERATION_DB_URL")) or not (positives or negatives)
-    with failures():
-        report = calibrate(
-            policy_path,
-            db=db_url,
-            use_log=use_log,
-            positives=positives,
-            negatives=negatives,
-            target=target,
-            min_examples=min_examples,
-            progress=sys.stderr.isatty(),  # the bar goes to stderr: --json output stays clean
-        )
-        data = report.to_dict()
-        changes = {c.name: (c.special, c.suggested_threshold) for c in report.concepts if c.changed}
-        if out is not None:
-            from moderation.calibration.rewrite import write_policy
+    report = calibrate(
+        policy_path,
+        db=db_url,
+        use_log=use_log,
+        positives=positives,
+        negatives=negatives,
+        target=target,
+        min_examples=min_examples,
+        progress=sys.stderr.isatty(),  # the bar goes to stderr: --json output stays clean
+    )
+    data = report.to_dict()
+    changes = {c.name: (c.special, c.suggested_threshold) for c in report.concepts if c.changed}
+    if out is not None:
+        from moderation.calibration.rewrite import write_policy
 
-            write_policy(policy_path, out, changes, scored_text=report.source_text)
-            data["out"] = {"file": str(out), "changed": {n: t for n, (_, t) in changes.items()}}
-        if plot_dir is not None:
-            from moderation.calibration.plot import write_plots
+        write_policy(policy_path, out, changes, scored_text=report.source_text)
+        data["out"] = {"file": str(out), "changed": {n: t for n, (_, t) in changes.items()}}
+    if plot_dir is not None:
+        from moderation.calibration.plot import write_plots
 
-            data["plots"] = [str(p) for p in write_plots(report, plot_dir)]
+        data["plots"] = [str(p) for p in write_plots(report, plot_dir)]
     if as_json:
         echo_json(data)
         return
     click.echo(render(data))
     if out is not None:
         moved = ", ".join(
-            f"{_printable(n)} {_num(next(c.threshold for c in report.concepts if c.name == n), 4)}"
+            f"{clean(n)} {fixed(next(c.threshold for c in report.concepts if c.name == n), 4)}"
             f" -> {t:.4g}"
             for n, (_, t) in changes.items()
         )
         click.echo(
             f"\nWrote {out}: "
             + (
-                f"{_count(len(changes), 'threshold')} changed ({moved})"
+                f"{plural(len(changes), 'threshold')} changed ({moved})"
                 if changes
                 else "no threshold changed"
             )
         )
     if plot_dir is not None:
-        click.echo(f"Plots: {_count(len(data['plots']), 'PNG file')} in {plot_dir}")
+        click.echo(f"Plots: {plural(len(data['plots']), 'PNG file')} in {plot_dir}")

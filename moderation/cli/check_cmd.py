@@ -17,25 +17,27 @@ from moderation.cli.check_inputs import (
 )
 from moderation.cli.options import (
     clean,
+    command_errors,
     db_option,
     echo_json,
     echo_table,
-    failures,
-    fmt_float,
+    json_option,
     model_options,
-    output_errors,
+    out_option,
     regular_target,
+    top_option,
     writing,
 )
 from moderation.cli.recording import recording_failure, recording_summary
 from moderation.errors import ModerationError
+from moderation.tables import fixed
 from policy.vocabulary import VERDICTS
 
 # Fired concepts named in the table before "+N more" (--json lists them all).
 TABLE_FIRED = 3
 
 
-@main.command("check")
+@main.command("check", short_help="Check image files or folders against a policy.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--policy",
@@ -56,26 +58,18 @@ TABLE_FIRED = 3
 @model_options
 @db_option
 @click.option("--no-log", is_flag=True, help="Do not log decisions to the database.")
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+@out_option(
+    name="out_dir",
+    file=False,
     help="Write the moderated images into this folder, as NAME.png (NAME: the input's name, "
     "kept when it ends in .png; ~2, ~3... when taken).",
 )
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--prompt", help="Caller metadata: the prompt that made the images.")
 @click.option("--user", help="Caller metadata: user or app id.")
-@click.option(
-    "--top",
-    default=5,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Concepts listed per image in --json, highest score first (0: all).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file, as a list.")
-@output_errors
+@top_option(default=5)
+@json_option
+@command_errors
 def check_command(
     images,
     policy_path,
@@ -119,15 +113,14 @@ def check_command(
         from moderation.storage import resolve_db_url
 
         db = resolve_db_url(db_url)
-    with failures():
-        moderator = Moderator.from_policy(
-            policy_path,
-            model=model,
-            device=device,
-            text_model=text_model,
-            db=db,
-            shadow=list(shadow_paths),
-        )
+    moderator = Moderator.from_policy(
+        policy_path,
+        model=model,
+        device=device,
+        text_model=text_model,
+        db=db,
+        shadow=list(shadow_paths),
+    )
     moderator.hash_images = True  # the decision names the pixels it judged, logged or not
     if out_dir:
         with writing(out_dir):
@@ -135,9 +128,7 @@ def check_command(
     decisions: dict[int, Any] = {}
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     with (
-        failures(),
         moderator,
-        failures(),
         tqdm(total=len(inputs), unit="img", disable=len(batches) < 2, leave=False) as bar,
     ):
         for chunk in batches:
@@ -290,7 +281,7 @@ def _print_table(results, out_dir) -> None:
                 d.action,
                 _fired_text(d.fired),
                 d.top_concept,
-                f"{fmt_float(float(d.cosines[i]))} / {fmt_float(threshold)}",
+                f"{fixed(float(d.cosines[i]))} / {fixed(threshold)}",
                 _note(d),
             ]
         rows.append([display_path(item.path), *cells, *([written] if out_dir else [])])

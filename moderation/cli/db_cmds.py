@@ -10,11 +10,10 @@ import click
 from moderation.cli.app import db
 from moderation.cli.options import (
     clean,
+    command_errors,
     db_option,
     echo_json,
-    failures,
     json_option,
-    output_errors,
 )
 from moderation.storage import DecisionLog
 from moderation.storage import db as storage_db
@@ -33,20 +32,22 @@ def _warn_if_shared(url: str) -> None:
         click.echo(f"warning: {clean(warning)}", err=True)
 
 
-@db.command("upgrade")
+@db.command("upgrade", short_help="Migrate the database up to a revision.")
 @db_option
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
-@output_errors
-def upgrade_cmd(db_url: str | None, revision: str) -> None:
+@json_option
+@command_errors
+def upgrade_cmd(db_url: str | None, revision: str, as_json: bool) -> None:
     """Migrate the database up to a revision (creates it when missing)."""
     url = storage_db.resolve_db_url(db_url)
-    with failures():
-        before = migrate.current(url)
-        migrate.upgrade(url, revision)
-        after = migrate.current(url)
+    before = migrate.current(url)
+    migrate.upgrade(url, revision)
+    after = migrate.current(url)
     where = _shown(url)
     _warn_if_shared(url)
-    if before == after:
+    if as_json:
+        echo_json({"url": storage_db.display_url(url), "from": before, "to": after})
+    elif before == after:
         click.echo(f"{where} is already at revision {after}")
     else:
         click.echo(f"upgraded {where} from {before or 'an empty database'} to {after}")
@@ -55,28 +56,30 @@ def upgrade_cmd(db_url: str | None, revision: str) -> None:
 @db.command("downgrade")
 @click.option("--revision", required=True, help="Target revision (`base` drops every table).")
 @db_option
-@output_errors
-def downgrade_cmd(revision: str, db_url: str | None) -> None:
+@json_option
+@command_errors
+def downgrade_cmd(revision: str, db_url: str | None, as_json: bool) -> None:
     """Migrate the database down to a revision."""
     url = storage_db.resolve_db_url(db_url)
-    with failures():
-        storage_db.require_database(url)
-        before = migrate.current(url)
-        migrate.downgrade(url, revision)
-        after = migrate.current(url)
-    click.echo(f"downgraded {_shown(url)} from {before or 'base'} to {after or 'base'}")
+    storage_db.require_database(url)
+    before = migrate.current(url)
+    migrate.downgrade(url, revision)
+    after = migrate.current(url)
+    if as_json:
+        echo_json({"url": storage_db.display_url(url), "from": before, "to": after})
+    else:
+        click.echo(f"downgraded {_shown(url)} from {before or 'base'} to {after or 'base'}")
 
 
-@db.command("current")
+@db.command("current", short_help="Show the database's revision and the newest one.")
 @db_option
 @json_option
-@output_errors
+@command_errors
 def current_cmd(db_url: str | None, as_json: bool) -> None:
     """Show the database's revision and the newest one this version knows."""
     url = storage_db.resolve_db_url(db_url)
-    with failures():
-        storage_db.require_database(url)
-        revision = migrate.current(url)
+    storage_db.require_database(url)
+    revision = migrate.current(url)
     head = migrate.head_revision()
     if as_json:
         shown = {"url": storage_db.display_url(url), "current": revision, "head": head}
@@ -87,7 +90,7 @@ def current_cmd(db_url: str | None, as_json: bool) -> None:
     click.echo(f"{_shown(url)}: revision {revision or 'none'} (head {head}, {state})")
 
 
-@db.command("replay")
+@db.command("replay", short_help="Write spooled decisions into the database.")
 @db_option
 @click.option(
     "--spool",
@@ -102,7 +105,7 @@ def current_cmd(db_url: str | None, as_json: bool) -> None:
     help="Also replay spool files written for another database (or by an older version).",
 )
 @json_option
-@output_errors
+@command_errors
 def replay_cmd(
     db_url: str | None, spool_dir: Path | None, into_other_database: bool, as_json: bool
 ) -> None:
@@ -111,7 +114,7 @@ def replay_cmd(
 
     spool_dir = spool_dir or default_spool_dir()
     refused = None
-    with failures(), DecisionLog(db_url, spool_dir=spool_dir) as log:
+    with DecisionLog(db_url, spool_dir=spool_dir) as log:
         try:
             added = log.replay(into_other_database=into_other_database)
         except OtherDatabaseError as err:
@@ -150,7 +153,7 @@ def _quarantine_problem(waiting) -> str:
     )
 
 
-@db.command("status")
+@db.command("status", short_help="Show the revision, the spool and the quarantine.")
 @db_option
 @click.option(
     "--spool",
@@ -160,7 +163,7 @@ def _quarantine_problem(waiting) -> str:
     help="Spool folder (default: $MODERATION_SPOOL_DIR, else ./spool).",
 )
 @json_option
-@output_errors
+@command_errors
 def status_cmd(db_url: str | None, spool_dir: Path | None, as_json: bool) -> None:
     """Show the database's revision, the decisions waiting in the spool and in its quarantine.
 

@@ -6,25 +6,32 @@ import click
 
 from moderation.cli.app import main
 from moderation.cli.decisions_text import list_table, render_decision
-from moderation.cli.options import db_option, echo_json, failures, json_option, output_errors
+from moderation.cli.options import (
+    command_errors,
+    db_option,
+    echo_json,
+    json_option,
+    since_option,
+    top_option,
+    until_option,
+)
 from moderation.decisions.browser import MAX_LIST, DecisionBrowser
 from policy.vocabulary import ACTIONS, VERDICTS
 
 
-@main.group()
+@main.group(short_help="Browse and explain logged decisions.")
 def decisions() -> None:
     """Browse and explain logged decisions ("why was my image blacked out?")."""
 
 
 def _browser(db_url: str | None) -> DecisionBrowser:
     """The log of an existing database: a mistyped SQLite path must not create an empty one."""
-    with failures():
-        return DecisionBrowser(db_url)
+    return DecisionBrowser(db_url)
 
 
 @decisions.command("list")
-@click.option("--since", metavar="T", help="At or after T: ISO date/datetime (UTC) or 12h, 7d.")
-@click.option("--until", metavar="T", help="Before T: ISO date/datetime (UTC) or 12h, 7d.")
+@since_option
+@until_option
 @click.option("--verdict", metavar="[" + "|".join(VERDICTS) + "]", help="Only this verdict.")
 @click.option("--action", metavar="[" + "|".join(ACTIONS) + "]", help="Only this action.")
 @click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
@@ -44,7 +51,7 @@ def _browser(db_url: str | None) -> DecisionBrowser:
 )
 @json_option
 @db_option
-@output_errors
+@command_errors
 def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow, as_json, db_url):
     """List logged decisions, newest first.
 
@@ -53,18 +60,17 @@ def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow
     Every filter is an exact match; --policy also takes a digest prefix.
     """
     browser = _browser(db_url)
-    with failures():
-        entries = browser.list(
-            since=since,
-            until=until,
-            verdict=verdict,
-            action=action,
-            concept=concept,
-            policy=policy,
-            user=user,
-            limit=limit,
-            shadow=shadow,
-        )
+    entries = browser.list(
+        since=since,
+        until=until,
+        verdict=verdict,
+        action=action,
+        concept=concept,
+        policy=policy,
+        user=user,
+        limit=limit,
+        shadow=shadow,
+    )
     if as_json:
         echo_json(entries)
         return
@@ -76,27 +82,22 @@ def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow
 
 @decisions.command("show")
 @click.argument("decision_id", metavar="ID")
-@click.option(
-    "--top",
-    type=click.IntRange(1),
-    metavar="N",
-    help="List only the N nearest concepts (default: every concept).",
-)
+@top_option()
 @json_option
 @db_option
-@output_errors
+@command_errors
 def show_cmd(decision_id, top, as_json, db_url):
     """Explain one decision: why it got its action.
 
     ID is the decision id that `check --json`, `Decision.decision_id` and the diffusers
-    checker's `last_decisions` give, or a unique prefix of at least 8 characters. Shows every
+    checker's `last_decisions` give, or a unique prefix or suffix of at least 8 characters
+    (ids are time-ordered: the last characters tell one batch's decisions apart). Shows every
     concept's cosine, threshold, score and margin (nearest first), the view that gave each
     cosine, special care, the review band, which concept's action won, the policy, the caller's
     metadata, the review history and its labels, and shadow decisions.
     """
     browser = _browser(db_url)
-    with failures():
-        shown = browser.show(decision_id, top=top)
+    shown = browser.show(decision_id, top=top or None)
     if as_json:
         echo_json(shown)
         return

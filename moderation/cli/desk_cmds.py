@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from moderation.cli.app import review
-from moderation.cli.options import clean, db_option, echo_json, failures, json_option
+from moderation.cli.options import clean, command_errors, db_option, echo_json, json_option
 from moderation.cli.review_text import table
 from moderation.storage.db import require_database, resolve_db_url
 
@@ -20,10 +20,9 @@ def _engine(db_url: str | None):
     """The engine of an existing, migrated database."""
     from moderation.storage.schema import get_engine
 
-    with failures():
-        url = resolve_db_url(db_url)
-        require_database(url)
-        return get_engine(url)
+    url = resolve_db_url(db_url)
+    require_database(url)
+    return get_engine(url)
 
 
 def _loopback(host: str) -> bool:
@@ -60,6 +59,7 @@ def _loopback(host: str) -> bool:
     help="Proxies trusted to say the request came over TLS (X-Forwarded-Proto).",
 )
 @click.option("--no-webhooks", is_flag=True, help="Do not deliver webhooks from this process.")
+@command_errors
 def serve_cmd(db_url, held_dir, host, port, lease, forwarded_allow_ips, no_webhooks):
     """Serve the review desk (web pages for reviewers) on HOST:PORT."""
     import uvicorn
@@ -79,8 +79,7 @@ def serve_cmd(db_url, held_dir, host, port, lease, forwarded_allow_ips, no_webho
         lease_seconds=lease,
         webhooks=not no_webhooks,
     )
-    with failures():
-        app = create_app(settings)
+    app = create_app(settings)
     click.echo(f"Review desk on http://{clean(host)}:{port}/ (Ctrl-C to stop)", err=True)
     uvicorn.run(
         app,
@@ -98,6 +97,14 @@ def user_group() -> None:
     """Manage review desk accounts."""
 
 
+def _done(as_json: bool, text: str, **result) -> None:
+    """What a command did: one line of text, or its JSON object with --json."""
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text)
+
+
 def _password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
@@ -110,32 +117,33 @@ password_stdin = click.option(
 )
 
 
-@user_group.command("add")
+@user_group.command("add", short_help="Add a review desk account.")
 @click.argument("name")
 @click.option("--role", type=click.Choice(ROLES), required=True, help="What the account may do.")
 @password_stdin
+@json_option
 @db_option
-def user_add(name, role, password_stdin, db_url):
+@command_errors
+def user_add(name, role, password_stdin, as_json, db_url):
     """Add an account (the password is asked for, or read with --password-stdin)."""
     from moderation.desk.accounts import add_user
 
     engine = _engine(db_url)
     password = _password(password_stdin)
-    with failures():
-        add_user(engine, name, role, password)
-    click.echo(f"Added {role} {clean(name.strip())}.")
+    add_user(engine, name, role, password)
+    _done(as_json, f"Added {role} {clean(name.strip())}.", name=name.strip(), role=role)
 
 
 @user_group.command("list")
 @json_option
 @db_option
+@command_errors
 def user_list(as_json, db_url):
     """List accounts (never their passwords)."""
     from moderation.desk.accounts import list_users
 
     engine = _engine(db_url)
-    with failures():
-        users = list_users(engine)
+    users = list_users(engine)
     if as_json:
         echo_json(users)
         return
@@ -151,30 +159,42 @@ def user_list(as_json, db_url):
 
 @user_group.command("disable")
 @click.argument("name")
+@json_option
 @db_option
-def user_disable(name, db_url):
+@command_errors
+def user_disable(name, as_json, db_url):
     """Disable an account and end its sessions."""
     from moderation.desk.accounts import disable_user
 
     engine = _engine(db_url)
-    with failures():
-        disable_user(engine, name)
-    click.echo(f"Disabled {clean(name.strip())}; their sessions have ended.")
+    disable_user(engine, name)
+    _done(
+        as_json,
+        f"Disabled {clean(name.strip())}; their sessions have ended.",
+        name=name.strip(),
+        disabled=True,
+    )
 
 
 @user_group.command("passwd")
 @click.argument("name")
 @password_stdin
+@json_option
 @db_option
-def user_passwd(name, password_stdin, db_url):
+@command_errors
+def user_passwd(name, password_stdin, as_json, db_url):
     """Set an account's password (ends its sessions)."""
     from moderation.desk.accounts import set_password
 
     engine = _engine(db_url)
     password = _password(password_stdin)
-    with failures():
-        set_password(engine, name, password)
-    click.echo(f"Password of {clean(name.strip())} changed; their sessions have ended.")
+    set_password(engine, name, password)
+    _done(
+        as_json,
+        f"Password of {clean(name.strip())} changed; their sessions have ended.",
+        name=name.strip(),
+        password_changed=True,
+    )
 
 
 @review.group("webhook")
@@ -182,7 +202,7 @@ def webhook_group() -> None:
     """Deliver verdicts to the app that made the images (signed webhooks)."""
 
 
-@webhook_group.command("add")
+@webhook_group.command("add", short_help="Send every verdict to a URL, signed.")
 @click.argument("url")
 @click.option(
     "--secret-env",
@@ -190,27 +210,29 @@ def webhook_group() -> None:
     metavar="VAR",
     help="Environment variable holding the HMAC secret (where the desk or `deliver` runs).",
 )
+@json_option
 @db_option
-def webhook_add(url, secret_env, db_url):
+@command_errors
+def webhook_add(url, secret_env, as_json, db_url):
     """Send every verdict from now on to URL, signed with the secret in $VAR."""
     from moderation.desk.webhooks import add_webhook
 
     engine = _engine(db_url)
-    with failures():
-        hook_id = add_webhook(engine, url, secret_env)
-    click.echo(f"Added webhook {hook_id}: {clean(url)} (secret from ${clean(secret_env)}).")
+    hook_id = add_webhook(engine, url, secret_env)
+    text = f"Added webhook {hook_id}: {clean(url)} (secret from ${clean(secret_env)})."
+    _done(as_json, text, id=hook_id, url=url, secret_env=secret_env)
 
 
 @webhook_group.command("list")
 @json_option
 @db_option
+@command_errors
 def webhook_list(as_json, db_url):
     """List webhooks and their delivered and waiting verdicts."""
     from moderation.desk.webhooks import list_webhooks
 
     engine = _engine(db_url)
-    with failures():
-        hooks = list_webhooks(engine)
+    hooks = list_webhooks(engine)
     if as_json:
         echo_json(hooks)
         return
@@ -226,20 +248,23 @@ def webhook_list(as_json, db_url):
 
 @webhook_group.command("remove")
 @click.argument("hook_id", type=int)
+@json_option
 @db_option
-def webhook_remove(hook_id, db_url):
+@command_errors
+def webhook_remove(hook_id, as_json, db_url):
     """Stop delivering to a webhook."""
     from moderation.desk.webhooks import remove_webhook
 
     engine = _engine(db_url)
-    with failures():
-        remove_webhook(engine, hook_id)
-    click.echo(f"Removed webhook {hook_id}.")
+    remove_webhook(engine, hook_id)
+    _done(as_json, f"Removed webhook {hook_id}.", id=hook_id, removed=True)
 
 
 @webhook_group.command("deliver")
+@json_option
 @db_option
-def webhook_deliver(db_url):
+@command_errors
+def webhook_deliver(as_json, db_url):
     """Deliver the verdicts that are due now, once.
 
     A running `review serve` delivers by itself every few seconds; this is for deployments that
@@ -247,9 +272,10 @@ def webhook_deliver(db_url):
     import httpx
 
     from moderation.desk.webhooks import deliver_due
-    from moderation.storage.models import utcnow
+    from moderation.times import utcnow
 
     engine = _engine(db_url)
-    with failures(), httpx.Client() as client:
+    with httpx.Client() as client:
         counts = deliver_due(engine, utcnow(), client)
-    click.echo(f"Delivered {counts['delivered']}, failed {counts['failed']} (retried later).")
+    text = f"Delivered {counts['delivered']}, failed {counts['failed']} (retried later)."
+    _done(as_json, text, **counts)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from moderation.cli.app import policy
-from moderation.cli.options import clean, echo_json, json_option, output_errors
+from moderation.cli.options import clean, command_errors, echo_json, json_option, model_option
 from moderation.errors import ModerationError
+from moderation.tables import plural
 from policy import PolicyError
 
 if TYPE_CHECKING:
@@ -96,12 +97,9 @@ def _trouble_exits_2(command):
 @policy.command("diff", help=DIFF_HELP, short_help="Compare two policies (exit 1: they differ).")
 @click.argument("old", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "-m",
-    help="Compile YAML policies with this model (folder or cached hub id) to compare vectors.",
-)
+@model_option
 @json_option
+@command_errors
 def diff_command(old: Path, new: Path, model: str | None, as_json: bool) -> None:
     identical = _diff(old, new, model, as_json)
     if not identical:
@@ -109,7 +107,7 @@ def diff_command(old: Path, new: Path, model: str | None, as_json: bool) -> None
 
 
 @_trouble_exits_2
-@output_errors
+@command_errors
 def _diff(old: Path, new: Path, model: str | None, as_json: bool) -> bool:
     from moderation.lifecycle.diff import diff
     from moderation.lifecycle.diff_sides import load_side
@@ -157,7 +155,7 @@ def definition(source: dict[str, Any]) -> str:
     if "examples" in source:
         content = f", content {source['content']}" if "content" in source else ""
         parts.append(
-            f"examples {clean(source['examples'])} ({_count(source['images'], 'image')}{content})"
+            f"examples {clean(source['examples'])} ({plural(source['images'], 'image')}{content})"
         )
     embedding = source.get("embedding")
     if embedding == "inline":
@@ -169,10 +167,6 @@ def definition(source: dict[str, Any]) -> str:
     if "vector" in source:
         parts.append(f"vector {source['vector']}")
     return ", ".join(parts)
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _reference(ref: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""What every command shares: --db, --json, model options, one JSON style, tables, errors, and
-the rules for text that reaches a terminal (`clean`) or a file (`output_errors`, `writing`)."""
+"""What every command shares: --db, --json, --model, --since/--until, --top, --out, one JSON
+style, tables, one error handling (`command_errors`), and the rules for text that reaches a
+terminal (`clean`) or a file (`writing`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from moderation.errors import ModerationError
+from moderation.tables import format_table
 from moderation.text import BEYOND_C0, escape_controls
 from policy.errors import PolicyError
 
@@ -25,6 +27,76 @@ db_option = click.option("--db", "db_url", metavar="URL", help=DB_HELP)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text."
 )
+model_option = click.option(
+    "--model",
+    "-m",
+    metavar="MODEL",
+    help="CLIP or safety-checker checkpoint (folder or hub id); default: the policy's model.",
+)
+TIME_FORMATS = (
+    "an ISO date or datetime (UTC unless it says), or a span back from now such as 12h or 7d"
+)
+since_option = click.option(
+    "--since", metavar="T", help=f"Only what was logged at or after T: {TIME_FORMATS}."
+)
+until_option = click.option(
+    "--until", metavar="T", help="Only what was logged before T (as --since)."
+)
+
+
+def top_option(default: int = 0):
+    """--top N: only the N concepts of highest score (over or nearest their threshold)."""
+    return click.option(
+        "--top",
+        type=click.IntRange(0),
+        default=default,
+        show_default=bool(default),
+        metavar="N",
+        help="Show only the N concepts of highest score, over or nearest their threshold "
+        "(0: every concept).",
+    )
+
+
+class HiddenAliases(click.Option):
+    """An option whose deprecated names still work but are left out of --help."""
+
+    def __init__(self, *args: Any, hidden_names: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_names = tuple(hidden_names)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown = self.opts
+        self.opts = [o for o in shown if o not in self.hidden_names]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def out_option(
+    help: str,
+    *,
+    name: str = "out",
+    file: bool = True,
+    deprecated: Sequence[str] = (),
+    metavar: str | None = None,
+    **kwargs: Any,
+):
+    """--out/-o PATH: the file (or, with file=False, folder) a command writes; `deprecated`:
+    older names of the option that still work, unlisted."""
+    path = click.Path(dir_okay=not file, file_okay=file, path_type=Path)
+    return click.option(
+        "--out",
+        "-o",
+        *deprecated,
+        name,
+        cls=HiddenAliases,
+        hidden_names=deprecated,
+        type=path,
+        metavar=metavar or ("FILE" if file else "DIR"),
+        help=help,
+        **kwargs,
+    )
 
 
 def model_options(command):
@@ -35,11 +107,7 @@ def model_options(command):
     command = click.option(
         "--text-model", help="CLIP checkpoint whose text tower embeds prompts, if MODEL has none."
     )(command)
-    return click.option(
-        "--model",
-        "-m",
-        help="CLIP or safety-checker checkpoint (hub id or folder); default: the policy's model.",
-    )(command)
+    return model_option(command)
 
 
 def clean(value: Any) -> str:
@@ -49,16 +117,12 @@ def clean(value: Any) -> str:
     return escape_controls(value)
 
 
-@contextlib.contextmanager
-def failures() -> Iterator[None]:
-    """Errors meant for people become one line and exit 1, never a traceback."""
-    try:
-        yield
-    except PolicyError as err:
+def _people_error(err: PolicyError | ModerationError) -> click.ClickException:
+    """An error meant for people as one escaped line (a policy's issues: one line each)."""
+    if isinstance(err, PolicyError):
         # One issue per line, each already escaped by the policy package.
-        raise click.ClickException("\n".join(map(clean, str(err).split("\n")))) from err
-    except ModerationError as err:
-        raise click.ClickException(clean(err)) from err
+        return click.ClickException("\n".join(map(clean, str(err).split("\n"))))
+    return click.ClickException(clean(err))
 
 
 def echo_json(data: Any) -> None:
@@ -92,9 +156,10 @@ def _output_error(err: OSError) -> click.ClickException:
     return click.ClickException(f"{clean(err.filename)}: {reason}")  # files we write: `writing`
 
 
-def output_errors(command: F) -> F:
-    """Make a command's output failures (disk full, closed or broken standard output, a
-    read-only folder) one line and exit 1 instead of a traceback or a silent loss."""
+def command_errors(command: F) -> F:
+    """The one error handling of every command: errors meant for people (a policy's issues, a
+    ModerationError) and output failures (disk full, closed or broken standard output, a
+    read-only folder) become one line and exit 1, never a traceback or a silent loss."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -103,10 +168,13 @@ def output_errors(command: F) -> F:
             # Started with a closed stdout, click.echo drops everything: say so. A full disk or
             # a broken pipe shows at this flush, not at exit.
             standard_output().flush()
+        except (PolicyError, ModerationError) as err:
+            raise _people_error(err) from err
         except OSError as err:
             raise _output_error(err) from err
         return result
 
+    run.command_errors = True  # type: ignore[attr-defined]  # (checked by tests/test_cli_grammar.py)
     return run  # type: ignore[return-value]
 
 
@@ -178,22 +246,5 @@ def open_output(path: Path, *, force: bool) -> Iterator[IO[str]]:
 # -- tables -----------------------------------------------------------------------------------
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces, with a dashed rule under the headers.
-
-    Every cell is escaped (`clean`): one row is always one line."""
-    cells = [[clean(h) for h in headers]] + [[clean(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     click.echo(format_table(headers, rows))
-
-
-def fmt_float(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"

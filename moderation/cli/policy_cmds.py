@@ -11,13 +11,15 @@ import click
 from moderation.cli.app import policy
 from moderation.cli.options import (
     clean,
+    command_errors,
     echo_json,
-    failures,
     json_option,
+    model_option,
     model_options,
-    output_errors,
+    out_option,
     regular_target,
 )
+from moderation.tables import plural
 from policy import Policy, PolicyError, check_embed_dim, load_policy, model_embed_dim
 
 
@@ -43,17 +45,11 @@ def _validate_one(file: str, embed_dim: int | None) -> Policy:
     return loaded
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-@policy.command("validate")
+@policy.command("validate", short_help="Validate policy files (folders: every *.yaml inside).")
 @click.argument("paths", nargs=-1, required=True)
-@click.option(
-    "--model", help="Check embedding widths against this model (folder or cached hub id)."
-)
+@model_option
 @json_option
-@output_errors
+@command_errors
 def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     """Validate policy files (folders: every *.yaml / *.yml inside)."""
     embed_dim = None
@@ -84,7 +80,7 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
     if invalid:
         verb = "is" if invalid == 1 else "are"
         raise click.ClickException(
-            f"{invalid} of {_plural(len(results), 'policy file')} {verb} invalid"
+            f"{invalid} of {plural(len(results), 'policy file')} {verb} invalid"
         )
 
 
@@ -106,7 +102,7 @@ def _as_text(result: dict) -> str:
         return str(result["error"])
     loaded: Policy = result["policy"]
     counts = (
-        f"{_plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
+        f"{plural(len(loaded.concepts), 'concept')}, {len(loaded.special_concepts)} special-care"
     )
     return f"{clean(result['path'])}: ok ({counts})"
 
@@ -127,14 +123,9 @@ def _as_json(result: dict) -> dict:
 @policy.command("compile")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @model_options
-@click.option(
-    "-o",
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Artifact to write (default: PATH with suffix .compiled.safetensors).",
-)
+@out_option("Artifact to write (default: PATH with suffix .compiled.safetensors).")
 @json_option
-@output_errors
+@command_errors
 def compile_command(path, model, text_model, device, out, as_json):
     """Compile a policy into embedding matrices for its model."""
     from moderation.encoder import ClipEncoder
@@ -142,12 +133,11 @@ def compile_command(path, model, text_model, device, out, as_json):
 
     out = out or path.with_suffix(".compiled.safetensors")
     regular_target(out)  # the artifact is written by rename, which would replace a device
-    with failures():
-        loaded = load_policy(path)
-        encoder = ClipEncoder.from_pretrained(
-            model or loaded.resolved_model, device=device, text_model=text_model
-        )
-        compiled = compile_policy(loaded, encoder)
+    loaded = load_policy(path)
+    encoder = ClipEncoder.from_pretrained(
+        model or loaded.resolved_model, device=device, text_model=text_model
+    )
+    compiled = compile_policy(loaded, encoder)
     _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,
@@ -170,26 +160,23 @@ def compile_command(path, model, text_model, device, out, as_json):
         )
 
 
-@policy.command("import-sd-checker")
+@policy.command(
+    "import-sd-checker", short_help="Write a policy naming a safety checker's concepts."
+)
 @click.argument("checkpoint")
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Policy YAML to write; its embeddings go beside it as <name>.safetensors.",
+@out_option(
+    "Policy YAML to write; its embeddings go beside it as <name>.safetensors.", required=True
 )
 @click.option("--force", is_flag=True, help="Overwrite the policy and embeddings files.")
 @json_option
-@output_errors
+@command_errors
 def import_sd_checker_command(checkpoint: str, out: Path, force: bool, as_json: bool) -> None:
     """Write a compat: diffusers policy naming every concept of a safety checker CHECKPOINT."""
     from moderation.integrations.sd_checker import import_sd_checker
 
     for target in (out, out.with_suffix(".safetensors")):
         regular_target(target)
-    with failures():
-        result = _save(lambda: import_sd_checker(checkpoint, out, overwrite=force), out)
+    result = _save(lambda: import_sd_checker(checkpoint, out, overwrite=force), out)
     if as_json:
         data = {
             "policy": str(result.policy_path),

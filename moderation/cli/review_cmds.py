@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,18 +10,23 @@ from moderation.cli.app import review
 from moderation.cli.decisions_text import render_show
 from moderation.cli.options import (
     clean,
+    command_errors,
     db_option,
     echo_json,
-    failures,
     json_option,
     open_output,
-    output_errors,
+    out_option,
+    since_option,
     standard_output,
+    until_option,
+    writing,
 )
 from moderation.cli.review_text import items_table, render_stats, table, when
+from moderation.errors import ModerationError
 from moderation.review import ReviewQueue
 from moderation.review.report import EXPORT_FORMATS
 from moderation.storage.db import require_database, resolve_db_url
+from policy.errors import PolicyError
 from policy.vocabulary import REVIEW_STATUSES
 
 reviewer_option = click.option(
@@ -62,28 +66,37 @@ def _labels(concepts: tuple[str, ...], no_concepts: bool) -> list[str] | None:
 
 def _queue(db_url: str | None, **kwargs: Any) -> ReviewQueue:
     """The queue of an existing database: a mistyped SQLite path must not create an empty one."""
-    with failures():
-        url = resolve_db_url(db_url)
-        require_database(url)
-        return ReviewQueue(url, **kwargs)
+    url = resolve_db_url(db_url)
+    require_database(url)
+    return ReviewQueue(url, **kwargs)
+
+
+def _done(as_json: bool, text: str, **result: Any) -> None:
+    """What a verdict command did: one line of text, or its JSON object with --json."""
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text)
 
 
 @review.command("list")
 @click.option("--status", type=click.Choice(REVIEW_STATUSES), help="Only items with this status.")
 @click.option("--policy", metavar="NAME|DIGEST", help="Policy name or digest prefix.")
 @click.option("--concept", metavar="NAME", help="Only decisions where this concept fired.")
-@click.option("--since", metavar="DATE", help="Items created at or after an ISO date/datetime.")
+@since_option
+@until_option
 @click.option(
     "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most N rows."
 )
 @json_option
 @db_option
-@output_errors
-def list_cmd(status, policy, concept, since, limit, as_json, db_url):
+@command_errors
+def list_cmd(status, policy, concept, since, until, limit, as_json, db_url):
     """List review items in queue order."""
     queue = _queue(db_url)
-    with failures():
-        items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
+    items = queue.list(
+        status=status, policy=policy, concept=concept, since=since, until=until, limit=limit
+    )
     if as_json:
         echo_json([item.to_dict() for item in items])
         return
@@ -97,12 +110,11 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
 @click.argument("item_id", type=int)
 @json_option
 @db_option
-@output_errors
+@command_errors
 def show_cmd(item_id, as_json, db_url):
     """Explain one item: concept scores, special care, history."""
     queue = _queue(db_url)
-    with failures():
-        shown = queue.show(item_id)
+    shown = queue.show(item_id)
     if as_json:
         echo_json(shown)
         return
@@ -129,12 +141,11 @@ def show_cmd(item_id, as_json, db_url):
 )
 @json_option
 @db_option
-@output_errors
+@command_errors
 def claim_cmd(reviewer, count, lease, as_json, db_url):
     """Claim the next items of the queue for a reviewer."""
     queue = _queue(db_url, lease_seconds=lease)
-    with failures():
-        claims = queue.claim(reviewer, count)
+    claims = queue.claim(reviewer, count)
     if as_json:
         echo_json([c.to_dict() for c in claims])
         return
@@ -153,9 +164,10 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 @click.option("--reason", metavar="TEXT", help="Why the image may be released.")
 @token_option
 @concept_options("the special-care hits; the fired concepts were false alarms")
+@json_option
 @db_option
-@output_errors
-def approve_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url):
+@command_errors
+def approve_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, as_json, db_url):
     """Approve items: their held images may be released.
 
     A claimed item can be decided only by its owner while the lease lasts (and with the
@@ -169,8 +181,9 @@ def approve_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url
     _batch(
         item_ids,
         token,
-        "Approved",
+        "approved",
         lambda i: queue.approve(i, reviewer, token=token, reason=reason, concepts=labels),
+        as_json,
     )
 
 
@@ -180,9 +193,10 @@ def approve_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url
 @click.option("--reason", required=True, metavar="TEXT", help="Why the image stays moderated.")
 @token_option
 @concept_options("the concepts that fired")
+@json_option
 @db_option
-@output_errors
-def reject_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url):
+@command_errors
+def reject_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, as_json, db_url):
     """Reject items: the moderation stands.
 
     Same rules as approve: your own live claim, or a pending item nobody holds. The verdict
@@ -194,71 +208,82 @@ def reject_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url)
     _batch(
         item_ids,
         token,
-        "Rejected",
+        "rejected",
         lambda i: queue.reject(i, reviewer, reason=reason, token=token, concepts=labels),
+        as_json,
     )
 
 
-def _batch(item_ids: tuple[int, ...], token: str | None, done: str, decide) -> None:
-    """Decide each item in turn; report each failure on its own line, exit 1 if any failed."""
+def _batch(
+    item_ids: tuple[int, ...], token: str | None, status: str, decide, as_json: bool
+) -> None:
+    """Decide each item in turn; one id decides like any command, several report each failure
+    on its own line (or as `error` in the JSON list) and exit 1 if any failed."""
     if token and len(item_ids) > 1:
         raise click.UsageError("--token names one claim: give one item id with it")
-    failed = 0
-    for item_id in dict.fromkeys(item_ids):
+    ids = list(dict.fromkeys(item_ids))
+    if len(ids) == 1:
+        decide(ids[0])
+        _done(as_json, f"{status.capitalize()} item {ids[0]}.", item_id=ids[0], status=status)
+        return
+    results: list[dict[str, Any]] = []
+    for item_id in ids:
         try:
-            with failures():
-                decide(item_id)
-        except click.ClickException as err:
-            if len(item_ids) == 1:
-                raise
-            failed += 1
-            click.echo(f"Error: {err.format_message()}", err=True)
+            decide(item_id)
+        except (PolicyError, ModerationError) as err:
+            results.append({"item_id": item_id, "status": None, "error": str(err)})
+            if not as_json:
+                click.echo(f"Error: {clean(err)}", err=True)
             continue
-        click.echo(f"{done} item {item_id}.")
+        results.append({"item_id": item_id, "status": status})
+        if not as_json:
+            click.echo(f"{status.capitalize()} item {item_id}.")
+    if as_json:
+        echo_json(results)
+    failed = sum(r["status"] is None for r in results)
     if failed:
-        raise click.ClickException(f"{failed} of {len(set(item_ids))} items were not decided")
+        raise click.ClickException(f"{failed} of {len(ids)} items were not decided")
 
 
-@review.command("reopen")
+@review.command("reopen", short_help="Reopen (appeal) a decided item as a new pending one.")
 @click.argument("item_id", type=int)
 @reviewer_option
 @click.option("--reason", required=True, metavar="TEXT", help="Why the item is appealed.")
+@json_option
 @db_option
-@output_errors
-def reopen_cmd(item_id, reviewer, reason, db_url):
+@command_errors
+def reopen_cmd(item_id, reviewer, reason, as_json, db_url):
     """Reopen (appeal) an approved or rejected item as a new pending item."""
     queue = _queue(db_url)
-    with failures():
-        new_id = queue.reopen(item_id, reviewer, reason)
-    click.echo(f"Reopened item {item_id} as item {new_id} (pending).")
+    new_id = queue.reopen(item_id, reviewer, reason)
+    text = f"Reopened item {item_id} as item {new_id} (pending)."
+    _done(as_json, text, item_id=item_id, status="reopened", new_item_id=new_id)
 
 
 @review.command("stats")
 @json_option
 @db_option
-@output_errors
+@command_errors
 def stats_cmd(as_json, db_url):
     """Queue depth and live decisions per action and concept."""
     queue = _queue(db_url)
-    with failures():
-        stats = queue.stats()
+    stats = queue.stats()
     if as_json:
         echo_json(stats)
         return
     click.echo(render_stats(stats))
 
 
-@review.command("export")
+@review.command("export", short_help="Export live decisions and their review status.")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="File to write (default: stdout); an existing file needs --force.",
+@out_option(
+    "File to write (default: stdout); an existing file needs --force.",
+    name="output",
+    deprecated=("--output",),  # its name before --out was every command's
 )
-@click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
 @db_option
-@output_errors
+@command_errors
 def export_cmd(fmt, output, force, db_url):
     """Export live decisions with their review status as JSON lines or CSV.
 
@@ -270,10 +295,9 @@ def export_cmd(fmt, output, force, db_url):
     """
     queue = _queue(db_url)
     if output is None or str(output) == "-":
-        with failures():
-            queue.export(fmt, standard_output())
+        queue.export(fmt, standard_output())
         return
     # Written whole or not at all (no half-written export left behind).
-    with failures(), open_output(output, force=force) as out:
+    with writing(output), open_output(output, force=force) as out:
         count = queue.export(fmt, out)
     click.echo(f"Exported {count} decisions to {clean(output)}.", err=True)

@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from moderation.cli.options import clean
-from moderation.review.queries import utc
+from moderation.tables import fixed, format_table
+from moderation.times import utc
 
 
 def when(value: str | datetime | None) -> str:
@@ -25,25 +26,12 @@ def when(value: str | datetime | None) -> str:
 
 def num(value: float | None, signed: bool = True) -> str:
     """A score with three decimals (`+0.146`), or `-` when missing."""
-    if value is None:
-        return "-"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return fixed(value, signed=signed)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell; column indexes in `right` are right-aligned."""
-    headers = [clean(h) for h in headers]
-    rows = [[clean(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
+    return format_table(headers, rows, right=right, rule=False)
 
 
 def indent(text: str, prefix: str = "  ") -> list[str]:

@@ -20,13 +20,13 @@ from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
 from moderation.decisions.document import logged_decision_document
 from moderation.errors import ModerationError
-from moderation.kernel.document import iso
-from moderation.review.queries import fired_contains, parse_time
+from moderation.review.queries import fired_contains
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow
 from moderation.storage.schema import get_engine
 from moderation.text import escape_controls
+from moderation.times import iso, parse_time
 from policy.vocabulary import ACTIONS, VERDICTS
 
 MAX_LIST = 10_000
@@ -154,8 +154,11 @@ def list_query(
 
 
 def resolve_id(conn: Connection, given: str, where: str) -> str:
-    """The full id of the decision `given` names: its full id or a unique prefix of at least
-    MIN_PREFIX characters. DecisionError names what is wrong (`where`: the database shown)."""
+    """The full id of the decision `given` names: its full id, or a unique prefix or suffix of
+    at least MIN_PREFIX characters. Ids are time-ordered (moderation.ids): their first characters
+    name a minute, their last ones tell one batch's decisions apart, so a prefix is looked up
+    first (along the index) and a suffix when no id starts with `given`. DecisionError names
+    what is wrong (`where`: the database shown)."""
     text = (given or "").strip()
     shown = escape_controls(text)
     if not text:
@@ -165,19 +168,12 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
         return exact.id
     if len(text) < MIN_PREFIX:
         raise DecisionError(
-            f'"{shown}" is not a decision id in {where}; give the full id or a prefix of at '
-            f"least {MIN_PREFIX} characters"
+            f'"{shown}" is not a decision id in {where}; give the full id, or a prefix or suffix '
+            f"of at least {MIN_PREFIX} characters"
         )
-    matches = (
-        conn.execute(
-            select(DecisionRow.id)
-            .where(DecisionRow.id.startswith(text, autoescape=True))
-            .order_by(DecisionRow.id)
-            .limit(LISTED_MATCHES + 1)
-        )
-        .scalars()
-        .all()
-    )
+    part, matches = "prefix", _first_ids(conn, DecisionRow.id.startswith(text, autoescape=True))
+    if not matches:
+        part, matches = "suffix", _first_ids(conn, DecisionRow.id.endswith(text, autoescape=True))
     if not matches:
         raise DecisionError(f'no decision "{shown}" in {where}')
     if len(matches) > 1:
@@ -185,9 +181,15 @@ def resolve_id(conn: Connection, given: str, where: str) -> str:
             ", ..." if len(matches) > LISTED_MATCHES else ""
         )
         raise DecisionError(
-            f'decision prefix "{shown}" is ambiguous: it matches {named}; give more characters'
+            f'decision {part} "{shown}" is ambiguous: it matches {named}; give more characters'
         )
     return matches[0]
+
+
+def _first_ids(conn: Connection, condition: Any) -> list[str]:
+    """The first ids (in id order) meeting `condition`: enough to name a few."""
+    query = select(DecisionRow.id).where(condition).order_by(DecisionRow.id)
+    return list(conn.execute(query.limit(LISTED_MATCHES + 1)).scalars())
 
 
 class DecisionBrowser:

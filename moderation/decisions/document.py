@@ -55,6 +55,6 @@ def review_item_document(
     conn: Any, item_id: int, *, now: datetime | None = None
 ) -> dict[str, Any] | None:
     """`review show`'s document of review item `item_id` (None: no such item)."""
-    from moderation.storage.models import utcnow
+    from moderation.times import utcnow
 
     return explain_item(conn, item_id, now or utcnow())

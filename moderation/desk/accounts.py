@@ -13,9 +13,9 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from moderation.desk.audit import record_event
 from moderation.desk.images import IMAGE_MODES
 from moderation.errors import ModerationError
-from moderation.review.queries import iso
-from moderation.storage.models import DESK_ROLES, DeskSession, DeskUser, utcnow
+from moderation.storage.models import DESK_ROLES, DeskSession, DeskUser
 from moderation.text import escape_controls
+from moderation.times import iso, utcnow
 
 ROLES = DESK_ROLES
 MIN_PASSWORD = 10  # knob: shortest password an account may have

@@ -10,9 +10,9 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, insert, select
 
-from moderation.review.queries import iso
-from moderation.storage.models import DeskEvent, ReviewEvent, utcnow
+from moderation.storage.models import DeskEvent, ReviewEvent
 from moderation.text import spreadsheet_cell
+from moderation.times import iso, utcnow
 
 AUDIT_FIELDS = ("source", "id", "at", "actor", "event", "item_id", "decision_id", "details")
 EXPORT_FORMATS = ("csv", "jsonl")

@@ -8,12 +8,12 @@ from datetime import timedelta
 from sqlalchemy import Connection, update
 
 from moderation.desk.audit import record_event
-from moderation.review.queries import iso, utc
 from moderation.review.queue import ReviewQueue
 from moderation.review.rows import locked_item
 from moderation.review.rules import ReviewError, check_decidable
 from moderation.storage.errors import database_errors
 from moderation.storage.models import ReviewItem
+from moderation.times import iso, utc
 
 
 def _own_live_claim(conn: Connection, queue: ReviewQueue, item_id: int, reviewer: str, token: str):

@@ -15,13 +15,14 @@ from moderation.review.queries import (
     ReviewItemView,
     fired_concepts,
     fired_contains,
-    iso,
     item_view,
+    status_is,
 )
-from moderation.review.queue import QUEUE_ORDER, status_is
+from moderation.review.queue import QUEUE_ORDER
 from moderation.review.report import queue_stats
-from moderation.review.rules import DECIDED
 from moderation.storage.models import DecisionRow, DeskEvent, PolicyRow, ReviewItem
+from moderation.times import iso
+from policy.vocabulary import DECIDED
 
 PAGE = 100  # knob: rows on one queue page
 EARLIER = 5  # knob: earlier verdicts on the same image shown on an item page

@@ -30,8 +30,8 @@ from moderation.desk.web import (
     signed_in,
 )
 from moderation.review.decisions import DecisionError
-from moderation.review.queries import parse_time, utc
-from moderation.storage.models import REVIEW_STATUSES
+from moderation.times import parse_time, utc
+from policy.vocabulary import REVIEW_STATUSES
 
 router = APIRouter()
 # Notes a redirect may ask a page to show (by code: no text is reflected from the URL).

@@ -23,9 +23,9 @@ from sqlalchemy import Engine, insert, select, update
 
 from moderation.desk.accounts import DeskError
 from moderation.desk.audit import record_event
-from moderation.review.queries import iso
-from moderation.storage.models import Webhook, WebhookDelivery, utcnow
+from moderation.storage.models import Webhook, WebhookDelivery
 from moderation.text import escape_controls
+from moderation.times import iso, utcnow
 
 SIGNATURE_HEADER = "X-Moderation-Signature"  # "sha256=<hex HMAC of the body>"
 DELIVERY_HEADER = "X-Moderation-Delivery"  # the outbox row id: the same on every retry

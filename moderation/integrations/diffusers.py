@@ -24,8 +24,8 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from moderation.decision import Decision
-from moderation.engine import Moderator, error_decisions
+from moderation.decision import Decision, error_decisions
+from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.slot_images import (
     act_in_place,
@@ -36,7 +36,7 @@ from moderation.integrations.slot_images import (
 from moderation.integrations.towers import ModuleEncoder, VisionTower, module_device
 from policy.compiled import CompiledPolicy
 
-__all__ = ["PolicySafetyChecker", "VisionTower"]
+__all__ = ["PolicySafetyChecker"]
 
 logger = logging.getLogger(__name__)
 

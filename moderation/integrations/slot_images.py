@@ -11,7 +11,7 @@ from PIL import Image
 
 from moderation.actions import apply_actions
 from moderation.errors import ModerationError
-from moderation.images import ImageInputError
+from moderation.image_files import ImageInputError
 from policy.compiled import CompiledPolicy
 
 

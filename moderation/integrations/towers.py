@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moderation.encoder_identity import tower_digest
-from moderation.images import CLIP_MEAN, CLIP_STD
+from moderation.preprocess import CLIP_MEAN, CLIP_STD
 from policy.compiled import CompiledPolicy
 
 

@@ -36,6 +36,7 @@ from moderation.lifecycle import history
 from moderation.lifecycle.history import Filters, HistoryError
 from moderation.lifecycle.report import ReportBuilder, human_codes
 from moderation.scoring import scores_from_cosines
+from moderation.storage.blobs import F16, F32, decode_rows
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow
@@ -43,7 +44,6 @@ from moderation.storage.schema import get_engine
 from policy.compiled import CompiledPolicy
 from policy.vocabulary import ACTIONS, verdict_of
 
-F32, F16 = np.dtype("<f4"), np.dtype("<f2")
 # Knob: torch threads while scoring chunks. Chunks are small ([10,000, 20] scores): a parallel
 # region costs more than it saves, most of all on a busy machine (measured on 2 shared cores:
 # 84,000 decisions/s with 1 thread, 49,000 with 2); the database reader runs on another core.
@@ -118,14 +118,6 @@ def plan_for(candidate: CompiledPolicy, row: Any) -> Plan:
         reuse=reuse,
         matrix=vectors[torch.from_numpy(np.flatnonzero(reuse < 0))],
     )
-
-
-def decode(blobs: list[bytes], dtype: np.dtype, width: int, what: str) -> np.ndarray:
-    """[n, width] from n blobs of `width` values each (one join, one frombuffer)."""
-    data = b"".join(blobs)
-    if len(data) != len(blobs) * width * dtype.itemsize:
-        raise HistoryError(f"logged {what} do not fit their policy ({width} values each)")
-    return np.frombuffer(data, dtype=dtype).reshape(len(blobs), width)
 
 
 class Backtest:
@@ -221,14 +213,14 @@ class Backtest:
         c, s = len(plan.names), len(plan.special_names)
         logged = np.concatenate(
             [
-                decode([r[4] for r in rows], F32, c, "cosines"),
-                decode([r[6] for r in rows], F32, s, "special-care cosines"),
+                decode_rows([r[4] for r in rows], F32, c, "cosines"),
+                decode_rows([r[6] for r in rows], F32, s, "special-care cosines"),
             ],
             axis=1,
         )  # [n, C' + S']
         report = self.report
-        report.fired(plan.names, decode([r[5] for r in rows], F32, c, "scores") > 0, "before")
-        special_before = decode([r[7] for r in rows], F32, s, "special-care scores") > 0
+        report.fired(plan.names, decode_rows([r[5] for r in rows], F32, c, "scores") > 0, "before")
+        special_before = decode_rows([r[7] for r in rows], F32, s, "special-care scores") > 0
         report.fired(plan.special_names, special_before, "before", special=True)
 
         cosines = np.empty((n, len(plan.reuse)), np.float32)  # [n, C + S] the candidate's

@@ -20,8 +20,8 @@ from sqlalchemy import Connection, and_, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.errors import ModerationError
-from moderation.review.queries import iso, parse_time
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
+from moderation.times import iso, parse_time
 
 READ_CHUNK = 10_000  # knob: decisions per query (bounds memory: ~1.5 kB each at 768 floats)
 

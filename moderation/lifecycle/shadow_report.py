@@ -17,9 +17,10 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import aliased
 
 from moderation.lifecycle import history
-from moderation.lifecycle.backtest import F32, candidate_summary, decode
+from moderation.lifecycle.backtest import candidate_summary
 from moderation.lifecycle.history import Filters, HistoryError
 from moderation.lifecycle.report import ReportBuilder, human_codes
+from moderation.storage.blobs import F32, decode_rows
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow
@@ -148,13 +149,17 @@ def _chunk(
         special = [c["name"] for c in row.special_concepts]
         report.declare(names)
         report.declare(special, special=True)
-        report.fired(names, decode([r[3] for r in group], F32, len(names), "scores") > 0, "before")
-        fired = decode([r[4] for r in group], F32, len(special), "special-care scores") > 0
+        report.fired(
+            names, decode_rows([r[3] for r in group], F32, len(names), "scores") > 0, "before"
+        )
+        fired = decode_rows([r[4] for r in group], F32, len(special), "special-care scores") > 0
         report.fired(special, fired, "before", special=True)
     scored = [r for r in kept if r[5] != "error"]  # an error fired nothing
-    after = decode([r[7] for r in scored], F32, len(after_names), "scores") > 0
+    after = decode_rows([r[7] for r in scored], F32, len(after_names), "scores") > 0
     report.fired(after_names, after, "after")
-    special = decode([r[8] for r in scored], F32, len(after_special), "special-care scores") > 0
+    special = (
+        decode_rows([r[8] for r in scored], F32, len(after_special), "special-care scores") > 0
+    )
     report.fired(after_special, special, "after", special=True)
     report.add(
         [r[10] for r in kept],

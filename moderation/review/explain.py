@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, select
 
-from moderation.kernel.document import iso
 from moderation.kernel.logged import logged_document
 from moderation.review.labels import decision_and_policy, item_labels
-from moderation.review.queries import utc
 from moderation.storage.models import ReviewEvent, ReviewItem
+from moderation.times import iso, utc
 from policy.vocabulary import DECIDED
 
 

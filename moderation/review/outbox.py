@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select
 
-from moderation.review.queries import iso
 from moderation.storage.models import DecisionRow, Webhook, WebhookDelivery
+from moderation.times import iso
 
 
 def verdict_body(item: Any, status: str, labels: dict[str, Any], digest: str, at: datetime) -> str:

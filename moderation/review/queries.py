@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
-from moderation.text import escape_controls
+from moderation.times import iso, utc
 
 
 def fired_concepts(dialect: str):
@@ -47,47 +46,6 @@ def status_is(status: str, now: datetime) -> Any:
     return ReviewItem.status == status
 
 
-def utc(value: datetime) -> datetime:
-    """A timezone-aware UTC datetime (naive values are taken as UTC)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
-_AGO = re.compile(r"(\d+)\s*(m|min|h|d|w)", re.IGNORECASE)
-_AGO_UNIT = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_time(
-    value: str | date | datetime, *, what: str = "time", now: datetime | None = None
-) -> datetime:
-    """A point in time as aware UTC: an ISO date (its midnight UTC) or datetime (naive = UTC),
-    or a span back from now such as 90m, 12h, 7d or 2w. ValueError names `what` (the option)."""
-    if isinstance(value, datetime):
-        return utc(value)
-    if isinstance(value, date):
-        return datetime.combine(value, time(0), tzinfo=timezone.utc)
-    text = value.strip()
-    ago = _AGO.fullmatch(text)
-    if ago:
-        span = timedelta(**{_AGO_UNIT[ago.group(2).lower()]: int(ago.group(1))})
-        return utc(now or datetime.now(timezone.utc)) - span
-    try:
-        # Python 3.10 does not read a trailing "Z"; 3.11 does.
-        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-    except ValueError:
-        raise ValueError(
-            f'invalid {what} "{escape_controls(value)}": expected an ISO date or datetime such '
-            "as 2024-05-01 or 2024-05-01T12:00:00Z, or a span back from now such as 12h or 7d"
-        ) from None
-    return utc(parsed)
-
-
-def parse_since(value: str | date | datetime) -> datetime:
-    """`parse_time` for a --since value."""
-    return parse_time(value, what="since")
-
-
 def newest_items() -> Any:
     """Per reviewed decision, the id of its newest review item (a reopen adds a newer one):
     a subquery with columns `decision_id` and `item_id`."""
@@ -96,11 +54,6 @@ def newest_items() -> Any:
         .group_by(ReviewItem.decision_id)
         .subquery()
     )
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 text of a UTC time, or None."""
-    return None if value is None else utc(value).isoformat()
 
 
 @dataclass(frozen=True)

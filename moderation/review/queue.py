@@ -35,11 +35,8 @@ from moderation.review.queries import (
     ReviewItemView,
     claimable_at,
     fired_contains,
-    iso,
     item_view,
-    parse_since,
     status_is,
-    utc,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
 from moderation.review.rows import event_row, locked_item
@@ -59,12 +56,12 @@ from moderation.storage.models import (
     PolicyRow,
     ReviewEvent,
     ReviewItem,
-    utcnow,
 )
 from moderation.storage.schema import get_engine
+from moderation.times import iso, parse_since, parse_time, utc, utcnow
 from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
-__all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
+__all__ = ["ReviewQueue"]
 
 QUEUE_ORDER = (
     ReviewItem.priority.desc(),
@@ -334,10 +331,12 @@ class ReviewQueue:
         policy: str | None = None,
         concept: str | None = None,
         since: str | datetime | None = None,
+        until: str | datetime | None = None,
         limit: int = 50,
     ) -> list[ReviewItemView]:
-        """Items in queue order, filtered (values bound as parameters); an item whose lease
-        expired is listed as `pending`, as claim hands it out again."""
+        """Items in queue order, filtered; every filter value is bound as a parameter. `since`
+        and `until` (exclusive): ISO dates or datetimes, or spans back from now such as 7d. An
+        item whose lease expired is listed as `pending`, as claim hands it out again."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
         now = self.now()
@@ -369,6 +368,12 @@ class ReviewQueue:
             except ValueError as err:
                 raise ReviewError(str(err)) from None
             query = query.where(ReviewItem.created_at >= start)
+        if until is not None:
+            try:
+                end = parse_time(until, what="until")
+            except ValueError as err:
+                raise ReviewError(str(err)) from None
+            query = query.where(ReviewItem.created_at < end)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
         with self.engine.connect() as conn:
             return [item_view(row, now) for row in conn.execute(query)]

@@ -12,9 +12,10 @@ from sqlalchemy import Connection, func, select, true
 from moderation.kernel.document import document, row_facts
 from moderation.kernel.logged import Prefixed
 from moderation.review.explain import item_view
-from moderation.review.queries import fired_concepts, iso, newest_items, utc
+from moderation.review.queries import fired_concepts, newest_items
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
+from moderation.times import iso, utc
 from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
 EXPORT_FORMATS = ("jsonl", "csv")

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from moderation.errors import ModerationError
-from moderation.review.queries import utc
+from moderation.times import utc
 from policy.vocabulary import DECIDED
 
 MAX_NAME = 200  # review_items.reviewer / claim_owner are String(200)

@@ -7,6 +7,7 @@ backend can store), `inserts` (batched writes), `spool` and `spool_format` (the 
 `background` (BackgroundDecisionLog) and `errors` (the one SQLAlchemy-error wrapper).
 """
 
+from moderation.storage.blobs import F16, F32, decode_array
 from moderation.storage.db import immediate_transaction, resolve_db_url
 from moderation.storage.errors import (
     DatabaseUnavailableError,
@@ -29,18 +30,11 @@ from moderation.storage.models import (
     ReviewEvent,
     ReviewItem,
     UTCDateTime,
-    utcnow,
 )
-from moderation.storage.records import (
-    F16,
-    F32,
-    DecisionRecord,
-    PolicyRecord,
-    decode_array,
-    record_from_row,
-)
+from moderation.storage.records import DecisionRecord, PolicyRecord, record_from_row
 from moderation.storage.schema import current, downgrade, get_engine, head_revision, upgrade
 from moderation.storage.spool import Spool
+from moderation.times import utcnow
 
 __all__ = [
     "F16",

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from moderation.times import utcnow
 from policy.vocabulary import REVIEW_STATUSES
 
 # Stable constraint names: Alembic batch mode on SQLite rebuilds tables and must find them by name.
@@ -41,11 +42,6 @@ REVIEW_EVENTS = ("created", "claimed", "lease_expired", "approved", "rejected", 
 def _quoted(names: tuple[str, ...]) -> str:
     """SQL string literals of `names`, for a CHECK ... IN (...) constraint."""
     return ", ".join(f"'{name}'" for name in names)
-
-
-def utcnow() -> datetime:
-    """The current time as a timezone-aware UTC datetime."""
-    return datetime.now(timezone.utc)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -116,7 +112,9 @@ class DecisionRow(Base):
         Index("ix_decisions_shadow_of", "shadow_of"),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4 text
+    id: Mapped[str] = mapped_column(
+        String(36), primary_key=True
+    )  # time-ordered UUID text (moderation.ids)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     policy_digest: Mapped[str] = mapped_column(String(64), ForeignKey("policies.digest"))
     model_id: Mapped[str] = mapped_column(String(500))

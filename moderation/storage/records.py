@@ -6,14 +6,16 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moderation.storage.blobs import F16, F32, I16, decode_array, encode_array
 from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
 from moderation.storage.storable import storable_text
+from moderation.times import utc
 
 if TYPE_CHECKING:
     from moderation.decision import Decision
@@ -72,9 +74,6 @@ class DecisionRecord:
     action_reason: dict | None = None  # {"rule", "concept"}: what set the action (rule.REASONS)
 
 
-F32 = np.dtype("<f4")
-F16 = np.dtype("<f2")
-I16 = np.dtype("<i2")
 _BINARY_COLUMNS = (
     "cosines",
     "scores",
@@ -89,33 +88,6 @@ _JSON_COLUMNS = ("fired", "special_hits", "meta")
 # Columns added after spool records were first written: an older record has none (NULL).
 _LATER_COLUMNS = ("encoder_digest", "value_range", "action_reason")
 NULLABLE_JSON_COLUMNS = ("views", "action_reason")  # None is SQL NULL, not JSON null
-
-
-def encode_array(
-    values: np.ndarray | None, dtype: np.dtype, what: str, *, ndim: int = 1
-) -> bytes | None:
-    """A 1-D (or, with ndim=2, [rows, width]) array as little-endian bytes of `dtype`."""
-    if values is None:
-        return None
-    array = np.asarray(values)
-    if array.ndim not in range(1, ndim + 1):
-        shape = "a 1-D array" if ndim == 1 else "a 1-D or 2-D array"
-        raise StorageError(f"{what} must be {shape}, got shape {tuple(array.shape)}")
-    return array.astype(dtype, copy=False).tobytes()
-
-
-def decode_array(data: bytes | None, dtype: np.dtype = F32) -> np.ndarray | None:
-    """Bytes from a binary column back to a (writable) 1-D array."""
-    if data is None:
-        return None
-    return np.frombuffer(data, dtype=dtype).copy()
-
-
-def utc(value: datetime) -> datetime:
-    """A timezone-aware UTC datetime (naive values are taken as UTC)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
 
 
 def policy_row(record: PolicyRecord) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from moderation.storage.errors import (
 )
 from moderation.storage.models import DecisionRow
 from moderation.storage.records import row_from_json
-from moderation.storage.spool import Spool, SpoolRecord, SpoolRecordError
-from moderation.storage.spool_format import encode_record
+from moderation.storage.spool import Spool
+from moderation.storage.spool_format import SpoolRecord, SpoolRecordError, encode_record
 
 # Errors that stop a replay (retry later, or fix the configuration), as opposed to a refusal of
 # particular records: a read-only standby or a restarting server never quarantines anything.

@@ -30,7 +30,6 @@ from typing import Any
 
 from moderation.storage.errors import StorageError
 from moderation.storage.spool_format import (
-    HEADER,
     SpoolRecord,
     SpoolRecordError,
     encode_record,
@@ -46,7 +45,7 @@ except ImportError:  # Windows: no flock; then use one writing process per spool
 
 log = logging.getLogger("moderation.storage")
 
-__all__ = ["HEADER", "Spool", "SpoolRecord", "SpoolRecordError", "fsync_dir"]
+__all__ = ["Spool", "fsync_dir"]
 
 SUFFIX = ".spool"
 QUARANTINE = "quarantine"

@@ -7,10 +7,11 @@ by one backend and kept by the other; our own message text is escaped instead (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from moderation.errors import ModerationError
 from moderation.storage.db import json_dumps
 from moderation.storage.errors import StorageError
 from moderation.storage.models import DecisionRow, PolicyRow
@@ -133,3 +134,23 @@ def check_policy_record(record: PolicyRecord) -> None:
         problem = text_problem(text)
         if problem is not None:
             raise StorageError(f"{label}: {path} {problem}")
+
+
+# What a caller gives as metadata: one dict for every image, one per image, or none.
+Metadata = dict[str, Any] | Sequence[dict[str, Any]] | None
+
+
+def per_image(metadata: Metadata, n: int) -> list[dict[str, Any]]:
+    """One dict per image, each checked to be storable before any image is touched."""
+    if metadata is None:
+        return [{} for _ in range(n)]
+    if isinstance(metadata, dict):
+        # Refused before anything is acted on: metadata the log could not store (see README).
+        check_metadata(metadata)
+        return [dict(metadata) for _ in range(n)]
+    metas = [dict(m) for m in metadata]
+    if len(metas) != n:
+        raise ModerationError(f"metadata has {len(metas)} entries for {n} images")
+    for i, meta in enumerate(metas):
+        check_metadata(meta, f"metadata[{i}]")
+    return metas
