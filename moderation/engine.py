@@ -133,14 +133,28 @@ class Moderator:
         compiled, encoder = load_compiled(
             policy, model=model, device=device, dtype=dtype, text_model=text_model
         )
-        candidates = load_candidates(shadow, encoder)
-        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
-        log = None
-        if db is not None:
-            from moderation.storage import DecisionLog
+        return cls.build(
+            compiled, encoder, db=db, spool_dir=spool_dir, held_dir=held_dir, shadow=shadow
+        )
 
-            log = DecisionLog(db, spool_dir=spool_dir, held_dir=held_dir)
-        return cls(compiled, encoder, log=log, shadow=candidates)
+    @classmethod
+    def build(
+        cls,
+        policy: CompiledPolicy,
+        encoder: Any,
+        *,
+        db: str | None = None,
+        spool_dir: str | Path | None = None,
+        held_dir: str | Path | None = None,
+        shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
+    ) -> Moderator:
+        """The one way every entry point builds its Moderator (`from_policy`, the diffusers
+        checker's constructors and `log_to`, `moderate_pipeline`): shadow candidates loaded
+        (YAML compiled with `encoder`) and checked against the policy before the database at
+        `db` is opened, then the log."""
+        candidates = load_candidates(shadow, encoder)
+        ShadowCandidates(policy, candidates)  # refuse a misfit before opening the database
+        return cls(policy, encoder, log=open_log(db, spool_dir, held_dir), shadow=candidates)
 
     # -- moderation ---------------------------------------------------------------------------
 
@@ -380,15 +394,6 @@ class Moderator:
             self.log_errors.append(error)
         return unrecorded, error
 
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        if self.log is None:
-            raise ModerationError("this Moderator logs no decisions, so it holds no images")
-        from moderation.review import ReviewQueue
-
-        self.log.flush()  # a decision still queued for writing is not in the database yet
-        return ReviewQueue(self.log.url).release(decision_id, self.log.held)
-
     def to(self, device: torch.device | str) -> Moderator:
         """Move the policy to `device`, after the encoder moved there (a diffusers pipeline's
         `.to()`); the encoder is its owner's to move."""
@@ -405,3 +410,19 @@ class Moderator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_log(
+    db: str | None, spool_dir: str | Path | None = None, held_dir: str | Path | None = None
+) -> DecisionLog | None:
+    """The decision log at `db` (None: no log). held_dir and spool_dir default to
+    $MODERATION_HELD_DIR or ./held and $MODERATION_SPOOL_DIR or ./spool."""
+    if db is None:
+        return None
+    from moderation.storage import DecisionLog
+
+    return DecisionLog(
+        db,
+        spool_dir=None if spool_dir is None else Path(spool_dir),
+        held_dir=None if held_dir is None else Path(held_dir),
+    )

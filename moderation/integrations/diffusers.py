@@ -97,15 +97,14 @@ class PolicySafetyChecker(ModelMixin):
         log every decision to `db` if given. shadow: candidates (YAML compiled with the same
         model, or artifacts of it) scored and logged beside the policy, never acted on."""
         from moderation.loading import load_compiled
-        from moderation.shadow import ShadowCandidates, load_candidates
+        from moderation.shadow import load_candidates
 
         compiled, encoder = load_compiled(
             path, model=model, device=device, dtype=dtype, text_model=text_model
         )
-        candidates = load_candidates(shadow, encoder)
-        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(compiled, VisionTower.of(encoder), log=log, metadata=metadata, shadow=candidates)
+        candidates = load_candidates(shadow, encoder)  # YAML: compiled with the text tower
+        checker = cls(compiled, VisionTower.of(encoder), metadata=metadata)
+        return checker._log_with(db, held_dir, spool_dir, candidates)
 
     @classmethod
     def from_checker(
@@ -136,11 +135,8 @@ class PolicySafetyChecker(ModelMixin):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
-        from moderation.shadow import ShadowCandidates
-
-        ShadowCandidates(policy, shadow)  # refuse a misfit before opening the database
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, checker, log=log, metadata=metadata, shadow=shadow)
+        built = cls(policy, checker, metadata=metadata)
+        return built._log_with(db, held_dir, spool_dir, shadow)
 
     def log_to(
         self,
@@ -152,11 +148,23 @@ class PolicySafetyChecker(ModelMixin):
         """Log every decision from now on to `db` (held originals in held_dir, default
         $MODERATION_HELD_DIR or ./held; spool in spool_dir, default $MODERATION_SPOOL_DIR or ./spool)."""
         previous = self.moderator.log
-        log = _decision_log(db, held_dir, spool_dir)
-        shadow = self.moderator.shadow_policies  # the candidates keep shadowing
-        self.moderator = Moderator(self.policy, self._engine_encoder, log=log, shadow=shadow)
+        self._log_with(db, held_dir, spool_dir, self.moderator.shadow_policies)
         if previous is not None:
             previous.close()
+        return self
+
+    def _log_with(
+        self, db: str | None, held_dir: Any, spool_dir: Any, shadow: Sequence[Any]
+    ) -> PolicySafetyChecker:
+        """A new Moderator over this checker's policy and encoder (`Moderator.build`)."""
+        self.moderator = Moderator.build(
+            self.policy,
+            self._engine_encoder,
+            db=db,
+            held_dir=held_dir,
+            spool_dir=spool_dir,
+            shadow=shadow,
+        )
         return self
 
     # -- saving and loading with a pipeline --------------------------------------------------
@@ -205,8 +213,8 @@ class PolicySafetyChecker(ModelMixin):
                 "not saved: call checker.log_to(URL) (pipe.safety_checker.log_to(URL)) to log again",
                 pretrained_model_name_or_path,
             )
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, VisionTower.of(encoder), log=log, metadata=metadata, shadow=shadow)
+        checker = cls(policy, VisionTower.of(encoder), metadata=metadata)
+        return checker._log_with(db, held_dir, spool_dir, shadow)
 
     # -- what a pipeline reads ---------------------------------------------------------------
 
@@ -355,23 +363,13 @@ class PolicySafetyChecker(ModelMixin):
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        return self.moderator.release(decision_id)
+        from moderation.review.release import release_from_log
+
+        return release_from_log(self.moderator.log, decision_id)
 
     def close(self) -> None:
         """Flush and close the decision log."""
         self.moderator.close()
-
-
-def _decision_log(db: str | None, held_dir: Any, spool_dir: Any) -> Any:
-    if db is None:
-        return None
-    from moderation.storage import DecisionLog
-
-    return DecisionLog(
-        db,
-        held_dir=None if held_dir is None else Path(held_dir),
-        spool_dir=None if spool_dir is None else Path(spool_dir),
-    )
 
 
 def _device_of_map(device_map: Any) -> torch.device | str | None:
