@@ -1,4 +1,5 @@
-"""PolicySafetyChecker: a policy in the `safety_checker` slot of a diffusers pipeline.
+"""The diffusers integration: `moderate_pipeline` around any pipeline, and PolicySafetyChecker,
+a policy in the `safety_checker` slot of a diffusers pipeline.
 
 A thin adapter over `Moderator`: called like `StableDiffusionSafetyChecker`
 (`checker(images=..., clip_input=...)` returns `(images, has_nsfw_concepts)`), every image gets a
@@ -36,7 +37,7 @@ from moderation.integrations.slot_images import (
 from moderation.integrations.towers import ModuleEncoder, VisionTower, module_device
 from policy.compiled import CompiledPolicy
 
-__all__ = ["PolicySafetyChecker", "VisionTower"]
+__all__ = ["PolicySafetyChecker", "VisionTower", "moderate_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -387,3 +388,48 @@ def _reason(decision: Decision) -> str:
     if decision.fired:
         return ", ".join(decision.fired[:5]) + (", ..." if len(decision.fired) > 5 else "")
     return "special care" if decision.special_hits else "review band"
+
+
+def moderate_pipeline(
+    pipe: Any,
+    policy: str | Path | CompiledPolicy | Moderator,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    allow_latent: bool = False,
+    log_prompt: bool = True,
+    frame_batch: int | None = None,
+    **options: Any,
+) -> ModeratedPipeline:
+    """`pipe` with `policy` judging every image (or video) it returns, used exactly like `pipe`.
+
+    policy: a policy YAML path, a compiled artifact (path or `CompiledPolicy`) or a `Moderator`.
+    options: those of `Moderator.from_policy` (`model=`, `db=`, `held_dir=`, `spool_dir=`,
+    `device=` (default: the pipeline's device), `dtype=`, `text_model=`, `shadow=`).
+    metadata: logged with every decision (plus the call's prompt unless log_prompt=False, and
+    `moderated.caller(...)`). allow_latent: let `output_type="latent"` through, unjudged and
+    unlogged. frame_batch: video frames encoded at a time (default 16).
+    """
+    from moderation.integrations.outputs import check_supported
+    from moderation.integrations.pipeline import ModeratedPipeline, pipeline_device
+
+    check_supported(pipe)
+    if isinstance(policy, Moderator):
+        if options:
+            raise ModerationError(
+                f"moderate_pipeline: {', '.join(sorted(options))} cannot apply to a Moderator "
+                "that is already built; pass a policy path or artifact instead"
+            )
+        moderator = policy
+    else:
+        options.setdefault("device", pipeline_device(pipe))
+        moderator = Moderator.from_policy(policy, **options)
+    if frame_batch is not None and frame_batch < 1:
+        raise ModerationError(f"frame_batch must be at least 1, got {frame_batch}")
+    return ModeratedPipeline(
+        pipe,
+        moderator,
+        metadata=metadata,
+        allow_latent=allow_latent,
+        log_prompt=log_prompt,
+        frame_batch=frame_batch,
+    )
