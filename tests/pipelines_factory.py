@@ -582,3 +582,45 @@ def build(name: str) -> TinyPipeline:
     tiny = BUILDERS[name]()
     tiny.pipe.set_progress_bar_config(disable=True)
     return tiny
+
+
+def one_concept_policy(model: str, threshold: float, action: str = "blur", **fields: Any):
+    """A compiled policy of one concept along the all-ones direction of `model`'s embeddings:
+    threshold 1.0 fires on nothing (allow everything), -1.0 on everything (flag everything)."""
+    import torch.nn.functional as F
+
+    from policy.compiled import CompiledPolicy
+
+    return CompiledPolicy(
+        name="pipeline-test",
+        version="1",
+        model=str(model),
+        concept_names=("anything",),
+        categories=(None,),
+        severities=("medium",),
+        actions=(action,),
+        concept_matrix=F.normalize(torch.ones(1, 32)),
+        thresholds=torch.tensor([threshold], dtype=torch.float32),
+        escalate="review",
+        **fields,
+    )
+
+
+def outputs_of(output: Any) -> Any:
+    """The images (or video frames) of a pipeline output."""
+    return output.frames if hasattr(output, "frames") else output.images
+
+
+def identical(a: Any, b: Any) -> bool:
+    """Same type and the same values, pixel for pixel (tensors, arrays, PIL images, lists)."""
+    import numpy as np
+
+    if type(a) is not type(b):
+        return False
+    if torch.is_tensor(a):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))

@@ -32,7 +32,9 @@ from moderation.integrations.slot_images import (
     act_in_place,
     as_shown,
     blackout_in_place,
+    colour_channels,
     count_images,
+    with_extra,
 )
 from moderation.integrations.towers import ModuleEncoder, VisionTower, module_device
 from policy.compiled import CompiledPolicy
@@ -47,10 +49,39 @@ _CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.
 )
 
 
-class PolicySafetyChecker(ModelMixin):
+class _SlotClass(type):
+    """Lets `Pipeline.from_pipe(pipe)` carry our checker over to the new pipeline.
+
+    diffusers' `from_pipe` keeps a model component only when `type(component) in` the new
+    pipeline's type hint for its slot (`(StableDiffusionSafetyChecker,)`), and otherwise drops it,
+    so that the new pipeline fails with "missing 1 required positional argument:
+    'safety_checker'". A checker class compares equal to the diffusers classes it stands in for
+    (`stands_in_for`, looked up by their module and name); identity, hashing and `isinstance` are
+    unchanged."""
+
+    def __eq__(cls, other: object) -> bool:
+        if cls is other:
+            return True
+        if not isinstance(other, type):
+            return NotImplemented
+        return any(
+            other.__module__ == module and other.__name__ == name
+            for module, name in cls.__dict__.get("stands_in_for", ())
+        )
+
+    __hash__ = type.__hash__
+
+
+class PolicySafetyChecker(ModelMixin, metaclass=_SlotClass):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
 
     main_input_name = "clip_input"
+    stands_in_for = (
+        (
+            "diffusers.pipelines.stable_diffusion.safety_checker",
+            "StableDiffusionSafetyChecker",
+        ),
+    )
 
     def __init__(
         self,
@@ -278,6 +309,7 @@ class PolicySafetyChecker(ModelMixin):
         count = count_images(images)
         metadata = self._call_metadata()
         self.last_unrecorded = []
+        images, extra = colour_channels(images)  # RGB-D (LDM3D): the colour is what is shown
         try:
             decisions = self._decide(clip_input, images, metadata, count)
         except Exception as exc:  # fail closed: whatever went wrong, no image goes out unjudged
@@ -305,7 +337,7 @@ class PolicySafetyChecker(ModelMixin):
                 reasons,
             )
         self._warn_if_unreviewed(decisions)
-        return images, has_nsfw_concepts
+        return with_extra(images, extra, flagged), has_nsfw_concepts
 
     def _decide(self, clip_input: Any, images: Any, metadata: Any, count: int) -> list[Decision]:
         """The Moderator's decisions: on `clip_input` under `compat: diffusers` (diffusers' own
