@@ -540,7 +540,8 @@ def upscaler(safety_checker=None, feature_extractor=None) -> TinyPipeline:
 
 
 def ldm3d(safety_checker=None, feature_extractor=None) -> TinyPipeline:
-    """StableDiffusionLDM3DPipeline: a VAE of 6 channels (RGB + depth as RGB-like)."""
+    """StableDiffusionLDM3DPipeline: a VAE of 6 channels (colour + depth as RGB-like), as
+    Intel/ldm3d (diffusers cannot make PIL depth maps of ldm3d-4c's 4 channels here)."""
     from diffusers import DDIMScheduler, StableDiffusionLDM3DPipeline
     from transformers import CLIPImageProcessor
 
@@ -556,8 +557,21 @@ def ldm3d(safety_checker=None, feature_extractor=None) -> TinyPipeline:
         image_encoder=None,
         requires_safety_checker=False,
     )
+    processor = pipe.image_processor
+    processor.numpy_to_depth = functools.partial(_numpy_to_depth, processor)
     inputs = {**SD_CALL, **SIZE_64, "num_images_per_prompt": 4}
     return TinyPipeline("ldm3d", pipe, inputs, images_per_call=4)
+
+
+def _numpy_to_depth(processor, images):
+    """diffusers 0.42's `VaeImageProcessorLDM3D.numpy_to_depth` passes `mode="I;16"` to
+    `Image.fromarray`, which this Pillow refuses for uint16 arrays ("Invalid mode for data
+    type"), so every LDM3D call with a safety checker (its run_safety_checker makes PIL images
+    first) raises. The same depth maps, with the mode Pillow infers from uint16 (I;16)."""
+    from PIL import Image
+
+    depth = [processor.rgblike_to_depthmap(image[:, :, 3:]) for image in images]
+    return [Image.fromarray(d.astype("uint16")) for d in depth]
 
 
 BUILDERS: dict[str, Callable[[], TinyPipeline]] = {

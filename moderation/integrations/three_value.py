@@ -23,9 +23,10 @@ from moderation.integrations.diffusers import PolicySafetyChecker
 class ThreeValueSafetyChecker(PolicySafetyChecker):
     """A drop-in `safety_checker` for DeepFloyd IF and the SD upscaler: (images, nsfw, None)."""
 
+    # IF's slot is typed IFSafetyChecker; the upscaler's `Any` (typing.Any is a class).
     stands_in_for = (
         ("diffusers.pipelines.deepfloyd_if.safety_checker", "IFSafetyChecker"),
-        ("diffusers.pipelines.stable_diffusion.safety_checker", "StableDiffusionSafetyChecker"),
+        ("typing", "Any"),
     )
 
     @torch.no_grad()
