@@ -293,7 +293,11 @@ def pixart() -> TinyPipeline:
     torch.manual_seed(0)
     vae = _vae(block_out_channels=[8, 16], norm_num_groups=8)
     pipe = PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
     )
     inputs = {
         "prompt_embeds": _embeds(2, 8, 32),

@@ -28,6 +28,8 @@ from torch import nn
 from moderation.decision import Decision
 from moderation.engine import Moderator, error_decisions
 from moderation.errors import ModerationError
+from moderation.integrations.outputs import check_supported
+from moderation.integrations.pipeline import ModeratedPipeline, pipeline_device
 from moderation.integrations.slot_images import (
     act_in_place,
     as_shown,
@@ -441,9 +443,6 @@ def moderate_pipeline(
     `moderated.caller(...)`). allow_latent: let `output_type="latent"` through, unjudged and
     unlogged. frame_batch: video frames encoded at a time (default 16).
     """
-    from moderation.integrations.outputs import check_supported
-    from moderation.integrations.pipeline import ModeratedPipeline, pipeline_device
-
     check_supported(pipe)
     if isinstance(policy, Moderator):
         if options:

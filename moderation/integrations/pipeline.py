@@ -30,7 +30,6 @@ from moderation.errors import ModerationError
 from moderation.integrations.outputs import (
     OutputForm,
     caller_output_type,
-    check_supported,
     convert,
     form_of,
 )
@@ -83,7 +82,9 @@ class ModeratedPipeline:
         set_own(self, "frame_batch", frame_batch or FRAME_BATCH)
         set_own(self, "last_decisions", [])
         set_own(self, "last_unrecorded", [])  # ids of last_decisions in neither database nor spool
-        set_own(self, "last_timings", {})  # seconds of the last call: pipeline, moderation, conversion
+        set_own(
+            self, "last_timings", {}
+        )  # seconds of the last call: pipeline, moderation, conversion
         set_own(self, "_warned_unlogged", False)
 
     # -- used like the pipeline -------------------------------------------------------------
@@ -132,9 +133,7 @@ class ModeratedPipeline:
         prompts: list[Any] = [None] * count
         if self.log_prompt:
             prompts = _prompts(self.pipeline, args, kwargs, count)
-        return [
-            {**base, **({"prompt": p} if p is not None else {}), **extra} for p in prompts
-        ]
+        return [{**base, **({"prompt": p} if p is not None else {}), **extra} for p in prompts]
 
     # -- a call -----------------------------------------------------------------------------
 
