@@ -602,9 +602,11 @@ def build(name: str) -> TinyPipeline:
     return tiny
 
 
-def one_concept_policy(model: str, threshold: float, action: str = "blur", **fields: Any):
-    """A compiled policy of one concept along the all-ones direction of `model`'s embeddings:
-    threshold 1.0 fires on nothing (allow everything), -1.0 on everything (flag everything)."""
+def one_concept_policy(
+    model: str, threshold: float, action: str = "blur", direction=None, **fields: Any
+):
+    """A compiled policy of one concept along `direction` (default all ones) of `model`'s
+    32-wide embeddings: threshold 1.0 fires on nothing (allow everything), -1.0 on everything."""
     import torch.nn.functional as F
 
     from policy.compiled import CompiledPolicy
@@ -617,7 +619,7 @@ def one_concept_policy(model: str, threshold: float, action: str = "blur", **fie
         categories=(None,),
         severities=("medium",),
         actions=(action,),
-        concept_matrix=F.normalize(torch.ones(1, 32)),
+        concept_matrix=F.normalize(torch.ones(1, 32) if direction is None else direction[None]),
         thresholds=torch.tensor([threshold], dtype=torch.float32),
         escalate="review",
         **fields,
