@@ -17,6 +17,7 @@ import contextvars
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ _OWN = frozenset(
         "last_decisions",
         "last_unrecorded",
         "last_timings",
+        "call_id",
         "_warned_unlogged",
     }
 )
@@ -85,6 +87,9 @@ class ModeratedPipeline:
         set_own(
             self, "last_timings", {}
         )  # seconds of the last call: pipeline, moderation, conversion
+        set_own(
+            self, "call_id", None
+        )  # the running (or last) call's id, in every decision's metadata
         set_own(self, "_warned_unlogged", False)
 
     # -- used like the pipeline -------------------------------------------------------------
@@ -128,7 +133,7 @@ class ModeratedPipeline:
 
     def _metadata(self, args: tuple, kwargs: dict[str, Any], count: int) -> list[dict[str, Any]]:
         """Per image: wrapper metadata, the call's prompt (by default), then caller()."""
-        base = {"pipeline": type(self.pipeline).__name__, **self.metadata}
+        base = {"pipeline": type(self.pipeline).__name__, "call_id": self.call_id, **self.metadata}
         extra = (_CALLER.get() or {}).get(id(self), {})
         prompts: list[Any] = [None] * count
         if self.log_prompt:
@@ -142,6 +147,7 @@ class ModeratedPipeline:
         return_dict = kwargs.pop("return_dict", True)
         if output_type == "latent":
             return self._latent(args, kwargs, return_dict)
+        self.call_id = uuid.uuid4().hex  # links this call's previews (previews.py) to its outputs
         started = time.perf_counter()
         output = self.pipeline(*args, **{**kwargs, "output_type": "pt", "return_dict": True})
         generated = time.perf_counter()
