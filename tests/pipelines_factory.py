@@ -9,16 +9,20 @@ CPU. `build(name)` caches every pipeline for the test session.
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from moderation.synthetic import TINY, write_char_tokenizer
-
-STEPS = 2
+from moderation.bench.tiny_pipelines import (
+    STEPS,
+    char_tokenizer,
+    clip_text_config,
+    sdxl_pipeline,
+    text_to_video_pipeline,
+    tiny_vae,
+)
 
 
 @dataclass
@@ -37,40 +41,6 @@ class TinyPipeline:
             "generator": torch.Generator().manual_seed(seed),
             **overrides,
         }
-
-
-def _tokenizer():
-    with tempfile.TemporaryDirectory() as tmp:
-        return write_char_tokenizer(tmp)
-
-
-def _text_config(tokenizer, **widths):
-    from transformers import CLIPTextConfig
-
-    n = len(tokenizer)
-    return CLIPTextConfig(
-        **{**TINY, **widths},
-        vocab_size=n,
-        max_position_embeddings=77,
-        bos_token_id=n - 2,
-        eos_token_id=n - 1,
-        pad_token_id=n - 1,
-    )
-
-
-def _vae(**config):
-    from diffusers import AutoencoderKL
-
-    blocks = config.pop("block_out_channels", [32, 64])
-    return AutoencoderKL(
-        block_out_channels=blocks,
-        in_channels=config.pop("in_channels", 3),
-        out_channels=config.pop("out_channels", 3),
-        latent_channels=config.pop("latent_channels", 4),
-        down_block_types=["DownEncoderBlock2D"] * len(blocks),
-        up_block_types=["UpDecoderBlock2D"] * len(blocks),
-        **config,
-    )
 
 
 def _sd_unet(cross_attention_dim=64, **config):
@@ -93,13 +63,13 @@ def _sd_parts(cross_attention_dim=64, **vae):
     """unet, vae, text_encoder, tokenizer of a tiny Stable Diffusion 1.x."""
     from transformers import CLIPTextModel
 
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
     unet = _sd_unet(cross_attention_dim)
     torch.manual_seed(0)
-    vae_model = _vae(**vae)
+    vae_model = tiny_vae(**vae)
     torch.manual_seed(0)
-    text = CLIPTextModel(_text_config(tokenizer, hidden_size=cross_attention_dim))
+    text = CLIPTextModel(clip_text_config(tokenizer, hidden_size=cross_attention_dim))
     return unet, vae_model, text, tokenizer
 
 
@@ -128,43 +98,7 @@ def sd(pipeline_class=None, safety_checker=None) -> TinyPipeline:
 
 
 def sdxl() -> TinyPipeline:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=80,  # 6 x 8 time ids + 32 pooled
-        cross_attention_dim=64,  # 32 + 32 hidden
-    )
-    torch.manual_seed(0)
-    vae = _vae()
-    torch.manual_seed(0)
-    text = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
-    text_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=32, projection_dim=32))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text,
-        text_encoder_2=text_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(),
-        add_watermarker=False,
-    )
-    inputs = {**SD_CALL, **SIZE_64, "num_images_per_prompt": 2}
+    pipe, inputs = sdxl_pipeline()
     return TinyPipeline("sdxl", pipe, inputs)
 
 
@@ -193,7 +127,7 @@ def sd3() -> TinyPipeline:
         out_channels=4,
     )
     torch.manual_seed(0)
-    vae = _vae(
+    vae = tiny_vae(
         block_out_channels=(4,),
         layers_per_block=1,
         norm_num_groups=1,
@@ -240,7 +174,7 @@ def flux() -> TinyPipeline:
         axes_dims_rope=[4, 4, 8],
     )
     torch.manual_seed(0)
-    vae = _vae(
+    vae = tiny_vae(
         block_out_channels=(4,),
         layers_per_block=1,
         latent_channels=1,
@@ -291,7 +225,7 @@ def pixart() -> TinyPipeline:
         norm_eps=1e-6,
     )
     torch.manual_seed(0)
-    vae = _vae(block_out_channels=[8, 16], norm_num_groups=8)
+    vae = tiny_vae(block_out_channels=[8, 16], norm_num_groups=8)
     pipe = PixArtAlphaPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -312,37 +246,7 @@ def pixart() -> TinyPipeline:
 
 
 def text_to_video() -> TinyPipeline:
-    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextModel
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=2,
-    )
-    torch.manual_seed(0)
-    vae = _vae(block_out_channels=[8, 16], norm_num_groups=2)
-    torch.manual_seed(0)
-    text = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
-    pipe = TextToVideoSDPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler()
-    )
-    inputs = {
-        "prompt": ["a dolphin swimming", "a cat"],
-        "num_frames": 3,
-        "num_inference_steps": STEPS,
-        "height": 32,
-        "width": 32,
-    }
+    pipe, inputs = text_to_video_pipeline()
     return TinyPipeline("text-to-video", pipe, inputs, kind="video")
 
 
@@ -502,7 +406,7 @@ def upscaler(safety_checker=None, feature_extractor=None) -> TinyPipeline:
     )
     from transformers import CLIPTextModel
 
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 64),
@@ -519,9 +423,9 @@ def upscaler(safety_checker=None, feature_extractor=None) -> TinyPipeline:
         num_class_embeds=100,
     )
     torch.manual_seed(0)
-    vae = _vae(block_out_channels=[32, 32, 64])
+    vae = tiny_vae(block_out_channels=[32, 32, 64])
     torch.manual_seed(0)
-    text = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
+    text = CLIPTextModel(clip_text_config(tokenizer, hidden_size=32))
     pipe = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=text,
