@@ -70,6 +70,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if result.get("backtest"):
         targets += backtest_targets(result["backtest"])
+    if result.get("pipelines"):
+        from moderation.bench.pipelines import pipelines_targets
+
+        targets += pipelines_targets(result["pipelines"])
     return targets
 
 
@@ -157,6 +161,10 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", shadow_table(result["shadow"])]
     if result.get("backtest"):
         lines += ["", backtest_table(result["backtest"])]
+    if result.get("pipelines"):
+        from moderation.bench.pipelines import pipelines_table
+
+        lines += ["", pipelines_table(result["pipelines"])]
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])
