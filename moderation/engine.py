@@ -148,13 +148,17 @@ class Moderator:
         held_dir: str | Path | None = None,
         shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
     ) -> Moderator:
-        """The one way every entry point builds its Moderator (`from_policy`, the diffusers
-        checker's constructors and `log_to`, `moderate_pipeline`): shadow candidates loaded
-        (YAML compiled with `encoder`) and checked against the policy before the database at
-        `db` is opened, then the log."""
+        """How every entry point builds its Moderator (`from_policy`, the diffusers checker's
+        constructors and `log_to`): shadow candidates loaded (YAML compiled with `encoder`) and
+        checked before the database at `db` is opened."""
         candidates = load_candidates(shadow, encoder)
         ShadowCandidates(policy, candidates)  # refuse a misfit before opening the database
-        return cls(policy, encoder, log=open_log(db, spool_dir, held_dir), shadow=candidates)
+        log = None
+        if db is not None:
+            from moderation.storage import DecisionLog
+
+            log = DecisionLog(db, spool_dir=_path(spool_dir), held_dir=_path(held_dir))
+        return cls(policy, encoder, log=log, shadow=candidates)
 
     # -- moderation ---------------------------------------------------------------------------
 
@@ -412,17 +416,5 @@ class Moderator:
         self.close()
 
 
-def open_log(
-    db: str | None, spool_dir: str | Path | None = None, held_dir: str | Path | None = None
-) -> DecisionLog | None:
-    """The decision log at `db` (None: no log). held_dir and spool_dir default to
-    $MODERATION_HELD_DIR or ./held and $MODERATION_SPOOL_DIR or ./spool."""
-    if db is None:
-        return None
-    from moderation.storage import DecisionLog
-
-    return DecisionLog(
-        db,
-        spool_dir=None if spool_dir is None else Path(spool_dir),
-        held_dir=None if held_dir is None else Path(held_dir),
-    )
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)

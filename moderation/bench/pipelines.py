@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moderation.bench.config import measure_interleaved, synchronize
+from moderation.bench.tables import ms, table
 
 if TYPE_CHECKING:
     from moderation.bench.config import BenchConfig
@@ -120,8 +121,6 @@ def _row(name, shape, pipe, inputs, models, config, device, say) -> dict[str, An
 
 def pipelines_table(rows: list[dict[str, Any]]) -> str:
     """Section h as printed."""
-    from moderation.bench.report import ms, table
-
     title = (
         f"h. moderate_pipeline: extra wall time over the bare pipeline (output_type='pil', "
         f"2 steps, random weights, on {rows[0]['device']}); medians of "

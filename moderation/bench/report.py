@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
+
+from moderation.bench.pipelines import pipelines_table, pipelines_targets
+from moderation.bench.tables import ms, table, times
 
 # The issue's targets (knobs: change them here and in BENCHMARKS.md together).
 CONCEPTS_TARGET_N = 10_000
@@ -70,46 +72,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if result.get("backtest"):
         targets += backtest_targets(result["backtest"])
-    if result.get("pipelines"):
-        from moderation.bench.pipelines import pipelines_targets
-
-        targets += pipelines_targets(result["pipelines"])
+    targets += pipelines_targets(result.get("pipelines") or [])
     return targets
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns separated by two spaces, numbers right-aligned, a dashed rule under the headers."""
-    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: list[str], numeric: bool) -> str:
-        parts = []
-        for i, (cell, width) in enumerate(zip(row, widths, strict=True)):
-            right = numeric and i > 0 and _looks_numeric(cell)
-            parts.append(cell.rjust(width) if right else cell.ljust(width))
-        return "  ".join(parts).rstrip()
-
-    out = [line(cells[0], False), "  ".join("-" * w for w in widths)]
-    out += [line(r, True) for r in cells[1:]]
-    return "\n".join(out)
-
-
-def _looks_numeric(cell: str) -> bool:
-    return bool(cell) and (cell[0].isdigit() or cell[0] == "-" and cell[1:2].isdigit())
-
-
-def ms(value: float | None) -> str:
-    """Milliseconds with 3-4 significant digits and no exponent."""
-    if value is None:
-        return "-"
-    for limit, digits in ((100, 0), (10, 1), (1, 2)):
-        if value >= limit:
-            return f"{value:.{digits}f}"
-    return f"{value:.3f}"
-
-
-def times(value: float) -> str:
-    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -161,10 +125,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", shadow_table(result["shadow"])]
     if result.get("backtest"):
         lines += ["", backtest_table(result["backtest"])]
-    if result.get("pipelines"):
-        from moderation.bench.pipelines import pipelines_table
-
-        lines += ["", pipelines_table(result["pipelines"])]
+    lines += ["", pipelines_table(result["pipelines"])] if result.get("pipelines") else []
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])

@@ -12,9 +12,8 @@ shadow decisions (`last_shadow_decisions`), never acted on (`moderation.shadow`)
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,13 @@ from torch import nn
 from moderation.decision import Decision
 from moderation.engine import Moderator, error_decisions
 from moderation.errors import ModerationError
-from moderation.integrations.outputs import check_supported
-from moderation.integrations.pipeline import ModeratedPipeline, pipeline_device
+from moderation.integrations.pipeline import ModeratedPipeline
+from moderation.integrations.slot import (
+    SlotClass,
+    caller_block,
+    caller_metadata,
+    device_of_map,
+)
 from moderation.integrations.slot_images import (
     act_in_place,
     as_shown,
@@ -45,36 +49,8 @@ __all__ = ["PolicySafetyChecker", "VisionTower", "moderate_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-# Caller metadata of the `with checker.caller(...)` blocks around this context: {id(checker): {}}.
-_CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
-    "moderation_checker_caller", default=None
-)
 
-
-class _SlotClass(type):
-    """Lets `Pipeline.from_pipe(pipe)` carry our checker over to the new pipeline.
-
-    diffusers' `from_pipe` keeps a model component only when `type(component) in` the new
-    pipeline's type hint for its slot (`(StableDiffusionSafetyChecker,)`), and otherwise drops it,
-    so that the new pipeline fails with "missing 1 required positional argument:
-    'safety_checker'". A checker class compares equal to the diffusers classes it stands in for
-    (`stands_in_for`, looked up by their module and name); identity, hashing and `isinstance` are
-    unchanged."""
-
-    def __eq__(cls, other: object) -> bool:
-        if cls is other:
-            return True
-        if not isinstance(other, type):
-            return NotImplemented
-        return any(
-            other.__module__ == module and other.__name__ == name
-            for module, name in cls.__dict__.get("stands_in_for", ())
-        )
-
-    __hash__ = type.__hash__
-
-
-class PolicySafetyChecker(ModelMixin, metaclass=_SlotClass):
+class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
 
     main_input_name = "clip_input"
@@ -236,7 +212,7 @@ class PolicySafetyChecker(ModelMixin, metaclass=_SlotClass):
         from moderation.integrations.pretrained import load_checker, load_shadow
 
         dtype = dtype or loading.get("torch_dtype")
-        device = device or _device_of_map(loading.get("device_map"))
+        device = device or device_of_map(loading.get("device_map"))
         policy, encoder, manifest = load_checker(
             pretrained_model_name_or_path, device=device, dtype=dtype
         )
@@ -282,20 +258,14 @@ class PolicySafetyChecker(ModelMixin, metaclass=_SlotClass):
 
     # -- caller metadata ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def caller(self, **metadata: Any) -> Iterator[PolicySafetyChecker]:
+    def caller(self, **metadata: Any) -> contextlib.AbstractContextManager[PolicySafetyChecker]:
         """Metadata (prompt, seed, user, ...) logged with every image moderated inside the block,
         over `checker.metadata`: `with checker.caller(prompt=p, user=u): pipe(p)`."""
-        outer = _CALLER.get() or {}
-        token = _CALLER.set({**outer, id(self): {**outer.get(id(self), {}), **metadata}})
-        try:
-            yield self
-        finally:
-            _CALLER.reset(token)
+        return caller_block(self, metadata)
 
     def _call_metadata(self) -> Any:
         """This call's metadata: `checker.metadata` (one mapping, or one per image) + caller()."""
-        extra = (_CALLER.get() or {}).get(id(self), {})
+        extra = caller_metadata(self)
         base = self.metadata
         if base is None or isinstance(base, Mapping):
             return {**(base or {}), **extra}
@@ -407,14 +377,6 @@ class PolicySafetyChecker(ModelMixin, metaclass=_SlotClass):
         self.moderator.close()
 
 
-def _device_of_map(device_map: Any) -> torch.device | str | None:
-    """The one device of a diffusers device_map ("cuda", {"": "cuda:0"}), None when it has none."""
-    if isinstance(device_map, Mapping):
-        devices = set(device_map.values())
-        return devices.pop() if len(devices) == 1 else None
-    return device_map if isinstance(device_map, (str, torch.device, int)) else None
-
-
 def _reason(decision: Decision) -> str:
     """Why an image was changed, in a few words."""
     if decision.error:
@@ -424,43 +386,7 @@ def _reason(decision: Decision) -> str:
     return "special care" if decision.special_hits else "review band"
 
 
-def moderate_pipeline(
-    pipe: Any,
-    policy: str | Path | CompiledPolicy | Moderator,
-    *,
-    metadata: Mapping[str, Any] | None = None,
-    allow_latent: bool = False,
-    log_prompt: bool = True,
-    frame_batch: int | None = None,
-    **options: Any,
-) -> ModeratedPipeline:
-    """`pipe` with `policy` judging every image (or video) it returns, used exactly like `pipe`.
-
-    policy: a policy YAML path, a compiled artifact (path or `CompiledPolicy`) or a `Moderator`.
-    options: those of `Moderator.from_policy` (`model=`, `db=`, `held_dir=`, `spool_dir=`,
-    `device=` (default: the pipeline's device), `dtype=`, `text_model=`, `shadow=`).
-    metadata: logged with every decision (plus the call's prompt unless log_prompt=False, and
-    `moderated.caller(...)`). allow_latent: let `output_type="latent"` through, unjudged and
-    unlogged. frame_batch: video frames encoded at a time (default 16).
-    """
-    check_supported(pipe)
-    if isinstance(policy, Moderator):
-        if options:
-            raise ModerationError(
-                f"moderate_pipeline: {', '.join(sorted(options))} cannot apply to a Moderator "
-                "that is already built; pass a policy path or artifact instead"
-            )
-        moderator = policy
-    else:
-        options.setdefault("device", pipeline_device(pipe))
-        moderator = Moderator.from_policy(policy, **options)
-    if frame_batch is not None and frame_batch < 1:
-        raise ModerationError(f"frame_batch must be at least 1, got {frame_batch}")
-    return ModeratedPipeline(
-        pipe,
-        moderator,
-        metadata=metadata,
-        allow_latent=allow_latent,
-        log_prompt=log_prompt,
-        frame_batch=frame_batch,
-    )
+def moderate_pipeline(pipe: Any, policy: Any, **options: Any) -> ModeratedPipeline:
+    """`pipe` with `policy` (a YAML path, a compiled artifact or a Moderator) judging every image
+    or video it returns, used exactly like `pipe`; options: see `ModeratedPipeline.build`."""
+    return ModeratedPipeline.build(pipe, policy, **options)

@@ -13,12 +13,12 @@ converted to the caller's `output_type` with the pipeline's own processor
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,18 +31,15 @@ from moderation.errors import ModerationError
 from moderation.integrations.outputs import (
     OutputForm,
     caller_output_type,
+    check_supported,
     convert,
     form_of,
 )
+from moderation.integrations.slot import caller_block, caller_metadata
 from moderation.integrations.video import FRAME_BATCH, act_on_videos, judge_videos
 from policy.compiled import CompiledPolicy
 
 logger = logging.getLogger(__name__)
-
-# Caller metadata of the `with moderated.caller(...)` blocks around this context: {id(wrapper): {}}.
-_CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
-    "moderation_pipeline_caller", default=None
-)
 
 # The wrapper's own attributes; every other attribute is the pipeline's.
 _OWN = frozenset(
@@ -84,13 +81,54 @@ class ModeratedPipeline:
         set_own(self, "frame_batch", frame_batch or FRAME_BATCH)
         set_own(self, "last_decisions", [])
         set_own(self, "last_unrecorded", [])  # ids of last_decisions in neither database nor spool
-        set_own(
-            self, "last_timings", {}
-        )  # seconds of the last call: pipeline, moderation, conversion
-        set_own(
-            self, "call_id", None
-        )  # the running (or last) call's id, in every decision's metadata
+        # Seconds of the last call: pipeline, moderation, conversion.
+        set_own(self, "last_timings", {})
+        # The running (or last) call's id, in the metadata of its decisions and its previews'.
+        set_own(self, "call_id", None)
         set_own(self, "_warned_unlogged", False)
+
+    @classmethod
+    def build(
+        cls,
+        pipe: Any,
+        policy: str | Path | CompiledPolicy | Moderator,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        allow_latent: bool = False,
+        log_prompt: bool = True,
+        frame_batch: int | None = None,
+        **options: Any,
+    ) -> ModeratedPipeline:
+        """`pipe` with `policy` judging every image (or video) it returns, used exactly like `pipe`.
+
+        policy: a policy YAML path, a compiled artifact (path or `CompiledPolicy`) or a `Moderator`.
+        options: those of `Moderator.from_policy` (`model=`, `db=`, `held_dir=`, `spool_dir=`,
+        `device=` (default: the pipeline's device), `dtype=`, `text_model=`, `shadow=`).
+        metadata: logged with every decision (plus the call's prompt unless log_prompt=False, and
+        `moderated.caller(...)`). allow_latent: let `output_type="latent"` through, unjudged and
+        unlogged. frame_batch: video frames encoded at a time (default 16).
+        """
+        check_supported(pipe)
+        if frame_batch is not None and frame_batch < 1:
+            raise ModerationError(f"frame_batch must be at least 1, got {frame_batch}")
+        if isinstance(policy, Moderator):
+            if options:
+                raise ModerationError(
+                    f"moderate_pipeline: {', '.join(sorted(options))} cannot apply to a Moderator "
+                    "that is already built; pass a policy path or artifact instead"
+                )
+            moderator = policy
+        else:
+            options.setdefault("device", pipeline_device(pipe))
+            moderator = Moderator.from_policy(policy, **options)
+        return cls(
+            pipe,
+            moderator,
+            metadata=metadata,
+            allow_latent=allow_latent,
+            log_prompt=log_prompt,
+            frame_batch=frame_batch,
+        )
 
     # -- used like the pipeline -------------------------------------------------------------
 
@@ -120,21 +158,15 @@ class ModeratedPipeline:
 
     # -- caller metadata --------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def caller(self, **metadata: Any) -> Iterator[ModeratedPipeline]:
+    def caller(self, **metadata: Any) -> contextlib.AbstractContextManager[ModeratedPipeline]:
         """Metadata (prompt, seed, user, ...) logged with every image or video made inside the
         block: `with moderated.caller(user=u, seed=s): moderated(prompt)`."""
-        outer = _CALLER.get() or {}
-        token = _CALLER.set({**outer, id(self): {**outer.get(id(self), {}), **metadata}})
-        try:
-            yield self
-        finally:
-            _CALLER.reset(token)
+        return caller_block(self, metadata)
 
     def _metadata(self, args: tuple, kwargs: dict[str, Any], count: int) -> list[dict[str, Any]]:
         """Per image: wrapper metadata, the call's prompt (by default), then caller()."""
         base = {"pipeline": type(self.pipeline).__name__, "call_id": self.call_id, **self.metadata}
-        extra = (_CALLER.get() or {}).get(id(self), {})
+        extra = caller_metadata(self)
         prompts: list[Any] = [None] * count
         if self.log_prompt:
             prompts = _prompts(self.pipeline, args, kwargs, count)
