@@ -21,7 +21,10 @@ def test_the_pipelines_section_splits_the_extra_time():
         assert row["bare_ms"] > 0 and row["wrapped_ms"] > 0 and row["encoder_ms"] > 0
         assert row["extra_ms"] == pytest.approx(row["wrapped_ms"] - row["bare_ms"])
         assert row["rest_ms"] == pytest.approx(row["extra_ms"] - row["encoder_ms"])
-        assert row["overhead_pct"] == pytest.approx(100 * row["rest_ms"] / row["bare_ms"])
+        assert row["rest_pct"] == pytest.approx(100 * row["rest_ms"] / row["bare_ms"])
+        assert row["own_ms"] == pytest.approx(row["moderation_ms"] - row["encoder_ms"])
+        assert row["overhead_pct"] == pytest.approx(100 * row["own_ms"] / row["bare_ms"])
+        assert row["own_ms"] > 0
         assert 0 < row["conversion_ms"] < row["wrapped_ms"]
         assert row["encoder_ms"] <= row["moderation_ms"]  # the encoder runs inside moderation
     report = format_report(data)
