@@ -22,7 +22,7 @@ def test_the_pipelines_section_splits_the_extra_time():
         assert row["extra_ms"] == pytest.approx(row["wrapped_ms"] - row["bare_ms"])
         assert row["rest_ms"] == pytest.approx(row["extra_ms"] - row["encoder_ms"])
         assert row["rest_pct"] == pytest.approx(100 * row["rest_ms"] / row["bare_ms"])
-        assert row["own_ms"] == pytest.approx(row["moderation_ms"] - row["encoder_ms"])
+        assert 0 < row["own_ms"] < row["moderation_ms"]
         assert row["overhead_pct"] == pytest.approx(100 * row["own_ms"] / row["bare_ms"])
         assert row["own_ms"] > 0
         assert 0 < row["conversion_ms"] < row["wrapped_ms"]

@@ -208,18 +208,22 @@ def test_no_image_sized_host_copy_beyond_what_the_output_type_needs(sdxl, monkey
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("accelerate") is None or not torch.cuda.is_available(),
-    reason="enable_model_cpu_offload needs the accelerate package and a CUDA device",
+    importlib.util.find_spec("accelerate") is None,
+    reason="enable_model_cpu_offload needs the accelerate package (pip install accelerate)",
 )
 def test_model_cpu_offload(tiny_clip_dir):
+    """Offloading moves each model to the execution device for its turn (a CUDA device when
+    there is one, else the CPU: diffusers' `device="cpu"`); the wrapper judges what comes out."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = build("sdxl")
     bare = tiny.pipe(**tiny.call_args(output_type="np")).images
-    moderated = moderate_pipeline(tiny.pipe, one_concept_policy(tiny_clip_dir, 1.0))
-    moderated.enable_model_cpu_offload()
+    moderated = moderate_pipeline(tiny.pipe, one_concept_policy(tiny_clip_dir, 1.0), device=device)
+    moderated.enable_model_cpu_offload(device=device)
     try:
         out = moderated(**tiny.call_args(output_type="np"))
         assert out.nsfw_content_detected == [False, False]
         np.testing.assert_allclose(out.images, bare, atol=1e-3)
+        assert len(moderated.last_decisions) == 2
     finally:
         tiny.pipe.remove_all_hooks()
         tiny.pipe.to("cpu")
