@@ -467,7 +467,7 @@ def ldm3d(safety_checker=None, feature_extractor=None) -> TinyPipeline:
     )
     processor = pipe.image_processor
     processor.numpy_to_depth = functools.partial(_numpy_to_depth, processor)
-    inputs = {**SD_CALL, **SIZE_64, "num_images_per_prompt": 4}
+    inputs = {**SD_CALL, "height": 32, "width": 32, "num_images_per_prompt": 4}
     return TinyPipeline("ldm3d", pipe, inputs, images_per_call=4)
 
 

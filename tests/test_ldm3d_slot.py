@@ -39,7 +39,7 @@ def splitting_checker(tiny, seed):
     return theirs
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_flags_are_diffusers_flags(setup, seed):
     tiny, _ = setup
     theirs = splitting_checker(tiny, seed)

@@ -171,6 +171,7 @@ def test_every_frame_of_a_flagged_video_gets_its_action(tiny_clip_dir):
         assert torch.equal(out.frames[1], bare[1])
 
 
+@pytest.mark.slow  # six pipeline calls with every tensor copy counted
 def test_no_image_sized_host_copy_beyond_what_the_output_type_needs(sdxl, monkeypatch):
     """Counts copies of image-sized tensors to the host (`.cpu()` and `.numpy()`, which copy
     on an accelerator and are no-ops here) and `.to()` to another device: the wrapper makes none
