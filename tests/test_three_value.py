@@ -106,3 +106,17 @@ def test_every_image_is_logged_and_a_broken_encoder_fails_closed(
     assert len(rows) == 4
     assert {rows[i] for i in logged} == {"allow"}
     assert {rows[d.decision_id] for d in ours.last_decisions} == {"error"}
+
+
+def test_it_saves_and_loads_with_its_pipeline(tower, tmp_path):
+    from diffusers import IFPipeline
+
+    ours = checker(tower, -1.0)
+    tiny = deepfloyd_if(safety_checker=ours, feature_extractor=CLIPImageProcessor())
+    tiny.pipe.save_pretrained(tmp_path)
+    loaded = IFPipeline.from_pretrained(tmp_path)
+    assert type(loaded.safety_checker) is ThreeValueSafetyChecker
+    assert loaded.safety_checker.policy.digest == ours.policy.digest
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(**tiny.call_args(output_type="np"))
+    assert list(out.nsfw_detected) == [True, True] and out.watermark_detected is None
