@@ -101,3 +101,27 @@ def test_equality_stands_in_only_for_the_slot_class():
     assert PolicySafetyChecker != torch.nn.Module
     assert not issubclass(PolicySafetyChecker, StableDiffusionSafetyChecker)
     assert len({PolicySafetyChecker, StableDiffusionSafetyChecker}) == 2  # hashing unchanged
+
+
+@pytest.mark.slow  # imports every diffusers pipeline module
+def test_every_pipeline_with_the_slot_would_keep_our_checker():
+    """from_pipe keeps a model component when `type(component) in` the new pipeline's type hint
+    for the slot: true for one of our checkers in every diffusers pipeline that has the slot,
+    except Cosmos, whose checker is another API (check_text_safety / check_video_safety)."""
+    import inspect
+
+    import diffusers
+
+    fits, misfits = [], []
+    for name in dir(diffusers):
+        if not name.endswith("Pipeline") or name.startswith(("Flax", "Onnx")):
+            continue
+        cls = getattr(diffusers, name)
+        if "safety_checker" not in inspect.signature(cls.__init__).parameters:
+            continue
+        types = cls._get_signature_types()["safety_checker"]
+        ours = [c for c in (PolicySafetyChecker, ThreeValueSafetyChecker) if c in types]
+        (fits if ours else misfits).append(name)
+    assert len(fits) >= 40  # the SD family, LDM3D, ControlNet, PAG, IF, the upscaler, ...
+    assert {"StableDiffusionImg2ImgPipeline", "IFInpaintingPipeline"} <= set(fits)
+    assert all(name.startswith("Cosmos") for name in misfits), misfits
