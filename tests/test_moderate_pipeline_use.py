@@ -228,3 +228,16 @@ def test_model_cpu_offload(tiny_clip_dir):
     finally:
         tiny.pipe.remove_all_hooks()
         tiny.pipe.to("cpu")
+
+
+def test_a_video_with_a_non_finite_frame_is_an_error(tiny_clip_dir):
+    from moderation.integrations.video import judge_videos
+
+    moderator = Moderator.from_policy(one_concept_policy(tiny_clip_dir, 1.0))
+    videos = torch.rand(2, 4, 3, 32, 48)  # 2 videos of 4 non-square frames: 2 views a frame
+    videos[1, 2, 0, 0, 0] = float("nan")
+    first, second = judge_videos(moderator, videos, [{}, {}], frame_batch=3).decisions
+    assert (first.verdict, first.action) == ("allow", "allow")
+    assert [v["frame"] for v in first.views] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert (second.verdict, second.action) == ("error", "blackout")
+    assert second.metadata == {"frames": 4, "deciding_frame": 0}
