@@ -20,9 +20,8 @@ from policy.limits import (
     blur_problem,
     pixelate_problem,
 )
+from policy.vocabulary import ACTIONS, PIXEL_ACTIONS, PLACEHOLDERS
 
-ACTIONS = ("allow", "review", "blur", "pixelate", "blackout")  # increasing severity
-PLACEHOLDERS = ("allow", "blur", "pixelate", "blackout")  # what `review` may show meanwhile
 # However small the image, a blur is at least this sigma and a block at least this side (pixels),
 # so that no strength leaves an image unchanged.
 MIN_BLUR_PIXELS = 1.0
@@ -136,9 +135,10 @@ def apply_actions(
         raise ActionError(f"images: expected [B,3,H,W], got shape {list(images.shape)}")
     if len(actions) != count:
         raise ActionError(f"got {len(actions)} actions for {count} images")
-    if review_placeholder not in PLACEHOLDERS:
+    if review_placeholder not in PLACEHOLDERS:  # never `allow`: a held image must stay hidden
         raise ActionError(
             f"review placeholder {review_placeholder!r} is not one of {', '.join(PLACEHOLDERS)}"
+            " (an image held for review must not be shown as it is)"
         )
     for name, problem in (
         ("blur_radius", blur_problem(float(blur_radius))),
@@ -173,7 +173,7 @@ def _apply_stacked(
     if len(present) == 1 and "allow" not in present:  # whole batch, no gather/scatter
         return act[kinds[0]](images)
     out = images.clone()
-    for kind in ("blur", "pixelate", "blackout"):
+    for kind in PIXEL_ACTIONS:
         idx = [i for i, k in enumerate(kinds) if k == kind]
         if not idx:
             continue

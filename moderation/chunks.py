@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from moderation.image_files import DECODE_PIXELS, ImageFile
-from moderation.images import ImageItem, ValueRange, auto_signed
+from moderation.images import ImageItem, ValueRange
 from moderation.preprocess import ViewError, plan_views
+from moderation.value_range import finite_min
 
 # Knobs: one call is moderated in chunks of at most this many input pixels (their float32
 # [0,1] copies and resize passes: ~12-30 bytes a pixel) and views (one vision forward each).
@@ -30,7 +31,7 @@ class Chunk:
     start: int
     count: int
     images: Any = None
-    signed: list[torch.Tensor] | None = None  # the whole object's auto range, when it is split
+    lowest: list[torch.Tensor] | None = None  # the whole object's lowest value, when it is split
 
 
 def split_call(
@@ -65,13 +66,13 @@ def split_call(
         pixels, views = pixels + cost, views + count
     if shapes:
         chunks.append(Chunk(start, len(shapes) - start))
-    signed = None
+    lowest = None
     if batched and len(chunks) > 1 and value_range == "auto" and _is_float(images):
-        signed = [any_negative(images, max_pixels)]
+        lowest = [lowest_value(images, max_pixels)]
     for chunk in chunks:
         part = slice(chunk.start, chunk.start + chunk.count)
         if batched:
-            chunk.images, chunk.signed = images[part], signed
+            chunk.images, chunk.lowest = images[part], lowest
         elif single:
             chunk.images = images
         else:
@@ -117,10 +118,10 @@ def item_shapes(item: ImageItem) -> list[tuple[int, int, int]]:
     return [(1, 0, 0)]
 
 
-def any_negative(x: torch.Tensor | np.ndarray, max_pixels: int) -> torch.Tensor:
-    """auto_signed of a whole batch, reduced a few images at a time (bounded temporaries)."""
+def lowest_value(x: torch.Tensor | np.ndarray, max_pixels: int) -> torch.Tensor:
+    """finite_min of a whole batch, reduced a few images at a time (bounded temporaries), so
+    that every chunk of one object is read in the same range (value_range.auto_reading)."""
     step = max(1, max_pixels // max(1, x.shape[-2] * x.shape[-1]))
     parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
-    if isinstance(x, np.ndarray):
-        return torch.tensor(any(bool(((p < 0) & (p > -np.inf)).any()) for p in parts))
-    return torch.stack([auto_signed(p) for p in parts]).any()
+    lows = [finite_min(p) for p in parts]
+    return torch.stack([low.to(lows[0].device) for low in lows]).amin()

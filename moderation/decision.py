@@ -12,14 +12,13 @@ import numpy as np
 
 from moderation.host_columns import HostColumns, host_columns, values
 from moderation.ids import new_decision_ids
+from policy.vocabulary import ACTION_RANK, ACTIONS, verdict_of
 
 if TYPE_CHECKING:
     import torch
 
     from moderation.scoring import Scores
     from policy.compiled import CompiledPolicy
-
-VERDICTS = ("allow", "flag", "review", "error")
 
 
 def new_decision_id() -> str:
@@ -63,6 +62,11 @@ class Decision:
     concept_views: np.ndarray | None = field(default=None, repr=False)  # [C] int16
     special_views: np.ndarray | None = field(default=None, repr=False)  # [S] int16
     shadow_of: str | None = None  # the live decision's id, for a shadow policy's decision
+    # How a float input's values were read: "0,1", "-1,1" or "both" (auto range could not tell:
+    # judged under each reading, views say which); None for uint8, files and embeddings.
+    value_range: str | None = None
+    # Digest of the image encoder (weights + preprocessing) that embedded the image.
+    encoder_digest: str | None = None
     # A live decision's shadow decisions: what each shadow candidate would have decided about
     # the same image (candidate order; empty without candidates). Never acted on or queued.
     shadows: tuple[Decision, ...] = field(default=(), repr=False)
@@ -144,11 +148,12 @@ class Decision:
             "model": self.policy.model,
             "concepts": self.explain(top=top),
             "views": self.views,  # what the image was judged on (None: CLIP's centre crop)
+            "value_range": self.value_range,  # how a float input was read (None: not float)
+            "encoder_digest": self.encoder_digest,  # the tower (weights + preprocessing)
             "metadata": self.metadata,
         }
 
 
-_VERDICT_OF_ACTION = {"allow": "allow", "review": "review"}  # blur/pixelate/blackout: "flag"
 NON_FINITE = "non-finite embedding"
 
 
@@ -222,15 +227,10 @@ def decision_columns(policy: CompiledPolicy, scores: Scores) -> list[torch.Tenso
     return columns
 
 
-def verdict_of(action: str) -> str:
-    """The verdict of an image that was scored: allow, review, or flag (blur/pixelate/blackout)."""
-    return _VERDICT_OF_ACTION.get(action, "flag")
-
-
 def action_ranks(
     policy: CompiledPolicy, scores: Scores
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image, on the scores' device: the rank (policy.compiled.ACTION_RANK) of the action
+    """Per image, on the scores' device: the rank (policy.vocabulary.ACTION_RANK) of the action
     `decide` takes for a scored image, the highest concept score and the concept holding it.
 
     The most severe action among fired concepts (allow where none fired), raised by a
@@ -238,8 +238,6 @@ def action_ranks(
     candidates and the backtest (moderation.lifecycle.backtest) all decide through here.
     """
     import torch
-
-    from policy.compiled import ACTION_RANK
 
     batch, n_concepts = scores.scores.shape
     device = scores.scores.device
@@ -304,8 +302,6 @@ def build_decisions(
     decision's time, image hash, metadata, views and error (an image the live policy could not
     judge is not judged by a candidate either) and links to it (`shadow_of`).
     """
-    from policy.compiled import ACTION_RANK
-
     cosines, concept_scores = columns.cosines, columns.scores
     special_cosines, special_scores = columns.special_cosines, columns.special_scores
     concept_views, special_views = columns.concept_views, columns.special_views
@@ -322,7 +318,7 @@ def build_decisions(
     else:
         fired_np, special_fired_np, any_fired, any_special = fired
 
-    actions_by_rank = sorted(ACTION_RANK, key=ACTION_RANK.__getitem__)
+    actions_by_rank = ACTIONS
     # Fail closed: CompiledPolicy refuses on_error `allow`, so an unscored image never passes.
     on_error = policy.on_error
     names, special_names = policy.concept_names, policy.special_names

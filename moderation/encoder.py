@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from moderation.checkpoint import Checkpoint
+from moderation.encoder_identity import preprocessing_settings, tower_digest
 from moderation.errors import EncoderError
 from moderation.images import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
 
@@ -125,7 +126,8 @@ def _from_pretrained(cls: Any, ckpt: Checkpoint, **kwargs: Any) -> nn.Module:
 
 
 def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tuple]:
-    """(crop size, mean, std) from preprocessor_config.json, else CLIP's."""
+    """(crop size, mean, std) from preprocessor_config.json, else CLIP's; values outside sane
+    bounds (encoder_identity.IMAGE_STD_RANGE...) are an EncoderError naming the file and the key."""
     path = ckpt.file("preprocessor_config.json")
     if path is None and ckpt.local and ckpt.folder.name == "safety_checker":
         sibling = ckpt.folder.parent / "feature_extractor" / "preprocessor_config.json"
@@ -136,12 +138,9 @@ def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tu
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EncoderError(f"model {ckpt.model_id}: cannot read {path}: {exc}") from exc
-    size = data.get("crop_size") or data.get("size") or default_size
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge") or default_size
-    mean = tuple(float(v) for v in data.get("image_mean", CLIP_MEAN))
-    std = tuple(float(v) for v in data.get("image_std", CLIP_STD))
-    return int(size), mean, std
+    if not isinstance(data, dict):
+        raise EncoderError(f"{path}: not a preprocessing config (expected a JSON object)")
+    return preprocessing_settings(data, default_size, str(path))
 
 
 class ClipEncoder:
@@ -159,6 +158,7 @@ class ClipEncoder:
     vision_model: nn.Module
     visual_projection: nn.Module
     text_fingerprint: str | None  # identifies the text tower's embeddings (prompt cache key)
+    digest: str  # tower_digest: the vision weights and preprocessing that embed images
 
     @classmethod
     def from_pretrained(
@@ -196,11 +196,19 @@ class ClipEncoder:
             from transformers import CLIPVisionModelWithProjection
 
             vision = _from_pretrained(CLIPVisionModelWithProjection, ckpt, dtype=torch.float32)
+        vision_size = int(getattr(vision.config, "vision_config", vision.config).image_size)
+        self.image_size, self.image_mean, self.image_std = _image_settings(ckpt, vision_size)
+        # Of the float32 weights as loaded, before they move: one digest per tower.
+        self.digest = tower_digest(
+            vision.vision_model,
+            vision.visual_projection,
+            self.image_size,
+            self.image_mean,
+            self.image_std,
+        )
         self.vision_model = vision.vision_model.to(device, dtype)
         self.visual_projection = vision.visual_projection.to(device, dtype)
         self.embed_dim = int(self.visual_projection.weight.shape[0])
-        vision_size = int(getattr(vision.config, "vision_config", vision.config).image_size)
-        self.image_size, self.image_mean, self.image_std = _image_settings(ckpt, vision_size)
         if text_model is not None:
             self._load_text_model(text_model)
         return self
@@ -326,9 +334,11 @@ class ClipEncoder:
         through the host); only the pixel values move to the encoder's device. Images holding
         NaN/inf come out as NaN rows, so that they fail closed downstream.
         """
+        from moderation.image_checks import check_items
         from moderation.images import ImageBatch, clip_preprocess, to_image_batch
 
         if not isinstance(images, ImageBatch):
+            check_items(images, value_range)  # one clear error for what cannot be judged
             images = to_image_batch(images, value_range=value_range)
         pixel_values = clip_preprocess(
             images, size=self.image_size, mean=self.image_mean, std=self.image_std

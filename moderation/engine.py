@@ -21,16 +21,15 @@ from moderation.engine_io import (
     per_image,
 )
 from moderation.errors import ModerationError
+from moderation.image_checks import check_items
 from moderation.images import (
     ImageBatch,
     ValueRange,
     batch_sha256,
-    check_items,
-    clip_preprocess,
     to_image_batch,
 )
 from moderation.loading import load_any_policy, load_compiled  # noqa: F401  (re-exported)
-from moderation.preprocess import judged_views
+from moderation.preprocess import batch_views
 from moderation.scoring import score
 from moderation.shadow import ShadowCandidates, load_candidates
 from moderation.storage.records import policy_record
@@ -125,13 +124,20 @@ class Moderator:
         spool_dir: str | Path | None = None,
         held_dir: str | Path | None = None,
         shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
+        expect_digest: str | None = None,
     ) -> Moderator:
         """Load a policy (YAML, compiled artifact or object) and its model; log to `db` if given.
 
         shadow: candidates (paths or objects, loaded like the policy; YAML compiled with its
-        model) scored on live traffic beside it and logged, never acted on."""
+        model) scored on live traffic beside it and logged, never acted on. expect_digest: the
+        compiled policy's sha256 digest, pinned (anything else is refused)."""
         compiled, encoder = load_compiled(
-            policy, model=model, device=device, dtype=dtype, text_model=text_model
+            policy,
+            model=model,
+            device=device,
+            dtype=dtype,
+            text_model=text_model,
+            expect_digest=expect_digest,
         )
         return cls.build(
             compiled, encoder, db=db, spool_dir=spool_dir, held_dir=held_dir, shadow=shadow
@@ -225,11 +231,17 @@ class Moderator:
         pixel_values: torch.Tensor | None = None,
     ) -> ModerationResult:
         batch = to_image_batch(
-            chunk.images, device=self.encoder.device, value_range=value_range, signed=chunk.signed
+            chunk.images, device=self.encoder.device, value_range=value_range, lowest=chunk.lowest
         )
         try:
             if pixel_values is None:
-                pixels, owners, views, view_errors = self._views(batch)
+                pixels, owners, views, view_errors = batch_views(
+                    batch,
+                    self.policy.views,
+                    size=self.encoder.image_size,
+                    mean=self.encoder.image_mean,
+                    std=self.encoder.image_std,
+                )
             else:  # the caller's own pixels, one view per image
                 pixels, owners, views, view_errors = pixel_values, None, None, [None] * len(batch)
             embeddings = self.encoder.encode_image(pixels)  # [N, D]
@@ -266,6 +278,7 @@ class Moderator:
         if failure is not None:
             embeddings, decisions = None, error_decisions(self.policy, metas, failure)
         self.shadows.attach(decisions, embeddings, owners)  # never acts, never raises
+        self._stamp(decisions, batch.value_ranges())
         if self.log is not None or self.hash_images:
             for d, digest in zip(decisions, batch_sha256(batch.images), strict=True):
                 d.image_sha256 = digest  # of the pixels judged, before any action
@@ -280,29 +293,13 @@ class Moderator:
         images = batch.to_caller(moderated, keep=keep)
         return ModerationResult(images, decisions, unrecorded, log_error)
 
-    def _views(
-        self, batch: ImageBatch
-    ) -> tuple[
-        torch.Tensor, torch.Tensor | None, list[list[dict[str, Any]]] | None, list[str | None]
-    ]:
-        """CLIP pixel values of the views each image is judged on (the policy's `views` of each
-        judged frame; under `center`, an animation's frames are centre-cropped too), which
-        image each view belongs to (None: one view per image), the views' descriptions (None:
-        CLIP's centre crop) and, per image, why it could not be covered (None: it was).
-
-        Inputs that cannot be judged become NaN pixel rows, so they cannot score as clean.
-        """
-        encoder = self.encoder
-        settings = {
-            "size": encoder.image_size,
-            "mean": encoder.image_mean,
-            "std": encoder.image_std,
-        }
-        animated = any(f is not None for f in batch.frames)
-        if self.policy.views == "center" and not animated:  # CLIP's own crop, bit for bit
-            return clip_preprocess(batch, **settings), None, None, [None] * len(batch)
-        frames = [batch.frames_of(i) for i in range(len(batch))]
-        return judged_views(frames, batch.invalid, self.policy.views, **settings)
+    def _stamp(self, decisions: list[Decision], readings: Sequence[str | None]) -> None:
+        """Record on each decision (and its shadows) how its input's values were read and which
+        encoder embedded it, so an audit can tell what judged the image."""
+        digest = getattr(self.encoder, "digest", None)
+        for d, reading in zip(decisions, readings, strict=True):
+            for x in (d, *d.shadows):
+                x.value_range, x.encoder_digest = reading, digest
 
     def moderate_embeddings(
         self,

@@ -6,18 +6,29 @@
   its 8-bit decode and not 7.5 GB. The reduced image is what is judged, acted on and written.
 - Bit depth: 16-bit greys (`I;16`, `I;16B`, ...) are scaled by 65535; 32-bit integer greys (`I`)
   by 65535 when their values fit 16 bits, else by their own range; float images (`F`) are read
-  as [0,1] when their values lie in it, else by their own range. NaN/inf is an error.
+  as [0,1] (clamped) when their values lie within RANGE_SLACK of it, so overshoot cannot
+  rescale the other pixels, else by their own range. NaN/inf is an error.
 - Animations (GIF, APNG, WebP): up to `max_frames` frames (default 32) every frame is judged;
   beyond, `max_frames` of them: the first, the last, and the frame on screen at evenly spaced
   instants of the animation's display time, topped up with frames evenly spaced by number. On
   top of those, every frame shown for LONG_FRAME_MS or more is judged, up to 4 x `max_frames` in
   all (more is an error: the animation is not judged). So every frame shown for 1 s, or for
   1/30 of the loop, is judged; a shorter flash among more than `max_frames` frames may not be.
+- Per-file decode budget (frame bombs): a GIF, APNG or WebP frame is composited at the size of
+  the whole canvas, so a huge canvas with many tiny frames costs canvas x frames. Before any
+  pixel is decoded, the pixels the file would decode (canvas x frames up to the last judged one;
+  each judged page of a TIFF) are counted against `max_decoded_pixels` (FILE_PIXELS, or
+  $MODERATION_MAX_DECODED_PIXELS), and decoding stops after `max_seconds` (FILE_SECONDS, or
+  $MODERATION_MAX_DECODE_SECONDS). Frame durations are read from the container (frame_timing),
+  so every frame is decoded once. A file over either budget is an ImageInputError: an `error`
+  decision with the policy's `on_error` action, never hours of CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +38,8 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from moderation.errors import ModerationError
+from moderation.frame_timing import durations_ms
+from moderation.value_range import RANGE_SLACK
 
 # PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS: refuse from there on.
 MAX_PIXELS = 2 * 89_478_485
@@ -37,6 +50,14 @@ MAX_FILE_FRAMES = 10_000  # frames decoded at most (an animation with more is re
 FRAME_PIXELS = 1 << 26  # judged frames x their pixels: frames are reduced to fit (64 MP)
 # Browsers show GIF frames of 0-10 ms for 100 ms; so does the sampling's clock.
 MIN_FRAME_MS, SHORT_FRAME_MS = 10, 100
+# Knobs: the per-file decode budget (see the module docstring). 4 x PIL's bomb limit is four
+# full-size frames, or 300 frames of 1920x1080; 30 s is far above what such a file takes.
+FILE_PIXELS = 4 * MAX_PIXELS
+FILE_SECONDS = 30.0
+FILE_PIXELS_ENV = "MODERATION_MAX_DECODED_PIXELS"
+FILE_SECONDS_ENV = "MODERATION_MAX_DECODE_SECONDS"
+# Frames of these formats are composited onto the canvas: each one decoded costs the canvas.
+COMPOSITED = frozenset({"GIF", "PNG", "WEBP"})
 
 
 class ImageInputError(ModerationError):
@@ -64,31 +85,78 @@ class ImageFile:
         return tuple(self.frames.shape[-2:])
 
 
+class _Budget:
+    """A file's decode budget: pixels planned before decoding, and a deadline."""
+
+    def __init__(self, name: str, pixels: int, seconds: float) -> None:
+        self.name, self.pixels, self.seconds = name, pixels, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def plan(self, cost: int, what: str) -> None:
+        if cost > self.pixels:
+            raise ImageInputError(
+                f"{self.name}: {what} would decode {cost:,} pixels, more than the "
+                f"{self.pixels:,} allowed per file (max_decoded_pixels, {FILE_PIXELS_ENV})"
+            )
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ImageInputError(
+                f"{self.name}: decoding took more than the {self.seconds:g} s allowed per file "
+                f"(max_seconds, {FILE_SECONDS_ENV})"
+            )
+
+
+def _knob(given: float | None, env: str, default: float, kind: type) -> float:
+    if given is not None:
+        return given
+    text = os.environ.get(env)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ModerationError(f"{env}={text!r}: not a positive number")
+    return value
+
+
 def read_image(
     source: str | Path | Image.Image,
     *,
     max_pixels: int | None = None,
     decode_pixels: int | None = None,
     max_frames: int | None = None,
+    max_decoded_pixels: int | None = None,
+    max_seconds: float | None = None,
 ) -> ImageFile:
-    """Decode a file (or a PIL image) within a memory budget; errors name the file.
+    """Decode a file (or a PIL image) within a memory and time budget; errors name the file.
 
-    Defaults: MAX_PIXELS, DECODE_PIXELS and MAX_FRAMES. A PIL image already in memory is not
-    reduced (`decode_pixels` applies to files), but the frames of an animated one are sampled
-    and bounded like a file's.
+    Defaults: MAX_PIXELS, DECODE_PIXELS, MAX_FRAMES, and the per-file budget FILE_PIXELS and
+    FILE_SECONDS (or $MODERATION_MAX_DECODED_PIXELS and $MODERATION_MAX_DECODE_SECONDS). A PIL
+    image already in memory is not reduced (`decode_pixels` applies to files), but the frames
+    of an animated one are sampled and bounded like a file's.
     """
     name = "image" if isinstance(source, Image.Image) else str(source)
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     decode_pixels = DECODE_PIXELS if decode_pixels is None else decode_pixels
     max_frames = MAX_FRAMES if max_frames is None else max_frames
+    budget = _Budget(
+        name,
+        int(_knob(max_decoded_pixels, FILE_PIXELS_ENV, FILE_PIXELS, int)),
+        float(_knob(max_seconds, FILE_SECONDS_ENV, FILE_SECONDS, float)),
+    )
     try:
         with warnings.catch_warnings():
             # Our own max_pixels decides; PIL's warning below its error limit is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
-                return _decode(source, name, None, max_pixels, None, max_frames)
+                return _decode(source, name, None, max_pixels, None, max_frames, budget)
             with Image.open(source) as image:
-                return _decode(image, name, str(source), max_pixels, decode_pixels, max_frames)
+                return _decode(
+                    image, name, str(source), max_pixels, decode_pixels, max_frames, budget
+                )
     except ImageInputError:
         raise
     except FileNotFoundError:
@@ -112,6 +180,7 @@ def _decode(
     max_pixels: int,
     decode_pixels: int | None,
     max_frames: int,
+    budget: _Budget,
 ) -> ImageFile:
     width, height = image.size
     if width * height > max_pixels:
@@ -122,6 +191,7 @@ def _decode(
     count = _frame_count(image, name)
     orientation = _orientation(image)
     if count == 1:
+        budget.plan(width * height, f"{width}x{height}")
         factor = 1 if decode_pixels is None else _factor(width * height, decode_pixels)
         if factor > 1 and image.format == "JPEG":
             # DCT scaling: the full-size image is never in memory.
@@ -129,7 +199,7 @@ def _decode(
         image.load()
         frame = _to_array(_reduce(_to_rgb(image, name), (width, height), factor), orientation)
         return ImageFile(_stack([frame]), (0,), (0,), 1, path, factor)
-    durations = _durations(image, count)
+    durations, sizes = _frame_table(image, count, path, budget, max_pixels)
     count = len(durations)
     chosen = sample_frames(durations, max_frames)
     if len(chosen) > 4 * max_frames:
@@ -137,10 +207,17 @@ def _decode(
             f"{name}: {len(chosen)} of its {count} frames must be judged (a frame shown for "
             f"{LONG_FRAME_MS} ms or more is never skipped), more than the {4 * max_frames} allowed"
         )
-    budget = FRAME_PIXELS // len(chosen)
-    factor = _factor(width * height, min(budget, decode_pixels or budget))
+    if sizes is None:  # composited: every frame up to the last judged one, at canvas size
+        budget.plan(
+            (chosen[-1] + 1) * width * height, f"{chosen[-1] + 1} frames of {width}x{height}"
+        )
+    else:  # pages: only the judged ones are decoded
+        budget.plan(sum(sizes[n] for n in chosen), f"{len(chosen)} pages")
+    per_frame = FRAME_PIXELS // len(chosen)
+    factor = _factor(width * height, min(per_frame, decode_pixels or per_frame))
     wanted, frames = set(chosen), []
     for number, frame in enumerate(ImageSequence.Iterator(image)):
+        budget.check_time()  # between frames: a single frame is bounded by the pixel budget
         if number in wanted:
             rgb = _reduce(_to_rgb(frame, name), (width, height), factor)
             frames.append(_to_array(rgb, orientation))
@@ -191,16 +268,42 @@ def _frame_count(image: Image.Image, name: str) -> int:
     return count
 
 
-def _durations(image: Image.Image, count: int) -> list[int]:
-    """Each frame's display time in ms (frames are decoded one at a time, then dropped)."""
+def _frame_table(
+    image: Image.Image, count: int, path: str | None, budget: _Budget, max_pixels: int
+) -> tuple[list[int], list[int] | None]:
+    """Each frame's display time in ms, and each page's pixels (None: composited frames, each
+    the canvas), without decoding a frame where the container allows (frame_timing)."""
+    width, height = image.size
+    if image.format not in COMPOSITED:
+        # TIFF pages and the like: seeking reads a page's header, not its pixels.
+        durations, sizes = [], []
+        for number in range(count):
+            budget.check_time()
+            image.seek(number)
+            w, h = image.size
+            if w * h > max_pixels:
+                raise ImageInputError(
+                    f"{budget.name}: frame {number} is {w}x{h}, {w * h:,} pixels, more than the "
+                    f"{max_pixels:,} allowed (max_pixels)"
+                )
+            durations.append(int(image.info.get("duration") or 0))
+            sizes.append(w * h)
+        image.seek(0)
+        return durations, sizes
+    parsed = durations_ms(path, image.format) if path is not None else None
+    if parsed is not None and len(parsed) == count:
+        return parsed, None
+    # Pillow must decode them to say (twice in all: this pass, then the judged frames).
+    budget.plan(2 * count * width * height, f"{count} frames of {width}x{height} read twice")
     durations = []
     for frame in ImageSequence.Iterator(image):
+        budget.check_time()
         frame.load()  # WebP sets the duration when the frame is decoded
         durations.append(int(frame.info.get("duration") or 0))
         if len(durations) >= count:
             break
     image.seek(0)
-    return durations
+    return durations, None
 
 
 def _factor(pixels: int, budget: int) -> int:
@@ -262,7 +365,8 @@ def _gray_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if mode == "I" and low >= 0 and high <= 65535:
         low, high = 0.0, 65535.0
-    elif mode == "F" and low >= 0 and high <= 1:
+    elif mode == "F" and low >= -RANGE_SLACK and high <= 1 + RANGE_SLACK:
+        # [0,1] with overshoot, clamped: one pixel a little beyond must not rescale the others
         low, high = 0.0, 1.0
     span = high - low or 1.0
     unit = (values.astype(np.float32) - np.float32(low)) / np.float32(span)
@@ -284,13 +388,17 @@ def save_result(target: str | Path, image: Image.Image, source: ImageFile, allow
     """Write a moderated file as PNG. An allowed animation becomes an animated PNG of its judged
     frames only (each shown until the next judged one, so the loop keeps its length); anything
     else is a still PNG of `image`, the acted result: frames never judged are never re-animated."""
+    from policy.atomic import atomic_file
+
     target = Path(target)
     if not (allowed and len(source.frame_numbers) > 1):
-        image.save(target, format="PNG")
+        with atomic_file(target) as file:
+            image.save(file, format="PNG")
         return target
     frames = [Image.fromarray(f) for f in source.frames.permute(0, 2, 3, 1).numpy()]
     durations = [max(d, 1) for d in source.durations_ms]
-    frames[0].save(
-        target, format="PNG", save_all=True, append_images=frames[1:], duration=durations, loop=0
-    )
+    with atomic_file(target) as file:
+        frames[0].save(
+            file, format="PNG", save_all=True, append_images=frames[1:], duration=durations, loop=0
+        )
     return target

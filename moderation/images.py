@@ -17,12 +17,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moderation.image_checks import (
+    check_dtype,
+    check_layout,
+    check_shape,
+    check_value_range,
+    unsupported_type,
+)
 from moderation.image_files import (
     ImageFile,
     ImageInputError,
     read_image,
 )
 from moderation.preprocess import CLIP_MEAN, CLIP_STD, TALL_CROPS, clip_pixels, clip_resize_size
+from moderation.value_range import (
+    NON_FINITE_INPUT,
+    OUT_OF_RANGE_INPUT,
+    auto_reading,
+    finite_min,
+    float_to_unit,
+    reading_names,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -44,16 +59,6 @@ __all__ = [
 ValueRange = Literal["auto", "-1,1", "0,1"]
 ImageItem = torch.Tensor | np.ndarray | Image.Image | ImageFile | str | Path
 Images = torch.Tensor | list[torch.Tensor]  # [B,3,H,W] or B x [3,H,W], float [0,1]
-
-# A float value this far beyond its range (in [0,1] units) is not overshoot but a wrong range,
-# e.g. 0-255 floats: the image is not judged. A VAE's decoded [-1,1] output overshoots by a
-# few tenths (a tiny random one by 0.5: [-1.22, 1.53]); 0-255 floats reach 2 at value 2.
-RANGE_SLACK = 1.0
-NON_FINITE_INPUT = "the input image holds NaN or infinite values"
-OUT_OF_RANGE_INPUT = (
-    "the input image holds float values far outside [0,1] and [-1,1] "
-    "(0-255 floats? pass uint8, or divide by 255)"
-)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class ImageBatch:
     sources: list[_Source] = field(repr=False)
     single: bool = field(default=True, repr=False)  # caller passed one object, not a list
     out_of_range: torch.Tensor | None = field(default=None, repr=False)  # [B] bool
+    # [B] bool: auto range could not tell [0,1] from [-1,1] (`images` holds the [0,1] reading,
+    # `alternate(i)` the other); None when no float input was read with value_range="auto".
+    ambiguous: torch.Tensor | None = field(default=None, repr=False)
     # Per image: the judged frames of an animation, [F,3,H,W] uint8 (frame 0 is `images[i]`),
     # and their numbers in the file; None for a still image.
     frames: list[torch.Tensor | None] = field(default_factory=list, repr=False)
@@ -110,6 +118,37 @@ class ImageBatch:
     def invalid_indices(self) -> list[int]:
         """Indices of inputs that cannot be judged (one host sync)."""
         return torch.nonzero(self.invalid).flatten().tolist()
+
+    def ambiguous_indices(self) -> list[int]:
+        """Images to judge under both readings (one host sync, only after an auto range)."""
+        if self.ambiguous is None:
+            return []
+        return torch.nonzero(self.ambiguous).flatten().tolist()
+
+    def alternate(self, index: int) -> torch.Tensor:
+        """[1,3,H,W]: image `index` read as [-1,1], from the caller's own values (an ambiguous
+        image's `images[index]` is its [0,1] reading, clamped: the values below 0 are gone)."""
+        s = next(s for s in self.sources if s.start <= index < s.start + s.count)
+        part, _, _, _ = _read_item(s.original, "images", True, 0, self.device, {})
+        j = index - s.start
+        sign = torch.ones((), dtype=torch.bool, device=self.device)
+        dtype = self.images[index].dtype
+        unit, _, _ = float_to_unit(part[j : j + 1], sign, dtype, self.device)
+        return unit
+
+    def value_ranges(self) -> list[str | None]:
+        """Per image, how its values were read: "0,1", "-1,1", "both" (ambiguous: judged under
+        each reading), None for uint8, PIL images and files (one host transfer)."""
+        n = len(self)
+        if self.signed is None:
+            return [None] * n
+        ambiguous = self.ambiguous if self.ambiguous is not None else self.signed & False
+        signed, both = torch.stack([self.signed, ambiguous]).cpu().tolist()
+        floats = [False] * n
+        for s in self.sources:
+            if s.kind in ("tensor", "numpy") and s.dtype not in (torch.uint8, np.uint8):
+                floats[s.start : s.start + s.count] = [True] * s.count
+        return reading_names(floats, signed, both)
 
     def input_errors(self) -> list[str | None]:
         """Per image, why its input cannot be judged (None: it can); one host transfer."""
@@ -172,27 +211,30 @@ def to_image_batch(
     device: torch.device | str | None = None,
     value_range: ValueRange = "auto",
     dtype: torch.dtype = torch.float32,
-    signed: Sequence[torch.Tensor | None] | None = None,
+    lowest: Sequence[torch.Tensor | None] | None = None,
     max_pixels: int | None = None,
     decode_pixels: int | None = None,
     max_frames: int | None = None,
 ) -> ImageBatch:
     """Convert a tensor, numpy array, PIL image, file path, ImageFile, or a list of them.
 
-    Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]. With `value_range="auto"`
-    the decision is made per object the caller passed: [-1,1] if any finite value of that object
-    is below 0, else [0,1] (a batched tensor is one generator's output, so one decision for all
-    its images; each item of a list decides for itself). It is an on-device reduction, no host
-    sync. `signed` (per item, a 0-d bool or None) overrides it, for one object split in chunks.
-    Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an image with values more than
-    RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are zeroed and flagged in `invalid`
+    Float inputs (tensors and numpy arrays) are read as [-1,1] or [0,1]; a declared `value_range`
+    always wins. With `value_range="auto"` the decision is made per object the caller passed,
+    from its lowest finite value (a batched tensor is one generator's output, so one decision
+    for all its images; each item of a list decides for itself): at or below
+    -value_range.SIGNED_EVIDENCE, [-1,1]; at or above 0, [0,1]; in between, ambiguous
+    (`ambiguous`: `images` holds the [0,1] reading, `alternate(i)` the [-1,1] one, and the
+    engine judges both). It is an on-device reduction, no host sync. `lowest` (per item, a 0-d
+    tensor or None) gives the lowest value of the whole object an item was cut from, for one
+    object split in chunks. Overshoot (a VAE's output a little beyond [-1,1]) is clamped; an
+    image with values more than RANGE_SLACK beyond its range (0-255 floats) and NaN/inf are
+    zeroed and flagged in `invalid`
     (the engine gives them an error decision). uint8 is always 0..255. Files and PIL images are
     decoded by `read_image` (its budgets: `max_pixels`, `decode_pixels`, `max_frames`; bit
     depth; animation frames). `device` defaults to the
     first tensor's device, else the CPU.
     """
-    if value_range not in ("auto", "-1,1", "0,1"):
-        raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
+    check_value_range(value_range)
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     if device is None:
@@ -200,7 +242,7 @@ def to_image_batch(
     device = torch.device(device)
     decode = {"max_pixels": max_pixels, "decode_pixels": decode_pixels, "max_frames": max_frames}
 
-    converted, nonfinite, ranged, signs = [], [], [], []
+    converted, nonfinite, ranged, signs, maybes = [], [], [], [], []
     sources: list[_Source] = []
     paths: list[str | None] = []
     frames: list[torch.Tensor | None] = []
@@ -213,19 +255,23 @@ def to_image_batch(
         no = torch.zeros(n, dtype=torch.bool, device=device)
         if is_float:
             any_float = True
-            sign = signed[i] if signed is not None and signed[i] is not None else None
-            if sign is None:
-                sign = auto_signed(part) if value_range == "auto" else value_range == "-1,1"
-            sign = torch.as_tensor(sign, device=device)
-            part, bad, far = _float_to_unit(part, sign, dtype, device)
+            if value_range == "auto":
+                low = lowest[i] if lowest is not None and lowest[i] is not None else None
+                sign, maybe = auto_reading(finite_min(part) if low is None else low.to(device))
+            else:
+                sign = torch.tensor(value_range == "-1,1", device=device)
+                maybe = torch.zeros((), dtype=torch.bool, device=device)
+            part, bad, far = float_to_unit(part, sign, dtype, device)
             nonfinite.append(bad)
             ranged.append(far)
             signs.append(sign.expand(n))
+            maybes.append(maybe.expand(n))
         else:
             part = part.to(device=device, dtype=dtype).div_(255)
             nonfinite.append(no)
             ranged.append(no)
             signs.append(no)
+            maybes.append(no)
         converted.append(part)
         sources.append(source)
         paths.extend([file.path if file is not None else None] * n)
@@ -248,38 +294,9 @@ def to_image_batch(
         out, cat(nonfinite) | far, paths, cat(signs) if any_float else None, sources, single
     )
     batch.out_of_range, batch.frames, batch.frame_numbers = far, frames, numbers
+    if any_float and value_range == "auto":
+        batch.ambiguous = cat(maybes)
     return batch
-
-
-def check_items(images: ImageItem | Sequence[ImageItem], value_range: ValueRange = "auto") -> None:
-    """Raise ImageInputError for the first object to_image_batch would refuse (nothing decoded)."""
-    if value_range not in ("auto", "-1,1", "0,1"):
-        raise ImageInputError(f"value_range must be 'auto', '-1,1' or '0,1', got {value_range!r}")
-    single = not isinstance(images, (list, tuple))
-    for i, item in enumerate([images] if single else images):
-        label = "images" if single else f"image {i}"
-        if isinstance(item, (torch.Tensor, np.ndarray)):
-            _check_shape(item, label, single, channels_last=isinstance(item, np.ndarray))
-            _check_dtype(item.dtype, label)
-        elif not isinstance(item, (ImageFile, Image.Image, str, Path)):
-            _read_item(item, label, single, 0, torch.device("cpu"), {})  # raises its error
-
-
-def auto_signed(part: torch.Tensor) -> torch.Tensor:
-    """0-d bool on the device: the object holds a finite negative value, so it is [-1,1]."""
-    return ((part < 0) & (part > float("-inf"))).any()
-
-
-def _float_to_unit(
-    part: torch.Tensor, sign: torch.Tensor, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A float [n,3,H,W] -> (our [0,1] copy, [n] non-finite, [n] out of range), in one copy."""
-    x = part.to(device=device, dtype=dtype, copy=True)
-    bad = ~torch.isfinite(x).flatten(1).all(1)  # [n]
-    x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    x.mul_(torch.where(sign, 0.5, 1.0)).add_(torch.where(sign, 0.5, 0.0))
-    far = ((x < -RANGE_SLACK) | (x > 1 + RANGE_SLACK)).flatten(1).any(1)  # [n]
-    return x.clamp_(0, 1), bad, far
 
 
 def _read_item(
@@ -287,14 +304,14 @@ def _read_item(
 ) -> tuple[torch.Tensor, bool, _Source, ImageFile | None]:
     """One caller object -> ([n,3,H,W], is_float, source, decoded file); not yet converted."""
     if isinstance(item, torch.Tensor):
-        t = _check_shape(item, label, single, channels_last=False)
-        is_float = _check_dtype(item.dtype, label)
+        t = check_shape(check_layout(item, label), label, single, channels_last=False)
+        is_float = check_dtype(item.dtype, label)
         part = t if t.ndim == 4 else t.unsqueeze(0)
         source = _Source("tensor", start, part.shape[0], t.ndim == 4, t.dtype, t.device, item)
         return part, is_float, source, None
     if isinstance(item, np.ndarray):
-        a = _check_shape(item, label, single, channels_last=True)
-        is_float = _check_dtype(a.dtype, label)
+        a = check_shape(item, label, single, channels_last=True)
+        is_float = check_dtype(a.dtype, label)
         array = np.ascontiguousarray(a)
         hwc = torch.from_numpy(array if array.flags.writeable else array.copy())
         part = hwc.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
@@ -307,37 +324,8 @@ def _read_item(
     elif isinstance(item, (str, Path)):
         file, kind = read_image(item, **decode), "file"
     else:
-        raise ImageInputError(
-            f"{label}: unsupported image type {type(item).__name__} "
-            "(expected a tensor, numpy array, PIL image or file path)"
-        )
+        raise unsupported_type(item, label)
     return file.frames[:1], False, _Source(kind, start, 1, False), file
-
-
-def _check_shape(x: Any, label: str, single: bool, *, channels_last: bool) -> Any:
-    """Require [3,H,W] / [B,3,H,W] (tensors) or [H,W,3] / [B,H,W,3] (arrays)."""
-    layout = "[H,W,3]" if channels_last else "[3,H,W]"
-    shape = list(x.shape)
-    if x.ndim == 4 and not single:
-        raise ImageInputError(f"{label}: expected one image {layout} in a list, got shape {shape}")
-    if x.ndim not in (3, 4):
-        raise ImageInputError(f"{label}: expected an image of shape {layout}, got shape {shape}")
-    channels = shape[-1] if channels_last else shape[-3]
-    if channels != 3:
-        raise ImageInputError(f"{label}: expected 3 channels, got {channels}")
-    if 0 in (shape[-3:-1] if channels_last else shape[-2:]):
-        raise ImageInputError(f"{label}: empty image of shape {shape}")
-    return x
-
-
-def _check_dtype(dtype: Any, label: str) -> bool:
-    """True for float dtypes, False for uint8; anything else is an error."""
-    if isinstance(dtype, torch.dtype):
-        if dtype == torch.uint8 or dtype.is_floating_point:
-            return dtype.is_floating_point
-    elif dtype == np.uint8 or np.issubdtype(dtype, np.floating):
-        return dtype != np.uint8
-    raise ImageInputError(f"{label}: unsupported dtype {dtype} (expected uint8 or float)")
 
 
 def load_image_file(path: str | Path, *, device: torch.device | str = "cpu") -> torch.Tensor:

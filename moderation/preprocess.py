@@ -22,12 +22,16 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from moderation.errors import ModerationError
+from policy.vocabulary import VIEWS, View
+
+if TYPE_CHECKING:
+    from moderation.images import ImageBatch
 
 # OpenAI CLIP normalisation (equal to transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,8 +40,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Above this height/crop ratio, resample tall images vertically first (memory, see below).
 TALL_CROPS = 16
 
-ViewMode = Literal["center", "cover", "tiles"]
-VIEW_MODES: tuple[str, ...] = ("cover", "center", "tiles")
+ViewMode = View
 # Knob: most cover views one frame may need, i.e. the most extreme aspect ratio judged (16:1).
 # Beyond it an image is not judged (error, on_error applies) rather than judged on part of it.
 MAX_COVER_VIEWS = 16
@@ -82,8 +85,8 @@ def _spaced(length: int, crop: int, count: int) -> list[int]:
 @functools.lru_cache(maxsize=1024)
 def plan_views(height: int, width: int, mode: ViewMode, size: int = 224) -> ViewPlan:
     """The views of a `height` x `width` frame for an encoder of input `size` (see module doc)."""
-    if mode not in VIEW_MODES:
-        raise ViewError(f"views must be one of {', '.join(VIEW_MODES)}, got {mode!r}")
+    if mode not in VIEWS:
+        raise ViewError(f"views must be one of {', '.join(VIEWS)}, got {mode!r}")
     new_h, new_w = clip_resize_size(height, width, size)
     if mode == "center":
         crops = (((new_h - size) // 2, (new_w - size) // 2),)
@@ -285,3 +288,41 @@ def judged_views(
             [{"frame": int(n), "box": list(box)} for n in numbers for box in plan.boxes]
         )
     return out, owners, descriptors, errors
+
+
+def batch_views(
+    batch: ImageBatch,
+    mode: ViewMode,
+    *,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[list[dict]] | None, list[str | None]]:
+    """The views an ImageBatch is judged on: `judged_views` of every judged frame (under
+    `center`, an animation's frames are centre-cropped too), or CLIP's own centre crop, bit for
+    bit, when every image is one still frame read one way. Returns (pixels [N,3,S,S], owners,
+    descriptors (None: CLIP's centre crop), error per image), as judged_views.
+
+    An image whose value range is ambiguous is judged under both readings: the views of its
+    [0,1] reading, then those of its [-1,1] one, each descriptor saying which ("range"), so
+    each concept takes its highest cosine over both (the most severe reading decides).
+    """
+    animated = any(f is not None for f in batch.frames)
+    ambiguous = batch.ambiguous_indices()  # a host sync, only after an auto range
+    center = mode == "center" and not animated
+    if center and not ambiguous:
+        pixels = clip_pixels(batch.images, size=size, mean=mean, std=std, invalid=batch.invalid)
+        return pixels, None, None, [None] * len(batch)
+    frames = [batch.frames_of(i) for i in range(len(batch))]
+    for i in ambiguous:
+        shown, numbers = frames[i]
+        frames[i] = (torch.cat([shown, batch.alternate(i).to(shown.dtype)]), (*numbers, *numbers))
+    pixels, owners, views, errors = judged_views(
+        frames, batch.invalid, mode, size=size, mean=mean, std=std
+    )
+    for i in ambiguous:
+        half = len(views[i]) // 2
+        views[i] = [{**v, "range": "0,1" if k < half else "-1,1"} for k, v in enumerate(views[i])]
+    if center:  # the others keep their one whole view, as on the fast path
+        views = [v if i in ambiguous else None for i, v in enumerate(views)]
+    return pixels, owners, views, errors

@@ -211,7 +211,7 @@ class _Fused:
     """
 
     def __init__(self, policies: Sequence[CompiledPolicy], matrices) -> None:
-        from policy.compiled import ACTION_RANK
+        from policy.vocabulary import ACTION_RANK
 
         concept, special = matrices
         self.policies = policies

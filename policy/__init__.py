@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING, Any
 
 from policy.errors import PolicyError, PolicyIssue
 from policy.loader import check_embed_dim, load_policy, model_embed_dim
-from policy.schema import ACTION_RANK, CheckpointRef, Concept, Policy
+from policy.schema import CheckpointRef, Concept, Policy
+from policy.vocabulary import ACTION_RANK
 
 if TYPE_CHECKING:
     from policy.compiled import CompiledPolicy

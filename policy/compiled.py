@@ -22,9 +22,9 @@ from policy.limits import (
     DIFFUSERS_ADJUSTMENT,
     PIXELATE_BLOCK_DEFAULT,
 )
-from policy.schema import ACTION_RANK
+from policy.vocabulary import ACTION_RANK
 
-__all__ = ["ACTION_RANK", "DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPolicy"]
+__all__ = ["DIFFUSERS_ADJUSTMENT", "FORMAT_VERSION", "CompiledPolicy"]
 
 # Bump when the meaning of a compiled artifact changes, so old digests stop matching.
 # 2: blur_radius and pixelate_block are fractions of the image's shorter side, not pixels;
@@ -155,7 +155,9 @@ class CompiledPolicy:
 
     def save(self, path: str | Path) -> Path:
         """Write the compiled policy as one safetensors file (tensors + JSON metadata)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from policy.atomic import atomic_write
 
         path = Path(path)
         tensors = {
@@ -166,8 +168,7 @@ class CompiledPolicy:
             "digest": self.digest,
             "policy": json.dumps(self._metadata()),
         }
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return atomic_write(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> CompiledPolicy:

@@ -21,17 +21,14 @@ from policy.limits import (
     MODEL_MAX,
     NAME_MAX,
     VERSION_MAX,
-    VIEWS,
     adjustment_problem,
     blur_problem,
     name_problem,
     pixelate_problem,
 )
-from policy.schema import ACTION_RANK, Severity
+from policy.schema import Severity
+from policy.vocabulary import ACTIONS, FAIL_CLOSED, PLACEHOLDERS, VIEWS
 
-ACTIONS = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))  # allow ... blackout
-FAIL_CLOSED = tuple(a for a in ACTIONS if a != "allow")  # what on_error may be
-PLACEHOLDERS = ("blur", "pixelate", "blackout")  # what a held image may show meanwhile
 SEVERITIES = typing.get_args(Severity)
 # Rows are normalised by the compiler; a matrix cast to a half type keeps them within ~1e-3.
 _UNIT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}

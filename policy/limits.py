@@ -72,8 +72,3 @@ def adjustment_problem(value: float) -> str | None:
     if not value <= 1:  # NaN too
         return "must be between 0 and 1"
     return None
-
-
-# The square views an image is judged on (moderation.preprocess): every pixel, CLIP's centre crop,
-# or every pixel plus tiles for small content.
-VIEWS = ("cover", "center", "tiles")

@@ -19,7 +19,7 @@ from policy.errors import KeyPath, PolicyError, PolicyIssue, format_path, kind_o
 from policy.examples import resolve_examples
 from policy.extends import flatten_extends
 from policy.schema import EMBEDDING_TAGS, THRESHOLD_TAGS, CheckpointRef, Policy
-from policy.yaml_loader import LoadedYaml, load_yaml, paused_gc
+from policy.yaml_loader import LoadedYaml, decode_policy_text, load_yaml, paused_gc
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +124,15 @@ def _cached_config(repo_id: str) -> str | None:
 
 def _read_text(file: str) -> str:
     try:
-        with open(file, encoding="utf-8-sig") as handle:
-            return handle.read()
+        with open(file, "rb") as handle:
+            raw = handle.read()
     except FileNotFoundError:
         raise PolicyError.about_file(file, "file not found") from None
     except IsADirectoryError:
         raise PolicyError.about_file(file, "is a folder, not a policy file") from None
-    except UnicodeDecodeError as exc:
-        message = f"is not UTF-8 text (byte {exc.start})"
-        raise PolicyError.about_file(file, message) from None
     except OSError as exc:
         raise PolicyError.about_file(file, f"cannot read: {exc.strerror}") from None
+    return decode_policy_text(raw, file)
 
 
 def _file_order(issue: PolicyIssue) -> tuple[int, int]:

@@ -34,10 +34,9 @@ from policy.limits import (
     name_problem,
     pixelate_problem,
 )
+from policy.vocabulary import FAIL_CLOSED, Action, Placeholder, View
 from policy.yaml_loader import LoadedYaml
 
-Action = Literal["allow", "review", "blur", "pixelate", "blackout"]
-ACTION_RANK: dict[str, int] = {"allow": 0, "review": 1, "blur": 2, "pixelate": 3, "blackout": 4}
 Severity = Literal["low", "medium", "high", "critical"]
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 # Loc labels pydantic adds after `embedding` for the two accepted shapes; the loader drops them.
@@ -95,11 +94,11 @@ def _version(value: Any) -> int | str:
 
 
 def _fail_closed(value: str) -> str:
-    if value == "allow":
+    if value not in FAIL_CLOSED:
         raise PydanticCustomError(
             "fail_open",
             "must not be 'allow': an image that could not be checked must not pass unchecked"
-            " (use review, blur, pixelate or blackout)",
+            f" (use {', '.join(FAIL_CLOSED[:-1])} or {FAIL_CLOSED[-1]})",
         )
     return value
 
@@ -237,7 +236,7 @@ class PixelateSettings(_Model):
 class ReviewSettings(_Model):
     """What the caller gets for an image held for review."""
 
-    placeholder: Literal["blur", "pixelate", "blackout"] = "blur"  # shown until a human decides
+    placeholder: Placeholder = "blur"  # shown until a human decides
 
 
 class ActionSettings(_Model):
@@ -266,7 +265,7 @@ class Policy(_Model):
     compat: Literal["diffusers"] | None = None
     # What the model sees of an image: `cover` (default) every pixel, `center` CLIP's centre
     # crop (the default, and the only choice, under compat: diffusers), `tiles` cover + tiles.
-    views: Literal["cover", "center", "tiles"] | None = None
+    views: View | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     review_band: Annotated[float, _between(0, 0.5, high_open=True)] = 0.0
     on_error: Annotated[Action, AfterValidator(_fail_closed)] = "blackout"

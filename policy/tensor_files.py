@@ -8,8 +8,6 @@ written again), and a cache folder that cannot be written costs one warning, nev
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,19 +55,14 @@ class EntryFiles:
     def write(self, path: Path, meta: dict[str, str], array: np.ndarray) -> None:
         """Store one entry atomically (write, then rename: a concurrent reader never sees half an
         entry); an unwritable folder is one warning per cache, and the work goes on."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
+
+        from policy.atomic import atomic_write
 
         array = np.ascontiguousarray(array, dtype=np.float32)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({TENSOR: array}, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path, save({TENSOR: array}, metadata=meta))
         except OSError as exc:
             if not self._warned:
                 log.warning("%s %s is not writable (%s); continuing", self.what, self.folder, exc)

@@ -14,6 +14,7 @@ pure-Python composer, so messages are the same with or without libyaml.
 
 from __future__ import annotations
 
+import codecs
 import gc
 import re
 from array import array
@@ -269,6 +270,22 @@ def _syntax_issue(file: str, text: str, exc: yaml.YAMLError) -> PolicyIssue:
     else:
         line, col, message = 1, 1, str(exc)
     return PolicyIssue(file, line, col, _SYNTAX_PATH, message)
+
+
+def decode_policy_text(raw: bytes, file: str) -> str:
+    """A policy file's text: UTF-8, a leading BOM dropped. A byte that is not UTF-8 is a
+    PolicyError at its FILE:LINE:COL, like every other policy error."""
+    body = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = body[: exc.start]  # valid UTF-8: decoding stopped at the first bad byte
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8")) + 1
+        message = (
+            f"byte 0x{body[exc.start]:02X} is not UTF-8 text ({exc.reason}); save the file as UTF-8"
+        )
+        raise PolicyError([PolicyIssue(file, line, col, _SYNTAX_PATH, message)]) from None
 
 
 def load_yaml(text: str, file: str) -> LoadedYaml:

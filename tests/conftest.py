@@ -53,3 +53,15 @@ def _embedding_cache_in_tmp(tmp_path_factory):
         os.environ.pop("MODERATION_EMBEDDING_CACHE_DIR", None)
     else:
         os.environ["MODERATION_EMBEDDING_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _user_data_in_tmp(tmp_path_factory):
+    """Keep held originals' per-user default folder (platformdirs) out of the user's home."""
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("user-data"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = previous

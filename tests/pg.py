@@ -37,18 +37,22 @@ def pg_test_url() -> str | None:
 def pg_database_later(
     server_url: str, prefix: str = "moderation_later"
 ) -> Iterator[tuple[str, Callable[[], None]]]:
-    """The URL of a database that does not exist yet (so it is unreachable), and a function
-    that creates and migrates it: an outage and its end under one URL. Dropped at the end."""
+    """The URL of a database that takes no connections yet (an outage: `ALLOW_CONNECTIONS
+    false`, as an operator's maintenance sets it), and a function that opens and migrates it:
+    an outage and its end under one URL. Dropped at the end. (A database that does not exist
+    is not an outage but a configuration error: nothing is spooled for it.)"""
     from moderation.storage import upgrade
 
     server = make_url(db.resolve_db_url(server_url))
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
     url = server.set(database=name).render_as_string(hide_password=False)
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" ALLOW_CONNECTIONS false'))
 
     def create() -> None:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         upgrade(url)
 
     try:
@@ -67,10 +71,11 @@ def scratch_url(
     name: str,
     shared: Callable[[], str] | None = None,
     *,
-    migrate: bool = False,
+    migrate: bool = True,
 ) -> Iterator[str]:
     """An empty database of `backend` for one test: a SQLite file `name`.db in `folder`
-    (migrated on first use, or at once with `migrate`), or a migrated PostgreSQL database on the test server, made for
+    (migrated at once unless `migrate` is False: readers such as ReviewQueue open existing
+    databases only), or a migrated PostgreSQL database on the test server, made for
     the test and dropped after it, or, with `shared` (a function giving the URL of a migrated
     database kept for a module), that one emptied. Skips without MODERATION_TEST_PG_URL."""
     if backend == "sqlite":

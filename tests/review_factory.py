@@ -232,8 +232,12 @@ def row_counts(engine: Engine) -> dict[str, int]:
 
 
 def sqlite_url(folder) -> str:
-    """A file database in `folder` (WAL; migrated by get_engine on first use)."""
-    return f"sqlite:///{folder}/review.db"
+    """A migrated file database in `folder` (WAL; readers open existing databases only)."""
+    from moderation.storage import upgrade
+
+    url = f"sqlite:///{folder}/review.db"
+    upgrade(url)
+    return url
 
 
 @contextmanager

@@ -128,12 +128,65 @@ def test_mixed_actions_in_one_batch():
     assert torch.equal(out[4], torch.zeros_like(x[4]))
 
 
-@pytest.mark.parametrize("placeholder", ["blackout", "pixelate", "allow"])
+@pytest.mark.parametrize("placeholder", ["blackout", "pixelate", "blur"])
 def test_review_placeholder(placeholder):
     x = torch.rand(2, 3, 9, 9)
     out = apply_actions(x, ["review", "allow"], review_placeholder=placeholder, pixelate_block=0.45)
-    expected = {"blackout": blackout(x[0]), "pixelate": pixelate(x[0], 4), "allow": x[0]}
+    expected = {
+        "blackout": blackout(x[0]),
+        "pixelate": pixelate(x[0], 4),
+        "blur": gaussian_blur(x[0], 1.0),  # the 1-pixel floor of 0.05 x 9 px
+    }
     torch.testing.assert_close(out[0], expected[placeholder])
+
+
+@pytest.mark.parametrize("images", [torch.rand(2, 3, 9, 9), [torch.rand(3, 9, 9)] * 2])
+@pytest.mark.parametrize("placeholder", ["allow", "review", "none", ""])
+def test_review_placeholder_must_hide_the_image(images, placeholder):
+    """An image held for review never goes back as it is, whatever the caller or a hand-built
+    policy says (the vocabulary's PLACEHOLDERS, the same list the schema and compiled rules use)."""
+    with pytest.raises(ActionError, match="review placeholder .* is not one of blur, pixelate"):
+        apply_actions(images, ["review", "allow"], review_placeholder=placeholder)
+
+
+def test_one_vocabulary_for_every_layer():
+    import typing
+
+    from policy import compiled_rules, schema, vocabulary
+
+    assert vocabulary.PLACEHOLDERS == ("blur", "pixelate", "blackout")
+    assert "allow" not in vocabulary.PLACEHOLDERS and "allow" not in vocabulary.FAIL_CLOSED
+    assert typing.get_args(schema.ReviewSettings.model_fields["placeholder"].annotation) == (
+        vocabulary.PLACEHOLDERS
+    )
+    assert compiled_rules.PLACEHOLDERS is vocabulary.PLACEHOLDERS
+    assert list(vocabulary.ACTION_RANK) == list(vocabulary.ACTIONS)
+
+
+def test_no_layer_writes_a_vocabulary_of_its_own():
+    """Regression: actions.py had its own PLACEHOLDERS (with `allow`), the schema, the compiled
+    rules, review and the decision log theirs. A tuple, list or set literal holding exactly the
+    names of a vocabulary is a copy of it (the benchmarks' choices of what to time aside)."""
+    import ast
+    from pathlib import Path
+
+    from policy import vocabulary
+
+    names = ("ACTIONS", "PLACEHOLDERS", "FAIL_CLOSED", "VERDICTS", "VIEWS", "REVIEW_STATUSES")
+    vocabularies = {frozenset(getattr(vocabulary, n)): n for n in (*names, "DECIDED")}
+    root = Path(vocabulary.__file__).parent.parent
+    copies = []
+    for path in sorted([*root.glob("policy/**/*.py"), *root.glob("moderation/**/*.py")]):
+        if path.name == "vocabulary.py" or "bench" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts
+            ):
+                found = vocabularies.get(frozenset(e.value for e in node.elts))
+                if found and len(node.elts) > 1:
+                    copies.append(f"{path.relative_to(root)}:{node.lineno} {found}")
+    assert copies == []
 
 
 def test_list_of_odd_sizes():
@@ -186,7 +239,8 @@ def test_other_float_dtypes(dtype):
         (lambda x: apply_actions(x, ["allow"]), "got 1 actions for 2 images"),
         (
             lambda x: apply_actions(x, ["review", "allow"], review_placeholder="review"),
-            "review placeholder 'review' is not one of allow, blur, pixelate, blackout",
+            "review placeholder 'review' is not one of blur, pixelate, blackout"
+            " (an image held for review must not be shown as it is)",
         ),
         (
             lambda x: apply_actions(x[0], ["allow"] * 3),

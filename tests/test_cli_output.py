@@ -225,20 +225,31 @@ def test_check_table_escapes_file_names(tmp_path, tiny_clip_dir):
     [
         (
             "postgresql://u:s3cret@h:notaport/db",
-            "Error: invalid database URL 'postgresql+psycopg://u:***@h:notaport/db': invalid "
-            "literal for int() with base 10: 'notaport'\n",
+            "Error: invalid database URL 'postgresql+psycopg://***@h:notaport/db': it does not "
+            "parse as BACKEND://USER:PASSWORD@HOST:PORT/DATABASE (a port that is not a number, or "
+            "an `@`, `:` or `/` in a password that is not percent-encoded)\n",
+        ),
+        (
+            "postgresql+psycopg://u:p@ss:w0rd@h:5999/x",  # issue 15 item 8: an unescaped `@`
+            "Error: invalid database URL 'postgresql+psycopg://***@h:5999/x': it does not "
+            "parse as BACKEND://USER:PASSWORD@HOST:PORT/DATABASE (a port that is not a number, or "
+            "an `@`, `:` or `/` in a password that is not percent-encoded)\n",
+        ),
+        (
+            "postgresql+psycopg://u:p@ss@h/x",  # parses, with `ss@h` as its host
+            "Error: invalid database URL 'postgresql+psycopg://***@h/x': more than one `@` "
+            "before the host (percent-encode an `@` in the user name or password as %40)\n",
         ),
         (
             "not a url",
-            "Error: invalid database URL 'not a url': Could not parse SQLAlchemy URL from given "
-            "URL string\n",
+            "Error: invalid database URL 'not a url': not a URL (BACKEND://...)\n",
         ),
         (
             DOWN_PG,
             "Error: cannot reach database postgresql+psycopg://postgres:***@127.0.0.1:1/x: ",
         ),
     ],
-    ids=["bad-port", "garbage", "down"],
+    ids=["bad-port", "at-in-password", "two-ats", "garbage", "down"],
 )
 def test_db_urls_give_one_line_errors_and_never_show_passwords(tmp_path, args, url, message):
     if "SPOOL" in args and url == DOWN_PG:  # something to replay, so that it tries the database
@@ -247,6 +258,7 @@ def test_db_urls_give_one_line_errors_and_never_show_passwords(tmp_path, args, u
     args = [str(tmp_path / "spool") if a == "SPOOL" else a for a in args]
     result = run(*args, "--db", url, code=1)
     assert "s3cret" not in result.output and "Traceback" not in result.output
+    assert "w0rd" not in result.output and "@ss" not in result.output
     assert result.output.startswith(message) and result.output.count("\n") == 1
 
 

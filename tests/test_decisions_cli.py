@@ -51,11 +51,13 @@ def newest_first(logged: Logged, *roles: str) -> list[str]:
 
 
 def test_known_values_are_the_engines():
-    from moderation.actions import ACTIONS
-    from moderation.decision import VERDICTS
-    from moderation.review import decisions
+    from moderation.cli import decisions_cmds
+    from policy import vocabulary
 
-    assert (decisions.VERDICTS, decisions.ACTIONS) == (VERDICTS, ACTIONS)
+    assert (decisions_cmds.VERDICTS, decisions_cmds.ACTIONS) == (
+        vocabulary.VERDICTS,
+        vocabulary.ACTIONS,
+    )
 
 
 @pytest.mark.parametrize("command", ["list", "show"])

@@ -231,11 +231,25 @@ def test_pipeline_folder_and_its_safety_checker_subfolder(tmp_path, pixels):
 
 def test_preprocessor_config_is_read(tmp_path):
     folder = make_safety_checker(tmp_path / "checker")
-    config = {"crop_size": {"height": 196, "width": 196}, "image_mean": [0.1, 0.2, 0.3]}
+    config = {"crop_size": {"height": 224, "width": 224}, "image_mean": [0.1, 0.2, 0.3]}
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     enc = ClipEncoder.from_pretrained(folder)
-    assert enc.image_size == 196
+    assert enc.image_size == 224
     assert enc.image_mean == (0.1, 0.2, 0.3) and enc.image_std == CLIP_STD
+    before = enc.digest
+    # An absurd std (every image would embed the same) is refused wherever a model loads from.
+    config["image_std"] = [1e6, 1e6, 1e6]
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(EncoderError) as err:
+        ClipEncoder.from_pretrained(folder)
+    assert str(err.value) == (
+        f"{folder / 'preprocessor_config.json'}: image_std must be 3 numbers from 0.05 to 1.0, "
+        "not [1000000.0, 1000000.0, 1000000.0]; refusing to judge images with it"
+    )
+    # The digest covers the preprocessing: another valid mean is another encoder.
+    config["image_std"], config["image_mean"] = list(CLIP_STD), [0.1, 0.2, 0.4]
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    assert ClipEncoder.from_pretrained(folder).digest != before
 
 
 def test_vision_only_clip_checkpoint(tmp_path, pixels):

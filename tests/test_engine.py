@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
@@ -11,7 +12,7 @@ import torch
 
 from moderation.encoder import ClipEncoder
 from moderation.engine import Moderator
-from policy import compile_policy, load_policy
+from policy import PolicyError, compile_policy, load_policy
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,105 @@ def test_database_down_1000_images_moderated_then_replayed(tmp_path, encoder, im
         assert db.execute("select count(*) from decisions").fetchone() == (1000,)
         stored = {r[0] for r in db.execute("select id from decisions")}
     assert stored == set(ids)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda x: x.to("meta"),
+            "images: a tensor on the meta device holds no pixel values to judge",
+        ),
+        (
+            lambda x: [x[0].to("meta")],
+            "image 0: a tensor on the meta device holds no pixel values to judge",
+        ),
+        (
+            lambda x: x.to_sparse(),
+            "images: a sparse_coo tensor holds no dense pixels; pass x.to_dense() instead",
+        ),
+        (
+            lambda x: [x[0].to_sparse()],
+            "image 0: a sparse_coo tensor holds no dense pixels; pass x.to_dense() instead",
+        ),
+        (
+            lambda x: x[0, 0].to_sparse_csr(),
+            "images: a sparse_csr tensor holds no dense pixels; pass x.to_dense() instead",
+        ),
+        (
+            lambda x: torch.nested.nested_tensor(list(x)),
+            "images: a nested tensor; pass a list of [3,H,W] tensors instead",
+        ),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:.*(CSR|nested).*:UserWarning")  # torch's beta notices
+def test_tensors_without_dense_pixels_are_one_clear_error(tmp_path, encoder, images, make, message):
+    """Regression: meta and sparse tensors raised a raw NotImplementedError from deep in torch."""
+    from moderation.errors import ModerationError
+    from moderation.images import ImageInputError
+
+    moderator = Moderator(write_policy(tmp_path, encoder, images, actions=["blur"]), encoder)
+    for call in (moderator.moderate, encoder.embed_images):
+        with pytest.raises(ImageInputError) as caught:
+            call(make(images[:2].clone()))
+        assert str(caught.value) == message and isinstance(caught.value, ModerationError)
+
+
+def test_from_policy_pins_the_digest_of_a_compiled_artifact(
+    tmp_path, tiny_clip_dir, encoder, images
+):
+    from moderation.errors import ModerationError
+
+    policy = write_policy(tmp_path, encoder, images, actions=["blur"])
+    artifact = tmp_path / "policy.safetensors"
+    policy.save(artifact)
+    pinned = Moderator.from_policy(artifact, model=tiny_clip_dir, expect_digest=policy.digest)
+    assert pinned.policy.digest == policy.digest
+    other = "0" * 64
+    with pytest.raises(ModerationError) as caught:
+        Moderator.from_policy(artifact, model=tiny_clip_dir, expect_digest=other)
+    assert str(caught.value) == (
+        f"policy 'engine-test': digest {policy.digest[:12]} is not the expected 000000000000: "
+        "refusing to judge images with it"
+    )
+    with pytest.raises(ModerationError, match="is not a full sha256 digest"):
+        Moderator.from_policy(artifact, model=tiny_clip_dir, expect_digest="abc")
+
+
+def test_every_logged_decision_names_its_encoder(tmp_path, encoder, images):
+    from moderation.storage import DecisionLog
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    policy = write_policy(tmp_path, encoder, images, actions=["blackout"])
+    log = DecisionLog(url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held")
+    with Moderator(policy, encoder, log=log) as moderator:
+        decisions = moderator.moderate(images[:2].clone()).decisions
+        u8 = moderator.moderate((images[:1] * 127 + 128).to(torch.uint8)).decisions
+        given = moderator.moderate_embeddings(torch.randn(1, encoder.embed_dim))
+    assert len(encoder.digest) == 64
+    assert [d.encoder_digest for d in decisions + u8] == [encoder.digest] * 3
+    assert [d.value_range for d in decisions + u8] == ["-1,1", "-1,1", None]
+    assert given[0].encoder_digest is None  # embeddings the caller made: no tower of ours
+    assert decisions[0].to_dict()["encoder_digest"] == encoder.digest
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        rows = db.execute("select encoder_digest, value_range from decisions").fetchall()
+    assert sorted(rows, key=str) == sorted(
+        [(encoder.digest, "-1,1")] * 2 + [(encoder.digest, None), (None, None)], key=str
+    )
+
+
+def test_a_policy_forced_to_show_held_images_as_they_are_still_hides_them(
+    tmp_path, encoder, images
+):
+    """Regression: the compiled rules refuse `review_placeholder: allow`, but `apply_actions`
+    accepted it, so a policy object changed after it was built (or built around the rules)
+    handed back the original while it waited for review."""
+    policy = write_policy(tmp_path, encoder, images, actions=["review"])
+    with pytest.raises(PolicyError, match="review_placeholder"):
+        dataclasses.replace(policy, review_placeholder="allow")
+    moderator = Moderator(policy, encoder)  # (which checks the policy again)
+    object.__setattr__(moderator.policy, "review_placeholder", "allow")  # past every check
+    result = moderator.moderate(images[:2].clone())
+    assert [d.action for d in result.decisions] == ["review", "allow"]
+    assert torch.equal(result.images[0], torch.full_like(images[0], -1.0))  # blacked out
+    assert torch.equal(result.images[1], images[1])

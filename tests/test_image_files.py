@@ -77,6 +77,20 @@ def test_float_tiffs_are_read_by_their_range(tmp_path, values, top):
     assert np.abs(got.astype(int) - expected8(values, top)).max() <= 1
 
 
+@pytest.mark.parametrize("overshoot", [(0, -0.001), (-1, 1.001), (0, -0.4), (-1, 1.6)])
+def test_overshoot_does_not_rescale_a_float_tiff(tmp_path, overshoot):
+    """Regression: one pixel a little beyond [0,1] made the whole image read by its own range
+    (1.6 at the top darkened every other pixel by 40%)."""
+    values = np.linspace(0.1, 0.9, 24, dtype=np.float32)
+    shot = values.copy()
+    shot[overshoot[0]] = overshoot[1]
+    path = tmp_path / "f.tiff"
+    Image.fromarray(np.tile(shot, (8, 1))).save(path)
+    got = read_image(path).frames[0, 1, 0].numpy()
+    assert np.abs(got[1:-1].astype(int) - expected8(values, 1.0)[1:-1]).max() <= 1
+    assert got[overshoot[0]] == (0 if overshoot[1] < 0 else 255)
+
+
 def test_a_float_tiff_with_nan_is_not_readable(tmp_path):
     values = np.zeros((4, 4), np.float32)
     values[1, 2] = np.nan

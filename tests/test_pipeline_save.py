@@ -5,6 +5,7 @@ network or the database URL (which is never written)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -235,21 +236,133 @@ def test_a_folder_that_is_not_a_checker_is_refused(tmp_path):
     assert str(err.value) == f"{tmp_path}: not a saved PolicySafetyChecker ({MANIFEST} not found)"
 
 
-def test_a_modified_checker_folder_is_refused(tmp_path):
-    ours = saved_checker(tmp_path)
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_manifest(folder, **changes) -> dict:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest.update(changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def loosened_policy(ours, folder) -> CompiledPolicy:
+    """Another policy (thresholds 0.5 higher) saved over the checker's own policy file."""
     fields = {f.name: getattr(ours.policy, f.name) for f in dataclasses.fields(CompiledPolicy)}
     other = CompiledPolicy(**{**fields, "thresholds": ours.policy.thresholds + 0.5, "digest": ""})
-    other.save(tmp_path / POLICY_FILE)
+    other.save(folder / POLICY_FILE)
+    return other
+
+
+def refused(folder, **options) -> str:
     with pytest.raises(ModerationError) as err:
-        PolicySafetyChecker.from_pretrained(tmp_path)
-    assert str(err.value) == (
-        f"{tmp_path / POLICY_FILE}: policy digest {other.digest[:12]} is not the one the checker "
-        f"was saved with ({ours.policy.digest[:12]}): the folder was modified"
+        PolicySafetyChecker.from_pretrained(folder, **options)
+    return str(err.value)
+
+
+def test_a_modified_checker_folder_is_refused(tmp_path):
+    ours = saved_checker(tmp_path)
+    saved = json.loads((tmp_path / MANIFEST).read_text())["files"][POLICY_FILE]
+    loosened_policy(ours, tmp_path)
+    assert refused(tmp_path) == (
+        f"{tmp_path / POLICY_FILE}: sha256 {sha256_of(tmp_path / POLICY_FILE)[:12]} is not the "
+        f"one the checker was saved with ({saved[:12]}): the folder was modified"
     )
     (tmp_path / MANIFEST).write_text(json.dumps({"format": 9}))
-    with pytest.raises(ModerationError) as err:
-        PolicySafetyChecker.from_pretrained(tmp_path)
-    assert str(err.value) == f"{tmp_path / MANIFEST}: not a checker folder of format 1 (found 9)"
+    assert refused(tmp_path) == f"{tmp_path / MANIFEST}: not a checker folder of format 2 (found 9)"
+
+
+def test_a_tampered_policy_with_its_digests_rewritten_is_refused_by_a_pin(tmp_path):
+    """Whoever rewrites the folder can rewrite its manifest: the caller's pin catches it."""
+    ours = saved_checker(tmp_path)
+    pinned = ours.policy.digest
+    other = loosened_policy(ours, tmp_path)
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    files[POLICY_FILE] = sha256_of(tmp_path / POLICY_FILE)
+    edit_manifest(tmp_path, files=files, policy_digest=other.digest)
+    assert PolicySafetyChecker.from_pretrained(tmp_path).policy.digest == other.digest
+    assert refused(tmp_path, expect_digest=pinned) == (
+        f"{tmp_path / POLICY_FILE}: policy: digest {other.digest[:12]} is not the expected "
+        f"{pinned[:12]}: refusing to judge images with it"
+    )
+    assert PolicySafetyChecker.from_pretrained(tmp_path, expect_digest=other.digest.upper())
+    assert refused(tmp_path, expect_digest=pinned[:12]) == (
+        f"expected digest {pinned[:12]!r} is not a full sha256 digest (64 hex digits)"
+    )
+
+
+def test_swapped_tower_weights_are_refused(tmp_path):
+    ours = saved_checker(tmp_path / "ours")
+    PolicySafetyChecker.from_checker(build_safety_checker(seed=3)).save_pretrained(tmp_path / "b")
+    weights = tmp_path / "ours" / "model.safetensors"
+    shutil.copyfile(tmp_path / "b" / "model.safetensors", weights)
+    assert refused(tmp_path / "ours").startswith(f"{weights}: sha256 {sha256_of(weights)[:12]} ")
+    # The file digest rewritten too: the loaded tower's own digest still tells.
+    files = json.loads((tmp_path / "ours" / MANIFEST).read_text())["files"]
+    edit_manifest(tmp_path / "ours", files={**files, "model.safetensors": sha256_of(weights)})
+    assert refused(tmp_path / "ours").startswith(f"{weights}: encoder digest ")
+    # Everything rewritten: only a pin on the encoder can tell.
+    theirs = json.loads((tmp_path / "b" / MANIFEST).read_text())["encoder_digest"]
+    edit_manifest(tmp_path / "ours", encoder_digest=theirs)
+    mine = ours.moderator.encoder.digest
+    assert refused(tmp_path / "ours", expect_encoder_digest=mine) == (
+        f"{weights}: encoder: digest {theirs[:12]} is not the expected {mine[:12]}: "
+        "refusing to judge images with it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("image_std", [1e6, 1e6, 1e6], "image_std must be 3 numbers from 0.05 to 1.0"),
+        ("image_std", [0.0, 0.3, 0.3], "image_std must be 3 numbers from 0.05 to 1.0"),
+        ("image_mean", [-4, 0.5, 0.5], "image_mean must be 3 numbers from 0.0 to 1.0"),
+        ("image_mean", [0.5, 0.5], "image_mean must be 3 numbers from 0.0 to 1.0"),
+        ("crop_size", {"height": 4096, "width": 4096}, "crop_size must be a whole number"),
+        ("crop_size", {"height": 112, "width": 112}, "crop_size 112 is not the vision tower's"),
+        ("resample", 9, "resample must be a PIL filter number (0 to 5), not 9"),
+        ("do_normalize", False, "do_normalize must be true"),
+        ("rescale_factor", 1.0, "rescale_factor must be 1/255, not 1.0"),
+    ],
+)
+def test_preprocessing_outside_sane_bounds_is_refused(tmp_path, key, value, why):
+    saved_checker(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, key: value}))
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    edit_manifest(tmp_path, files={**files, path.name: sha256_of(path)})  # past the file check
+    message = refused(tmp_path)
+    assert message.startswith(f"{path}: {why}") and message.endswith(
+        "; refusing to judge images with it"
+    ), message
+
+
+def test_a_format_1_folder_is_refused(tmp_path):
+    saved_checker(tmp_path)
+    edit_manifest(tmp_path, format=1)
+    assert refused(tmp_path) == (
+        f"{tmp_path / MANIFEST}: saved in format 1, which records no digests of the vision "
+        "tower: load the checker from its policy and model and save it again"
+    )
+
+
+def test_decisions_carry_the_encoder_digest(tmp_path):
+    ours = saved_checker(tmp_path / "saved")
+    manifest = json.loads((tmp_path / "saved" / MANIFEST).read_text())
+    url = f"sqlite:///{tmp_path}/moderation.db"
+    loaded = PolicySafetyChecker.from_pretrained(tmp_path / "saved", db=url)
+    # The same tower, whether built from diffusers' module or loaded from the saved folder.
+    assert loaded.moderator.encoder.digest == ours.moderator.encoder.digest
+    assert manifest["encoder_digest"] == ours.moderator.encoder.digest
+    clip_input = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    loaded(clip_input=clip_input, images=torch.zeros(2, 3, 8, 8))
+    assert [d.encoder_digest for d in loaded.last_decisions] == [manifest["encoder_digest"]] * 2
+    loaded.close()
+    with db.engine_for(url).connect() as conn:
+        logged = conn.execute(select(DecisionRow.encoder_digest, DecisionRow.value_range)).all()
+    assert logged == [(manifest["encoder_digest"], "-1,1")] * 2
 
 
 class PassThrough(torch.nn.Module):
@@ -274,4 +387,17 @@ def test_a_checker_without_a_clip_tower_cannot_be_saved(tmp_path):
     assert str(err.value) == (
         "cannot save this checker: its encoder (PassThrough) is not a CLIP vision tower with a "
         "projection; build it with from_policy or from_checker"
+    )
+
+
+def test_from_policy_pins_the_policy_digest(tiny_clip_dir, tmp_path):
+    path = write_policy(tmp_path / "p.yaml", np.ones(32), 0.99, "blackout")
+    digest = PolicySafetyChecker.from_policy(path, model=tiny_clip_dir).policy.digest
+    pinned = PolicySafetyChecker.from_policy(path, model=tiny_clip_dir, expect_digest=digest)
+    assert pinned.policy.digest == digest
+    with pytest.raises(ModerationError) as err:
+        PolicySafetyChecker.from_policy(path, model=tiny_clip_dir, expect_digest="0" * 64)
+    assert str(err.value) == (
+        f"policy 'pipeline-log': digest {digest[:12]} is not the expected 000000000000: "
+        "refusing to judge images with it"
     )

@@ -193,7 +193,36 @@ def test_missing_file_and_folder_and_binary_are_named(tmp_path):
     assert errors_of(str(tmp_path)) == [f"{tmp_path}: is a folder, not a policy file"]
     binary = tmp_path / "b.yaml"
     binary.write_bytes(b"policy: \xff\n")
-    assert errors_of(str(binary)) == [f"{binary}: is not UTF-8 text (byte 8)"]
+    assert errors_of(str(binary)) == [
+        f"{binary}:1:9 (yaml): byte 0xFF is not UTF-8 text (invalid start byte); save the file"
+        " as UTF-8"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "where", "reason"),
+    [
+        # Regression: reported as "(byte 58)", with no line or column.
+        (
+            b"policy: x\nversion: 1\nconcepts:\n  - name: caf\xe9\n",
+            "4:14",
+            "0xE9 is not UTF-8 text (invalid",
+        ),
+        # The column counts characters, not bytes; a BOM is not a character of the file.
+        (
+            b"\xef\xbb\xbfpolicy: x\n# \xc3\xa9\xc3\xa9 \xc3\n",
+            "2:6",
+            "0xC3 is not UTF-8 text (invalid",
+        ),
+        (b"policy: x\r\nversion: \x80\r\n", "2:10", "0x80 is not UTF-8 text (invalid start"),
+    ],
+)
+def test_a_bad_utf8_byte_is_named_at_its_line_and_column(tmp_path, raw, where, reason):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(raw)
+    (error,) = errors_of(str(path))
+    assert error.startswith(f"{path}:{where} (yaml): byte {reason}"), error
+    assert error.endswith("; save the file as UTF-8")
 
 
 # --- YAML loading -------------------------------------------------------------------------------

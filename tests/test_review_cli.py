@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -60,11 +61,25 @@ def run_json(*args: str):
     return json.loads(run(*args, "--json").stdout)
 
 
-@pytest.mark.parametrize("command", sorted(review.commands))
+def _leaf_commands() -> list[tuple[str, ...]]:
+    """Every review command, and each subcommand of a group (`user add`, `webhook list`...)."""
+    found = []
+    for name, command in sorted(review.commands.items()):
+        if isinstance(command, click.Group):
+            found += [(name, sub) for sub in sorted(command.commands)]
+        else:
+            found.append((name,))
+    return found
+
+
+@pytest.mark.parametrize("command", _leaf_commands(), ids=" ".join)
 def test_every_review_command_has_help(command):
-    result = run(command, "--help")
-    assert result.output.startswith(f"Usage: main review {command}")
-    assert review.commands[command].help.splitlines()[0] in result.output
+    result = run(*command, "--help")
+    assert result.output.startswith(f"Usage: main review {' '.join(command)}")
+    leaf = review
+    for name in command:
+        leaf = leaf.commands[name]
+    assert leaf.help.splitlines()[0] in result.output
     assert "--db URL" in result.output
 
 
@@ -78,6 +93,9 @@ def test_all_commands_are_there():
         "reopen",
         "stats",
         "export",
+        "serve",
+        "user",
+        "webhook",
     }
 
 

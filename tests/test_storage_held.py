@@ -6,7 +6,7 @@ import hashlib
 import stat
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from moderation.bench.records import example_decisions, example_policy
 from moderation.review import ReviewError, ReviewQueue
@@ -146,3 +146,52 @@ def test_held_image_is_stored_even_when_the_database_is_down(tmp_path):
         log.write(records)
     digest = hashlib.sha256(PNG).hexdigest()
     assert (tmp_path / "held" / digest[:2] / f"{digest}.png").read_bytes() == PNG
+
+
+# -- issue 15 item 9: where held originals go by default ------------------------------------
+
+
+def test_held_originals_default_to_a_per_user_folder_not_the_working_directory(
+    tmp_path, monkeypatch, caplog
+):
+    """With no held_dir and no MODERATION_HELD_DIR, a checkout run leaves no ./held behind."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    monkeypatch.chdir(checkout)
+    monkeypatch.delenv("MODERATION_HELD_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    policy = example_policy()
+    records = example_decisions(1, policy)
+    records[0].held_image = PNG
+    with caplog.at_level("WARNING", logger="moderation.storage"):
+        with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+            log.register_policy(policy)
+            log.write(records)
+    with storage_db.engine_for(url).connect() as conn:
+        stored = conn.execute(select(DecisionRow.held_path)).scalar_one()
+    folder = tmp_path / "data" / "moderation" / "held"
+    digest = hashlib.sha256(PNG).hexdigest()
+    assert stored == str(folder.resolve() / digest[:2] / f"{digest}.png")
+    assert mode(folder) == 0o700 and mode(folder / digest[:2] / f"{digest}.png") == 0o600
+    assert not (checkout / "held").exists()
+    notes = [r.getMessage() for r in caplog.records if "held originals" in r.getMessage()]
+    assert notes == [
+        f"held originals (images waiting for review) are kept in {folder.resolve()} "
+        "(owner-only); set MODERATION_HELD_DIR or held_dir= to keep them elsewhere"
+    ]
+    storage_db.dispose(url)
+
+
+def test_a_held_folder_created_inside_a_git_checkout_is_never_silent(tmp_path, caplog):
+    checkout = tmp_path / "repo"
+    (checkout / ".git").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="moderation.storage"):
+        HeldStore(checkout / "held").put(PNG)
+        HeldStore(checkout / "held").put(PNG + b"2")  # created already: said once
+    (message,) = [r.getMessage() for r in caplog.records if "held originals" in r.getMessage()]
+    assert message.endswith(
+        f"WARNING: {(checkout / 'held').resolve()} is inside the git checkout "
+        f"{checkout.resolve()} and not ignored by git: add it to .gitignore, or keep held "
+        "originals outside the checkout"
+    )

@@ -241,6 +241,12 @@ def test_db_replay_command(url, tmp_path):
         "discarded": [],
         "quarantined": [],
         "other_database": [],
+        "quarantine": {
+            "folder": str(spool / "quarantine"),
+            "files": 0,
+            "decisions": 0,
+            "unreadable": 0,
+        },
     }
 
 
@@ -359,6 +365,7 @@ def test_sqlite_fast_path_stores_what_sqlalchemy_would(tmp_path):
     with DecisionLog(fast, spool_dir=tmp_path / "s") as log:
         log.register_policy(policy)
         log.write(records)
+    storage_schema.upgrade(orm)  # get_engine opens existing databases only
     with storage_schema.get_engine(orm).begin() as conn:
         conn.execute(PolicyRow.__table__.insert(), [storage_records.policy_row(policy)])
         conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 from datetime import datetime, timezone
@@ -10,7 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from moderation.bench.records import example_decisions, example_policy
 from moderation.cli import main
@@ -29,7 +30,17 @@ from moderation.storage import (
 from moderation.storage import db as storage_db
 from tests.pg import pg_test_url, temporary_pg_database
 
-TABLES = {"policies", "decisions", "review_items", "review_events"}
+TABLES = {
+    "policies",
+    "decisions",
+    "review_items",
+    "review_events",
+    "desk_users",
+    "desk_sessions",
+    "desk_events",
+    "webhooks",
+    "webhook_outbox",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +90,12 @@ def test_up_down_up_without_drift(empty_url):
 
 
 def test_fresh_sqlite_is_migrated_on_first_use(tmp_path):
+    from moderation.bench.records import example_policy
+    from moderation.storage import DecisionLog
+
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:  # a writer creates it
+        log.register_policy(example_policy())
     engine = get_engine(url)
     assert current(url) == head_revision()
     with engine.connect() as conn:
@@ -164,6 +180,7 @@ def test_db_commands_have_help():
 
 def test_immediate_transaction_takes_the_write_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'lock.db'}"
+    upgrade(url)
     engine = get_engine(url)
     other = sqlite3.connect(tmp_path / "lock.db", timeout=0, isolation_level=None)
     with immediate_transaction(engine):
@@ -296,3 +313,77 @@ def test_downgrading_shadow_drops_only_shadow_rows(empty_url, tmp_path):
         ids = conn.exec_driver_sql("SELECT id FROM decisions").scalars().all()
     assert ids == [live.id]
     upgrade(empty_url)
+
+
+def test_encoder_digest_migration_keeps_rows_up_and_down(empty_url, tmp_path):
+    """0006 adds decisions.encoder_digest and value_range: a row written at head keeps them,
+    going back down keeps every row (without the columns), and rows written before the
+    upgrade read NULL (not recorded then)."""
+    migration = importlib.import_module("migrations.versions.0006_encoder_digest")
+    policy = example_policy()
+    new, old = example_decisions(2, policy)
+    new.encoder_digest, new.value_range = "e" * 64, "both"
+    upgrade(empty_url)
+    with DecisionLog(empty_url, spool_dir=tmp_path / "spool", held_dir=tmp_path / "held") as log:
+        log.register_policy(policy)
+        log.write([new])
+    select_new = "SELECT encoder_digest, value_range FROM decisions"
+    with storage_db.engine_for(empty_url).connect() as conn:
+        assert conn.exec_driver_sql(select_new).one() == ("e" * 64, "both")
+    storage_db.dispose(empty_url)
+
+    downgrade(empty_url, migration.down_revision)
+    with storage_db.engine_for(empty_url).begin() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("decisions")}
+        assert {"encoder_digest", "value_range"}.isdisjoint(columns)
+        # A row written by the code of the previous revision.
+        values = {
+            "id": old.id,
+            "created_at": old.created_at,
+            "policy_digest": policy.digest,
+            "model_id": old.model_id,
+            "verdict": old.verdict,
+            "action": old.action,
+            "fired": "[]",
+            "special_hits": "[]",
+            "adjustment": 0.0,
+            "cosines": b"",
+            "scores": b"",
+            "special_cosines": b"",
+            "special_scores": b"",
+            "meta": "{}",
+        }
+        names, params = ", ".join(values), ", ".join(f":{k}" for k in values)
+        conn.execute(text(f"INSERT INTO decisions ({names}) VALUES ({params})"), values)
+        assert conn.exec_driver_sql("SELECT count(*) FROM decisions").scalar() == 2
+    storage_db.dispose(empty_url)
+
+    upgrade(empty_url, "head")
+    assert drift(empty_url) == []
+    with storage_db.engine_for(empty_url).connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, encoder_digest, value_range FROM decisions").all()
+    assert sorted(rows) == sorted([(old.id, None, None), (new.id, None, None)])
+    storage_db.dispose(empty_url)
+
+
+def test_spool_records_written_before_0006_replay_with_null_digests(tmp_path):
+    """A record spooled by older code has no encoder_digest/value_range: it replays as NULL,
+    also in one insert with newer records."""
+    from moderation.storage import inserts
+    from moderation.storage.records import decision_row, row_from_json, row_to_json
+
+    policy = example_policy()
+    older, newer = example_decisions(2, policy)
+    newer.encoder_digest = "d" * 64
+    spooled = [row_to_json(decision_row(r, None)) for r in (older, newer)]
+    for name in ("encoder_digest", "value_range"):
+        del spooled[0][name]
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    with DecisionLog(url, spool_dir=tmp_path / "spool") as log:
+        log.register_policy(policy)
+    with storage_db.engine_for(url).begin() as conn:
+        inserts.insert_decisions(conn, [row_from_json(r) for r in spooled], [None, None])
+        rows = dict(conn.exec_driver_sql("SELECT id, encoder_digest FROM decisions").all())
+    assert rows == {older.id: None, newer.id: "d" * 64}
+    storage_db.dispose(url)

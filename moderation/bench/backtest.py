@@ -155,9 +155,9 @@ def fill(url: str, policy: CompiledPolicy, start: int, stop: int, *, seed: int =
 
 def _rows(policy: CompiledPolicy, begin: int, end: int, seed: int) -> tuple[list, list]:
     """The decisions rows (and review items) of decisions begin..end-1, as the engine logs them."""
-    from moderation.decision import action_ranks, verdict_of
-    from moderation.lifecycle.report import ACTIONS
+    from moderation.decision import action_ranks
     from moderation.scoring import score
+    from policy.vocabulary import ACTIONS, verdict_of
 
     n = end - begin
     g = torch.Generator().manual_seed(seed * 1_000_003 + begin)

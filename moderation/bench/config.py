@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from moderation.bench.models import BenchError
+from policy.vocabulary import VIEWS
 
 SCHEMA_VERSION = 1
 SECTIONS = ("e2e", "concepts", "logging", "views", "shadow", "backtest", "pipelines")
@@ -114,7 +115,7 @@ class BenchConfig:
             raise BenchError("--repeats: expected at least 1")
         if self.e2e_seconds < 0 or self.fast_seconds < 0:
             raise BenchError("--e2e-seconds: expected a non-negative number of seconds")
-        if self.views_batch < 1 or not set(self.view_modes) <= {"center", "cover", "tiles"}:
+        if self.views_batch < 1 or not set(self.view_modes) <= set(VIEWS):
             raise BenchError(
                 "views: expected a positive batch and modes among center, cover, tiles"
             )

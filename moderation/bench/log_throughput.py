@@ -98,7 +98,9 @@ def scratch_database(spec: str, folder: Path) -> Iterator[tuple[str, str]]:
     try:
         backend = make_url(url).get_backend_name()
     except (exc.ArgumentError, ValueError) as err:
-        raise BenchError(f"--db-url {db.display_url(spec)!r}: {err}") from None
+        raise BenchError(
+            f"--db-url {db.display_url(spec)!r}: {db.safe_reason(err, spec)}"
+        ) from None
     if backend == "sqlite":
         yield url, f"SQLite {sqlite3.sqlite_version} ({db.display_url(url)})"
         return

@@ -87,6 +87,9 @@ class Calibration:
     min_examples: int
     labels: LabelledSet
     concepts: list[ConceptCalibration] = field(default_factory=list)
+    # The exact text of a YAML policy that was compiled and scored: `--out` rewrites this text,
+    # never the file as it is later (an edit made meanwhile is refused, not merged).
+    source_text: str | None = None
 
     def thresholds(self) -> dict[str, float]:
         """{concept: new threshold} of every concept whose suggestion changes its threshold."""
@@ -171,6 +174,7 @@ def calibrate(
         from_folders(folders, compiled, encoder, labels, cache=cache, progress=progress)
     excluded = _exclude_examples(loaded, compiled, labels)
     report = Calibration(compiled, path, target or Target(precision=0.9), min_examples, labels)
+    report.source_text = loaded.source_text if isinstance(loaded, Policy) else None
     _calibrate_concepts(report, excluded)
     return report
 

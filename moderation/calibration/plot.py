@@ -96,7 +96,10 @@ def plot_concept(policy_name: str, c: ConceptCalibration, path: Path) -> None:
             ha="right", va="top", fontsize="small",
             bbox={"facecolor": "white", "edgecolor": "0.7"},
         )  # fmt: skip
-    figure.savefig(path, format="png")
+    from policy.atomic import atomic_file
+
+    with atomic_file(path) as file:
+        figure.savefig(file, format="png")
 
 
 def write_plots(report: Calibration, folder: Path) -> list[Path]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -120,19 +119,39 @@ def _check(before: str, after: str, file: str) -> None:
         )
 
 
-def write_policy(source: Path, out: Path, changes: dict[str, tuple[bool, float]]) -> None:
-    """Write `source` with new thresholds to `out` (a regular file; not over the source)."""
+def write_policy(
+    source: Path,
+    out: Path,
+    changes: dict[str, tuple[bool, float]],
+    *,
+    scored_text: str | None = None,
+) -> None:
+    """Write the policy text that was scored (`scored_text`), with new thresholds, to `out`
+    (a regular file; not over the source), atomically (policy.atomic).
+
+    The thresholds were measured for the concepts of `scored_text`: if `source` no longer
+    holds that text (edited while calibrate ran), nothing is written (CalibrationError), so a
+    threshold measured for one vector is never put on another. Without `scored_text` the file
+    is read now (a caller that scored nothing)."""
     if out.resolve() == source.resolve():
         raise CalibrationError(f"--out {out}: is the policy itself; write a new file")
     if out.exists() and not out.is_file():
         raise CalibrationError(f"--out {out}: is not a regular file")
-    text = source.read_text(encoding="utf-8-sig")
+    try:
+        now = source.read_text(encoding="utf-8-sig")  # as policy.loader reads it
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{source}: cannot read it again ({exc})") from None
+    if scored_text is not None and now != scored_text:
+        raise CalibrationError(
+            f"{source} changed while it was being calibrated; nothing written to {out} "
+            "(run calibrate again on the new version)"
+        )
+    text = now if scored_text is None else scored_text
     result = rewrite_thresholds(text, str(source), changes)
     from policy import PolicyError, load_policy
+    from policy.atomic import atomic_file
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(result, encoding="utf-8")
+    def loads_there(tmp: Path) -> None:
         # Relative names (extends, embedding files, examples, a model folder) are read from the
         # new file's folder: a policy that does not load there is not written.
         try:
@@ -142,9 +161,9 @@ def write_policy(source: Path, out: Path, changes: dict[str, tuple[bool, float]]
                 f"--out {out}: the new policy does not load from that folder "
                 f"({err.issues[0].message}); write it beside {source}"
             ) from None
-        os.replace(tmp, out)
+
+    try:
+        with atomic_file(out, text=True, newline="", check=loads_there) as file:
+            file.write(result)
     except OSError as exc:
-        raise CalibrationError(f"--out {out}: cannot write ({exc.strerror})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        raise CalibrationError(f"--out {out}: cannot write ({exc.strerror or exc})") from None

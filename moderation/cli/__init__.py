@@ -15,6 +15,7 @@ from moderation.cli import (  # noqa: F401
     check_cmd,
     db_cmds,
     decisions_cmds,
+    desk_cmds,
     lifecycle_cmds,
     policy_cmds,
     review_cmds,

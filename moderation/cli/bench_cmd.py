@@ -159,4 +159,6 @@ def bench_cmd(
         if to_stdout:
             click.echo(text)
         else:
-            json_path.write_text(text + "\n", encoding="utf-8")
+            from policy.atomic import atomic_write
+
+            atomic_write(json_path, text + "\n")

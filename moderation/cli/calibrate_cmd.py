@@ -192,7 +192,7 @@ def calibrate_command(
         if out is not None:
             from moderation.calibration.rewrite import write_policy
 
-            write_policy(policy_path, out, changes)
+            write_policy(policy_path, out, changes, scored_text=report.source_text)
             data["out"] = {"file": str(out), "changed": {n: t for n, (_, t) in changes.items()}}
         if plot_dir is not None:
             from moderation.calibration.plot import write_plots

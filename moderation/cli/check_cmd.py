@@ -30,6 +30,7 @@ from moderation.cli.options import (
 )
 from moderation.cli.recording import recording_failure, recording_summary
 from moderation.errors import ModerationError
+from policy.vocabulary import VERDICTS
 
 # Fired concepts named in the table before "+N more" (--json lists them all).
 TABLE_FIRED = 3
@@ -152,9 +153,7 @@ def check_command(
     else:
         _print_table(results, out_dir)
         _report_not_checked(found, as_json)
-        counts = {
-            v: sum(d.verdict == v for _, d in results) for v in ("allow", "flag", "review", "error")
-        }
+        counts = {v: sum(d.verdict == v for _, d in results) for v in VERDICTS}
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
         extra = []
         if skipped:

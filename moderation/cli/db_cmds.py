@@ -1,4 +1,5 @@
-"""`moderation db ...`: migrate the decision database and replay the local spool."""
+"""`moderation db ...`: migrate the decision database, replay the local spool, and say where
+decisions wait (`db status`: the database's revision, the spool and its quarantine)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from moderation.cli.options import (
 from moderation.storage import DecisionLog
 from moderation.storage import db as storage_db
 from moderation.storage import schema as migrate
-from moderation.storage.errors import OtherDatabaseError
+from moderation.storage.errors import OtherDatabaseError, StorageError
+from moderation.storage.spool_status import count_folder, count_quarantine
 
 
 def _shown(url: str) -> str:
@@ -101,7 +103,6 @@ def current_cmd(db_url: str | None, as_json: bool) -> None:
 )
 @json_option
 @output_errors
-@output_errors
 def replay_cmd(
     db_url: str | None, spool_dir: Path | None, into_other_database: bool, as_json: bool
 ) -> None:
@@ -118,6 +119,8 @@ def replay_cmd(
         discarded = list(log.spool.discarded)
         report = log.last_replay
     quarantined = report.quarantined if report else []
+    # Decisions set aside by this replay or an earlier one: never a silent "replayed 0".
+    waiting = count_quarantine(spool_dir)
     if as_json:
         echo_json(
             {
@@ -125,6 +128,7 @@ def replay_cmd(
                 "discarded": discarded,
                 "quarantined": quarantined,
                 "other_database": report.other_database if report else [],
+                "quarantine": waiting.as_json(),
             }
         )
     else:
@@ -134,3 +138,69 @@ def replay_cmd(
             click.echo(f"replayed {added} decisions from {clean(str(spool_dir))}")
     if refused is not None:
         raise click.ClickException(clean(str(refused)))
+    if not waiting.empty:
+        raise click.ClickException(_quarantine_problem(waiting))
+
+
+def _quarantine_problem(waiting) -> str:
+    return clean(
+        f"{waiting.describe()} wait in the quarantine {waiting.folder} (the database refused "
+        f"them, or they could not be read): fix the cause, then `moderation db replay --spool "
+        f"{waiting.folder}`"
+    )
+
+
+@db.command("status")
+@db_option
+@click.option(
+    "--spool",
+    "spool_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Spool folder (default: $MODERATION_SPOOL_DIR, else ./spool).",
+)
+@json_option
+@output_errors
+def status_cmd(db_url: str | None, spool_dir: Path | None, as_json: bool) -> None:
+    """Show the database's revision, the decisions waiting in the spool and in its quarantine.
+
+    Exits 1 when something needs a person: the database cannot be used, or decisions wait in
+    the quarantine."""
+    from moderation.storage.log import default_spool_dir
+
+    url = storage_db.resolve_db_url(db_url)
+    spool_dir = spool_dir or default_spool_dir()
+    head = migrate.head_revision()
+    revision, problem = None, None
+    try:
+        storage_db.require_database(url)
+        revision = migrate.current(url)
+    except StorageError as err:
+        problem = str(err)
+    spooled, waiting = count_folder(spool_dir), count_quarantine(spool_dir)
+    if as_json:
+        echo_json(
+            {
+                "url": storage_db.display_url(url),
+                "current": revision,
+                "head": head,
+                "error": problem,
+                "spool": spooled.as_json(),
+                "quarantine": waiting.as_json(),
+            }
+        )
+    else:
+        if problem is not None:
+            click.echo(f"{_shown(url)}: {clean(problem)}")
+        else:
+            state = "up to date" if revision == head else "run `moderation db upgrade`"
+            click.echo(f"{_shown(url)}: revision {revision or 'none'} (head {head}, {state})")
+        pending = "empty" if spooled.empty else f"{spooled.describe()} (`moderation db replay`)"
+        click.echo(f"spool {clean(spooled.folder)}: {pending}")
+        kept = "empty" if waiting.empty else waiting.describe()
+        click.echo(f"quarantine {clean(waiting.folder)}: {kept}")
+    problems = [p for p in (problem, None if waiting.empty else _quarantine_problem(waiting)) if p]
+    if revision != head and problem is None:
+        problems.insert(0, f"{storage_db.display_url(url)} is not at revision {head}")
+    if problems:
+        raise click.ClickException(clean("; ".join(problems)))

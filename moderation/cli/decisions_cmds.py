@@ -7,7 +7,8 @@ import click
 from moderation.cli.app import main
 from moderation.cli.decisions_text import list_table, render_decision
 from moderation.cli.options import db_option, echo_json, failures, json_option, output_errors
-from moderation.review.decisions import ACTIONS, MAX_LIST, VERDICTS, DecisionBrowser
+from moderation.review.decisions import MAX_LIST, DecisionBrowser
+from policy.vocabulary import ACTIONS, VERDICTS
 
 
 @main.group()

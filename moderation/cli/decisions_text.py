@@ -54,6 +54,8 @@ def _view(view: dict[str, Any] | None) -> str:
         where += f" frame {view['frame']}"
     if view.get("box") is not None:
         where += " box " + ",".join(str(v) for v in view["box"])
+    if view.get("range") is not None:
+        where += f" read as [{view['range']}]"
     return where
 
 

@@ -152,12 +152,27 @@ def regular_target(path: Path) -> None:
         )
 
 
-def open_output(path: Path, *, force: bool) -> IO[str]:
-    """A new text file at `path` (UTF-8); an existing one is replaced only with `force`."""
+@contextlib.contextmanager
+def open_output(path: Path, *, force: bool) -> Iterator[IO[str]]:
+    """A text file (UTF-8) at `path`; an existing one is replaced only with `force`.
+
+    A new or regular file is written whole (policy.atomic: never half-written, never through a
+    planted temporary link); a device, a pipe or a link the user named is written into, as
+    named, never replaced."""
+    from policy.atomic import atomic_file
+
     if not force and os.path.lexists(path):
         raise click.ClickException(f"{clean(path)} exists; pass --force to overwrite it")
-    with writing(path):
-        return open(path, "w" if force else "x", encoding="utf-8", newline="")  # noqa: SIM115
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with writing(path), open(path, "w", encoding="utf-8", newline="") as file:
+            yield file
+        return
+    with writing(path), atomic_file(path, text=True, newline="", overwrite=force) as file:
+        yield file
 
 
 # -- tables -----------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,12 @@ from moderation.cli.options import (
     open_output,
     output_errors,
     standard_output,
-    writing,
 )
 from moderation.cli.review_text import items_table, render_show, render_stats, table, when
 from moderation.review import ReviewQueue
 from moderation.review.report import EXPORT_FORMATS
 from moderation.storage.db import require_database, resolve_db_url
-from moderation.storage.models import REVIEW_STATUSES
+from policy.vocabulary import REVIEW_STATUSES
 
 reviewer_option = click.option(
     "--reviewer", required=True, metavar="NAME", help="Who is reviewing (recorded in the audit)."
@@ -149,38 +147,42 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
 
 
 @review.command("approve")
-@click.argument("item_id", type=int)
+@click.argument("item_ids", metavar="ITEM_ID...", nargs=-1, required=True, type=int)
 @reviewer_option
 @click.option("--reason", metavar="TEXT", help="Why the image may be released.")
 @token_option
 @concept_options("the special-care hits; the fired concepts were false alarms")
 @db_option
 @output_errors
-def approve_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
-    """Approve an item: the held image may be released.
+def approve_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url):
+    """Approve items: their held images may be released.
 
     A claimed item can be decided only by its owner while the lease lasts (and with the
     claim's token when --token is given); a pending item nobody holds may be decided directly.
     The verdict records that the concepts that fired were false alarms; --concept names what
-    the image shows although it is acceptable (e.g. a special-care concept).
+    the image shows although it is acceptable (e.g. a special-care concept). Several ids
+    (`review approve 4 5 6`) are decided one by one, each in its own transaction.
     """
     labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
-    with failures():
-        queue.approve(item_id, reviewer, token=token, reason=reason, concepts=labels)
-    click.echo(f"Approved item {item_id}.")
+    _batch(
+        item_ids,
+        token,
+        "Approved",
+        lambda i: queue.approve(i, reviewer, token=token, reason=reason, concepts=labels),
+    )
 
 
 @review.command("reject")
-@click.argument("item_id", type=int)
+@click.argument("item_ids", metavar="ITEM_ID...", nargs=-1, required=True, type=int)
 @reviewer_option
 @click.option("--reason", required=True, metavar="TEXT", help="Why the image stays moderated.")
 @token_option
 @concept_options("the concepts that fired")
 @db_option
 @output_errors
-def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
-    """Reject an item: the moderation stands.
+def reject_cmd(item_ids, reviewer, reason, token, concepts, no_concepts, db_url):
+    """Reject items: the moderation stands.
 
     Same rules as approve: your own live claim, or a pending item nobody holds. The verdict
     records which of the policy's concepts the image really shows (--concept; a concept that
@@ -188,9 +190,32 @@ def reject_cmd(item_id, reviewer, reason, token, concepts, no_concepts, db_url):
     """
     labels = _labels(concepts, no_concepts)
     queue = _queue(db_url)
-    with failures():
-        queue.reject(item_id, reviewer, reason=reason, token=token, concepts=labels)
-    click.echo(f"Rejected item {item_id}.")
+    _batch(
+        item_ids,
+        token,
+        "Rejected",
+        lambda i: queue.reject(i, reviewer, reason=reason, token=token, concepts=labels),
+    )
+
+
+def _batch(item_ids: tuple[int, ...], token: str | None, done: str, decide) -> None:
+    """Decide each item in turn; report each failure on its own line, exit 1 if any failed."""
+    if token and len(item_ids) > 1:
+        raise click.UsageError("--token names one claim: give one item id with it")
+    failed = 0
+    for item_id in dict.fromkeys(item_ids):
+        try:
+            with failures():
+                decide(item_id)
+        except click.ClickException as err:
+            if len(item_ids) == 1:
+                raise
+            failed += 1
+            click.echo(f"Error: {err.format_message()}", err=True)
+            continue
+        click.echo(f"{done} item {item_id}.")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(set(item_ids))} items were not decided")
 
 
 @review.command("reopen")
@@ -247,13 +272,7 @@ def export_cmd(fmt, output, force, db_url):
         with failures():
             queue.export(fmt, standard_output())
         return
-    created = not os.path.lexists(output)
-    out = open_output(output, force=force)
-    try:
-        with writing(output), failures(), out:
-            count = queue.export(fmt, out)
-    except BaseException:
-        if created:
-            output.unlink(missing_ok=True)  # no half-written export left behind
-        raise
+    # Written whole or not at all (no half-written export left behind).
+    with failures(), open_output(output, force=force) as out:
+        count = queue.export(fmt, out)
     click.echo(f"Exported {count} decisions to {clean(output)}.", err=True)

@@ -102,15 +102,22 @@ class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
         spool_dir: str | Path | None = None,
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         shadow: Sequence[str | Path | CompiledPolicy] = (),
+        expect_digest: str | None = None,
     ) -> PolicySafetyChecker:
         """Load a policy YAML (compiled with model or its own `model:`) or a compiled artifact;
         log every decision to `db` if given. shadow: candidates (YAML compiled with the same
-        model, or artifacts of it) scored and logged beside the policy, never acted on."""
+        model, or artifacts of it) scored and logged beside the policy, never acted on.
+        expect_digest: the compiled policy's sha256 digest, pinned."""
         from moderation.loading import load_compiled
         from moderation.shadow import load_candidates
 
         compiled, encoder = load_compiled(
-            path, model=model, device=device, dtype=dtype, text_model=text_model
+            path,
+            model=model,
+            device=device,
+            dtype=dtype,
+            text_model=text_model,
+            expect_digest=expect_digest,
         )
         candidates = load_candidates(shadow, encoder)  # YAML: compiled with the text tower
         checker = cls(compiled, VisionTower.of(encoder), metadata=metadata)
@@ -205,16 +212,26 @@ class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
         held_dir: str | Path | None = None,
         spool_dir: str | Path | None = None,
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        expect_digest: str | None = None,
+        expect_encoder_digest: str | None = None,
         **loading: Any,
     ) -> PolicySafetyChecker:
         """Load a folder written by save_pretrained (on the CPU in float32 unless told; diffusers'
-        torch_dtype and device_map are honoured, its other loading options do not apply)."""
+        torch_dtype and device_map are honoured, its other loading options do not apply).
+
+        expect_digest / expect_encoder_digest: the policy's and the encoder's sha256 digests
+        this folder must hold (anything else is refused), since whoever can rewrite the folder
+        can rewrite its manifest too."""
         from moderation.integrations.pretrained import load_checker, load_shadow
 
         dtype = dtype or loading.get("torch_dtype")
         device = device or device_of_map(loading.get("device_map"))
         policy, encoder, manifest = load_checker(
-            pretrained_model_name_or_path, device=device, dtype=dtype
+            pretrained_model_name_or_path,
+            device=device,
+            dtype=dtype,
+            expect_digest=expect_digest,
+            expect_encoder_digest=expect_encoder_digest,
         )
         shadow = load_shadow(pretrained_model_name_or_path, manifest)
         if db is None and manifest.get("logged"):

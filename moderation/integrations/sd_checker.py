@@ -219,7 +219,9 @@ def import_sd_checker(
     checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
 ) -> ImportResult:
     """Write `out` (policy YAML) and `<out stem>.safetensors` (raw tensors) from a checker."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from policy.atomic import atomic_write
 
     out = Path(out)
     embeddings_path = out.with_suffix(".safetensors")
@@ -236,8 +238,8 @@ def import_sd_checker(
     text = render_policy(tensors, name=out.stem, model=model, embeddings_file=embeddings_path.name)
     _check_round_trip(text, tensors, model)
     metadata = {"source": tensors.source, "imported_by": "moderation policy import-sd-checker"}
-    save_file(tensors.as_dict(), str(embeddings_path), metadata=metadata)
-    out.write_text(text, encoding="utf-8")
+    atomic_write(embeddings_path, save(tensors.as_dict(), metadata=metadata))
+    atomic_write(out, text)
     return ImportResult(
         policy_path=out,
         embeddings_path=embeddings_path,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moderation.encoder_identity import tower_digest
 from moderation.images import CLIP_MEAN, CLIP_STD
 from policy.compiled import CompiledPolicy
 
@@ -24,6 +25,7 @@ class VisionTower(nn.Module):
         image_size: int | None = None,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
+        digest: str | None = None,
     ) -> None:
         super().__init__()
         self.vision_model = vision_model
@@ -31,6 +33,11 @@ class VisionTower(nn.Module):
         config = getattr(vision_model, "config", None)
         self.image_size = int(image_size or getattr(config, "image_size", 224))
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        # moderation.encoder_identity.tower_digest of the weights as first given (a later
+        # .half() does not change what the tower is)
+        self.digest = digest or tower_digest(
+            vision_model, visual_projection, self.image_size, self.image_mean, self.image_std
+        )
 
     @classmethod
     def of(cls, encoder: Any) -> VisionTower:
@@ -41,6 +48,7 @@ class VisionTower(nn.Module):
             image_size=getattr(encoder, "image_size", None),
             image_mean=getattr(encoder, "image_mean", CLIP_MEAN),
             image_std=getattr(encoder, "image_std", CLIP_STD),
+            digest=getattr(encoder, "digest", None),
         )
 
     @torch.no_grad()
@@ -65,6 +73,11 @@ class ModuleEncoder:
         self.image_size = int(getattr(module, "image_size", 224))
         self.image_mean = tuple(getattr(module, "image_mean", CLIP_MEAN))
         self.image_std = tuple(getattr(module, "image_std", CLIP_STD))
+        self.digest = getattr(module, "digest", None)
+        if self.digest is None and projection is not None and hasattr(module, "vision_model"):
+            self.digest = tower_digest(
+                module.vision_model, projection, self.image_size, self.image_mean, self.image_std
+            )
 
     @property
     def device(self) -> torch.device:

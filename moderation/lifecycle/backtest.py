@@ -30,16 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from moderation.decision import action_ranks, verdict_of
+from moderation.decision import action_ranks
 from moderation.lifecycle import history
 from moderation.lifecycle.history import Filters, HistoryError
-from moderation.lifecycle.report import ACTIONS, ReportBuilder, human_codes
+from moderation.lifecycle.report import ReportBuilder, human_codes
 from moderation.scoring import scores_from_cosines
 from moderation.storage.db import require_database, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow
 from moderation.storage.schema import get_engine
 from policy.compiled import CompiledPolicy
+from policy.vocabulary import ACTIONS, verdict_of
 
 F32, F16 = np.dtype("<f4"), np.dtype("<f2")
 # Knob: torch threads while scoring chunks. Chunks are small ([10,000, 20] scores): a parallel

@@ -19,10 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from policy.schema import ACTION_RANK
+from policy.vocabulary import ACTIONS, VERDICTS
 
-ACTIONS: tuple[str, ...] = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))
-VERDICTS: tuple[str, ...] = ("allow", "flag", "review", "error")
 HUMAN = {"approved": 1, "rejected": 2}  # 0: nobody decided (pending, claimed or no item)
 
 

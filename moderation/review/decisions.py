@@ -34,12 +34,8 @@ from moderation.storage.errors import database_errors, display_url
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
 from moderation.storage.schema import get_engine
 from moderation.text import escape_controls
-from policy.schema import ACTION_RANK
+from policy.vocabulary import ACTIONS, VERDICTS
 
-ACTIONS = tuple(sorted(ACTION_RANK, key=ACTION_RANK.__getitem__))  # increasing severity
-# moderation.decision.VERDICTS (the engine core imports review: no import back; a test keeps
-# the two equal)
-VERDICTS = ("allow", "flag", "review", "error")
 MAX_LIST = 10_000
 MIN_PREFIX = 8  # a decision id prefix shorter than this is too likely to be ambiguous
 LISTED_MATCHES = 3  # knob: how many matching ids an "ambiguous prefix" error names
@@ -215,7 +211,10 @@ def _view_of(views: list[dict] | None, indexes: list[int], i: int) -> dict[str, 
         return None
     index = indexes[i] if i < len(indexes) else 0
     view = views[index] if 0 <= index < len(views) else {}
-    return {"index": index, "frame": view.get("frame"), "box": view.get("box")}
+    shown = {"index": index, "frame": view.get("frame"), "box": view.get("box")}
+    if "range" in view:  # an ambiguous image, judged under both readings: this view's
+        shown["range"] = view["range"]
+    return shown
 
 
 def winner(decision: Any, policy: Any, concepts: list[dict[str, Any]]) -> dict[str, Any]:

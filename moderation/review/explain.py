@@ -12,6 +12,7 @@ from sqlalchemy import Connection, select
 from moderation.review.labels import decision_and_policy, item_labels
 from moderation.review.queries import iso, utc
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewEvent, ReviewItem
+from policy.vocabulary import DECIDED
 
 
 def floats(blob: bytes | None) -> list[float]:
@@ -132,6 +133,9 @@ def decision_view(decision: Any) -> dict[str, Any]:
         "margin": decision.margin,
         "fired": list(decision.fired or []),
         "model_id": decision.model_id,
+        # which tower embedded the image and how its values were read (NULL before 0006)
+        "encoder_digest": decision.encoder_digest,
+        "value_range": decision.value_range,
         "image_sha256": decision.image_sha256,
         "held_path": decision.held_path,
         "held_file": held_file(decision.held_path),
@@ -174,7 +178,7 @@ def decision_labels(conn: Connection, decision_id: str) -> dict[str, Any] | None
         .order_by(ReviewItem.id.desc())
         .limit(1)
     ).first()
-    if item is None or item.status not in ("approved", "rejected"):
+    if item is None or item.status not in DECIDED:
         return None
     decision, policy = decision_and_policy(conn, decision_id)
     labels = item_labels(item.status, item.labels, policy, decision)

@@ -29,6 +29,7 @@ from sqlalchemy import Connection, select
 
 from moderation.review.rules import ReviewError
 from moderation.storage.models import DecisionRow, PolicyRow
+from policy.vocabulary import DECIDED
 
 LISTED = 20  # knob: how many of a policy's concept names an error message lists
 
@@ -127,7 +128,7 @@ def decision_and_policy(conn: Connection, decision_id: str) -> tuple[Any, Any]:
 def item_labels(status: str, stored: Any, policy: Any, decision: Any) -> dict[str, Any] | None:
     """The labels a decided item stands for: as recorded, or (for a verdict recorded before
     labels existed) its verdict's default; None while the item awaits a verdict."""
-    if status not in ("approved", "rejected"):
+    if status not in DECIDED:
         return None
     if stored is not None:
         return dict(stored)

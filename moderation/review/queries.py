@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import exists, func, literal, select
+from sqlalchemy import and_, exists, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
@@ -25,6 +25,26 @@ def fired_contains(dialect: str, concept: str) -> ColumnElement[bool]:
     """True where `decisions.fired` names `concept` (bound as a parameter)."""
     names = fired_concepts(dialect)
     return exists(select(literal(1)).select_from(names).where(names.c.value == concept))
+
+
+def claimable_at(now: datetime, special_care: bool = True) -> Any:
+    """Items `claim` may take at `now`: pending, or claimed with an expired lease (without
+    `special_care`, none that a special-care concept escalated: priority 1)."""
+    claimable = or_(
+        ReviewItem.status == "pending",
+        and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
+    )
+    return claimable if special_care else and_(claimable, ReviewItem.priority < 1)
+
+
+def status_is(status: str, now: datetime) -> Any:
+    """Items whose status is `status` as a reviewer sees it at `now`: a claim whose lease
+    expired is pending again."""
+    if status == "pending":
+        return claimable_at(now)
+    if status == "claimed":
+        return and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at > now)
+    return ReviewItem.status == status
 
 
 def utc(value: datetime) -> datetime:
@@ -158,7 +178,13 @@ VIEW_COLUMNS = (
 )
 
 
-def item_view(row: Any) -> ReviewItemView:
+def item_view(row: Any, now: datetime | None = None) -> ReviewItemView:
+    """A list row; with `now`, a claim whose lease has expired shows as `pending` (its lapsed
+    owner and expiry stay visible)."""
     data = dict(row._mapping)
     data["fired"] = list(data["fired"] or [])
+    expires = data["claim_expires_at"]
+    if now is not None and data["status"] == "claimed" and expires is not None:
+        if utc(expires) <= now:
+            data["status"] = "pending"
     return ReviewItemView(**data)

@@ -24,24 +24,26 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import IO, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, exc, insert, or_, select, update
+from sqlalchemy import Connection, Engine, exc, insert, or_, select, update
 
 from moderation.review.explain import explain_item
 from moderation.review.labels import verdict_labels
+from moderation.review.outbox import enqueue_verdict
 from moderation.review.queries import (
     VIEW_COLUMNS,
     Claim,
     ReviewItemView,
+    claimable_at,
     fired_contains,
     iso,
     item_view,
     parse_since,
+    status_is,
     utc,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
 from moderation.review.rows import event_row, locked_item
 from moderation.review.rules import (
-    DECIDED,
     ReviewError,
     check_decidable,
     check_item_id,
@@ -53,7 +55,6 @@ from moderation.storage.db import immediate_transaction, resolve_db_url
 from moderation.storage.errors import database_errors, display_url
 from moderation.storage.held import HeldStore
 from moderation.storage.models import (
-    REVIEW_STATUSES,
     DecisionRow,
     PolicyRow,
     ReviewEvent,
@@ -61,6 +62,7 @@ from moderation.storage.models import (
     utcnow,
 )
 from moderation.storage.schema import get_engine
+from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
 __all__ = ["Claim", "ReviewError", "ReviewItemView", "ReviewQueue"]
 
@@ -115,7 +117,8 @@ class ReviewQueue:
         # An injectable clock: tests move time instead of sleeping through leases.
         self._now = now or utcnow
         self.url = str(engine.url) if engine is not None else resolve_db_url(url)
-        # get_engine caches one engine per URL (and migrates a fresh SQLite file).
+        # get_engine caches one engine per URL; it opens an existing database at head only (a
+        # mistyped SQLite path or a never-migrated database is an error, never created here).
         with database_errors(self.url):
             self.engine = engine if engine is not None else get_engine(self.url)
 
@@ -144,20 +147,18 @@ class ReviewQueue:
     # -- changes -------------------------------------------------------------------------------
 
     @_database_errors
-    def claim(self, reviewer: str, n: int = 1) -> list[Claim]:
-        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs dry."""
+    def claim(self, reviewer: str, n: int = 1, *, special_care: bool = True) -> list[Claim]:
+        """Lease the next `n` claimable items to `reviewer`; fewer (or none) when the queue runs
+        dry. special_care=False leaves out items that special care escalated (priority 1)."""
         reviewer = reviewer_name(reviewer)
         if not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
             raise ReviewError(f"can claim 1 to {MAX_CLAIM} items at a time, not {n!r}")
-        return self._write(lambda conn: self._claim(conn, reviewer, n))
+        return self._write(lambda conn: self._claim(conn, reviewer, n, special_care))
 
-    def _claim(self, conn: Connection, reviewer: str, n: int) -> list[Claim]:
+    def _claim(self, conn: Connection, reviewer: str, n: int, special_care: bool) -> list[Claim]:
         now = self.now()
         expires = now + timedelta(seconds=self.lease_seconds)
-        claimable = or_(
-            ReviewItem.status == "pending",
-            and_(ReviewItem.status == "claimed", ReviewItem.claim_expires_at <= now),
-        )
+        claimable = claimable_at(now, special_care)
         query = (
             select(
                 ReviewItem.id,
@@ -320,6 +321,8 @@ class ReviewQueue:
         )
         details = {"direct": direct, "token": row.claim_token, "labels": labels}
         conn.execute(insert(ReviewEvent), [event_row(row, now, reviewer, status, reason, details)])
+        # Same transaction: a verdict and its webhook deliveries are recorded together or not at all.
+        enqueue_verdict(conn, row, status, labels, now)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -333,9 +336,11 @@ class ReviewQueue:
         since: str | datetime | None = None,
         limit: int = 50,
     ) -> list[ReviewItemView]:
-        """Items in queue order, filtered; every filter value is bound as a parameter."""
+        """Items in queue order, filtered (values bound as parameters); an item whose lease
+        expired is listed as `pending`, as claim hands it out again."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ReviewError(f"limit must be 1 to {MAX_LIST}, not {limit!r}")
+        now = self.now()
         query = (
             select(*VIEW_COLUMNS)
             .join(DecisionRow, ReviewItem.decision_id == DecisionRow.id)
@@ -346,7 +351,7 @@ class ReviewQueue:
                 raise ReviewError(
                     f'unknown status "{status}"; choose from {", ".join(REVIEW_STATUSES)}'
                 )
-            query = query.where(ReviewItem.status == status)
+            query = query.where(status_is(status, now))
         if policy is not None:
             if not policy.strip():
                 raise ReviewError("policy filter is empty: give a policy name or digest prefix")
@@ -366,7 +371,7 @@ class ReviewQueue:
             query = query.where(ReviewItem.created_at >= start)
         query = query.order_by(*QUEUE_ORDER).limit(limit)
         with self.engine.connect() as conn:
-            return [item_view(row) for row in conn.execute(query)]
+            return [item_view(row, now) for row in conn.execute(query)]
 
     @_database_errors
     def show(self, item_id: int) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from sqlalchemy import Connection, func, select, true
 from moderation.review.explain import floats
 from moderation.review.labels import item_labels
 from moderation.review.queries import fired_concepts, iso, newest_items, utc
-from moderation.storage.models import REVIEW_STATUSES, DecisionRow, PolicyRow, ReviewItem
+from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from moderation.text import spreadsheet_cell
+from policy.vocabulary import DECIDED, REVIEW_STATUSES
 
 EXPORT_FORMATS = ("jsonl", "csv")
 EXPORT_FIELDS = (
@@ -47,7 +48,6 @@ EXPORT_FIELDS = (
 # are not traffic.
 LIVE = DecisionRow.shadow_of.is_(None)
 EXPORT_BATCH = 1000  # rows fetched per round trip; bounds memory on large logs
-DECIDED = ("approved", "rejected")
 
 
 def _counts(conn: Connection, query: Any) -> dict[str, int]:

@@ -8,8 +8,8 @@ from typing import Any
 
 from moderation.errors import ModerationError
 from moderation.review.queries import utc
+from policy.vocabulary import DECIDED
 
-DECIDED = ("approved", "rejected")
 MAX_NAME = 200  # review_items.reviewer / claim_owner are String(200)
 
 

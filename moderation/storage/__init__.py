@@ -23,7 +23,6 @@ from moderation.storage.log import DecisionLog, LogCounts
 from moderation.storage.models import (
     NAMING_CONVENTION,
     REVIEW_EVENTS,
-    REVIEW_STATUSES,
     Base,
     DecisionRow,
     PolicyRow,
@@ -48,7 +47,6 @@ __all__ = [
     "F32",
     "NAMING_CONVENTION",
     "REVIEW_EVENTS",
-    "REVIEW_STATUSES",
     "Base",
     "DatabaseUnavailableError",
     "DecisionLog",

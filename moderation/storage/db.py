@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterator
@@ -42,11 +43,64 @@ def resolve_db_url(url: str | None = None) -> str:
 
 
 def parse_db_url(url: str) -> URL:
-    """The parsed URL; StorageError (password masked) when it is not a database URL."""
+    """The parsed URL; StorageError (password masked) when it is not a database URL.
+
+    The parser's own words are never repeated when they quote the URL (an unescaped `@` in a
+    password would leak the rest of it); a bare path and `sqlite://FOLDER/FILE` (two slashes:
+    FOLDER would be read as a host) get a did-you-mean."""
+    shown = display_url(url)
+    if "://" not in url:
+        hint = f"; did you mean `sqlite:///{url}`?" if _looks_like_a_path(url) else ""
+        raise StorageError(f"invalid database URL {shown!r}: not a URL (BACKEND://...){hint}")
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except (exc.ArgumentError, ValueError, TypeError) as err:
-        raise StorageError(f"invalid database URL {display_url(url)!r}: {err}") from err
+        # The parser's words quote the input (`invalid literal for int(): 'w0rd@h:5999'`).
+        raise StorageError(f"invalid database URL {shown!r}: {UNPARSABLE}") from err
+    if "@" in (parsed.host or "") or "@" in (parsed.username or ""):
+        raise StorageError(
+            f"invalid database URL {shown!r}: more than one `@` before the host "
+            "(percent-encode an `@` in the user name or password as %40)"
+        )
+    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.port):
+        path = "/".join(p for p in (parsed.host, parsed.database) if p)
+        raise StorageError(
+            f"invalid database URL {shown!r}: a SQLite URL has no host; did you mean "
+            f"`sqlite:///{path}` (relative) or `sqlite:////{path}` (absolute)?"
+        )
+    return parsed
+
+
+UNPARSABLE = (
+    "it does not parse as BACKEND://USER:PASSWORD@HOST:PORT/DATABASE (a port that is not a "
+    "number, or an `@`, `:` or `/` in a password that is not percent-encoded)"
+)
+
+
+def _looks_like_a_path(text: str) -> bool:
+    return (
+        bool(text)
+        and not any(c.isspace() for c in text)
+        and ":" not in text.split("/", 1)[0]
+        and not text.startswith("-")
+    )
+
+
+def safe_reason(err: BaseException, url: str) -> str:
+    """A parser's or driver's message, unless it quotes a part of the URL's user information
+    (then a generic reason: the message could hold a password)."""
+    text = first_line_of(err)
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    secret = authority.rsplit("@", 1)[0] if "@" in authority else ""
+    pieces = [p for p in re.split(r"[:@]", secret) if p]
+    if any(piece in text for piece in pieces) or (secret and secret in text):
+        return UNPARSABLE
+    return text
+
+
+def first_line_of(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -172,7 +226,9 @@ def _make_engine(url: str, *, migration: bool = False) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except (exc.ArgumentError, exc.NoSuchModuleError, ImportError, ValueError, TypeError) as err:
-        raise StorageError(f"invalid database URL {display_url(url)!r}: {err}") from err
+        raise StorageError(
+            f"invalid database URL {display_url(url)!r}: {safe_reason(err, url)}"
+        ) from err
     if parsed.get_backend_name() == "sqlite":
         # Batch migrations rebuild tables; foreign keys must be off while they do (SQLite docs).
         _install_sqlite_events(engine, foreign_keys=not migration)

@@ -1,16 +1,72 @@
-"""Held originals: content-addressed files (sha256) in an owner-only folder."""
+"""Held originals: content-addressed files (sha256) in an owner-only folder.
+
+They are the most sensitive files the engine writes (images judged unsafe, waiting for a
+person). By default they go to a per-user data folder, never the working directory; the first
+time a held folder is created, a warning says where, and says so louder when the folder is
+inside a git checkout and not ignored by git (held images must never be committed).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import subprocess
 from pathlib import Path
 
 from moderation.storage.errors import StorageError
 from moderation.storage.spool import fsync_dir
+from policy.atomic import atomic_write
 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
+
+log = logging.getLogger("moderation.storage")
+
+
+def user_held_dir() -> Path:
+    """`held/` in this user's data folder for `moderation` (platformdirs)."""
+    from platformdirs import user_data_path
+
+    return user_data_path("moderation", appauthor=False) / "held"
+
+
+def git_checkout_of(folder: Path) -> Path | None:
+    """The root of the git checkout `folder` is in (a parent holding `.git`), if any."""
+    for parent in [folder, *folder.parents]:
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def _ignored_by_git(root: Path, folder: Path) -> bool:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "-q", str(folder)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False  # no git: say so, to be safe
+    return done.returncode == 0
+
+
+def announce(folder: Path) -> str:
+    """The warning given when a held folder is created (logged, and returned for tests)."""
+    where = folder.resolve()
+    message = (
+        f"held originals (images waiting for review) are kept in {where} (owner-only); set "
+        "MODERATION_HELD_DIR or held_dir= to keep them elsewhere"
+    )
+    root = git_checkout_of(where)
+    if root is not None and not _ignored_by_git(root, where):
+        message += (
+            f"; WARNING: {where} is inside the git checkout {root} and not ignored by git: add "
+            "it to .gitignore, or keep held originals outside the checkout"
+        )
+    log.warning("%s", message)
+    return message
 
 
 class HeldStore:
@@ -34,18 +90,7 @@ class HeldStore:
                 return relative
             self._make_folder(self.folder)
             self._make_folder(target.parent)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it; never widened
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            atomic_write(target, data, mode=FILE_MODE)  # owner-only, whatever the umask
         except OSError as err:
             raise StorageError(f"cannot store held image in {self.folder}: {err}") from err
         return relative
@@ -74,5 +119,7 @@ class HeldStore:
         if not folder.is_dir():
             folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
             fsync_dir(folder.parent)
+            if folder == self.folder:
+                announce(folder)
         if folder.stat().st_mode & 0o777 != FOLDER_MODE:
             os.chmod(folder, FOLDER_MODE)

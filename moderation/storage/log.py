@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, Table, select
 
 from moderation.storage import db, inserts, schema
 from moderation.storage.errors import (
+    DatabaseConfigurationError,
     DatabaseUnavailableError,
     OtherDatabaseError,
     PartlyRecordedError,
@@ -30,7 +31,7 @@ from moderation.storage.errors import (
     database_errors,
     display_url,
 )
-from moderation.storage.held import HeldStore
+from moderation.storage.held import HeldStore, user_held_dir
 from moderation.storage.models import DecisionRow
 from moderation.storage.records import (
     DecisionRecord,
@@ -57,8 +58,10 @@ def default_spool_dir() -> Path:
 
 
 def default_held_dir() -> Path:
-    """Where held originals live: $MODERATION_HELD_DIR, else ./held."""
-    return Path(os.environ.get(HELD_DIR_ENV) or "held")
+    """Where held originals live: $MODERATION_HELD_DIR, else a per-user data folder
+    (`held/` in platformdirs' user data folder for `moderation`, e.g.
+    ~/.local/share/moderation/held), never the working directory."""
+    return Path(os.environ.get(HELD_DIR_ENV) or user_held_dir())
 
 
 # Knobs: after the database fails, writes go straight to the spool for a while (doubling from
@@ -139,6 +142,8 @@ class DecisionLog:
                     return
                 except DatabaseUnavailableError as err:
                     self._failed(err)
+                except DatabaseConfigurationError:
+                    raise  # no such database, no schema, bad credentials: nothing to spool for
                 except SchemaVersionError:
                     self._spool_policies([record.digest])
                     raise
@@ -166,6 +171,13 @@ class DecisionLog:
                     self._succeeded()
                 except DatabaseUnavailableError as err:
                     self._failed(err)
+                except DatabaseConfigurationError as err:
+                    # The database named cannot work as configured: spooling would only hide
+                    # that (and leave a spool for a database that never existed).
+                    raise UnrecordedError(
+                        f"{err}; the {len(rows)} decisions are recorded nowhere",
+                        [r["id"] for r in rows],
+                    ) from err
                 except Exception as err:  # refused, wrong schema, anything: never drop a batch
                     refusal = err
                 else:
@@ -277,7 +289,7 @@ class DecisionLog:
     def _engine(self) -> Engine:
         engine = db.engine_for(self.url)
         if not self._ready:
-            schema.ensure_schema(self.url)
+            schema.ensure_schema(self.url, migrate_fresh=True)
             self._ready = True
         return engine
 
@@ -341,7 +353,7 @@ class DecisionLog:
                 return
         try:
             report = self._replay(skip=self._other_database)
-        except (DatabaseUnavailableError, SchemaVersionError):
+        except (DatabaseUnavailableError, SchemaVersionError, DatabaseConfigurationError):
             raise
         except StorageError as err:
             # A spool that cannot be replayed must not block new decisions, nor be retried on

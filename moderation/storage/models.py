@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -23,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from policy.vocabulary import REVIEW_STATUSES
+
 # Stable constraint names: Alembic batch mode on SQLite rebuilds tables and must find them by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -32,8 +35,12 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-REVIEW_STATUSES = ("pending", "claimed", "approved", "rejected")
 REVIEW_EVENTS = ("created", "claimed", "lease_expired", "approved", "rejected", "reopened")
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    """SQL string literals of `names`, for a CHECK ... IN (...) constraint."""
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def utcnow() -> datetime:
@@ -139,6 +146,11 @@ class DecisionRow(Base):
     # A shadow decision (a candidate policy scored on live traffic, never acted on) points at
     # the live decision of the same image; NULL for live decisions.
     shadow_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("decisions.id"))
+    # Which image encoder (moderation.encoder_identity.tower_digest: weights + preprocessing)
+    # embedded the image, and how a float input was read ("0,1", "-1,1", "both"); NULL before
+    # 0006, for embeddings given by the caller and (value_range) for uint8 and file inputs.
+    encoder_digest: Mapped[str | None] = mapped_column(String(64))
+    value_range: Mapped[str | None] = mapped_column(String(8))
 
     policy: Mapped[PolicyRow] = relationship()
     review_items: Mapped[list[ReviewItem]] = relationship(
@@ -152,7 +164,7 @@ class ReviewItem(Base):
 
     __tablename__ = "review_items"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'claimed', 'approved', 'rejected')", name="status"),
+        CheckConstraint(f"status IN ({_quoted(REVIEW_STATUSES)})", name="status"),
         Index("ix_review_items_decision_id", "decision_id"),
         Index("ix_review_items_created_at", "created_at"),
         Index("ix_review_items_claim_expires_at", "claim_expires_at"),
@@ -210,3 +222,89 @@ class ReviewEvent(Base):
     event: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+# -- the review desk (moderation/desk/): accounts, sessions, its audit, webhooks -------------------
+DESK_ROLES = ("reviewer", "special-care", "admin")
+
+
+class DeskUser(Base):
+    """A review desk account; the password is an argon2id hash, never the password."""
+
+    __tablename__ = "desk_users"
+    __table_args__ = (
+        CheckConstraint("role IN ('reviewer', 'special-care', 'admin')", name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The person's own settings, e.g. {"image_mode": "blur"} (NULL: the defaults).
+    preferences: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeskSession(Base):
+    """A logged-in browser: the cookie holds a random token, the row only its sha256."""
+
+    __tablename__ = "desk_sessions"
+    __table_args__ = (Index("ix_desk_sessions_user_id", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the token
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("desk_users.id"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeskEvent(Base):
+    """Append-only audit of the desk: logins, reveals, lease renewals and releases, accounts,
+    webhooks (the queue's own changes are `review_events`)."""
+
+    __tablename__ = "desk_events"
+    __table_args__ = (
+        Index("ix_desk_events_at", "at"),
+        Index("ix_desk_events_actor_event_at", "actor", "event", "at"),
+        Index("ix_desk_events_item_id", "item_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    event: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[int | None] = mapped_column(Integer)
+    decision_id: Mapped[str | None] = mapped_column(String(36))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class Webhook(Base):
+    """Where verdicts are delivered; the secret stays in an environment variable, named here."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret_env: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One verdict to deliver to one webhook, written in the verdict's transaction (outbox)."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (Index("ix_webhook_outbox_due", "delivered_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(Integer, ForeignKey("webhooks.id"))
+    item_id: Mapped[int] = mapped_column(Integer)
+    decision_id: Mapped[str] = mapped_column(String(36))
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON that is signed and sent
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -67,6 +67,8 @@ class DecisionRecord:
     concept_views: np.ndarray | None = None  # [C] int16: view of each concept's max cosine
     special_views: np.ndarray | None = None  # [S] int16
     shadow_of: str | None = None  # id of the live decision this shadow decision accompanies
+    encoder_digest: str | None = None  # the tower that embedded the image (None: not known)
+    value_range: str | None = None  # "0,1", "-1,1", "both": how a float input was read
 
 
 F32 = np.dtype("<f4")
@@ -84,6 +86,8 @@ _BINARY_COLUMNS = (
 _DATETIME_COLUMNS = ("created_at",)
 _JSON_COLUMNS = ("fired", "special_hits", "meta")
 NULLABLE_JSON_COLUMNS = ("views",)  # None is SQL NULL, not JSON null
+# Columns added after spool records were first written: an older record has none (NULL).
+_LATER_COLUMNS = ("encoder_digest", "value_range")
 
 
 def encode_array(
@@ -151,6 +155,8 @@ def decision_row(record: DecisionRecord, held_path: str | None) -> dict[str, Any
         "concept_views": encode_array(record.concept_views, I16, f"{where}: concept_views"),
         "special_views": encode_array(record.special_views, I16, f"{where}: special_views"),
         "shadow_of": record.shadow_of,
+        "encoder_digest": record.encoder_digest,
+        "value_range": record.value_range,
     }
 
 
@@ -215,6 +221,8 @@ def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
 def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
     """The inverse of `row_to_json`."""
     row = dict(data)
+    for name in _LATER_COLUMNS:
+        row.setdefault(name, None)
     for name in _BINARY_COLUMNS:
         if row[name] is not None:
             row[name] = base64.b64decode(row[name])
@@ -286,6 +294,8 @@ def record_of(d: Decision, held_image: bytes | None = None) -> DecisionRecord:
         concept_views=d.concept_views,
         special_views=d.special_views,
         shadow_of=d.shadow_of,
+        encoder_digest=d.encoder_digest,
+        value_range=d.value_range,
         meta=d.metadata,
         error=d.error,
         needs_review=d.needs_review,

@@ -20,14 +20,20 @@ from typing import Any
 from sqlalchemy import Connection
 
 from moderation.storage import inserts
-from moderation.storage.errors import DatabaseUnavailableError, SchemaVersionError, first_line
+from moderation.storage.errors import (
+    DatabaseConfigurationError,
+    DatabaseUnavailableError,
+    SchemaVersionError,
+    first_line,
+)
 from moderation.storage.models import DecisionRow
 from moderation.storage.records import row_from_json
 from moderation.storage.spool import Spool, SpoolRecord, SpoolRecordError
 from moderation.storage.spool_format import encode_record
 
-# Errors that stop a replay (retry later), as opposed to a refusal of particular records.
-STOP = (DatabaseUnavailableError, SchemaVersionError)
+# Errors that stop a replay (retry later, or fix the configuration), as opposed to a refusal of
+# particular records: a read-only standby or a restarting server never quarantines anything.
+STOP = (DatabaseUnavailableError, SchemaVersionError, DatabaseConfigurationError)
 _COLUMNS = DecisionRow.__table__.columns
 _REQUIRED = frozenset(c.name for c in _COLUMNS if not c.nullable)
 # Columns added since a file was spooled are nullable: an older version's rows replay with NULL.

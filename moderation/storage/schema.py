@@ -16,12 +16,11 @@ from sqlalchemy import Connection, Engine, inspect
 
 from moderation.storage import db
 from moderation.storage.errors import (
-    UNAVAILABLE_ERRORS,
+    NoSchemaError,
     SchemaVersionError,
     StorageError,
     database_errors,
     display_url,
-    unavailable,
 )
 
 # Any fixed 64-bit key: PostgreSQL sessions migrating the same database queue behind it.
@@ -123,26 +122,32 @@ def forget_checked(url: str) -> None:
 
 
 def get_engine(url: str | None = None) -> Engine:
-    """The cached engine for a URL; migrates a fresh SQLite database, refuses an old schema."""
+    """The cached engine of an existing database at head, for readers (and the review queue).
+
+    Never creates or migrates anything: a SQLite file that does not exist, or a database that
+    was never migrated, is a StorageError naming `moderation db upgrade`."""
     url = db.resolve_db_url(url)
     engine = db.engine_for(url)
     if engine not in _checked:
+        db.require_database(url)  # connecting would create the SQLite file
         ensure_schema(url)
     return engine
 
 
-def ensure_schema(url: str | None = None) -> None:
-    """Migrate a fresh SQLite database; raise StorageError if the schema is not at head."""
+def ensure_schema(url: str | None = None, *, migrate_fresh: bool = False) -> None:
+    """Raise StorageError if the schema is not at head.
+
+    `migrate_fresh` (the decision log, a writer) migrates a SQLite database that has no tables
+    yet; readers never do. A database without any schema is a NoSchemaError (a configuration
+    error: nothing is spooled for a database that never existed)."""
     url = db.resolve_db_url(url)
     engine = db.engine_for(url)
     head = head_revision()
-    try:
+    with database_errors(url):
         with engine.connect() as conn:
             current = current_revision_on(conn)
             fresh = current is None and not inspect(conn).get_table_names()
-    except UNAVAILABLE_ERRORS as err:
-        raise unavailable(url, err) from err
-    if current == head or (fresh and engine.dialect.name == "sqlite"):
+    if current == head or (fresh and migrate_fresh and engine.dialect.name == "sqlite"):
         if current != head:
             upgrade(url, "head")
         with _checked_lock:
@@ -150,13 +155,15 @@ def ensure_schema(url: str | None = None) -> None:
         return
     if current is None:
         problem = "has no schema yet" if fresh else "has tables but no migration version"
-    elif current in known_revisions():
-        problem = f"is at revision {current}, this version needs {head}"
-    else:
+        raise NoSchemaError(
+            f"database {display_url(url)} {problem}; run `moderation db upgrade --db URL` first"
+        )
+    if current in known_revisions():
         raise SchemaVersionError(
-            f"database {display_url(url)} is at revision {current}, which this version of "
-            "moderation does not know (written by a newer version?)"
+            f"database {display_url(url)} is at revision {current}, this version needs {head}; "
+            "run `moderation db upgrade --db URL` first"
         )
     raise SchemaVersionError(
-        f"database {display_url(url)} {problem}; run `moderation db upgrade --db URL` first"
+        f"database {display_url(url)} is at revision {current}, which this version of "
+        "moderation does not know (written by a newer version?)"
     )

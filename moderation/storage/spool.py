@@ -37,6 +37,7 @@ from moderation.storage.spool_format import (
     is_torn_tail,
     scan,
 )
+from policy.atomic import atomic_write
 
 try:
     import fcntl
@@ -201,19 +202,11 @@ class Spool:
         """Write records set aside from `source` to `quarantine/<source name>`, durably."""
         folder = self.folder / QUARANTINE
         target = folder / source.name
-        tmp = folder / (source.name + ".tmp")
         try:
             if not folder.is_dir():
                 folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
                 fsync_dir(self.folder)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                _write_all(fd, b"".join(records))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            fsync_dir(folder)
+            atomic_write(target, b"".join(records), mode=FILE_MODE)
         except OSError as err:
             raise StorageError(f"cannot write the quarantine file {target}: {err}") from err
         return target
@@ -304,8 +297,7 @@ class Spool:
             data = os.pread(fd, end - start, start)
             if not tail and keep.exists() and keep.read_bytes() == data:
                 return  # set aside by an earlier replay already
-            keep.write_bytes(data)
-            os.chmod(keep, FILE_MODE)
+            atomic_write(keep, data, mode=FILE_MODE)
             what = f"corrupt records (copied to {keep.name})"
         if tail:
             os.ftruncate(fd, start)
