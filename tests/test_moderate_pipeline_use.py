@@ -241,3 +241,21 @@ def test_a_video_with_a_non_finite_frame_is_an_error(tiny_clip_dir):
     assert [v["frame"] for v in first.views] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert (second.verdict, second.action) == ("error", "blackout")
     assert second.metadata == {"frames": 4, "deciding_frame": 0}
+
+
+def test_a_yaml_policy_and_a_compiled_artifact_work_too(tiny_clip_dir, tmp_path):
+    """The policy as users pass it: a YAML file (compiled with its model) or an artifact."""
+    tiny = build("flux")
+    yaml = tmp_path / "policy.yaml"
+    yaml.write_text(
+        f"policy: yaml-test\nversion: 1\nmodel: {tiny_clip_dir}\n"
+        "defaults: {threshold: -1.0}\n"  # fires on everything
+        "concepts:\n  - name: anything\n    prompts: [a photo]\n    action: pixelate\n"
+    )
+    out = moderate_pipeline(tiny.pipe, yaml)(**tiny.call_args())
+    assert [d.action for d in out.decisions] == ["pixelate", "pixelate"]
+    assert out.decisions[0].policy.name == "yaml-test"
+    artifact = tmp_path / "policy.safetensors"
+    out.decisions[0].policy.save(artifact)
+    again = moderate_pipeline(tiny.pipe, artifact, model=tiny_clip_dir)(**tiny.call_args())
+    assert [d.action for d in again.decisions] == ["pixelate", "pixelate"]
