@@ -259,3 +259,27 @@ def test_a_yaml_policy_and_a_compiled_artifact_work_too(tiny_clip_dir, tmp_path)
     out.decisions[0].policy.save(artifact)
     again = moderate_pipeline(tiny.pipe, artifact, model=tiny_clip_dir)(**tiny.call_args())
     assert [d.action for d in again.decisions] == ["pixelate", "pixelate"]
+
+
+def test_a_held_video_releases_its_deciding_frame(tiny_clip_dir, tmp_path):
+    from moderation.review import ReviewQueue
+
+    tiny = build("text-to-video")
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    moderated = moderate_pipeline(
+        tiny.pipe,
+        one_concept_policy(tiny_clip_dir, -1.0, "review"),
+        db=url,
+        held_dir=tmp_path / "held",
+        spool_dir=tmp_path / "spool",
+    )
+    bare = tiny.pipe(**tiny.call_args(output_type="pt")).frames
+    first = moderated(**tiny.call_args(output_type="pt")).decisions[0]
+    queue = ReviewQueue(url)
+    claim = next(c for c in queue.claim("alice", n=2) if c.decision_id == first.decision_id)
+    queue.approve(claim.item_id, "alice", token=claim.token)
+    png = moderated.release(first.decision_id)
+    moderated.close()
+    frame = bare[0, first.metadata["deciding_frame"]].permute(1, 2, 0).numpy()
+    released = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255
+    assert np.abs(released - frame).max() <= 1 / 255 + 1e-6
