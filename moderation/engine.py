@@ -134,14 +134,32 @@ class Moderator:
             text_model=text_model,
             expect_digest=expect_digest,
         )
+        return cls.build(
+            compiled, encoder, db=db, spool_dir=spool_dir, held_dir=held_dir, shadow=shadow
+        )
+
+    @classmethod
+    def build(
+        cls,
+        policy: CompiledPolicy,
+        encoder: Any,
+        *,
+        db: str | None = None,
+        spool_dir: str | Path | None = None,
+        held_dir: str | Path | None = None,
+        shadow: Sequence[str | Path | Policy | CompiledPolicy] = (),
+    ) -> Moderator:
+        """How every entry point builds its Moderator (`from_policy`, the diffusers checker's
+        constructors and `log_to`): shadow candidates loaded (YAML compiled with `encoder`) and
+        checked before the database at `db` is opened."""
         candidates = load_candidates(shadow, encoder)
-        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
+        ShadowCandidates(policy, candidates)  # refuse a misfit before opening the database
         log = None
         if db is not None:
             from moderation.storage import DecisionLog
 
-            log = DecisionLog(db, spool_dir=spool_dir, held_dir=held_dir)
-        return cls(compiled, encoder, log=log, shadow=candidates)
+            log = DecisionLog(db, spool_dir=_path(spool_dir), held_dir=_path(held_dir))
+        return cls(policy, encoder, log=log, shadow=candidates)
 
     # -- moderation ---------------------------------------------------------------------------
 
@@ -369,15 +387,6 @@ class Moderator:
             self.log_errors.append(error)
         return unrecorded, error
 
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        if self.log is None:
-            raise ModerationError("this Moderator logs no decisions, so it holds no images")
-        from moderation.review import ReviewQueue
-
-        self.log.flush()  # a decision still queued for writing is not in the database yet
-        return ReviewQueue(self.log.url).release(decision_id, self.log.held)
-
     def to(self, device: torch.device | str) -> Moderator:
         """Move the policy to `device`, after the encoder moved there (a diffusers pipeline's
         `.to()`); the encoder is its owner's to move."""
@@ -452,3 +461,7 @@ def write_batch(
         logger.error("%d decisions were not recorded (%s): %s", len(ids), reason, ", ".join(ids))
         return ids, reason
     return [], None
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)

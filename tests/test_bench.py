@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from moderation.bench.config import BenchConfig
 from moderation.bench.models import BenchError
-from moderation.bench.report import evaluate_targets, format_report, table
+from moderation.bench.report import evaluate_targets, format_report
 from moderation.bench.run import run_bench
+from moderation.bench.tables import table
 
 # Small enough for seconds on a CPU: tiny widths, 2 batch sizes, few concepts and decisions.
 TINY_ARGS = [

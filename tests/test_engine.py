@@ -99,6 +99,7 @@ def test_numpy_and_pil_inputs_come_back_in_kind(tmp_path, encoder, images):
 
 def test_decisions_are_logged_and_held_images_released_after_approval(tmp_path, encoder, images):
     from moderation.review import ReviewError, ReviewQueue
+    from moderation.review.release import release
     from moderation.storage import DecisionLog
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
@@ -109,12 +110,12 @@ def test_decisions_are_logged_and_held_images_released_after_approval(tmp_path, 
         held = result.decisions[1]
         assert held.action == "review"
         with pytest.raises(ReviewError, match="still awaiting review"):
-            moderator.release(held.decision_id)  # pending: not yet
+            release(url, tmp_path / "held", held.decision_id)  # pending: not yet
         queue = ReviewQueue(url)
         [claim] = queue.claim("alice")
         assert claim.decision_id == held.decision_id
         queue.approve(claim.item_id, "alice", token=claim.token)
-        png = moderator.release(held.decision_id)
+        png = release(url, tmp_path / "held", held.decision_id)
         assert png.startswith(b"\x89PNG")
     with sqlite3.connect(tmp_path / "m.db") as db:
         rows = db.execute(

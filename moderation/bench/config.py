@@ -13,6 +13,7 @@ One run, one device, one set of weights:
      2:3 and 9:16;
   f. what shadow candidates add to the post-encoder work of a batch (moderation.bench.shadow).
   g. `policy backtest` throughput and peak memory over large logs in SQLite and PostgreSQL.
+  h. what `moderate_pipeline` adds to tiny pipelines' wall time (moderation.bench.pipelines).
 Times are medians of repeats after warm-up, with the device synchronised around each one.
 """
 
@@ -32,7 +33,7 @@ from moderation.bench.models import BenchError
 from policy.vocabulary import VIEWS
 
 SCHEMA_VERSION = 1
-SECTIONS = ("e2e", "concepts", "logging", "views", "shadow", "backtest")
+SECTIONS = ("e2e", "concepts", "logging", "views", "shadow", "backtest", "pipelines")
 # What a bare `moderation bench` runs: section g (backtest) fills a million-row log per
 # database (minutes), so it runs when asked for (`--sections backtest`).
 DEFAULT_SECTIONS = ("e2e", "concepts", "logging", "views", "shadow")

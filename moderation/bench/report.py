@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from moderation.tables import format_table
+from moderation.bench.pipelines import pipelines_table, pipelines_targets
+from moderation.bench.tables import ms, table, times
 
 # The issue's targets (knobs: change them here and in BENCHMARKS.md together).
 CONCEPTS_TARGET_N = 10_000
@@ -72,26 +72,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if result.get("backtest"):
         targets += backtest_targets(result["backtest"])
+    targets += pipelines_targets(result.get("pipelines") or [])
     return targets
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns separated by two spaces, numbers right-aligned, a dashed rule under the headers."""
-    return format_table(headers, rows, right="numbers", missing="-")
-
-
-def ms(value: float | None) -> str:
-    """Milliseconds with 3-4 significant digits and no exponent."""
-    if value is None:
-        return "-"
-    for limit, digits in ((100, 0), (10, 1), (1, 2)):
-        if value >= limit:
-            return f"{value:.{digits}f}"
-    return f"{value:.3f}"
-
-
-def times(value: float) -> str:
-    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -143,6 +125,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", shadow_table(result["shadow"])]
     if result.get("backtest"):
         lines += ["", backtest_table(result["backtest"])]
+    lines += ["", pipelines_table(result["pipelines"])] if result.get("pipelines") else []
     if result.get("targets"):
         rows = [
             (t["target"], t["measured"], {True: "yes", False: "NO", None: "-"}[t["met"]])

@@ -35,9 +35,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "views": [],
         "shadow": [],
         "backtest": [],
+        "pipelines": [],
     }
     started = time.perf_counter()
-    needs_model = config.model is not None or {"e2e", "logging", "views"} & set(config.sections)
+    needs_model = config.model is not None or {"e2e", "logging", "views", "pipelines"} & set(
+        config.sections
+    )
     models = None
     if needs_model:
         say(f"loading models ({config.model or config.size}) on {device} in {dtype}")
@@ -81,6 +84,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 
             dim = models.encoder.embed_dim if models else _default_dim(config)
             result["shadow"] = run_shadow(config, device, dtype, dim, say)
+        if "pipelines" in config.sections:
+            from moderation.bench.pipelines import run_pipelines
+
+            result["pipelines"] = run_pipelines(models, config, device, say)
     if "logging" in config.sections:
         from moderation.bench.log_throughput import run_logging
 

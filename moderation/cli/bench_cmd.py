@@ -79,7 +79,8 @@ def _int_list(_ctx: click.Context, param: click.Parameter, value: str | None):
 )
 @click.option(
     "--sections",
-    help="Comma-separated sections among e2e,concepts,logging,views,shadow,backtest [all but backtest].",
+    help="Comma-separated sections among e2e,concepts,logging,views,shadow,backtest,pipelines "
+    "[all but backtest and pipelines].",
 )
 @click.option(
     "--backtest-sizes",

@@ -1,4 +1,5 @@
-"""PolicySafetyChecker: a policy in the `safety_checker` slot of a diffusers pipeline.
+"""The diffusers integration: `moderate_pipeline` around any pipeline, and PolicySafetyChecker,
+a policy in the `safety_checker` slot of a diffusers pipeline.
 
 A thin adapter over `Moderator`: called like `StableDiffusionSafetyChecker`
 (`checker(images=..., clip_input=...)` returns `(images, has_nsfw_concepts)`), every image gets a
@@ -11,9 +12,8 @@ shadow decisions (`last_shadow_decisions`), never acted on (`moderation.shadow`)
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +27,39 @@ from torch import nn
 from moderation.decision import Decision, error_decisions
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
+from moderation.integrations.pipeline import ModeratedPipeline
+from moderation.integrations.slot import (
+    SlotClass,
+    caller_block,
+    caller_metadata,
+    device_of_map,
+)
 from moderation.integrations.slot_images import (
     act_in_place,
     as_shown,
     blackout_in_place,
+    colour_channels,
     count_images,
+    with_extra,
 )
 from moderation.integrations.towers import ModuleEncoder, VisionTower, module_device
 from policy.compiled import CompiledPolicy
 
-__all__ = ["PolicySafetyChecker"]
+__all__ = ["PolicySafetyChecker", "moderate_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-# Caller metadata of the `with checker.caller(...)` blocks around this context: {id(checker): {}}.
-_CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
-    "moderation_checker_caller", default=None
-)
 
-
-class PolicySafetyChecker(ModelMixin):
+class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
 
     main_input_name = "clip_input"
+    stands_in_for = (
+        (
+            "diffusers.pipelines.stable_diffusion.safety_checker",
+            "StableDiffusionSafetyChecker",
+        ),
+    )
 
     def __init__(
         self,
@@ -99,7 +109,7 @@ class PolicySafetyChecker(ModelMixin):
         model, or artifacts of it) scored and logged beside the policy, never acted on.
         expect_digest: the compiled policy's sha256 digest, pinned."""
         from moderation.loading import load_compiled
-        from moderation.shadow import ShadowCandidates, load_candidates
+        from moderation.shadow import load_candidates
 
         compiled, encoder = load_compiled(
             path,
@@ -109,10 +119,9 @@ class PolicySafetyChecker(ModelMixin):
             text_model=text_model,
             expect_digest=expect_digest,
         )
-        candidates = load_candidates(shadow, encoder)
-        ShadowCandidates(compiled, candidates)  # refuse a misfit before opening the database
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(compiled, VisionTower.of(encoder), log=log, metadata=metadata, shadow=candidates)
+        candidates = load_candidates(shadow, encoder)  # YAML: compiled with the text tower
+        checker = cls(compiled, VisionTower.of(encoder), metadata=metadata)
+        return checker._log_with(db, held_dir, spool_dir, candidates)
 
     @classmethod
     def from_checker(
@@ -143,11 +152,8 @@ class PolicySafetyChecker(ModelMixin):
             )
             model = getattr(checker.config, "_name_or_path", "") or "safety_checker"
             policy = checker_policy(tensors, name="sd-safety-checker", model=model)
-        from moderation.shadow import ShadowCandidates
-
-        ShadowCandidates(policy, shadow)  # refuse a misfit before opening the database
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, checker, log=log, metadata=metadata, shadow=shadow)
+        built = cls(policy, checker, metadata=metadata)
+        return built._log_with(db, held_dir, spool_dir, shadow)
 
     def log_to(
         self,
@@ -159,11 +165,23 @@ class PolicySafetyChecker(ModelMixin):
         """Log every decision from now on to `db` (held originals in held_dir, default
         $MODERATION_HELD_DIR or ./held; spool in spool_dir, default $MODERATION_SPOOL_DIR or ./spool)."""
         previous = self.moderator.log
-        log = _decision_log(db, held_dir, spool_dir)
-        shadow = self.moderator.shadow_policies  # the candidates keep shadowing
-        self.moderator = Moderator(self.policy, self._engine_encoder, log=log, shadow=shadow)
+        self._log_with(db, held_dir, spool_dir, self.moderator.shadow_policies)
         if previous is not None:
             previous.close()
+        return self
+
+    def _log_with(
+        self, db: str | None, held_dir: Any, spool_dir: Any, shadow: Sequence[Any]
+    ) -> PolicySafetyChecker:
+        """A new Moderator over this checker's policy and encoder (`Moderator.build`)."""
+        self.moderator = Moderator.build(
+            self.policy,
+            self._engine_encoder,
+            db=db,
+            held_dir=held_dir,
+            spool_dir=spool_dir,
+            shadow=shadow,
+        )
         return self
 
     # -- saving and loading with a pipeline --------------------------------------------------
@@ -207,7 +225,7 @@ class PolicySafetyChecker(ModelMixin):
         from moderation.integrations.pretrained import load_checker, load_shadow
 
         dtype = dtype or loading.get("torch_dtype")
-        device = device or _device_of_map(loading.get("device_map"))
+        device = device or device_of_map(loading.get("device_map"))
         policy, encoder, manifest = load_checker(
             pretrained_model_name_or_path,
             device=device,
@@ -222,8 +240,8 @@ class PolicySafetyChecker(ModelMixin):
                 "not saved: call checker.log_to(URL) (pipe.safety_checker.log_to(URL)) to log again",
                 pretrained_model_name_or_path,
             )
-        log = _decision_log(db, held_dir, spool_dir)
-        return cls(policy, VisionTower.of(encoder), log=log, metadata=metadata, shadow=shadow)
+        checker = cls(policy, VisionTower.of(encoder), metadata=metadata)
+        return checker._log_with(db, held_dir, spool_dir, shadow)
 
     # -- what a pipeline reads ---------------------------------------------------------------
 
@@ -257,20 +275,14 @@ class PolicySafetyChecker(ModelMixin):
 
     # -- caller metadata ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def caller(self, **metadata: Any) -> Iterator[PolicySafetyChecker]:
+    def caller(self, **metadata: Any) -> contextlib.AbstractContextManager[PolicySafetyChecker]:
         """Metadata (prompt, seed, user, ...) logged with every image moderated inside the block,
         over `checker.metadata`: `with checker.caller(prompt=p, user=u): pipe(p)`."""
-        outer = _CALLER.get() or {}
-        token = _CALLER.set({**outer, id(self): {**outer.get(id(self), {}), **metadata}})
-        try:
-            yield self
-        finally:
-            _CALLER.reset(token)
+        return caller_block(self, metadata)
 
     def _call_metadata(self) -> Any:
         """This call's metadata: `checker.metadata` (one mapping, or one per image) + caller()."""
-        extra = (_CALLER.get() or {}).get(id(self), {})
+        extra = caller_metadata(self)
         base = self.metadata
         if base is None or isinstance(base, Mapping):
             return {**(base or {}), **extra}
@@ -286,6 +298,7 @@ class PolicySafetyChecker(ModelMixin):
         count = count_images(images)
         metadata = self._call_metadata()
         self.last_unrecorded = []
+        images, extra = colour_channels(images)  # RGB-D (LDM3D): the colour is what is shown
         try:
             decisions = self._decide(clip_input, images, metadata, count)
         except Exception as exc:  # fail closed: whatever went wrong, no image goes out unjudged
@@ -313,7 +326,7 @@ class PolicySafetyChecker(ModelMixin):
                 reasons,
             )
         self._warn_if_unreviewed(decisions)
-        return images, has_nsfw_concepts
+        return with_extra(images, extra, flagged), has_nsfw_concepts
 
     def _decide(self, clip_input: Any, images: Any, metadata: Any, count: int) -> list[Decision]:
         """The Moderator's decisions: on `clip_input` under `compat: diffusers` (diffusers' own
@@ -372,31 +385,13 @@ class PolicySafetyChecker(ModelMixin):
 
     def release(self, decision_id: str) -> bytes:
         """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        return self.moderator.release(decision_id)
+        from moderation.review.release import release_from_log
+
+        return release_from_log(self.moderator.log, decision_id)
 
     def close(self) -> None:
         """Flush and close the decision log."""
         self.moderator.close()
-
-
-def _decision_log(db: str | None, held_dir: Any, spool_dir: Any) -> Any:
-    if db is None:
-        return None
-    from moderation.storage import DecisionLog
-
-    return DecisionLog(
-        db,
-        held_dir=None if held_dir is None else Path(held_dir),
-        spool_dir=None if spool_dir is None else Path(spool_dir),
-    )
-
-
-def _device_of_map(device_map: Any) -> torch.device | str | None:
-    """The one device of a diffusers device_map ("cuda", {"": "cuda:0"}), None when it has none."""
-    if isinstance(device_map, Mapping):
-        devices = set(device_map.values())
-        return devices.pop() if len(devices) == 1 else None
-    return device_map if isinstance(device_map, (str, torch.device, int)) else None
 
 
 def _reason(decision: Decision) -> str:
@@ -406,3 +401,9 @@ def _reason(decision: Decision) -> str:
     if decision.fired:
         return ", ".join(decision.fired[:5]) + (", ..." if len(decision.fired) > 5 else "")
     return "special care" if decision.special_hits else "review band"
+
+
+def moderate_pipeline(pipe: Any, policy: Any, **options: Any) -> ModeratedPipeline:
+    """`pipe` with `policy` (a YAML path, a compiled artifact or a Moderator) judging every image
+    or video it returns, used exactly like `pipe`; options: see `ModeratedPipeline.build`."""
+    return ModeratedPipeline.build(pipe, policy, **options)

@@ -25,6 +25,26 @@ def count_images(images: Any) -> int:
         ) from None
 
 
+def colour_channels(images: Any) -> tuple[Any, torch.Tensor | None]:
+    """(colour, extra): the [B, 3, H, W] colour of a batch with more channels (LDM3D hands its
+    checker colour plus depth) and those other channels; extra is None for colour input."""
+    if torch.is_tensor(images) and images.ndim == 4 and images.shape[1] > 3:
+        return images[:, :3], images[:, 3:]
+    return images, None
+
+
+def with_extra(colour: Any, extra: torch.Tensor | None, flagged: list[int]) -> Any:
+    """The colour (acted on) and the other channels back in one batch, the others as the pipeline
+    returns them: it does not denormalise a flagged image, so they are denormalised here."""
+    if extra is None:
+        return colour
+    if flagged and extra.is_floating_point():
+        extra = extra.clone()
+        rows = torch.tensor(flagged, device=extra.device)
+        extra[rows] = (extra[rows] * 0.5 + 0.5).clamp(0, 1)
+    return torch.cat([torch.stack(list(colour)) if isinstance(colour, list) else colour, extra], 1)
+
+
 def _kind(item: Any) -> str:
     if torch.is_tensor(item):
         return "tensor"

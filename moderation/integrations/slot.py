@@ -1,0 +1,63 @@
+"""What the diffusers integrations share: caller metadata blocks, a checker class that
+`from_pipe` carries over, and the device of a diffusers device_map."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+# Caller metadata of the `with x.caller(...)` blocks around this context: {id(x): {...}}.
+_CALLER: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
+    "moderation_caller", default=None
+)
+
+
+@contextlib.contextmanager
+def caller_block(owner: Any, metadata: dict[str, Any]) -> Iterator[Any]:
+    """`metadata` logged with every image `owner` moderates inside the block (nested blocks
+    add to the outer ones)."""
+    outer = _CALLER.get() or {}
+    token = _CALLER.set({**outer, id(owner): {**outer.get(id(owner), {}), **metadata}})
+    try:
+        yield owner
+    finally:
+        _CALLER.reset(token)
+
+
+def caller_metadata(owner: Any) -> dict[str, Any]:
+    """The metadata of the `caller_block`s of `owner` around this call."""
+    return (_CALLER.get() or {}).get(id(owner), {})
+
+
+class SlotClass(type):
+    """Lets `Pipeline.from_pipe(pipe)` carry our checker over to the new pipeline.
+
+    diffusers' `from_pipe` keeps a model component only when `type(component) in` the new
+    pipeline's type hint for its slot (`(StableDiffusionSafetyChecker,)`), and otherwise drops it,
+    so that the new pipeline fails with "missing 1 required positional argument:
+    'safety_checker'". A checker class compares equal to the classes it stands in for
+    (`stands_in_for`: module and name); identity, hashing and `isinstance` are unchanged."""
+
+    def __eq__(cls, other: object) -> bool:
+        if cls is other:
+            return True
+        if not isinstance(other, type):
+            return NotImplemented
+        return any(
+            other.__module__ == module and other.__name__ == name
+            for module, name in cls.__dict__.get("stands_in_for", ())
+        )
+
+    __hash__ = type.__hash__
+
+
+def device_of_map(device_map: Any) -> torch.device | str | None:
+    """The one device of a diffusers device_map ("cuda", {"": "cuda:0"}), None when it has none."""
+    if isinstance(device_map, Mapping):
+        devices = set(device_map.values())
+        return devices.pop() if len(devices) == 1 else None
+    return device_map if isinstance(device_map, (str, torch.device, int)) else None
