@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from moderation.actions import apply_actions
-from moderation.decision import Decision
+from moderation.decision import Decision, error_decisions
 from moderation.engine import Moderator
-from moderation.engine_io import error_decisions
 from moderation.errors import ModerationError
 from moderation.integrations.outputs import (
     OutputForm,

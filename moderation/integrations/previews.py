@@ -22,7 +22,7 @@ import torch
 
 from moderation.decision import Decision
 from moderation.engine import Moderator
-from moderation.engine_io import error_decisions
+from moderation.decision import error_decisions
 from moderation.errors import ModerationError
 
 logger = logging.getLogger(__name__)
