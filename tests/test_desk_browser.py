@@ -19,8 +19,6 @@ from tests.desk_app import (  # noqa: F401  (fixtures)
     LEASE,
     cheap_passwords,
     clock,
-    db_url,
-    pg_url,
 )
 from tests.desk_factory import PASSWORD, add_users, seed_desk
 from tests.desk_server import browser, serving  # noqa: F401

@@ -24,9 +24,7 @@ from tests.desk_app import (  # noqa: F401  (fixtures)
     cheap_passwords,
     clock,
     csrf,
-    db_url,
     login,
-    pg_url,
     seeded,
 )
 from tests.desk_factory import csrf_of
