@@ -383,6 +383,15 @@ def test_pages_show_the_decision_document(app, seeded, db_url):
     special = docs[seeded.special[0]]
     assert special["special_care"]["hits"]
     assert "Hits: none" not in carol.get(f"/items/{seeded.special[0]}").text
+    # The labels to tick keep the policy's order (keys 1-9 mean the same concept on every item),
+    # while the concepts table is nearest first.
+    claimed = carol.post("/claim", data={"n": "1", "csrf": csrf(carol)}).headers["location"]
+    item = int(claimed.split("/")[2].split("?")[0])
+    labels = re.findall(r'name="concept" value="([^"]*)"', carol.get(f"/items/{item}").text)
+    policy_order = sorted(docs[item]["concepts"], key=lambda c: c["index"])
+    special_names = [c["name"] for c in docs[item]["special_care"]["concepts"]]
+    assert labels == [c["name"] for c in policy_order] + special_names
+    assert [c["index"] for c in policy_order] == list(range(len(policy_order)))
     # A unique suffix (or prefix) of a decision id finds its page; an unknown one does not.
     full = seeded.decision_of[seeded.ordinary[0]]
     found = carol.get(f"/decisions?id={full[-12:]}")

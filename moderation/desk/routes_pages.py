@@ -124,9 +124,10 @@ def item_page(
     remaining = None
     if mine and row.claim_expires_at is not None:
         remaining = max(0, int((utc(row.claim_expires_at) - now).total_seconds()))
-    labels = [c["name"] for c in doc["concepts"]] + [
-        c["name"] for c in doc["special_care"]["concepts"]
-    ]
+    # Labels in policy order (the document lists concepts nearest first): keys 1-9 name the
+    # same concept on every item of a policy.
+    by_policy = sorted(doc["concepts"], key=lambda c: c["index"])
+    labels = [c["name"] for c in by_policy] + [c["name"] for c in doc["special_care"]["concepts"]]
     ticked = set(doc["fired"]) | set(doc["special_care"]["hits"])
     return render(
         request,
