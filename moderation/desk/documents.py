@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 from moderation.decisions.browser import DecisionError, resolve_id
 from moderation.decisions.document import logged_decision_document, review_item_document
 
-__all__ = ["DecisionError", "decision_document", "item_document"]
+__all__ = ["decision_document", "item_document"]
 
 
 def item_document(conn: Connection, item_id: int, now: datetime) -> dict[str, Any] | None:
@@ -25,7 +25,8 @@ def item_document(conn: Connection, item_id: int, now: datetime) -> dict[str, An
 
 def decision_document(conn: Connection, decision_id: str) -> dict[str, Any]:
     """The document of one decision, named by its full id or a unique prefix or suffix
-    (DecisionError otherwise, also when it is gone between the lookup and the read)."""
+    (moderation.decisions.browser.DecisionError otherwise, also when it is gone between the
+    lookup and the read)."""
     full_id = resolve_id(conn, decision_id, "the decision log")
     try:
         return logged_decision_document(conn, full_id)

@@ -8,9 +8,10 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from moderation.decisions.browser import DecisionError
 from moderation.desk.access import decision_visible, visible_item
 from moderation.desk.audit import EXPORT_FORMATS, audit_events, write_export
-from moderation.desk.documents import DecisionError, decision_document, item_document
+from moderation.desk.documents import decision_document, item_document
 from moderation.desk.listing import (
     desk_stats,
     earlier_verdicts,
