@@ -1,5 +1,5 @@
-"""Fixtures shared by the desk tests: a cheap argon2id hasher, databases on both backends
-(with the desk's tables emptied between tests), a seeded desk app and logged-in clients."""
+"""Fixtures shared by the desk tests: a cheap argon2id hasher, a seeded desk app and logged-in
+clients. The databases, on both backends, are tests/conftest.py's `db_url` (empty, migrated)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,10 @@ from fastapi.testclient import TestClient
 
 from moderation.desk import accounts
 from moderation.desk.app import DeskSettings, create_app
-from moderation.storage import db
 from tests.desk_factory import PASSWORD, add_users, csrf_of, seed_desk
-from tests.review_factory import PG_URL, Clock, pg_database, sqlite_url
+from tests.review_factory import Clock
 
 LEASE = 60
-DESK_TABLES = (
-    "webhook_outbox",
-    "webhooks",
-    "desk_events",
-    "desk_sessions",
-    "desk_users",
-    "review_events",
-    "review_items",
-    "decisions",
-    "policies",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -33,32 +21,6 @@ def cheap_passwords(monkeypatch):
     monkeypatch.setattr(
         accounts, "HASHER", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
     )
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not PG_URL:
-        pytest.skip("MODERATION_TEST_PG_URL is not set")
-    with pg_database("desk") as url:
-        yield url
-
-
-def empty(url: str) -> None:
-    with db.engine_for(url).begin() as conn:
-        for table in DESK_TABLES:
-            conn.exec_driver_sql(f"DELETE FROM {table}")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        url = sqlite_url(tmp_path)
-        yield url
-        db.dispose(url)
-        return
-    url = request.getfixturevalue("pg_url")
-    empty(url)
-    yield url
 
 
 @pytest.fixture

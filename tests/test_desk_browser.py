@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from moderation.decisions.document import review_item_document
 from moderation.desk.app import DeskSettings, create_app
 from moderation.storage.models import DeskEvent, ReviewItem
 from moderation.storage.schema import get_engine
@@ -19,8 +20,6 @@ from tests.desk_app import (  # noqa: F401  (fixtures)
     LEASE,
     cheap_passwords,
     clock,
-    db_url,
-    pg_url,
 )
 from tests.desk_factory import PASSWORD, add_users, seed_desk
 from tests.desk_server import browser, serving  # noqa: F401
@@ -92,6 +91,12 @@ def test_reviewer_works_items_with_the_keyboard(browser, desk, db_url):
     assert first in data.ordinary
     assert "approve (with the labels ticked)" in page.inner_text("#shortcuts")
     assert "a <i>test</i> image" in page.inner_text("#meta")  # shown as text, not markup
+    # The decision document's concepts, nearest first, and what set the action.
+    with get_engine(db_url).connect() as conn:
+        doc = review_item_document(conn, first)
+    rows = page.query_selector_all("#concepts tbody tr")
+    assert [r.get_attribute("data-concept") for r in rows] == [c["name"] for c in doc["concepts"]]
+    assert page.inner_text("#action-reason") == doc["action_reason"]["text"]
 
     # Blurred and greyscale until revealed: the served bytes, not a CSS class.
     blurred = image_bytes(page)

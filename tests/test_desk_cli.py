@@ -23,7 +23,7 @@ from moderation.storage import db, downgrade, upgrade
 from moderation.storage.models import DeskEvent, DeskUser, ReviewItem
 from moderation.storage.schema import get_engine
 from moderation.times import utcnow
-from tests.desk_app import cheap_passwords, clock, db_url, pg_url  # noqa: F401  (fixtures)
+from tests.desk_app import cheap_passwords, clock  # noqa: F401  (fixtures)
 from tests.desk_factory import seed_desk
 from tests.desk_server import free_port
 

@@ -4,8 +4,10 @@ table), CSRF, special-care visibility, images, sessions, throttling, escaping, l
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import json
+import re
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -13,9 +15,10 @@ from PIL import Image
 from sqlalchemy import select
 from starlette.routing import Mount
 
+from moderation.decisions.document import review_item_document
 from moderation.desk.app import route_table
 from moderation.desk.routes_auth import PUBLIC
-from moderation.desk.web import CSP
+from moderation.desk.web import CSP, TEMPLATES
 from moderation.storage.models import DeskEvent, ReviewItem
 from moderation.storage.schema import get_engine
 from tests.desk_app import (  # noqa: F401  (fixtures)
@@ -24,9 +27,7 @@ from tests.desk_app import (  # noqa: F401  (fixtures)
     cheap_passwords,
     clock,
     csrf,
-    db_url,
     login,
-    pg_url,
     seeded,
 )
 from tests.desk_factory import csrf_of
@@ -317,3 +318,125 @@ def test_verdict_with_labels_and_next(app, seeded, db_url):
     decision = alice.get(f"/decisions/{seeded.decision_of[item]}")
     assert decision.status_code == 200 and "rejected" in decision.text
     assert claim not in decision.text, "a claim token is its owner's credential"
+
+
+ROW = re.compile(r'<tr[^>]*data-concept="([^"]*)">(.*?)</tr>', re.S)
+CELL = re.compile(r"<td[^>]*>(.*?)</td>", re.S)
+
+
+def _concept_rows(page: str) -> list[tuple[str, list[str]]]:
+    table = page.split('id="concepts"', 1)[1].split("</table>", 1)[0]
+    return [(name, [c.strip() for c in CELL.findall(row)]) for name, row in ROW.findall(table)]
+
+
+def _fmt(value, form: str = "%.4f") -> str:
+    return "-" if value is None else form % value
+
+
+def _shows_document(page: str, doc: dict) -> None:
+    """The parts of the decision document every decision-showing page carries."""
+    rows = _concept_rows(page)
+    assert [name for name, _ in rows] == [c["name"] for c in doc["concepts"]]
+    scores = [c["score"] for c in doc["concepts"]]
+    assert scores == sorted(scores, reverse=True), "nearest first"
+    for (_, cells), c in zip(rows, doc["concepts"], strict=True):
+        assert cells[2:6] == [
+            _fmt(c["cosine"]),
+            _fmt(c["threshold"]),
+            _fmt(c["margin"], "%+.4f"),
+            _fmt(c["score"], "%+.4f"),
+        ]
+        assert cells[6] == ("yes" if c["fired"] else "")
+        assert cells[7] == ("yes" if c["in_review_band"] else "")
+    assert html.escape(doc["action_reason"]["text"]) in page
+    hits = ", ".join(doc["special_care"]["hits"]) or "none"
+    assert f"Hits: {html.escape(hits)};" in page
+    for c in doc["special_care"]["concepts"]:
+        assert f"<td>{html.escape(c['name'])}</td>" in page
+    policy = doc["policy"]
+    assert f"{policy['name']} v{policy['version']} <code>{policy['digest']}</code>" in page
+    assert f"(model {policy['model']})" in page
+    band = ", ".join(doc["review_band"]["concepts"]) or "none"
+    assert f"concepts within it: {band}." in page
+    assert f"{doc['verdict']} / {doc['action']}" in page
+    for key, value in doc["metadata"].items():
+        assert f"<dt>{html.escape(key)}</dt><dd>{html.escape(str(value))}</dd>" in page
+    assert "<b>x</b>" not in page
+
+
+def test_pages_show_the_decision_document(app, seeded, db_url):
+    carol = login(app, "carol")  # special care: sees every item
+    with get_engine(db_url).connect() as conn:
+        docs = {i: review_item_document(conn, i) for i in seeded.ordinary + seeded.special}
+    for item, doc in docs.items():
+        assert doc["decision_id"] == seeded.decision_of[item]
+        page = carol.get(f"/items/{item}").text
+        _shows_document(page, doc)
+        assert f'<a href="/decisions/{doc["decision_id"]}">' in page
+        history = page.split('id="history">', 1)[1].split("</ol>", 1)[0]
+        assert [e["event"] for e in doc["events"]] == ["created"]
+        assert f"{doc['events'][0]['at']} system: created" in history
+        decision = carol.get(f"/decisions/{doc['decision_id']}").text
+        _shows_document(decision, doc)
+        assert f'<a href="/items/{item}">{item}</a>' in decision
+    # The special-care items' pages name their hits.
+    special = docs[seeded.special[0]]
+    assert special["special_care"]["hits"]
+    assert "Hits: none" not in carol.get(f"/items/{seeded.special[0]}").text
+    # The labels to tick keep the policy's order (keys 1-9 mean the same concept on every item),
+    # while the concepts table is nearest first.
+    claimed = carol.post("/claim", data={"n": "1", "csrf": csrf(carol)}).headers["location"]
+    item = int(claimed.split("/")[2].split("?")[0])
+    labels = re.findall(r'name="concept" value="([^"]*)"', carol.get(f"/items/{item}").text)
+    policy_order = sorted(docs[item]["concepts"], key=lambda c: c["index"])
+    special_names = [c["name"] for c in docs[item]["special_care"]["concepts"]]
+    assert labels == [c["name"] for c in policy_order] + special_names
+    assert [c["index"] for c in policy_order] == list(range(len(policy_order)))
+    # A unique suffix (or prefix) of a decision id finds its page; an unknown one does not.
+    full = seeded.decision_of[seeded.ordinary[0]]
+    found = carol.get(f"/decisions?id={full[-12:]}")
+    assert found.status_code == 303 and found.headers["location"] == f"/decisions/{full}"
+    for missing in ("/decisions?id=ffffffffffff", "/decisions/ffffffff-0000"):
+        response = carol.get(missing)
+        assert response.status_code == 404 and "no such decision" in response.text
+
+
+def test_document_parts_render_views_and_nested_metadata():
+    doc = {
+        "concepts": [
+            {
+                "name": "gore",
+                "category": None,
+                "cosine": 0.31,
+                "threshold": 0.3,
+                "margin": 0.01,
+                "score": 0.02,
+                "fired": True,
+                "in_review_band": False,
+                "view": {"index": 2, "frame": 4, "box": [0, 8, 64, 72]},
+            },
+            {
+                "name": "nudity",
+                "category": "sexual",
+                "cosine": None,
+                "threshold": 0.25,
+                "margin": None,
+                "score": None,
+                "fired": False,
+                "in_review_band": False,
+                "view": None,
+            },
+        ],
+        "concepts_listed": 2,
+        "concepts_total": 5,
+        "metadata": {"prompt": "<script>", "tags": ["<i>", 1]},
+    }
+    show = TEMPLATES.get_template("document.html").module
+    table = str(show.concepts(doc))
+    rows = _concept_rows(table)
+    assert rows[0][1][8] == "view 2, frame 4, box 0,8,64,72"
+    assert rows[1][1][2:6] == ["-", "0.2500", "-", "-"] and rows[1][1][8] == "-"
+    assert "The 2 nearest of 5 concepts." in table
+    meta = str(show.metadata(doc))
+    assert "<dd>&lt;script&gt;</dd>" in meta
+    assert "<dd>[&#34;&lt;i&gt;&#34;, 1]</dd>" in meta and "<i>" not in meta

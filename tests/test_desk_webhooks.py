@@ -22,7 +22,7 @@ from moderation.review.rules import ReviewError
 from moderation.storage.models import PolicyRow, WebhookDelivery
 from moderation.storage.schema import get_engine
 from moderation.times import utcnow
-from tests.desk_app import cheap_passwords, clock, db_url, pg_url  # noqa: F401  (fixtures)
+from tests.desk_app import cheap_passwords, clock  # noqa: F401  (fixtures)
 from tests.desk_factory import seed_desk
 
 SECRET = "s3cret-for-tests"

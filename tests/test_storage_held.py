@@ -78,7 +78,7 @@ def test_rows_with_relative_held_paths_are_found_under_the_folder(log, tmp_path,
     set_status(log, records[0].id, "approved", reviewer="ana")
     assert release(log, records[0].id) == PNG  # looked up under the log's held folder
     monkeypatch.setenv("MODERATION_HELD_DIR", str(tmp_path / "held"))
-    shown = ReviewQueue(log.url).show(1)["decision"]
+    shown = ReviewQueue(log.url).show(1)
     assert shown["held_path"] == relative
     assert shown["held_file"] == str(tmp_path / "held" / digest[:2] / f"{digest}.png")
 

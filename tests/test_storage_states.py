@@ -303,7 +303,7 @@ def test_a_mistyped_sqlite_url_gets_a_did_you_mean(tmp_path, monkeypatch, given,
 
 
 def test_python_readers_never_create_a_database(tmp_path):
-    from moderation.review.decisions import DecisionBrowser
+    from moderation.decisions.browser import DecisionBrowser
     from moderation.review.queue import ReviewQueue
 
     typo = tmp_path / "typo.db"

@@ -99,9 +99,10 @@ def reopened_rows(conn: Connection, viewer: Viewer, limit: int = PAGE) -> list[d
     return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def earlier_verdicts(conn: Connection, decision: dict[str, Any], policy_digest: str) -> list[dict]:
-    """Verdicts already given on the same image (sha256) under the same policy digest."""
-    sha = decision.get("image_sha256")
+def earlier_verdicts(conn: Connection, doc: dict[str, Any]) -> list[dict]:
+    """Verdicts already given on the same image (sha256) under the same policy digest as the
+    decision of `doc` (a decision document), on other decisions."""
+    sha = doc.get("image_sha256")
     if not sha:
         return []
     query = (
@@ -117,8 +118,8 @@ def earlier_verdicts(conn: Connection, decision: dict[str, Any], policy_digest: 
         .join(DecisionRow, ReviewItem.decision_id == DecisionRow.id)
         .where(
             DecisionRow.image_sha256 == sha,
-            DecisionRow.policy_digest == policy_digest,
-            DecisionRow.id != decision["id"],
+            DecisionRow.policy_digest == doc["policy"]["digest"],
+            DecisionRow.id != doc["decision_id"],
             ReviewItem.status.in_(DECIDED),
         )
         .order_by(ReviewItem.updated_at.desc(), ReviewItem.id.desc())

@@ -8,6 +8,7 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from moderation.decisions.browser import DecisionError
 from moderation.desk.access import decision_visible, visible_item
 from moderation.desk.audit import EXPORT_FORMATS, audit_events, write_export
 from moderation.desk.documents import decision_document, item_document
@@ -29,7 +30,6 @@ from moderation.desk.web import (
     see_other,
     signed_in,
 )
-from moderation.review.decisions import DecisionError
 from moderation.times import parse_time, utc
 from policy.vocabulary import REVIEW_STATUSES
 
@@ -119,16 +119,17 @@ def item_page(
             return error_page(request, viewer, 404, f"no review item {item_id}")
         doc = item_document(conn, item_id, now)
         shown = revealed(conn, viewer, item_id)
-        earlier = earlier_verdicts(conn, doc["decision"], doc["policy"]["digest"])
+        earlier = earlier_verdicts(conn, doc)
     item = doc["item"]
     mine = item["status"] == "claimed" and item["claim_owner"] == viewer.name and item["lease_live"]
     remaining = None
     if mine and row.claim_expires_at is not None:
         remaining = max(0, int((utc(row.claim_expires_at) - now).total_seconds()))
-    labels = [c["name"] for c in doc["concepts"]] + [
-        c["name"] for c in doc["special_care"]["concepts"]
-    ]
-    ticked = set(doc["decision"]["fired"]) | set(doc["special_care"]["hits"])
+    # Labels in policy order (the document lists concepts nearest first): keys 1-9 name the
+    # same concept on every item of a policy.
+    by_policy = sorted(doc["concepts"], key=lambda c: c["index"])
+    labels = [c["name"] for c in by_policy] + [c["name"] for c in doc["special_care"]["concepts"]]
+    ticked = set(doc["fired"]) | set(doc["special_care"]["hits"])
     return render(
         request,
         "item.html",
@@ -166,9 +167,9 @@ def decision_lookup(request: Request, id: str = "", viewer: Viewer = Depends(sig
                 doc = decision_document(conn, given)
             except DecisionError:
                 doc = None
-            if doc is None or not decision_visible(conn, viewer, doc["decision"]["id"]):
+            if doc is None or not decision_visible(conn, viewer, doc["decision_id"]):
                 return error_page(request, viewer, 404, "no such decision")
-        return see_other(f"/decisions/{doc['decision']['id']}")
+        return see_other(f"/decisions/{doc['decision_id']}")
     return render(request, "lookup.html", viewer=viewer)
 
 
@@ -180,7 +181,7 @@ def decision_page(request: Request, decision_id: str, viewer: Viewer = Depends(s
             doc = decision_document(conn, decision_id)
         except DecisionError:
             doc = None
-        if doc is None or not decision_visible(conn, viewer, doc["decision"]["id"]):
+        if doc is None or not decision_visible(conn, viewer, doc["decision_id"]):
             return error_page(request, viewer, 404, "no such decision")
     return render(request, "decision.html", viewer=viewer, doc=doc)
 

@@ -3,6 +3,7 @@ dependencies that the route-table test looks for), CSRF checks, security headers
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,9 @@ TEMPLATES = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# A metadata value that is not text, as JSON text (autoescaped like any other text; Jinja's
+# own tojson is for scripts and shows `<` as \u003c).
+TEMPLATES.filters["json_text"] = lambda value: json.dumps(value, ensure_ascii=False, default=str)
 
 
 @dataclass
