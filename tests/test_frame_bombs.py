@@ -22,7 +22,7 @@ MEMORY = 1 << 30
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     from moderation.image_files import ImageInputError, read_image
     start = time.perf_counter()
     try:
@@ -31,7 +31,11 @@ CHILD = textwrap.dedent(
     except ImageInputError as err:
         outcome = str(err)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's own peak. ru_maxrss would also count the parent's resident pages
+    # at fork time (Linux keeps that high-water mark across exec): a large pytest process
+    # would make every child look large.
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
     print(json.dumps({"seconds": seconds, "peak": peak, "outcome": outcome}))
     """
 )

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from moderation.decision import Decision
+from moderation.decision import Decision, error_decisions
 from moderation.engine import Moderator
-from moderation.decision import error_decisions
 from moderation.errors import ModerationError
 
 logger = logging.getLogger(__name__)
