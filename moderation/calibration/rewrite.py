@@ -129,6 +129,9 @@ def write_policy(source: Path, out: Path, changes: dict[str, tuple[bool, float]]
     text = source.read_text(encoding="utf-8-sig")
     result = rewrite_thresholds(text, str(source), changes)
     from policy import PolicyError, load_policy
+    from policy.relocate import relocate_model
+
+    result = relocate_model(result, source, out)  # a relative model folder follows the file
 
     tmp = out.with_name(f".{out.name}.tmp")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -148,6 +149,10 @@ def compile_command(path, model, text_model, device, out, as_json):
             model or loaded.resolved_model, device=device, text_model=text_model
         )
         compiled = compile_policy(loaded, encoder)
+        # What `model` resolved to, so that a moved artifact still finds (and names) its model.
+        compiled = dataclasses.replace(
+            compiled, model_path=encoder.model_path, model_sha256=encoder.weights_sha256()
+        )
     _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,

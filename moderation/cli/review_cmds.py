@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from moderation.cli.app import review
+from moderation.cli.decisions_cmds import refuse_filters_naming_nothing
 from moderation.cli.options import (
     clean,
     db_option,
@@ -85,6 +86,8 @@ def list_cmd(status, policy, concept, since, limit, as_json, db_url):
     queue = _queue(db_url)
     with failures():
         items = queue.list(status=status, policy=policy, concept=concept, since=since, limit=limit)
+    if not items:
+        refuse_filters_naming_nothing(queue.engine, concept=concept, policy=policy)
     if as_json:
         echo_json([item.to_dict() for item in items])
         return
