@@ -40,6 +40,7 @@ def load_compiled(
     from moderation.encoder import ClipEncoder
     from moderation.errors import EncoderError
     from policy import CompiledPolicy, compile_policy
+    from policy.checks import is_relative_folder
 
     default, looked = None, []
     if isinstance(policy, (str, Path)):
@@ -51,7 +52,7 @@ def load_compiled(
         default = default or policy.model
     else:
         default = policy.resolved_model
-        if _relative_folder(policy.model) and policy.source_path is not None:
+        if is_relative_folder(policy.model) and policy.source_path is not None:
             looked = [str((policy.folder_of(("model",)) / policy.model).resolve())]
     try:
         encoder = ClipEncoder.from_pretrained(
@@ -76,10 +77,12 @@ def artifact_model(compiled: CompiledPolicy, path: Path) -> tuple[str | None, li
     A relative `model` is read beside the artifact; when the artifact was moved away from it,
     the folder recorded at compile time (`model_path`) is used if it still exists.
     """
+    from policy.checks import is_relative_folder
+
     model = Path(compiled.model).expanduser()
     if model.is_absolute():
         return None, []
-    if not _relative_folder(compiled.model):
+    if not is_relative_folder(compiled.model):
         beside = path.parent / model  # `org/name` is a hub id unless such a folder is there
         return (str(beside.resolve()), []) if beside.is_dir() else (None, [])
     beside = path.parent / model
@@ -110,8 +113,7 @@ def warn_model_override(policy: Policy | CompiledPolicy, model: str | Path | Non
     candidates = {str(own), str(getattr(policy, "model_path", "") or "")} - {""}
     given = Path(model).expanduser()
     same = str(model) in candidates or (
-        given.exists()
-        and any(Path(c).exists() and os.path.samefile(given, c) for c in candidates)
+        given.exists() and any(Path(c).exists() and os.path.samefile(given, c) for c in candidates)
     )
     if not same:
         name = getattr(policy, "name", None) or getattr(policy, "policy", "?")
@@ -122,15 +124,6 @@ def warn_model_override(policy: Policy | CompiledPolicy, model: str | Path | Non
             policy.model,
             str(model),
         )
-
-
-def _relative_folder(model: str) -> bool:
-    """A `model` that can only be a relative folder (not absolute, not a hub id `org/name`)."""
-    from moderation.checkpoint import looks_like_path
-
-    if Path(model).expanduser().is_absolute():
-        return False
-    return looks_like_path(model) or "/" not in model
 
 
 def builtin_path(path: str | Path) -> Path:

@@ -263,6 +263,10 @@ def _plural(count: int, word: str) -> str:
     return f"{count} more {word}" + ("" if count == 1 else "s")
 
 
+def _count(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def _suggest(entry: ConceptCalibration, fired: np.ndarray, target: Target, minimum: int) -> None:
     """Refuse with too few labels; else the best cut, keeping the current threshold when it
     already makes that cut (the smallest change)."""
@@ -275,7 +279,7 @@ def _suggest(entry: ConceptCalibration, fired: np.ndarray, target: Target, minim
         ]
         entry.refused = (
             f"needs {' and '.join(short)} (--min-examples {minimum}; "
-            f"has {n_pos} positives, {n_neg} negatives)"
+            f"has {_count(n_pos, 'positive')}, {_count(n_neg, 'negative')})"
         )
         return
     cut = best_cut(entry.values, entry.positive, target)

@@ -163,7 +163,8 @@ def check_command(
         if repeats:
             extra.append(f"{repeats} repeated input(s) checked once")
         more = "".join(f"; {e}" for e in extra)
-        click.echo(f"\n{len(results)} images: {summary}{more}{recording_summary(moderator)}")
+        images = "1 image" if len(results) == 1 else f"{len(results)} images"
+        click.echo(f"\n{images}: {summary}{more}{recording_summary(moderator)}")
         for line in _shadow_summary(moderator, [d for _, d in results], recorded):
             click.echo(line)
     problems = []

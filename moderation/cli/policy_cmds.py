@@ -34,13 +34,33 @@ def _policy_files(given: str) -> list[str]:
     ]
 
 
-def _validate_one(file: str, embed_dim: int | None) -> Policy:
-    """Load one policy; without --model, check widths against its own model when found locally."""
+def _validate_one(file: str, embed_dim: int | None, encoder=None) -> Policy:
+    """Load one policy; without --model, check widths against its own model when found locally;
+    then what compiling would check without a model (example images, model folder, prompt
+    lengths), and with an encoder (--deep, --model) compile it."""
+    from policy import compile_policy
+    from policy.checks import offline_issues
+
     loaded = load_policy(file, embed_dim=embed_dim)
     if embed_dim is None:
         own_dim = model_embed_dim(loaded.resolved_model)
         if own_dim is not None:
             check_embed_dim(loaded, own_dim)
+    issues = offline_issues(loaded) if encoder is None else []
+    if issues:
+        raise PolicyError(issues)
+    if encoder is not None:
+        if encoder == "own":
+            from moderation.encoder import ClipEncoder
+            from moderation.errors import EncoderError
+
+            try:
+                own = ClipEncoder.from_pretrained(loaded.resolved_model, device="cpu")
+            except EncoderError as exc:
+                raise PolicyError([loaded.issue(("model",), str(exc))]) from None
+            compile_policy(loaded, own, cache=False)
+        else:
+            compile_policy(loaded, encoder, cache=False)
     return loaded
 
 
@@ -51,13 +71,24 @@ def _plural(count: int, word: str) -> str:
 @policy.command("validate")
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
-    "--model", help="Check embedding widths against this model (folder or cached hub id)."
+    "--model",
+    help="Compile each policy with this model (folder or cached hub id): every check there is.",
+)
+@click.option(
+    "--deep", is_flag=True, help="Compile each policy with its own model (loads the model)."
 )
 @json_option
 @output_errors
-def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
-    """Validate policy files (folders: every *.yaml / *.yml inside)."""
-    embed_dim = None
+def validate(paths: tuple[str, ...], model: str | None, deep: bool, as_json: bool) -> None:
+    """Validate policy files (folders: every *.yaml / *.yml inside).
+
+    Without a model: the schema, files, example images (each must decode), the model folder
+    and, when the model's tokenizer is on this machine, prompt lengths. --deep or --model
+    compiles as well (what `policy compile` and `check` would find).
+    """
+    embed_dim = encoder = None
+    if deep:
+        encoder = "own"
     if model is not None:
         embed_dim = model_embed_dim(model)
         if embed_dim is None:
@@ -66,12 +97,16 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 " (no config.json with projection_dim in that folder or in the Hugging Face cache)",
                 param_hint="'--model'",
             )
+        from moderation.encoder import ClipEncoder
+
+        with failures():
+            encoder = ClipEncoder.from_pretrained(model, device="cpu")
     results = []
     # Warnings are printed with their file below (and listed in --json), not logged as well.
     loader_log = logging.getLogger("policy.loader")
     level, loader_log.level = loader_log.level, logging.ERROR
     try:
-        _validate_all(paths, embed_dim, results)
+        _validate_all(paths, embed_dim, results, encoder)
     finally:
         loader_log.setLevel(level)
     invalid = sum("error" in result for result in results)
@@ -89,7 +124,9 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
         )
 
 
-def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[dict]) -> None:
+def _validate_all(
+    paths: tuple[str, ...], embed_dim: int | None, results: list[dict], encoder=None
+) -> None:
     for given in paths:
         files = _policy_files(given)
         if not files:
@@ -97,7 +134,8 @@ def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[d
             results.append({"path": given, "error": error})
         for file in files:
             try:
-                results.append({"path": file, "policy": _validate_one(file, embed_dim)})
+                loaded = _validate_one(file, embed_dim, encoder)
+                results.append({"path": file, "policy": loaded})
             except PolicyError as error:
                 results.append({"path": file, "error": error})
 

@@ -45,7 +45,9 @@ def unknown_filter(engine: Engine, *, concept: str | None = None, policy: str | 
     policies, concepts, digests = _names(engine)
     if policy is not None and policy not in policies:
         if not any(d.startswith(policy.lower()) for d in digests):
-            return f"no policy {policy!r} (name or digest prefix) in the log{_hint(policy, policies)}"
+            return (
+                f"no policy {policy!r} (name or digest prefix) in the log{_hint(policy, policies)}"
+            )
     if concept is not None and concept not in concepts:
         return f"no concept {concept!r} in any logged policy{_hint(concept, concepts)}"
     return None
