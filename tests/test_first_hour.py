@@ -113,13 +113,17 @@ def test_a_model_that_is_nowhere_says_where_it_looked(walk, tmp_path):
 
 
 def test_a_shadow_candidate_on_a_relative_live_model_fits(walk, tmp_path, monkeypatch):
-    """The live policy says `model: tiny-clip` (relative), a YAML candidate is compiled with the
-    live encoder: the same model, however each records it."""
+    """The live policy says `model: tiny-clip` (relative); a YAML candidate written for another
+    model (README: `--shadow examples/strict.yaml`) is compiled with the live encoder: the same
+    model, however each records it."""
     from moderation import Moderator
 
     monkeypatch.chdir(tmp_path)  # not the policy's folder: "tiny-clip" is not a path from here
     candidate = walk / "candidate.yaml"
-    candidate.write_text("extends: calib.yaml\nversion: 2\nreview_band: 0.01\n", encoding="utf-8")
+    candidate.write_text(
+        "extends: calib.yaml\nversion: 2\nmodel: openai/clip-vit-large-patch14\n",
+        encoding="utf-8",
+    )
     moderator = Moderator.from_policy(walk / "calib.yaml", shadow=[candidate])
     assert [p.version for p in moderator.shadow_policies] == ["2"]
 
@@ -246,3 +250,60 @@ def test_the_torchvision_fallback_notice_is_silenced_and_nothing_else(caplog):
         )
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_a_quick_bench_says_why_it_misses_a_target():
+    from moderation.bench.report import format_report, quick_misses
+
+    result = {
+        "config": {"quick": True, "batch_sizes": [1], "repeats": 2, "concept_batch": 4},
+        "environment": {"device": "cpu"},
+        "targets": [{"target": "ours >= 50x faster", "measured": "2x", "met": False}],
+    }
+    lines = quick_misses(result)
+    assert (
+        "1 target(s) missed by this --quick run: it measures batch 1 only, 2 repeats" in (lines[1])
+    )
+    assert "the full run (`moderation bench` without --quick" in lines[1]
+    assert quick_misses({**result, "config": {**result["config"], "quick": False}}) == []
+    assert format_report  # the report prints these lines under its Targets table
+
+
+def test_the_review_placeholder_is_marked_in_out_files(walk, tmp_path):
+    from PIL import Image
+
+    from moderation.review_badge import BADGE, pending_review_name, with_badge
+
+    assert pending_review_name(Path("a/b.png")) == Path("a/b.pending-review.png")
+    plain = Image.new("RGB", (300, 200), (120, 120, 120))
+    marked = with_badge(plain)
+    assert marked.size == plain.size and marked.getpixel((150, 2)) == (255, 214, 0)
+    assert marked.getpixel((150, 150)) == (120, 120, 120) and BADGE.startswith("PENDING REVIEW")
+    # check --out: a review decision's file is marked and named so (calib.yaml's review band)
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("gray-00.png", "gray-01.png", "gray-02.png", "gray-03.png"):
+        shutil.copy(walk / "labelled" / "gray" / name, images / name)
+    policy = tmp_path / "all-review.yaml"
+    policy.write_text(
+        f"policy: r\nmodel: {walk / 'tiny-clip'}\nreview_band: 0.49\n"
+        "concepts:\n  - {name: c, prompts: [a photo], threshold: 0.25, action: blur}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    result = run("check", images, "--policy", policy, "--out", out, "--no-log", "--json")
+    rows = json.loads(result.stdout)
+    assert "review" in {r["action"] for r in rows}
+    for row in rows:
+        marked = row["out"].endswith(".pending-review.png")
+        assert marked == (row["action"] == "review"), row
+        assert Path(row["out"]).is_file()
+
+
+def test_claim_explains_its_token_column(walk, tmp_path):
+    copy = tmp_path / "walk.db"
+    for suffix in ("", "-wal", "-shm"):
+        if (walk / f"moderation.db{suffix}").exists():
+            shutil.copy(walk / f"moderation.db{suffix}", f"{copy}{suffix}")
+    result = run("review", "claim", "--reviewer", "alice", "-n", "1", "--db", f"sqlite:///{copy}")
+    assert "TOKEN proves a claim is yours" in result.output

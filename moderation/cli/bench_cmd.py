@@ -152,6 +152,7 @@ def bench_cmd(
         result = run_bench(config, progress=progress)
     except ModerationError as exc:
         raise click.ClickException(str(exc)) from None
+    result["config"]["quick"] = bool(quick)  # the report explains targets a quick run misses
     click.echo(format_report(result), err=to_stdout)
     if json_path is not None:
         text = json.dumps(result, indent=2, default=str)

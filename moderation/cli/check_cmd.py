@@ -204,6 +204,8 @@ def _check_chunk(moderator, chunk: list[ImageInput], caller, out_dir) -> dict[in
         ):
             decided[id(item)] = d
             if out_dir:
+                if d.action == "review":  # the placeholder, marked: not a final blur
+                    image = mark_pending_review(item, image, {i.out_name for i in good})
                 target = out_dir / item.out_name
                 regular_target(target)  # never write through a link or into a device
                 with writing(target):
@@ -215,6 +217,16 @@ def _check_chunk(moderator, chunk: list[ImageInput], caller, out_dir) -> dict[in
         failed = moderator.fail(messages, metadata=[meta(i) for i in bad])
         decided.update((id(i), d) for i, d in zip(bad, failed, strict=True))
     return decided
+
+
+def mark_pending_review(item, image, taken: set):
+    """The review placeholder with its badge; its out name says so when that name is free."""
+    from moderation.review_badge import pending_review_name, with_badge
+
+    renamed = pending_review_name(item.out_name)
+    if renamed not in taken:
+        item.out_name = renamed
+    return with_badge(image)
 
 
 def _recorded(moderator, db: str | None):

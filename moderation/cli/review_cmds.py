@@ -149,6 +149,10 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
     click.echo(f"Claimed {len(claims)} item(s) for {clean(reviewer.strip())} until {expires} UTC:")
     rows = [[str(c.item_id), c.decision_id, c.token] for c in claims]
     click.echo(table(["ID", "DECISION", "TOKEN"], rows, right=(0,)))
+    click.echo(
+        "TOKEN proves a claim is yours: approve/reject accept your own live claim without it;"
+        " pass --token T when acting for this claim from another session or script."
+    )
 
 
 @review.command("approve")
