@@ -142,10 +142,15 @@ AGO = re.compile(r"\b\d+(?:\.\d+)?\s?(?:s|m|h|d|min|seconds?|minutes?|hours?|day
 SECONDS = re.compile(r"\bin \d+(?:\.\d+)? ?s\b")
 
 
+# An absolute path up to the repository's folder: pages show a user's own (`/home/you/moderation`).
+REPO_PATH = re.compile(r"(?:/[^\s/]+)+(?=/(?:demo|examples|policies)/)")
+
+
 def mask(text: str, folder: Path | None = None) -> str:
     if folder is not None:
         for form in {str(folder), str(folder.resolve())}:
             text = text.replace(form, "<FOLDER>")
+    text = REPO_PATH.sub("<FOLDER>", text)
     text = UUID.sub("<ID>", text)
     text = DATETIME.sub("<TIME>", text)
     text = AGO.sub("<AGE> ago", text)
@@ -218,6 +223,7 @@ class Session:
         )
         wrapped = (
             f"trap {shlex.quote(keep)} EXIT\n"
+            "set -a\n"  # `ID=...` then `$ID` in the next command: variables carry over
             f"(exit {self.status})\n"  # `echo $?` sees the previous command's status
             + ("set -e\n" if strict else "")
             + script
@@ -339,3 +345,62 @@ def run_page(demo: Path, page: Path, work: Path) -> tuple[list[Failure], list[Bl
             skipped.append(block)
         failures += run_block(session, block)
     return failures, skipped
+
+
+# --- updating a page ---------------------------------------------------------------------------
+
+
+def update_page(demo: Path, page: Path, work: Path) -> int:
+    """Write each console command's actual output into `page` where it differs (blocks with a
+    `...` line are left alone: they are abridged by hand); the number of outputs replaced."""
+    folder = work / page.stem
+    shutil.copytree(demo, folder, symlinks=True)
+    session = Session(folder, environment(folder))
+    lines = page.read_text(encoding="utf-8").splitlines()
+    edits: list[tuple[int, int, list[str]]] = []
+    for block in blocks(page):
+        if RUN_LANGS.get(block.lang) != "console" or block.skip:
+            run_block(session, block)
+            continue
+        body = block.text.splitlines()
+        starts = [i for i, line in enumerate(body) if line.startswith("$ ")]
+        for step, (command, expected) in enumerate(console_steps(block.text)):
+            done = session.bash(command, strict=False)
+            actual = done.stdout.rstrip("\n").splitlines()
+            actual = [REPO_PATH.sub("/home/you/moderation", line.rstrip()) for line in actual]
+            if any(line.strip() == "..." for line in expected):
+                continue
+            want = _normal([collapse(mask(x, folder)) for x in expected])
+            if matches(want, _normal([collapse(mask(x, folder)) for x in actual])):
+                continue
+            first = starts[step] + command.count("\n") + 1  # the output's first line in body
+            end = starts[step + 1] if step + 1 < len(starts) else len(body)
+            while end > first and not body[end - 1].strip():
+                end -= 1
+            edits.append((block.line + first, block.line + end, actual))
+    for start, end, new in sorted(edits, reverse=True):
+        lines[start:end] = new
+    page.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(edits)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.docs_runner --update PAGE...`: refresh the pages' shown outputs."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m tests.docs_runner")
+    parser.add_argument("--update", nargs="+", type=Path, required=True, metavar="PAGE")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = Path(tmp) / "repo"
+        done = build_demo(demo)
+        if done.returncode:
+            raise SystemExit(f"scripts/demo.sh failed:\n{done.stdout}")
+        for page in args.update:
+            count = update_page(demo, page.resolve(), Path(tmp))
+            print(f"{page}: {count} output(s) updated")
+
+
+if __name__ == "__main__":
+    main()

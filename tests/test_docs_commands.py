@@ -106,3 +106,17 @@ def test_a_wrong_output_fails_with_a_diff(tmp_path):
     assert docs_runner.run_block(session, bash)[0].what == "block"
     install = Block("x.md", 12, "bash", "bash scripts/install.sh")
     assert "refused" in docs_runner.run_block(session, install)[0].detail
+
+
+def test_copies_of_a_page_s_output_agree_with_the_page_that_runs_it():
+    """A block skipped as "a copy of docs/PAGE.md's ..." must appear in that page verbatim."""
+    import re
+
+    for page in PAGES:
+        for block in blocks(page):
+            found = re.search(r"a copy of (docs/[\w.-]+\.md)", block.skip or "")
+            if found:
+                source = docs_runner.ROOT / found[1]
+                assert block.text in source.read_text(encoding="utf-8"), (
+                    f"{block.file}:{block.line} is no longer a copy of {found[1]}"
+                )
