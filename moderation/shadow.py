@@ -182,7 +182,7 @@ def _check_fits(live: CompiledPolicy, candidate: CompiledPolicy) -> None:
         )
     if not (
         _same_model(candidate.model, live.model)
-        or (live.model_path and _same_model(candidate.model_path, live.model_path))
+        or (live.model_path and _same_model(candidate.model, live.model_path))
     ):
         raise ModerationError(
             f"{name} is compiled for model {candidate.model!r} but the live policy "
