@@ -80,26 +80,9 @@ def check_model(model: str) -> None:
     Checkpoint.resolve(model).weights()
 
 
-def quiet_tiny_clip(folder: Path) -> Path:
-    """make_tiny_clip(folder), without the libraries' progress bars and notices."""
-    import os
-
-    # Building the model is not the demo's news: no "Writing model shards" bars, no notices
-    # about optional backends (the engine preprocesses in torch, without them).
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    from moderation.synthetic import make_tiny_clip
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        return make_tiny_clip(folder)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def prepare(folder: Path) -> None:
+    from moderation.synthetic import quiet_tiny_clip
+
     quiet_tiny_clip(folder / "tiny-clip")
     sample_images(folder / "images")
     default = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"

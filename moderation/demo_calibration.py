@@ -93,9 +93,7 @@ def embedding(direction: int, cosine: float) -> np.ndarray:
 
 def _png(draw, seed: int, size: int = 64) -> bytes:
     rng = np.random.default_rng(seed)
-    image = Image.fromarray(
-        np.clip(rng.normal(235, 12, (size, size, 3)), 0, 255).astype(np.uint8)
-    )
+    image = Image.fromarray(np.clip(rng.normal(235, 12, (size, size, 3)), 0, 255).astype(np.uint8))
     draw(ImageDraw.Draw(image), rng)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -164,9 +162,7 @@ def write_log(folder: Path) -> int:
     try:
         moderator = Moderator(compiled, log=log)
         vectors = np.stack([embedding(d, c) for d, c in DECISIONS])
-        moderator.moderate_embeddings(
-            torch.from_numpy(vectors), metadata={"user": "walk-through"}
-        )
+        moderator.moderate_embeddings(torch.from_numpy(vectors), metadata={"user": "walk-through"})
         log.flush()
     finally:
         log.close()
@@ -176,7 +172,7 @@ def write_log(folder: Path) -> int:
 def prepare(folder: Path) -> None:
     import os
 
-    from moderation.demo import quiet_tiny_clip
+    from moderation.synthetic import quiet_tiny_clip
 
     if (folder / "moderation.db").exists():
         raise SystemExit(f"Error: {folder / 'moderation.db'} exists: remove {folder} first")

@@ -253,7 +253,8 @@ def test_the_torchvision_fallback_notice_is_silenced_and_nothing_else(caplog):
 
 
 def test_a_quick_bench_says_why_it_misses_a_target():
-    from moderation.bench.report import format_report, quick_misses
+    from moderation.bench.quick import quick_misses
+    from moderation.bench.report import format_report
 
     result = {
         "config": {"quick": True, "batch_sizes": [1], "repeats": 2, "concept_batch": 4},
