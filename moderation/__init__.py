@@ -3,6 +3,9 @@
 from typing import TYPE_CHECKING, Any
 
 from moderation.errors import ModerationError
+from moderation.quiet import silence_torchvision_fallback
+
+silence_torchvision_fallback()  # a notice about an optional backend the engine does not use
 
 if TYPE_CHECKING:
     from moderation.decision import Decision

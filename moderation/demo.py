@@ -1,7 +1,9 @@
 """Prepare the offline demo: a tiny random CLIP checkpoint and a folder of sample images.
 
 `python -m moderation.demo [FOLDER]` writes FOLDER/tiny-clip, FOLDER/images and
-FOLDER/tiny-policy.yaml (default: demo/). The tiny model has random weights, so its decisions show
+FOLDER/tiny-policy.yaml (default: demo/). With `--model M` it first makes sure M can be loaded
+(downloading it when online), and writes nothing when it cannot: scripts/demo.sh runs it before
+it clears the previous run's database and images. The tiny model has random weights, so its decisions show
 the machinery, not judgement: run the same commands with `--model openai/clip-vit-large-patch14`
 on a machine that can download it.
 """
@@ -67,22 +69,21 @@ def tiny_model_policy(default: Path, out: Path) -> Path:
     return out
 
 
+def check_model(model: str) -> None:
+    """Fail (EncoderError) unless `model`'s config and weights are here or can be downloaded now.
+
+    Offline, or with the hub unreachable, a model that is not in the cache fails at once; online
+    its files are downloaded into the cache, so that later steps find them.
+    """
+    from moderation.checkpoint import Checkpoint
+
+    Checkpoint.resolve(model).weights()
+
+
 def prepare(folder: Path) -> None:
-    import os
+    from moderation.synthetic import quiet_tiny_clip
 
-    # Building the model is not the demo's news: no "Writing model shards" bars, no notices
-    # about optional backends (the engine preprocesses in torch, without them).
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    from moderation.synthetic import make_tiny_clip
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        make_tiny_clip(folder / "tiny-clip")
-    finally:
-        transformers_logging.set_verbosity(verbosity)
+    quiet_tiny_clip(folder / "tiny-clip")
     sample_images(folder / "images")
     default = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
     tiny_model_policy(default, folder / "tiny-policy.yaml")
@@ -107,7 +108,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="FOLDER",
         help="where to write (default: demo)",
     )
+    parser.add_argument(
+        "--model",
+        metavar="M",
+        help="first check that model M loads (downloading it when online); write nothing if not",
+    )
     args = parser.parse_args(argv)
+    if args.model:
+        from moderation.errors import EncoderError
+
+        print(f"checking the model {args.model} (the first run downloads it)", flush=True)
+        try:
+            check_model(args.model)
+        except EncoderError as exc:
+            raise SystemExit(f"Error: {exc}") from None
     prepare(args.folder)
 
 

@@ -368,6 +368,20 @@ class ClipEncoder:
             rows.append(self.embed_images(pixels, value_range="0,1").float().cpu())
         return torch.cat(rows)
 
+    @property
+    def model_path(self) -> str:
+        """The checkpoint's absolute folder (a local one, or its snapshot in the hub's cache)."""
+        return str(self._ckpt.folder.resolve())
+
+    def weights_sha256(self) -> str:
+        """sha256 of the checkpoint's weights file (its index for a sharded one)."""
+        path, _ = self._ckpt.weights()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
     @functools.cached_property
     def image_fingerprint(self) -> str:
         """Identifies this tower's image embeddings: checkpoint, preprocessing, dtype, device type."""

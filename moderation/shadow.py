@@ -235,7 +235,10 @@ def _check_fits(live: CompiledPolicy, candidate: CompiledPolicy) -> None:
             f"{name} has {candidate.embed_dim}-wide embeddings but the live policy "
             f"{live.name!r} has {live.embed_dim}: candidates are scored on the live embeddings"
         )
-    if not _same_model(candidate.model, live.model):
+    if not (
+        _same_model(candidate.model, live.model)
+        or (live.model_path and _same_model(candidate.model, live.model_path))
+    ):
         raise ModerationError(
             f"{name} is compiled for model {candidate.model!r} but the live policy "
             f"{live.name!r} runs on {live.model!r}: compile the candidate for that model"

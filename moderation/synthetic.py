@@ -108,6 +108,23 @@ def make_tiny_clip(
     return folder
 
 
+def quiet_tiny_clip(folder: Path) -> Path:
+    """make_tiny_clip(folder), without the libraries' progress bars and notices."""
+    import os
+
+    # Building the model is not the demo's news: no "Writing model shards" bars, no notices
+    # about optional backends (the engine preprocesses in torch, without them).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return make_tiny_clip(folder)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def build_safety_checker(
     *,
     seed: int = 0,

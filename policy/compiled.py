@@ -31,6 +31,7 @@ __all__ = ["FORMAT_VERSION", "CompiledPolicy"]
 FORMAT_VERSION = 2
 
 _TENSORS = ("concept_matrix", "thresholds", "special_matrix", "special_thresholds")
+_IDENTITY = ("model_path", "model_sha256")  # saved as metadata of their own, outside the digest
 _SEQUENCES = (
     "concept_names",
     "categories",
@@ -72,6 +73,12 @@ class CompiledPolicy:
     example_sha256: tuple[str, ...] = ()
     source: str = field(default="", repr=False)
     digest: str = ""
+    # Where the model was when the policy was compiled (an absolute folder: a local checkpoint or
+    # a snapshot of the Hugging Face cache) and the sha256 of its weights file: what `model`
+    # (as written, maybe relative to the policy file) resolved to. Outside the digest, which
+    # must not depend on the folder a policy was compiled in; `policy compile` records both.
+    model_path: str = field(default="", compare=False)
+    model_sha256: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         """Validate every field (policy.compiled_rules): a CompiledPolicy that exists is usable."""
@@ -112,7 +119,7 @@ class CompiledPolicy:
     def _metadata(self) -> dict:
         """Everything but the tensors and the digest, as JSON-able data."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in (*_TENSORS, "digest"):
+        for name in (*_TENSORS, *_IDENTITY, "digest"):
             data.pop(name)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
@@ -166,6 +173,7 @@ class CompiledPolicy:
             "format": str(FORMAT_VERSION),
             "digest": self.digest,
             "policy": json.dumps(self._metadata()),
+            **{name: getattr(self, name) for name in _IDENTITY if getattr(self, name)},
         }
         return atomic_write(path, save(tensors, metadata=meta))
 
@@ -188,6 +196,7 @@ class CompiledPolicy:
         if found != str(FORMAT_VERSION) or "policy" not in meta:
             raise PolicyError.about_file(file, f"not a compiled policy of format {FORMAT_VERSION}")
         data = _policy_fields(file, meta["policy"])
+        data.update({name: meta[name] for name in _IDENTITY if isinstance(meta.get(name), str)})
         try:
             compiled = cls(**data, **tensors)
         except PolicyError as exc:  # the same rules as in code, but naming the artifact
@@ -230,7 +239,11 @@ def _policy_fields(file: str, text: str) -> dict:
         raise PolicyError.about_file(file, f"metadata 'policy' is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PolicyError.about_file(file, "metadata 'policy' must be a JSON object")
-    expected = {f.name for f in dataclasses.fields(CompiledPolicy)} - {*_TENSORS, "digest"}
+    expected = {f.name for f in dataclasses.fields(CompiledPolicy)} - {
+        *_TENSORS,
+        *_IDENTITY,
+        "digest",
+    }
     unknown, missing = sorted(set(data) - expected), sorted(expected - set(data))
     if unknown or missing:
         parts = [f"unknown key {k!r}" for k in unknown] + [f"missing key {k!r}" for k in missing]

@@ -277,4 +277,5 @@ def compile_policy(
         review_placeholder=policy.actions.review.placeholder,
         example_sha256=example_sha256,
         source=policy.source_text or "",
+        model_path=getattr(encoder, "model_path", ""),
     )

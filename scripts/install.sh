@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# Lines starting with "==> " are the steps (scripts/demo.sh shows them while it installs).
+[ -x .venv/bin/python ] || { echo "==> creating .venv"; "$PYTHON" -m venv .venv; }
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "==> installing PyTorch (the largest download: up to a few minutes)"
   if [ -n "${TORCH_SPEC:-}" ]; then
     $PIP install -q "$TORCH_SPEC"
   elif ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-2.13.0+cpu-* >/dev/null 2>&1; then
@@ -20,5 +22,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$PIP install -q -e '.[test,desk]'
-.venv/bin/moderation --version
+echo "==> installing the engine and its libraries (transformers, diffusers, SQLAlchemy...)"
+$PIP install -q -e '.[test,serve,desk]'
+echo "==> installed: $(.venv/bin/moderation --version)"

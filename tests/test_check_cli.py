@@ -94,7 +94,7 @@ def test_check_prints_a_table(tmp_path, photos, policy_file):
         "note",
     ]
     assert "sample-01.png  flag" in lines[2] and "anything" in lines[2] and "/ -1.000" in lines[2]
-    assert lines[-1] == "1 images: 1 flag"
+    assert lines[-1] == "1 image: 1 flag"
 
 
 def test_unreadable_image_is_an_error_that_names_it_and_is_logged(tmp_path, photos, policy_file):
@@ -244,7 +244,7 @@ def test_the_same_file_reached_twice_is_checked_once(tmp_path, photos, policy_fi
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from decisions").fetchone() == (5,)
     result = run("check", image, image, "--policy", policy_file, "--no-log")
-    assert result.stdout.splitlines()[-1] == "1 images: 1 flag; 1 repeated input(s) checked once"
+    assert result.stdout.splitlines()[-1] == "1 image: 1 flag; 1 repeated input(s) checked once"
 
 
 def test_out_never_overwrites_an_input(tmp_path, photos, policy_file):
@@ -465,5 +465,5 @@ def test_a_command_prints_no_progress_bars_of_its_libraries(tmp_path, photos, po
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    assert "1 images: 1 flag" in done.stdout
+    assert "1 image: 1 flag" in done.stdout
     assert done.stderr == ""

@@ -34,7 +34,7 @@ special_care:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clip_dir) -> Path:
     """cwd = tmp/pol, with embedding files inside, a secret outside and a 32-wide model beside."""
     folder = tmp_path / "pol"
     folder.mkdir()
@@ -44,8 +44,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (folder / "link.npy").symlink_to(tmp_path / "secret.npy")
     matrix = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)  # [3, D]
     save_file({"concept_embeds": matrix}, str(folder / "emb.safetensors"))
-    (tmp_path / "model32").mkdir()
-    (tmp_path / "model32" / "config.json").write_text(json.dumps({"projection_dim": 32}))
+    # A real (tiny) 32-wide model: `validate --model` compiles with it.
+    (tmp_path / "model32").symlink_to(tiny_clip_dir)
     monkeypatch.chdir(folder)
     return folder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moderation.bench.pipelines import pipelines_table, pipelines_targets
+from moderation.bench.quick import quick_misses
 from moderation.bench.tables import ms, table, times
 
 # The targets (knobs: change them here and in BENCHMARKS.md together).
@@ -132,6 +133,7 @@ def format_report(result: dict[str, Any]) -> str:
             for t in result["targets"]
         ]
         lines += ["", "Targets", table(("target", "measured", "met"), rows)]
+        lines += quick_misses(result)
     return "\n".join(lines)
 
 

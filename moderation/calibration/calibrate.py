@@ -277,7 +277,7 @@ def _suggest(entry: ConceptCalibration, fired: np.ndarray, target: Target, minim
         ]
         entry.refused = (
             f"needs {' and '.join(short)} (--min-examples {minimum}; "
-            f"has {n_pos} positives, {n_neg} negatives)"
+            f"has {plural(n_pos, 'positive')}, {plural(n_neg, 'negative')})"
         )
         return
     cut = best_cut(entry.values, entry.positive, target)

@@ -150,6 +150,9 @@ def write_policy(
     result = rewrite_thresholds(text, str(source), changes)
     from policy import PolicyError, load_policy
     from policy.atomic import atomic_file
+    from policy.relocate import relocate_model
+
+    result = relocate_model(result, source, out)  # a relative model folder follows the file
 
     def loads_there(tmp: Path) -> None:
         # Relative names (extends, embedding files, examples, a model folder) are read from the

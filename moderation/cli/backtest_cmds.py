@@ -202,8 +202,8 @@ def render(data: Mapping[str, Any], *, title: str) -> str:
     lines += [
         "",
         "Against reviewers' verdicts",
-        f"approved by a reviewer: {a['total']:,}; flagged as logged {a['was_flagged']:,}, by the "
-        f"candidate {a['now_flagged']:,} (over-blocking)",
+        f"approved by a reviewer: {a['total']:,}; flagged (verdict flag, not review) as logged "
+        f"{a['was_flagged']:,}, by the candidate {a['now_flagged']:,} (over-blocking)",
         f"rejected by a reviewer: {r['total']:,}; allowed as logged {r['was_allowed']:,}, by the "
         f"candidate {r['now_allowed']:,} (misses)",
     ]

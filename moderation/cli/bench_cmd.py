@@ -156,6 +156,7 @@ def bench_cmd(
         click.echo(f"... {message}", err=True)
 
     result = run_bench(config, progress=progress)
+    result["config"]["quick"] = bool(quick)  # the report explains targets a quick run misses
     click.echo(format_report(result), err=as_json)
     if out is not None:
         with writing(out):

@@ -152,7 +152,8 @@ def check_command(
         if repeats:
             extra.append(f"{repeats} repeated input(s) checked once")
         more = "".join(f"; {e}" for e in extra)
-        click.echo(f"\n{len(results)} images: {summary}{more}{recording_summary(moderator)}")
+        images = "1 image" if len(results) == 1 else f"{len(results)} images"
+        click.echo(f"\n{images}: {summary}{more}{recording_summary(moderator)}")
         for line in _shadow_summary(moderator, [d for _, d in results], recorded):
             click.echo(line)
     problems = []
@@ -192,6 +193,8 @@ def _check_chunk(moderator, chunk: list[ImageInput], caller, out_dir) -> dict[in
         ):
             decided[id(item)] = d
             if out_dir:
+                if d.action == "review":  # the placeholder, marked: not a final blur
+                    image = mark_pending_review(item, image, {i.out_name for i in good})
                 target = out_dir / item.out_name
                 regular_target(target)  # never write through a link or into a device
                 with writing(target):
@@ -203,6 +206,16 @@ def _check_chunk(moderator, chunk: list[ImageInput], caller, out_dir) -> dict[in
         failed = moderator.fail(messages, metadata=[meta(i) for i in bad])
         decided.update((id(i), d) for i, d in zip(bad, failed, strict=True))
     return decided
+
+
+def mark_pending_review(item, image, taken: set):
+    """The review placeholder with its badge; its out name says so when that name is free."""
+    from moderation.review_badge import pending_review_name, with_badge
+
+    renamed = pending_review_name(item.out_name)
+    if renamed not in taken:
+        item.out_name = renamed
+    return with_badge(image)
 
 
 def _recorded(moderator, db: str | None):

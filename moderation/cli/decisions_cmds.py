@@ -72,9 +72,12 @@ def list_cmd(since, until, verdict, action, concept, policy, user, limit, shadow
         shadow=shadow,
     )
     if as_json:
+        if not entries:
+            refuse_filters_naming_nothing(browser.engine, concept=concept, policy=policy)
         echo_json(entries)
         return
     if not entries:
+        refuse_filters_naming_nothing(browser.engine, concept=concept, policy=policy)
         click.echo("No shadow decisions match." if shadow else "No decisions match.")
         return
     click.echo(list_table(entries, shadow=shadow))
@@ -102,3 +105,12 @@ def show_cmd(decision_id, top, as_json, db_url):
         echo_json(shown)
         return
     click.echo(render_decision(shown))
+
+
+def refuse_filters_naming_nothing(engine, **filters) -> None:
+    """A --concept or --policy that no logged policy has is a mistake: one Error line, exit 1."""
+    from moderation.review.names import unknown_filter
+
+    problem = unknown_filter(engine, **filters)
+    if problem:
+        raise click.ClickException(problem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -35,24 +36,54 @@ def _policy_files(given: str) -> list[str]:
     ]
 
 
-def _validate_one(file: str, embed_dim: int | None) -> Policy:
-    """Load one policy; without --model, check widths against its own model when found locally."""
+def _validate_one(file: str, embed_dim: int | None, encoder=None) -> Policy:
+    """Load one policy; without --model, check widths against its own model when found locally;
+    then what compiling would check without a model (example images, model folder, prompt
+    lengths), and with an encoder (--deep, --model) compile it."""
+    from policy import compile_policy
+    from policy.checks import offline_issues
+
     loaded = load_policy(file, embed_dim=embed_dim)
     if embed_dim is None:
         own_dim = model_embed_dim(loaded.resolved_model)
         if own_dim is not None:
             check_embed_dim(loaded, own_dim)
+    issues = offline_issues(loaded) if encoder is None else []
+    if issues:
+        raise PolicyError(issues)
+    if encoder is not None:
+        if encoder == "own":
+            from moderation.encoder import ClipEncoder
+            from moderation.errors import EncoderError
+
+            try:
+                own = ClipEncoder.from_pretrained(loaded.resolved_model, device="cpu")
+            except EncoderError as exc:
+                raise PolicyError([loaded.issue(("model",), str(exc))]) from None
+            compile_policy(loaded, own, cache=False)
+        else:
+            compile_policy(loaded, encoder, cache=False)
     return loaded
 
 
 @policy.command("validate", short_help="Validate policy files (folders: every *.yaml inside).")
 @click.argument("paths", nargs=-1, required=True)
 @model_option
+@click.option(
+    "--deep", is_flag=True, help="Compile each policy with its own model (loads the model)."
+)
 @json_option
 @command_errors
-def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
-    """Validate policy files (folders: every *.yaml / *.yml inside)."""
-    embed_dim = None
+def validate(paths: tuple[str, ...], model: str | None, deep: bool, as_json: bool) -> None:
+    """Validate policy files (folders: every *.yaml / *.yml inside).
+
+    Without a model: the schema, files, example images (each must decode), the model folder
+    and, when the model's tokenizer is on this machine, prompt lengths. --deep or --model
+    compiles as well (what `policy compile` and `check` would find).
+    """
+    embed_dim = encoder = None
+    if deep:
+        encoder = "own"
     if model is not None:
         embed_dim = model_embed_dim(model)
         if embed_dim is None:
@@ -61,12 +92,15 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
                 " (no config.json with projection_dim in that folder or in the Hugging Face cache)",
                 param_hint="'--model'",
             )
+        from moderation.encoder import ClipEncoder
+
+        encoder = ClipEncoder.from_pretrained(model, device="cpu")
     results = []
     # Warnings are printed with their file below (and listed in --json), not logged as well.
     loader_log = logging.getLogger("policy.loader")
     level, loader_log.level = loader_log.level, logging.ERROR
     try:
-        _validate_all(paths, embed_dim, results)
+        _validate_all(paths, embed_dim, results, encoder)
     finally:
         loader_log.setLevel(level)
     invalid = sum("error" in result for result in results)
@@ -84,7 +118,9 @@ def validate(paths: tuple[str, ...], model: str | None, as_json: bool) -> None:
         )
 
 
-def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[dict]) -> None:
+def _validate_all(
+    paths: tuple[str, ...], embed_dim: int | None, results: list[dict], encoder=None
+) -> None:
     for given in paths:
         files = _policy_files(given)
         if not files:
@@ -92,7 +128,8 @@ def _validate_all(paths: tuple[str, ...], embed_dim: int | None, results: list[d
             results.append({"path": given, "error": error})
         for file in files:
             try:
-                results.append({"path": file, "policy": _validate_one(file, embed_dim)})
+                loaded = _validate_one(file, embed_dim, encoder)
+                results.append({"path": file, "policy": loaded})
             except PolicyError as error:
                 results.append({"path": file, "error": error})
 
@@ -138,6 +175,10 @@ def compile_command(path, model, text_model, device, out, as_json):
         model or loaded.resolved_model, device=device, text_model=text_model
     )
     compiled = compile_policy(loaded, encoder)
+    # What `model` resolved to, so that a moved artifact still finds (and names) its model.
+    compiled = dataclasses.replace(
+        compiled, model_path=encoder.model_path, model_sha256=encoder.weights_sha256()
+    )
     _save(lambda: compiled.save(out), out)
     summary = {
         "policy": compiled.name,

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from moderation.cli.app import review
+from moderation.cli.decisions_cmds import refuse_filters_naming_nothing
 from moderation.cli.decisions_text import render_show
 from moderation.cli.options import (
     clean,
@@ -97,6 +98,8 @@ def list_cmd(status, policy, concept, since, until, limit, as_json, db_url):
     items = queue.list(
         status=status, policy=policy, concept=concept, since=since, until=until, limit=limit
     )
+    if not items:
+        refuse_filters_naming_nothing(queue.engine, concept=concept, policy=policy)
     if as_json:
         echo_json([item.to_dict() for item in items])
         return
@@ -156,6 +159,10 @@ def claim_cmd(reviewer, count, lease, as_json, db_url):
     click.echo(f"Claimed {len(claims)} item(s) for {clean(reviewer.strip())} until {expires} UTC:")
     rows = [[str(c.item_id), c.decision_id, c.token] for c in claims]
     click.echo(table(["ID", "DECISION", "TOKEN"], rows, right=(0,)))
+    click.echo(
+        "TOKEN proves a claim is yours: approve/reject accept your own live claim without it;"
+        " pass --token T when acting for this claim from another session or script."
+    )
 
 
 @review.command("approve")

@@ -111,8 +111,12 @@ class ReportBuilder:
         approved, rejected = human == HUMAN["approved"], human == HUMAN["rejected"]
         a, r = self.reviewed["approved"], self.reviewed["rejected"]
         a["total"] += int(approved.sum())
-        a["now_flagged"] += int((approved & (after_action != allow)).sum())
-        a["was_flagged"] += int((approved & (before_action != allow)).sum())
+        # Flagged: the verdict `flag` (acted on). A `review` verdict is a question to a person,
+        # not a block: every reviewed image had one, so counting it would make every approved
+        # image "flagged as logged".
+        flag = self.verdicts.code["flag"]
+        a["now_flagged"] += int((approved & (after_verdict == flag)).sum())
+        a["was_flagged"] += int((approved & (before_verdict == flag)).sum())
         r["total"] += int(rejected.sum())
         r["now_allowed"] += int((rejected & (after_action == allow)).sum())
         r["was_allowed"] += int((rejected & (before_action == allow)).sum())
