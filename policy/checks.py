@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from policy.schema import Policy, PolicyIssue
+from policy.errors import PolicyIssue
+from policy.schema import Policy
 
 
 def offline_issues(policy: Policy) -> list[PolicyIssue]:

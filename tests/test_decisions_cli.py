@@ -86,8 +86,13 @@ FILTERS = [
     (("--verdict", "flag", "--user", "alice"), ["dolphin"]),
     (("--policy", "nsfw-basic", "--action", "allow"), ["clean", "numeric"]),
     (("--policy", "nsfw-candidate"), []),  # the candidate decided shadow rows only
-    (("--policy", "nsfw"), []),  # a name matches whole
 ]
+
+
+def test_a_policy_name_matches_whole(logged):
+    # `nsfw` is the start of two logged policies' names, not a name: a mistake, named (issue 19)
+    result = run("list", "--db", logged.url, "--policy", "nsfw", code=1)
+    one_line_error(result, "no policy 'nsfw'", "nsfw-basic, nsfw-candidate")
 
 
 @pytest.mark.parametrize(("args", "roles"), FILTERS, ids=[" ".join(a) for a, _ in FILTERS])
@@ -119,8 +124,13 @@ def test_list_shadow_decisions_instead_of_live_ones(logged):
 def test_hostile_filter_values_change_nothing(logged, option, value):
     engine = db.engine_for(logged.url)
     before = row_counts(engine)
-    expected = newest_first(logged, "weapons") if (option, value) == ("--user", "%") else []
-    assert listed(logged, option, value) == expected
+    if option == "--user":  # users are not named anywhere: a value matching none lists none
+        expected = newest_first(logged, "weapons") if value == "%" else []
+        assert listed(logged, option, value) == expected
+    else:  # a concept or policy no logged policy has is a mistake, named in one line (issue 19)
+        what = option.lstrip("-")
+        result = run("list", "--db", logged.url, "--json", option, value, code=1)
+        one_line_error(result, f"no {what} ")
     assert row_counts(engine) == before
 
 
