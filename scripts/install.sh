@@ -20,5 +20,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$PIP install -q -e '.[test]'
+$PIP install -q -e '.[test,serve,desk]'
 .venv/bin/moderation --version

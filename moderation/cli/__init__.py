@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # Importing the command modules registers their commands on the groups of `app`.
 from moderation.cli import (  # noqa: F401
+    api_key_cmds,
     backtest_cmds,
     bench_cmd,
     calibrate_cmd,
@@ -18,6 +19,7 @@ from moderation.cli import (  # noqa: F401
     lifecycle_cmds,
     policy_cmds,
     review_cmds,
+    serve_cmd,
 )
 from moderation.cli.app import main
 

@@ -1,0 +1,175 @@
+"""The service's state and its one job: images of a request -> decisions (decode, batch, log).
+
+Shared by the endpoints; the routes (`app`) only read requests and shape responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from moderation.engine import Moderator
+from moderation.server.batching import Batcher, Judged
+from moderation.server.config import ServeConfig
+from moderation.server.errors import APIError, safe
+from moderation.server.inputs import (
+    FETCH_TIMEOUT_S,
+    RawImage,
+    b64_bytes,
+    check_remote,
+    data_url_bytes,
+    decode,
+    fetch,
+    is_remote,
+)
+from moderation.server.keys import ActiveKeys
+from moderation.server.metrics import Metrics
+
+logger = logging.getLogger("moderation.server")
+
+# Knob: images decoded at once (each within DECODE_PIXELS: ~50 MB of uint8 at most).
+DECODE_WORKERS = 2
+READY_CHECK_S = 2.0  # knob: how long /readyz waits for the database
+
+
+class Service:
+    def __init__(self, moderator: Moderator, config: ServeConfig) -> None:
+        self.moderator = moderator
+        self.config = config
+        self.metrics = Metrics()
+        self.batcher = Batcher(
+            moderator,
+            self.metrics,
+            max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms,
+            queue_limit=config.queue_limit,
+        )
+        self.url = moderator.log.url if moderator.log is not None else None
+        self.keys = ActiveKeys(self.url) if config.auth and self.url else None
+        self._decoders = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="moderation-decode")
+        self._http: httpx.AsyncClient | None = None
+        self.started = time.time()
+
+    async def start(self) -> None:
+        self.batcher.start()
+        if self.config.fetch_urls:
+            self._http = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False)
+        if self.keys is not None:
+            await asyncio.to_thread(self.keys.refresh, force=True)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._decoders.shutdown(wait=True)
+        if self._http is not None:
+            await self._http.aclose()
+        self.moderator.close()
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def key_name(self, authorization: str | None) -> str | None:
+        """The name of the key in `Authorization: Bearer KEY` (None under --no-auth), or 401."""
+        if not self.config.auth:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(
+                401, "missing API key: send `Authorization: Bearer KEY`", code="invalid_api_key"
+            )
+        name = self.keys.name_of(key) if self.keys is not None else None
+        if name is None:
+            raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
+        return name
+
+    # -- images ------------------------------------------------------------------------------
+
+    async def raw_images(
+        self, sources: list[tuple[str, str]], *, bare_base64: bool
+    ) -> list[RawImage]:
+        """The bytes of every image source (data URL, base64, allowed URL), or a 400."""
+        if len(sources) > self.config.max_images:
+            raise APIError(
+                400,
+                f"{len(sources)} images in one request, more than the {self.config.max_images} "
+                "allowed",
+                code="too_many_images",
+            )
+        remote = [(w, u) for w, u in sources if is_remote(u)]
+        for where, url in remote:
+            check_remote(url, where, self.config.fetch_urls)
+
+        def local() -> dict[str, bytes]:
+            out = {}
+            for where, url in sources:
+                if is_remote(url):
+                    continue
+                if url[:5].lower() == "data:" or not bare_base64:
+                    out[where] = data_url_bytes(url, where)
+                else:
+                    out[where] = b64_bytes(url, where)
+            return out
+
+        data = await asyncio.get_running_loop().run_in_executor(self._decoders, local)
+        for where, url in remote:
+            data[where] = await fetch(self._http, url, where, self.config.fetch_urls)
+        return [RawImage(where, data[where]) for where, _ in sources]
+
+    async def judge(self, raws: list[RawImage], metas: list[dict[str, Any]]) -> list[Judged]:
+        """Decode (worker threads), judge (batched) and log every image, in order; an image
+        that cannot be decoded gets a logged `error` decision (on_error), never `allow`."""
+        self.metrics.images.inc(len(raws))
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._decoders, decode, raw) for raw in raws)
+        )
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
+        out: list[Judged | None] = [None] * len(raws)
+        if bad:
+            for i in bad:
+                logger.warning("undecodable image: %s", safe(decoded[i]))
+            failed = await self.batcher.fail([decoded[i] for i in bad], [metas[i] for i in bad])
+            for i, j in zip(bad, failed, strict=True):
+                out[i] = j
+        if good:
+            judged = await self.batcher.submit([decoded[i] for i in good], [metas[i] for i in good])
+            for i, j in zip(good, judged, strict=True):
+                out[i] = j
+        return out  # type: ignore[return-value]
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Model loaded; the database reachable, or decisions going to the spool."""
+        database = "none"
+        if self.url is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._ping), READY_CHECK_S)
+                database = "reachable"
+            except Exception:
+                database = "spooling"
+        return {
+            "ready": True,
+            "policy": self.moderator.policy.name,
+            "policy_digest": self.moderator.policy.digest,
+            "model": self.moderator.policy.model,
+            "database": database,
+            "queue_images": self.batcher.waiting,
+        }
+
+    def _ping(self) -> None:
+        from moderation.storage.db import engine_for
+
+        with engine_for(self.url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
