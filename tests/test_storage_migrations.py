@@ -29,7 +29,7 @@ from moderation.storage import (
 from moderation.storage import db as storage_db
 from tests.pg import pg_test_url, temporary_pg_database
 
-TABLES = {"policies", "decisions", "review_items", "review_events"}
+TABLES = {"policies", "decisions", "review_items", "review_events", "api_keys"}
 
 
 @pytest.fixture(scope="module")

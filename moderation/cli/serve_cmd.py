@@ -10,6 +10,19 @@ import click
 from moderation.cli.app import main
 from moderation.cli.options import clean, db_option, failures, model_options
 
+_FILE_KEYS = ("file", "checked", "out", "also_given_as")
+
+
+def check_row(decision, recorded: bool, top: int) -> dict:
+    """`check --json`'s object for one decision, without its file fields (what /v1/moderate
+    returns per image; see moderation.server.documents)."""
+    from moderation.cli.check_cmd import _json_row
+    from moderation.cli.check_inputs import ImageInput
+
+    item = ImageInput(path=Path("-"), name=Path("-"))
+    row = _json_row(item, {id(item): decision}, top, None, lambda _d: recorded)
+    return {k: v for k, v in row.items() if k not in _FILE_KEYS}
+
 
 @main.command("serve")
 @click.option(
@@ -75,6 +88,7 @@ def serve_cmd(
         )
     from moderation.engine import Moderator
     from moderation.server.app import create_app
+    from moderation.server.documents import use_row_builder
     from moderation.server.keys import list_keys
     from moderation.server.run import serve_forever
     from moderation.storage import resolve_db_url
@@ -108,4 +122,5 @@ def serve_cmd(
         fetch_urls=frozenset(h.lower() for h in fetch_urls),
         auth=not no_auth,
     )
+    use_row_builder(check_row)
     serve_forever(create_app(moderator, config), host, port)

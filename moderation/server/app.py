@@ -7,8 +7,6 @@ import base64
 import contextlib
 import io
 import json
-import logging
-import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -20,13 +18,11 @@ from moderation.engine import Moderator
 from moderation.server import errors
 from moderation.server.config import ServeConfig
 from moderation.server.documents import live_document, logged_document
-from moderation.server.errors import APIError, safe
-from moderation.server.limits import BodyLimit
+from moderation.server.errors import APIError
+from moderation.server.limits import Outer
 from moderation.server.schemas import ModerateRequest, ModerationsRequest, openai_images
 from moderation.server.scores import moderation_result
 from moderation.server.service import Service, request_id
-
-access = logging.getLogger("moderation.server.access")
 
 
 def _service(request: Request) -> Service:
@@ -77,21 +73,6 @@ def create_app(moderator: Moderator, config: ServeConfig | None = None) -> Any:
     )
     app.state.service = service
     errors.install(app)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.monotonic()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        service.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-        client = request.client.host if request.client else "-"
-        access.info(  # escaped: the path and everything else the client chose
-            '%s "%s %s" %d', safe(client, 60), safe(request.method, 20),
-            safe(request.url.path, 200), response.status_code,
-        )  # fmt: skip
-        return response
 
     @app.post("/v1/moderations", tags=["moderation"])
     async def moderations(
@@ -261,6 +242,6 @@ def create_app(moderator: Moderator, config: ServeConfig | None = None) -> Any:
         latencies, unrecorded decisions."""
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    wrapped = BodyLimit(app, config.max_body_bytes)
+    wrapped = Outer(app, config.max_body_bytes, service.metrics)
     wrapped.fastapi = app  # type: ignore[attr-defined]
     return wrapped

@@ -2,29 +2,36 @@
 
 `live_document` is `check --json`'s per-image object (decision id, verdict, action, fired,
 concepts, special care, margin, recorded, shadow decisions) without the file fields;
-`logged_document` is `decisions show --json`'s document. Both call the builders those commands
-use, so the service and the CLI never disagree; when the project grows one decision-document
-builder, this adapter is the only place that changes.
+`logged_document` is `decisions show --json`'s document. Both come from the builders those
+commands use, so the service and the CLI never disagree. `check --json`'s row builder lives in
+the CLI, which the server must not import (the CLI imports the server: no cycles), so the CLI
+hands it over with `use_row_builder` when it starts the service (`moderation serve`, and the
+tests' server factory). When the project has one decision-document builder outside the CLI,
+this module calls it directly and `use_row_builder` goes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from moderation.decision import Decision
 
-_FILE_KEYS = ("file", "checked", "out", "also_given_as")
+RowBuilder = Callable[[Decision, bool, int], dict[str, Any]]
+_row_builder: RowBuilder | None = None
+
+
+def use_row_builder(builder: RowBuilder) -> None:
+    """Install the builder of `check --json` rows: (decision, recorded, top) -> dict."""
+    global _row_builder
+    _row_builder = builder
 
 
 def live_document(decision: Decision, recorded: bool, top: int | None = 5) -> dict[str, Any]:
     """The `check --json` object of a decision just made (`top` concepts; 0 or None: all)."""
-    from moderation.cli.check_cmd import _json_row
-    from moderation.cli.check_inputs import ImageInput
-
-    item = ImageInput(path=Path("-"), name=Path("-"))
-    row = _json_row(item, {id(item): decision}, top or 0, None, lambda d: recorded)
-    return {k: v for k, v in row.items() if k not in _FILE_KEYS}
+    if _row_builder is None:
+        raise RuntimeError("no decision document builder: call use_row_builder() first")
+    return _row_builder(decision, recorded, top or 0)
 
 
 def logged_document(db: Any, decision_id: str) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class _Named(io.BytesIO):
 def b64_bytes(text: str, where: str) -> bytes:
     """Standard or URL-safe base64 (whitespace ignored), or a 400 naming the field."""
     raw = "".join(text.split()).encode("ascii", "replace")
-    if not raw or not _BASE64.fullmatch(raw):
+    if not _BASE64.fullmatch(raw):
         raise APIError(400, f"{where}: not valid base64", code="invalid_base64", param=where)
     raw = raw.replace(b"-", b"+").replace(b"_", b"/")
     raw += b"=" * (-len(raw) % 4)

@@ -1,13 +1,20 @@
-"""Request bodies over `--max-body-mb` get 413 before they are read into memory (pure ASGI,
-so it also bounds what a client without Content-Length streams)."""
+"""The ASGI layer around the app (pure ASGI: a BaseHTTPMiddleware would wrap errors raised while
+a body is read): request bodies over `--max-body-mb` get 413 before they are read into memory,
+also from a client that streams without Content-Length; every request is counted and timed in
+the metrics, and logged with what the client chose (its path) escaped."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 from starlette.exceptions import HTTPException
 
-from moderation.server.errors import TYPES
+from moderation.server.errors import TYPES, safe
+
+access = logging.getLogger("moderation.server.access")
+ENDPOINTS = {"/v1/moderations", "/v1/moderate", "/healthz", "/readyz", "/metrics"}
 
 
 class BodyTooLarge(HTTPException):
@@ -33,14 +40,45 @@ def _body(limit: int) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
-class BodyLimit:
-    def __init__(self, app, limit: int) -> None:
+def endpoint_of(path: str) -> str:
+    """The metrics label of a path: a known route, else "other" (bounded label values)."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/decisions/{id}" if path.startswith("/v1/decisions/") else "other"
+
+
+class Outer:
+    def __init__(self, app, limit: int, metrics) -> None:
         self.app = app
         self.limit = limit
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = time.monotonic()
+        status = 500
+
+        async def watched_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, watched_send)
+        finally:
+            path = scope.get("path", "")
+            endpoint = endpoint_of(path)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+            client = (scope.get("client") or ("-",))[0]
+            access.info(
+                '%s "%s %s" %d', safe(client, 60), safe(scope.get("method", ""), 20),
+                safe(path, 200), status,
+            )  # fmt: skip
+
+    async def _limited(self, scope, receive, send):
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
