@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import text
 from moderation.engine import Moderator
 from moderation.image_files import read_image
 from moderation.review.decisions import DecisionBrowser
-from moderation.server.keys import create_key, revoke_key
+from moderation.server.keys import REFRESH_S, create_key, revoke_key
 from moderation.server.scores import OPENAI_CATEGORIES, to_unit
 from moderation.storage import db as storage_db
 from tests.pg import BACKENDS, scratch_url
@@ -131,15 +132,24 @@ def test_keys_are_required_and_revoked_keys_refused(server, images):
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
     other = create_key(url, "to-revoke")
-    app = srv.server.config.app.fastapi
-    app.state.service.keys.refresh(force=True)
     ok = {"Authorization": f"Bearer {other}"}
     body = {"input": [image_part(images[0])]}
-    assert httpx.post(f"{srv.url}/v1/moderations", json=body, headers=ok).status_code == 200
+    # The service re-reads the keys every REFRESH_S seconds: a new key works, a revoked key
+    # is refused, without a restart.
+    assert _status_within(srv, body, ok, 200) == 200
     revoke_key(url, "to-revoke")
-    app.state.service.keys.refresh(force=True)
+    assert _status_within(srv, body, ok, 401) == 401
     r = httpx.post(f"{srv.url}/v1/moderations", json=body, headers=ok)
-    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid or revoked API key"
+    assert r.json()["error"]["message"] == "invalid or revoked API key"
+
+
+def _status_within(srv, body, headers, wanted: int) -> int:
+    deadline = time.monotonic() + 3 * REFRESH_S + 2
+    while True:
+        status = httpx.post(f"{srv.url}/v1/moderations", json=body, headers=headers).status_code
+        if status == wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
 
 
 def test_health_ready_metrics_and_openapi(server):

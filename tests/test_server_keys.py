@@ -46,6 +46,7 @@ def test_keys_are_created_once_listed_and_revoked(backend, tmp_path):
         assert key not in json.dumps([list(r) for r in stored])
         run("api-key", "create", "app-1", "--db", url, code=1)
         keys = ActiveKeys(url)
+        keys.refresh(force=True)
         assert keys.name_of(key) == "app-1" and keys.name_of(key + "x") is None
         listed = json.loads(run("api-key", "list", "--json", "--db", url).stdout)
         assert [(k["name"], k["prefix"], k["revoked_at"]) for k in listed] == [

@@ -12,6 +12,7 @@ from moderation.cli import (  # noqa: F401
     api_key_cmds,
     backtest_cmds,
     bench_cmd,
+    bench_serve_cmd,
     calibrate_cmd,
     check_cmd,
     db_cmds,

@@ -29,7 +29,7 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def api_key(request: Request) -> str | None:
+async def api_key(request: Request) -> str | None:
     """Every /v1/* route needs `Authorization: Bearer KEY` (unless --no-auth)."""
     return _service(request).key_name(request.headers.get("authorization"))
 
@@ -89,8 +89,8 @@ def create_app(moderator: Moderator, config: ServeConfig | None = None) -> Any:
                 param="input",
             )
         rid = request_id("modr")
-        raws = await service.raw_images(sources, bare_base64=False)
-        judged = await service.judge(raws, _metas(key, "/v1/moderations", rid, len(raws)))
+        metas = _metas(key, "/v1/moderations", rid, len(sources))
+        raws, judged = await service.judge_sources(sources, metas, bare_base64=False)
         failed = [(raw, j) for raw, j in zip(raws, judged, strict=True) if j.image is None]
         if failed:
             raw, j = failed[0]
@@ -150,9 +150,11 @@ def create_app(moderator: Moderator, config: ServeConfig | None = None) -> Any:
         rid = request_id("mod")
         if raws is None:
             sources = [(f"images[{i}]", s) for i, s in enumerate(body.images)]
-            raws = await service.raw_images(sources, bare_base64=True)
-        metas = _metas(key, "/v1/moderate", rid, len(raws), body.metadata)
-        judged = await service.judge(raws, metas)
+            metas = _metas(key, "/v1/moderate", rid, len(sources), body.metadata)
+            _raws, judged = await service.judge_sources(sources, metas, bare_base64=True)
+        else:
+            metas = _metas(key, "/v1/moderate", rid, len(raws), body.metadata)
+            judged = await service.judge_raws(raws, metas)
 
         def shape() -> list[dict]:
             results = []

@@ -135,7 +135,8 @@ class ActiveKeys:
             self._lock.release()
 
     def name_of(self, key: str) -> str | None:
-        self.refresh()
+        """The active key's name, or None; reads no database (the service refreshes the set
+        every refresh_s seconds in the background; call refresh() where there is none)."""
         wanted = key_hash(key).encode()
         found = None
         for digest, name in list(self._hashes.items()):

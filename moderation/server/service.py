@@ -16,6 +16,7 @@ import httpx
 from sqlalchemy import text
 
 from moderation.engine import Moderator
+from moderation.image_files import ImageFile
 from moderation.server.batching import Batcher, Judged
 from moderation.server.config import ServeConfig
 from moderation.server.errors import APIError, safe
@@ -55,6 +56,7 @@ class Service:
         self.keys = ActiveKeys(self.url) if config.auth and self.url else None
         self._decoders = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="moderation-decode")
         self._http: httpx.AsyncClient | None = None
+        self._refresher: asyncio.Task | None = None
         self.started = time.time()
 
     async def start(self) -> None:
@@ -63,8 +65,17 @@ class Service:
             self._http = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False)
         if self.keys is not None:
             await asyncio.to_thread(self.keys.refresh, force=True)
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_keys())
+
+    async def _refresh_keys(self) -> None:
+        """Re-read the active keys every refresh_s seconds, off the event loop."""
+        while True:
+            await asyncio.sleep(self.keys.refresh_s)
+            await asyncio.to_thread(self.keys.refresh, force=True)
 
     async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
         await self.batcher.stop()
         self._decoders.shutdown(wait=True)
         if self._http is not None:
@@ -90,10 +101,8 @@ class Service:
 
     # -- images ------------------------------------------------------------------------------
 
-    async def raw_images(
-        self, sources: list[tuple[str, str]], *, bare_base64: bool
-    ) -> list[RawImage]:
-        """The bytes of every image source (data URL, base64, allowed URL), or a 400."""
+    def check_sources(self, sources: list[tuple[str, str]]) -> None:
+        """Refuse too many images, and remote URLs from hosts not allowed (400)."""
         if len(sources) > self.config.max_images:
             raise APIError(
                 400,
@@ -101,37 +110,56 @@ class Service:
                 "allowed",
                 code="too_many_images",
             )
-        remote = [(w, u) for w, u in sources if is_remote(u)]
-        for where, url in remote:
-            check_remote(url, where, self.config.fetch_urls)
+        for where, url in sources:
+            if is_remote(url):
+                check_remote(url, where, self.config.fetch_urls)
 
-        def local() -> dict[str, bytes]:
-            out = {}
+    async def judge_sources(
+        self, sources: list[tuple[str, str]], metas: list[dict[str, Any]], *, bare_base64: bool
+    ) -> tuple[list[RawImage], list[Judged]]:
+        """Every image source (data URL, base64, allowed URL) read, decoded and judged; any
+        source that is not well formed is a 400 before anything is judged."""
+        self.check_sources(sources)
+        fetched = {}
+        for where, url in sources:
+            if is_remote(url):
+                fetched[where] = await fetch(self._http, url, where, self.config.fetch_urls)
+
+        def read() -> list[tuple[RawImage, ImageFile | str]]:
+            raws = []
             for where, url in sources:
-                if is_remote(url):
-                    continue
-                if url[:5].lower() == "data:" or not bare_base64:
-                    out[where] = data_url_bytes(url, where)
+                if where in fetched:
+                    data = fetched[where]
+                elif url[:5].lower() == "data:" or not bare_base64:
+                    data = data_url_bytes(url, where)
                 else:
-                    out[where] = b64_bytes(url, where)
-            return out
+                    data = b64_bytes(url, where)
+                raws.append(RawImage(where, data))
+            return [(raw, decode(raw)) for raw in raws]  # 400s above come before any decoding
 
-        data = await asyncio.get_running_loop().run_in_executor(self._decoders, local)
-        for where, url in remote:
-            data[where] = await fetch(self._http, url, where, self.config.fetch_urls)
-        return [RawImage(where, data[where]) for where, _ in sources]
+        loop = asyncio.get_running_loop()
+        pairs = await loop.run_in_executor(self._decoders, read)
+        raws = [raw for raw, _ in pairs]
+        return raws, await self._judge([d for _, d in pairs], metas)
 
-    async def judge(self, raws: list[RawImage], metas: list[dict[str, Any]]) -> list[Judged]:
-        """Decode (worker threads), judge (batched) and log every image, in order; an image
-        that cannot be decoded gets a logged `error` decision (on_error), never `allow`."""
-        self.metrics.images.inc(len(raws))
+    async def judge_raws(self, raws: list[RawImage], metas: list[dict[str, Any]]) -> list[Judged]:
+        """Uploaded files: decoded (worker threads) and judged."""
+        self.check_sources([(r.where, "") for r in raws])
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(loop.run_in_executor(self._decoders, decode, raw) for raw in raws)
         )
+        return await self._judge(list(decoded), metas)
+
+    async def _judge(
+        self, decoded: list[ImageFile | str], metas: list[dict[str, Any]]
+    ) -> list[Judged]:
+        """Judge (batched) and log every image, in order; an image that could not be decoded
+        gets a logged `error` decision (on_error), never `allow`."""
+        self.metrics.images.inc(len(decoded))
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
-        out: list[Judged | None] = [None] * len(raws)
+        out: list[Judged | None] = [None] * len(decoded)
         if bad:
             for i in bad:
                 logger.warning("undecodable image: %s", safe(decoded[i]))

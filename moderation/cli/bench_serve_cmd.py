@@ -1,0 +1,48 @@
+"""`moderation bench-serve`: the HTTP service against the in-process Moderator (issue 17)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moderation.cli.app import main
+
+
+@main.command("bench-serve")
+@click.option("--size", type=click.Choice(["tiny", "vit-l"]), default="tiny", show_default=True)
+@click.option("--concurrency", "concurrencies", default="1,8,32", show_default=True)
+@click.option(
+    "--requests",
+    "requests_",
+    type=click.IntRange(1),
+    help="Requests per concurrency [4 x c, >= 64].",
+)
+@click.option(
+    "--load", "load", type=click.IntRange(1), help="Instead: a load run of N requests on the tiny "
+    "model, logging to a scratch database on --pg whose connections are cut in the middle.",
+)  # fmt: skip
+@click.option("--pg", "pg_server", metavar="URL", help="PostgreSQL server for --load.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def bench_serve_cmd(size, concurrencies, requests_, load, pg_server, json_path):
+    """Throughput and p50/p99 latency of `moderation serve` against in-process moderate()."""
+    from moderation.bench import serve
+
+    def progress(message: str) -> None:
+        click.echo(message, err=True)
+
+    if load:
+        if not pg_server:
+            raise click.UsageError("--load needs --pg URL (a scratch database is made there)")
+        result = serve.run_load(pg_server, total=load, progress=progress)
+        click.echo(json.dumps(result, indent=2))
+    else:
+        levels = tuple(int(c) for c in concurrencies.split(","))
+        counts = {c: requests_ for c in levels} if requests_ else None
+        result = serve.run_serve_bench(size, levels, counts, progress=progress)
+        click.echo(serve.report(result))
+        for line in serve.summary(result):
+            click.echo(line)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2, default=str))
