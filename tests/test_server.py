@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 
 import httpx
@@ -219,3 +220,33 @@ def storage_db_json(value):
     import json
 
     return json.loads(value) if isinstance(value, str) else value
+
+
+def test_a_request_whose_client_left_is_still_judged_and_logged(tmp_path, policy, images):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    moderator = Moderator.from_policy(
+        policy, db=url, spool_dir=tmp_path / "s", held_dir=tmp_path / "h"
+    )
+    real, gate = moderator.moderate, threading.Event()
+
+    def held(*args, **kwargs):  # the batch is taken; the engine waits until the client left
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    moderator.moderate = held
+    with running(policy, url, tmp_path, moderator=moderator) as (srv, key):
+        body = {"input": [image_part(images[0])]}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                f"{srv.url}/v1/moderations",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=0.5,
+            )
+        gate.set()
+        deadline = time.monotonic() + 10
+        while not DecisionBrowser(url).list(user="app-1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    logged = DecisionBrowser(url).list(user="app-1")
+    assert len(logged) == 1 and logged[0]["verdict"] != "error"
+    storage_db.dispose(url)

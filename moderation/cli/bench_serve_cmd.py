@@ -16,8 +16,7 @@ from moderation.cli.app import main
 @click.option(
     "--requests",
     "requests_",
-    type=click.IntRange(1),
-    help="Requests per concurrency [4 x c, >= 64].",
+    help="Requests per concurrency: one number, or one per --concurrency [4 x c, >= 64].",
 )
 @click.option(
     "--load", "load", type=click.IntRange(1), help="Instead: a load run of N requests on the tiny "
@@ -39,7 +38,16 @@ def bench_serve_cmd(size, concurrencies, requests_, load, pg_server, json_path):
         click.echo(json.dumps(result, indent=2))
     else:
         levels = tuple(int(c) for c in concurrencies.split(","))
-        counts = {c: requests_ for c in levels} if requests_ else None
+        counts = None
+        if requests_:
+            numbers = [int(n) for n in requests_.split(",")]
+            if len(numbers) == 1:
+                numbers *= len(levels)
+            if len(numbers) != len(levels) or min(numbers) < 1:
+                raise click.BadParameter(
+                    "one positive count, or one per concurrency", param_hint="--requests"
+                )
+            counts = dict(zip(levels, numbers, strict=True))
         result = serve.run_serve_bench(size, levels, counts, progress=progress)
         click.echo(serve.report(result))
         for line in serve.summary(result):

@@ -33,6 +33,9 @@ logger = logging.getLogger("moderation.server")
 
 # Knob: decoded pixels that may wait for the engine (uint8 RGB: 3 bytes each, ~400 MB).
 QUEUE_PIXELS = 1 << 27
+# Knob: once max_wait_ms is over, a batch that is not full still waits for images that are
+# being decoded (their requests arrived with the others), up to this many times max_wait_ms.
+DECODING_GRACE = 4
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Batcher:
         self.queue_limit = queue_limit
         self._jobs: deque[_Job] = deque()
         self._waiting = 0  # images queued, not yet taken
+        self._decoding = 0  # images of requests that are being read and decoded
         self._waiting_pixels = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -113,8 +117,20 @@ class Batcher:
     def waiting(self) -> int:
         return self._waiting
 
-    async def submit(self, images: list[ImageFile], metas: list[dict[str, Any]]) -> list[Judged]:
+    def decoding(self, n: int) -> None:
+        """n images (negative: done) are being read and decoded: a batch waits a little for
+        them (DECODING_GRACE), so requests that arrived together are judged together."""
+        self._decoding += n
+        if n < 0 and self._wake is not None:
+            self._wake.set()
+
+    async def submit(
+        self, images: list[ImageFile], metas: list[dict[str, Any]], announced: bool = False
+    ) -> list[Judged]:
+        """Queue the images, wait for their batch. announced: they were counted by decoding()."""
         n = len(images)
+        if announced:
+            self._decoding -= n  # in the same step as they are queued (or refused) below
         pixels = sum(int(f.frames.numel()) // 3 for f in images)
         if self._waiting and (
             self._waiting + n > self.queue_limit or self._waiting_pixels + pixels > QUEUE_PIXELS
@@ -140,11 +156,14 @@ class Batcher:
             while not self._jobs:
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = self._jobs[0].arrived + self.max_wait_s
+            arrived = self._jobs[0].arrived
+            deadline = arrived + self.max_wait_s
+            grace = arrived + self.max_wait_s * (1 + DECODING_GRACE)
             while self._waiting < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline and (self._decoding <= 0 or now >= grace):
                     break
+                left = (deadline if now < deadline else grace) - now
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), left)

@@ -138,9 +138,14 @@ class Service:
             return [(raw, decode(raw)) for raw in raws]  # 400s above come before any decoding
 
         loop = asyncio.get_running_loop()
-        pairs = await loop.run_in_executor(self._decoders, read)
+        self.batcher.decoding(len(sources))  # until _judge queues them (or this fails)
+        try:
+            pairs = await loop.run_in_executor(self._decoders, read)
+        except BaseException:
+            self.batcher.decoding(-len(sources))
+            raise
         raws = [raw for raw, _ in pairs]
-        return raws, await self._judge([d for _, d in pairs], metas)
+        return raws, await self._judge([d for _, d in pairs], metas, announced=True)
 
     async def judge_raws(self, raws: list[RawImage], metas: list[dict[str, Any]]) -> list[Judged]:
         """Uploaded files: decoded (worker threads) and judged."""
@@ -152,13 +157,16 @@ class Service:
         return await self._judge(list(decoded), metas)
 
     async def _judge(
-        self, decoded: list[ImageFile | str], metas: list[dict[str, Any]]
+        self, decoded: list[ImageFile | str], metas: list[dict[str, Any]], announced: bool = False
     ) -> list[Judged]:
         """Judge (batched) and log every image, in order; an image that could not be decoded
-        gets a logged `error` decision (on_error), never `allow`."""
+        gets a logged `error` decision (on_error), never `allow`. announced: the images were
+        counted by `Batcher.decoding`, and are uncounted as they are queued."""
         self.metrics.images.inc(len(decoded))
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
+        if announced and bad:
+            self.batcher.decoding(-len(bad))
         out: list[Judged | None] = [None] * len(decoded)
         if bad:
             for i in bad:
@@ -167,7 +175,9 @@ class Service:
             for i, j in zip(bad, failed, strict=True):
                 out[i] = j
         if good:
-            judged = await self.batcher.submit([decoded[i] for i in good], [metas[i] for i in good])
+            judged = await self.batcher.submit(
+                [decoded[i] for i in good], [metas[i] for i in good], announced=announced
+            )
             for i, j in zip(good, judged, strict=True):
                 out[i] = j
         return out  # type: ignore[return-value]
