@@ -236,3 +236,59 @@ def test_serve_refuses_no_auth_on_a_public_address(policy):
     )
     assert result.exit_code == 2
     assert "--no-auth listens on loopback addresses only" in result.output
+
+
+@pytest.fixture
+def image_host(images):
+    """A plain HTTP server on 127.0.0.1 serving an image and redirects."""
+    import http.server
+
+    png = images[0].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            port = self.server.server_address[1]
+            if self.path == "/img.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+                return
+            target = {
+                "/here": "/img.png",
+                "/away": f"http://localhost:{port}/img.png",
+            }.get(self.path)
+            self.send_response(302 if target else 404)
+            if target:
+                self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_fetch_urls_allows_listed_hosts_only(tmp_path, policy, image_host, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    with running(policy, url, tmp_path, fetch_urls=frozenset({"127.0.0.1"})) as (srv, key):
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def ask(path):
+            body = {"input": [part(f"{image_host}{path}")]}
+            return httpx.post(f"{srv.url}/v1/moderations", json=body, headers=headers)
+
+        assert ask("/img.png").status_code == 200
+        assert ask("/here").status_code == 200  # a redirect to the same (allowed) host
+        shape(ask("/away"), 400, "image_url_not_allowed")  # to a host not listed
+        shape(ask("/missing"), 400, "image_fetch_failed")
+        from moderation.server import inputs
+
+        monkeypatch.setattr(inputs, "FETCH_MAX_BYTES", 100)
+        shape(ask("/img.png"), 400, "image_too_large")
+    storage_db.dispose(url)
