@@ -103,8 +103,8 @@ def service(size: str, db_url: str, folder: Path, **options: Any) -> Iterator[tu
     port = free_port()
     args = [sys.executable, "-m", "moderation.bench.serve", "--size", size, "--db", db_url,
             "--folder", str(folder), "--port", str(port)]  # fmt: skip
-    for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+    for option, value in options.items():
+        args += [f"--{option.replace('_', '-')}", str(value)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     child = subprocess.Popen(args, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -206,8 +206,11 @@ def run_serve_bench(
     concurrencies: tuple[int, ...] = (1, 8, 32),
     requests: dict[int, int] | None = None,
     progress: Callable[[str], None] = print,
+    max_wait_ms: float = 10.0,
+    in_process: bool = True,
 ) -> dict[str, Any]:
-    """Rows for the service and the in-process Moderator, at each concurrency."""
+    """Rows for the service (started with `max_wait_ms`) and, unless in_process is False, the
+    in-process Moderator, at each concurrency."""
     from moderation.image_files import read_image
 
     requests = requests or {c: max(4 * c, 64) for c in concurrencies}
@@ -226,7 +229,8 @@ def run_serve_bench(
     rows = []
     with tempfile.TemporaryDirectory(prefix="moderation-bench-serve-") as tmp:
         folder = Path(tmp)
-        with service(size, f"sqlite:///{folder / 'served.db'}", folder / "served") as (url, key):
+        db_url = f"sqlite:///{folder / 'served.db'}"
+        with service(size, db_url, folder / "served", max_wait_ms=max_wait_ms) as (url, key):
             asyncio.run(_load(url, key, bodies, 1, 8))  # warm-up
             ceiling = asyncio.run(_load(url, key, [], max(concurrencies), 1000))
             ceiling_rps = 1000 / ceiling["wall_s"]
@@ -244,6 +248,9 @@ def run_serve_bench(
                 rows.append(row)
                 progress(f"service c={c}: {row['images_per_s']:.1f} img/s, "
                          f"batch {row['mean_batch']:.1f}, {out['statuses']}")  # fmt: skip
+        description = f"random-{size}"
+        if not in_process:
+            return {"size": size, "model": description, "rows": rows, "healthz_rps": ceiling_rps}
         moderator, description = _moderator(size, f"sqlite:///{folder / 'inproc.db'}", folder)
         decoded = [read_image(io.BytesIO(p)) for p in pngs]
         moderator.moderate(decoded[:8])  # warm-up

@@ -22,9 +22,13 @@ from moderation.cli.app import main
     "--load", "load", type=click.IntRange(1), help="Instead: a load run of N requests on the tiny "
     "model, logging to a scratch database on --pg whose connections are cut in the middle.",
 )  # fmt: skip
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.option("--no-in-process", is_flag=True, help="Time the service only.")
 @click.option("--pg", "pg_server", metavar="URL", help="PostgreSQL server for --load.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def bench_serve_cmd(size, concurrencies, requests_, load, pg_server, json_path):
+def bench_serve_cmd(
+    size, concurrencies, requests_, load, max_wait_ms, no_in_process, pg_server, json_path
+):
     """Throughput and p50/p99 latency of `moderation serve` against in-process moderate()."""
     from moderation.bench import serve
 
@@ -48,7 +52,14 @@ def bench_serve_cmd(size, concurrencies, requests_, load, pg_server, json_path):
                     "one positive count, or one per concurrency", param_hint="--requests"
                 )
             counts = dict(zip(levels, numbers, strict=True))
-        result = serve.run_serve_bench(size, levels, counts, progress=progress)
+        result = serve.run_serve_bench(
+            size,
+            levels,
+            counts,
+            progress=progress,
+            max_wait_ms=max_wait_ms,
+            in_process=not no_in_process,
+        )
         click.echo(serve.report(result))
         for line in serve.summary(result):
             click.echo(line)
