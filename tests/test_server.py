@@ -250,3 +250,17 @@ def test_a_request_whose_client_left_is_still_judged_and_logged(tmp_path, policy
     logged = DecisionBrowser(url).list(user="app-1")
     assert len(logged) == 1 and logged[0]["verdict"] != "error"
     storage_db.dispose(url)
+
+
+def test_no_auth_and_a_database_that_is_down_spool_and_say_so(tmp_path, policy, images):
+    down = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/x"
+    with running(policy, down, tmp_path, auth=False) as (srv, _):
+        ready = httpx.get(f"{srv.url}/readyz").json()
+        assert ready["database"] == "spooling"
+        body = {"images": [data_url(images[0].read_bytes())]}
+        r = httpx.post(f"{srv.url}/v1/moderate", json=body)  # no key needed under --no-auth
+        assert r.status_code == 200, r.text
+        decision = r.json()["results"][0]["decision"]
+        assert decision["recorded"] is True  # in the spool: recorded, and replayed later
+        assert "api_key" not in decision["metadata"]
+    assert list((tmp_path / "spool").iterdir())
