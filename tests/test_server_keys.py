@@ -83,3 +83,54 @@ def test_migration_0007_up_and_down_with_rows(backend, tmp_path):
         run("api-key", "create", "again", "--db", url)
         listed = json.loads(run("api-key", "list", "--json", "--db", url).stdout)
         assert [k["name"] for k in listed] == ["again"]
+
+
+@pytest.mark.slow
+def test_the_serve_command_serves(tmp_path, tiny_clip_dir):
+    """`moderation serve` as users start it: a key from the CLI, a request, the decision logged
+    with the key's name, the client's text escaped in the server's log."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from moderation.server.run import free_port
+    from tests.server_factory import data_url, sample_pngs
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        f"policy: cli\nmodel: {tiny_clip_dir}\nconcepts:\n  - name: a\n    prompts: [a photo]\n"
+        "    threshold: 0.0\n    action: blur\n"
+    )
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    key = run("api-key", "create", "web", "--db", url).stdout.strip()
+    port = free_port()
+    env = {**os.environ, "MODERATION_SPOOL_DIR": str(tmp_path / "spool")}
+    args = ["-m", "moderation", "serve", "--policy", str(policy), "--db", url, "--port", str(port)]
+    server = subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+        image = data_url(sample_pngs(tmp_path / "img", n=1)[0].read_bytes())
+        headers = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"{base}/v1/moderate", json={"images": [image]}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["decision"]["metadata"]["api_key"] == "web"
+        assert httpx.get(f"{base}/v1/decisions/%1b%5b2J", headers=headers).status_code == 404
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=60)[0].decode()
+    listed = json.loads(run("decisions", "list", "--user", "web", "--json", "--db", url).stdout)
+    assert len(listed) == 1
+    assert '"GET /v1/decisions/\\x1b[2J" 404' in output and "\x1b" not in output
