@@ -40,6 +40,7 @@ TABLES = {
     "desk_events",
     "webhooks",
     "webhook_outbox",
+    "api_keys",
 }
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 # Importing the command modules registers their commands on the groups of `app`.
 from moderation.cli import (  # noqa: F401
+    api_key_cmds,
     backtest_cmds,
     bench_cmd,
+    bench_serve_cmd,
     calibrate_cmd,
     check_cmd,
     db_cmds,
@@ -19,6 +21,7 @@ from moderation.cli import (  # noqa: F401
     lifecycle_cmds,
     policy_cmds,
     review_cmds,
+    serve_cmd,
 )
 from moderation.cli.app import main
 
