@@ -20,7 +20,7 @@ def api_key() -> None:
     """Create, list and revoke the API keys of `moderation serve`."""
 
 
-@api_key.command("create")
+@api_key.command("create", short_help="Create a key and print it once.")
 @click.argument("name")
 @json_option
 @db_option

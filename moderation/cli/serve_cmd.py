@@ -11,7 +11,7 @@ from moderation.cli.app import main
 from moderation.cli.options import clean, command_errors, db_option, model_options
 
 
-@main.command("serve")
+@main.command("serve", short_help="Serve the policy over HTTP (OpenAI-compatible moderations).")
 @click.option(
     "--policy",
     "-p",
