@@ -339,13 +339,7 @@ def document(
         "policy": dict(f.policy),
         "verdict": f.verdict,
         "action": f.action,
-        "action_reason": {
-            "rule": why.reason,
-            "concept": why.reason_concept,
-            "text": rule.reason_text(
-                why.reason, why.reason_concept, action=f.action, error=f.error
-            ),
-        },
+        "action_reason": action_reason(f, why),
         "fired": list(f.fired),
         "margin": f.margin,
         "top_concept": f.top_concept,
@@ -379,6 +373,15 @@ def document(
     return finite(doc)
 
 
+def action_reason(f: Facts, why: Ruled) -> dict[str, Any]:
+    """`action_reason` of a decision's document and of its shadows' summaries."""
+    return {
+        "rule": why.reason,
+        "concept": why.reason_concept,
+        "text": rule.reason_text(why.reason, why.reason_concept, action=f.action, error=f.error),
+    }
+
+
 def live_document(
     decision: Decision,
     *,
@@ -403,13 +406,7 @@ def shadow_summary(f: Facts) -> dict[str, Any]:
             "policy": dict(f.policy),
             "verdict": f.verdict,
             "action": f.action,
-            "action_reason": {
-                "rule": why.reason,
-                "concept": why.reason_concept,
-                "text": rule.reason_text(
-                    why.reason, why.reason_concept, action=f.action, error=f.error
-                ),
-            },
+            "action_reason": action_reason(f, why),
             "fired": list(f.fired),
             "special_hits": list(f.special_hits),
             "margin": f.margin,
