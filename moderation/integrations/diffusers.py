@@ -29,6 +29,7 @@ from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.pipeline import ModeratedPipeline
 from moderation.integrations.slot import (
+    HoldsModerator,
     SlotClass,
     caller_block,
     caller_metadata,
@@ -50,8 +51,13 @@ __all__ = ["PolicySafetyChecker", "moderate_pipeline"]
 logger = logging.getLogger(__name__)
 
 
-class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
+class PolicySafetyChecker(ModelMixin, HoldsModerator, metaclass=SlotClass):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
+
+    unlogged_warning = (
+        "moderation: %d images need review but this checker logs no decisions, so no "
+        "reviewer will see them: build it with db=URL or call checker.log_to(URL)"
+    )
 
     main_input_name = "clip_input"
     stands_in_for = (
@@ -370,28 +376,6 @@ class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
         except Exception:  # fail closed: black out whatever should not be shown as it is
             logger.exception("applying actions failed; blacking out every flagged image")
             return blackout_in_place(images, indices)
-
-    def _warn_if_unreviewed(self, decisions: list[Decision]) -> None:
-        waiting = sum(d.needs_review for d in decisions)
-        if waiting and self.moderator.log is None and not self._warned_unlogged:
-            self._warned_unlogged = True
-            logger.warning(
-                "moderation: %d images need review but this checker logs no decisions, so no "
-                "reviewer will see them: build it with db=URL or call checker.log_to(URL)",
-                waiting,
-            )
-
-    # -- review ------------------------------------------------------------------------------
-
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        from moderation.review.release import release_from_log
-
-        return release_from_log(self.moderator.log, decision_id)
-
-    def close(self) -> None:
-        """Flush and close the decision log."""
-        self.moderator.close()
 
 
 def _reason(decision: Decision) -> str:

@@ -34,7 +34,7 @@ from moderation.integrations.outputs import (
     convert,
     form_of,
 )
-from moderation.integrations.slot import caller_block, caller_metadata
+from moderation.integrations.slot import HoldsModerator, caller_block, caller_metadata
 from moderation.integrations.video import FRAME_BATCH, act_on_videos, judge_videos
 from policy.compiled import CompiledPolicy
 
@@ -58,8 +58,13 @@ _OWN = frozenset(
 )
 
 
-class ModeratedPipeline:
+class ModeratedPipeline(HoldsModerator):
     """A diffusers pipeline whose every output is judged by a policy before the caller gets it."""
+
+    unlogged_warning = (
+        "moderation: %d outputs need review but this pipeline logs no decisions, so no "
+        "reviewer will see them: wrap it with db=URL"
+    )
 
     def __init__(
         self,
@@ -286,28 +291,6 @@ class ModeratedPipeline:
             acted = torch.where(keep.view(shape), unit, torch.zeros_like(unit))
         out = acted * 2 - 1 if signed else acted
         return out.to(decoded.dtype)
-
-    def _warn_if_unreviewed(self, decisions: list[Decision]) -> None:
-        waiting = sum(d.needs_review for d in decisions)
-        if waiting and self.moderator.log is None and not self._warned_unlogged:
-            self._warned_unlogged = True
-            logger.warning(
-                "moderation: %d outputs need review but this pipeline logs no decisions, so no "
-                "reviewer will see them: wrap it with db=URL",
-                waiting,
-            )
-
-    # -- review -----------------------------------------------------------------------------
-
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        from moderation.review.release import release_from_log
-
-        return release_from_log(self.moderator.log, decision_id)
-
-    def close(self) -> None:
-        """Flush and close the decision log."""
-        self.moderator.close()
 
 
 def _prompts(pipe: Any, args: tuple, kwargs: dict[str, Any], count: int) -> list[Any]:
