@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moderation.actions import apply_actions
+from moderation.actions import apply_actions, policy_settings
 from moderation.decision import Decision, error_decisions
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
@@ -276,14 +276,7 @@ class ModeratedPipeline(HoldsModerator):
             if form.video:
                 acted = act_on_videos(unit, actions, self.policy)
             else:
-                p = self.policy
-                acted = apply_actions(
-                    unit,
-                    actions,
-                    blur_radius=p.blur_radius,
-                    pixelate_block=p.pixelate_block,
-                    review_placeholder=p.review_placeholder,
-                )
+                acted = apply_actions(unit, actions, **policy_settings(self.policy))
         except Exception:  # fail closed: black out whatever should not be shown as it is
             logger.exception("applying actions failed; blacking out every flagged output")
             keep = torch.tensor([a == "allow" for a in actions], device=unit.device)
