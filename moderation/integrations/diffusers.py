@@ -24,7 +24,7 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from moderation.decision import Decision, error_decisions
+from moderation.decision import Decision
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.pipeline import ModeratedPipeline
@@ -352,23 +352,6 @@ class PolicySafetyChecker(ModelMixin, HoldsModerator, metaclass=SlotClass):
             raise ModerationError(f"{len(result.decisions)} decisions for {count} images")
         self.last_unrecorded = list(result.unrecorded)  # the engine has said so in its log
         return result.decisions
-
-    def _fail(self, count: int, message: str, metadata: Any) -> list[Decision]:
-        """Error decisions for the whole batch, recorded like any other decision."""
-        # The caller's metadata may be what failed (wrong length, not storable): then without it.
-        for attempt in (metadata, None):
-            try:
-                return self.moderator.fail([message] * count, metadata=attempt)
-            except Exception:
-                logger.exception("moderation: recording %d error decisions failed", count)
-        decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
-        self.last_unrecorded = [d.decision_id for d in decisions]
-        logger.error(
-            "moderation: %d error decisions were NOT recorded: %s",
-            count,
-            ", ".join(d.decision_id for d in decisions),
-        )
-        return decisions
 
     def _act(self, images: Any, indices: list[int], actions: list[str]) -> Any:
         try:

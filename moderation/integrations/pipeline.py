@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from moderation.actions import apply_actions, policy_settings
-from moderation.decision import Decision, error_decisions
+from moderation.decision import Decision
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.outputs import (
@@ -249,22 +249,6 @@ class ModeratedPipeline(HoldsModerator):
         ]
         self._warn_if_unreviewed(decisions)
         return decisions, self._act(decoded, form, actions)
-
-    def _fail(self, count: int, message: str, metas: Any) -> list[Decision]:
-        """Error decisions (the policy's on_error) for every output, recorded like any other."""
-        for attempt in (metas, None):  # the metadata may be what failed: then without it
-            try:
-                return self.moderator.fail([message] * count, metadata=attempt)
-            except Exception:
-                logger.exception("moderation: recording %d error decisions failed", count)
-        decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
-        self.last_unrecorded = [d.decision_id for d in decisions]
-        logger.error(
-            "moderation: %d error decisions were NOT recorded: %s",
-            count,
-            ", ".join(d.decision_id for d in decisions),
-        )
-        return decisions
 
     def _act(self, decoded: torch.Tensor, form: OutputForm, actions: list[str]) -> torch.Tensor:
         """The actions applied in the decoded tensor's own range; allowed outputs untouched."""

@@ -70,10 +70,12 @@ def device_of_map(device_map: Any) -> torch.device | str | None:
 
 
 class HoldsModerator:
-    """What PolicySafetyChecker and ModeratedPipeline do alike with their `moderator`: warn once
-    when images need review but no decision is logged, release a held original, close."""
+    """What PolicySafetyChecker and ModeratedPipeline do alike with their `moderator`: error
+    decisions when judging failed, a warning once when images need review but no decision is
+    logged, release of a held original, close."""
 
     moderator: Moderator
+    last_unrecorded: list[str]
     _warned_unlogged: bool
     # The warning (logged by the class's own module), with %d for the number waiting.
     unlogged_warning: str
@@ -83,6 +85,27 @@ class HoldsModerator:
         if waiting and self.moderator.log is None and not self._warned_unlogged:
             self._warned_unlogged = True
             logging.getLogger(type(self).__module__).warning(self.unlogged_warning, waiting)
+
+    def _fail(self, count: int, message: str, metadata: Any) -> list[Decision]:
+        """Error decisions (the policy's on_error) for the whole batch, recorded like any other;
+        when they cannot be recorded, said in the log and in `last_unrecorded`."""
+        from moderation.decision import error_decisions
+
+        logger = logging.getLogger(type(self).__module__)
+        # The caller's metadata may be what failed (wrong length, not storable): then without it.
+        for attempt in (metadata, None):
+            try:
+                return self.moderator.fail([message] * count, metadata=attempt)
+            except Exception:
+                logger.exception("moderation: recording %d error decisions failed", count)
+        decisions = error_decisions(self.moderator.policy, [{} for _ in range(count)], message)
+        self.last_unrecorded = [d.decision_id for d in decisions]
+        logger.error(
+            "moderation: %d error decisions were NOT recorded: %s",
+            count,
+            ", ".join(d.decision_id for d in decisions),
+        )
+        return decisions
 
     # -- review ------------------------------------------------------------------------------
 
