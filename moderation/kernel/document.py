@@ -137,25 +137,20 @@ def live_facts(d: Decision, *, recorded: bool | None) -> Facts:
 
 def policy_summary(p: Any) -> dict[str, Any]:
     """`policy` of a compiled policy."""
-    return {
-        "name": p.name,
-        "version": p.version,
-        "digest": p.digest,
-        "model": p.model,
-        "compat": p.compat,
-        "adjustment": float(p.adjustment),
-        "escalate": p.escalate,
-        "review_band": float(p.review_band),
-    }
+    return _summary(p, p.model)
 
 
 def row_policy_summary(p: Any) -> dict[str, Any]:
     """`policy` of a `policies` row."""
+    return _summary(p, p.model_id)
+
+
+def _summary(p: Any, model: str) -> dict[str, Any]:
     return {
         "name": p.name,
         "version": p.version,
         "digest": p.digest,
-        "model": p.model_id,
+        "model": model,
         "compat": p.compat,
         "adjustment": float(p.adjustment or 0.0),
         "escalate": p.escalate,
