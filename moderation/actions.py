@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,16 @@ def apply_actions(
         for i, result in zip(idx, act[kind](torch.stack([images[i] for i in idx])), strict=True):
             out[i] = result
     return out
+
+
+def policy_settings(policy: Any) -> dict[str, Any]:
+    """A policy's action settings (blur radius, pixelate block, review placeholder), as
+    `apply_actions` takes them: `apply_actions(images, actions, **policy_settings(policy))`."""
+    return {
+        "blur_radius": policy.blur_radius,
+        "pixelate_block": policy.pixelate_block,
+        "review_placeholder": policy.review_placeholder,
+    }
 
 
 def _apply_stacked(

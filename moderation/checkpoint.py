@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -267,11 +268,17 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def _read_config(model_id: str, config_file: Path) -> dict:
+def read_json(model_id: str, path: Path) -> Any:
+    """A JSON file of a model's folder (config, preprocessor config); EncoderError naming the
+    model and the file when it cannot be read or parsed."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise EncoderError(f"model {model_id}: cannot read {config_file}: {exc}") from exc
+        raise EncoderError(f"model {model_id}: cannot read {path}: {exc}") from exc
+
+
+def _read_config(model_id: str, config_file: Path) -> dict:
+    config = read_json(model_id, config_file)
     if not isinstance(config, dict):
         raise EncoderError(f"model {model_id}: {config_file} does not hold a JSON object")
     return config

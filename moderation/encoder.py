@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from moderation.checkpoint import Checkpoint
+from moderation.checkpoint import Checkpoint, read_json
 from moderation.encoder_identity import preprocessing_settings, tower_digest
 from moderation.errors import EncoderError
 from moderation.preprocess import CLIP_MEAN, CLIP_STD  # used without a preprocessor_config.json
@@ -134,10 +134,7 @@ def _image_settings(ckpt: Checkpoint, default_size: int) -> tuple[int, tuple, tu
         path = sibling if sibling.is_file() else None  # a pipeline keeps it beside the checker
     if path is None:
         return default_size, CLIP_MEAN, CLIP_STD
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EncoderError(f"model {ckpt.model_id}: cannot read {path}: {exc}") from exc
+    data = read_json(ckpt.model_id, path)
     if not isinstance(data, dict):
         raise EncoderError(f"{path}: not a preprocessing config (expected a JSON object)")
     return preprocessing_settings(data, default_size, str(path))

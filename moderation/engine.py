@@ -358,20 +358,13 @@ class Moderator:
         )
 
     def _act(self, images, decisions: list[Decision]):
-        from moderation.actions import apply_actions
+        from moderation.actions import apply_actions, policy_settings
 
         actions = [d.action for d in decisions]
         if all(a == "allow" for a in actions):
             return images
-        p = self.policy
         try:
-            return apply_actions(
-                images,
-                actions,
-                blur_radius=p.blur_radius,
-                pixelate_block=p.pixelate_block,
-                review_placeholder=p.review_placeholder,
-            )
+            return apply_actions(images, actions, **policy_settings(self.policy))
         except Exception:  # fail closed: black out whatever should not be shown as it is
             logger.exception("applying actions failed; blacking out every non-allowed image")
             return apply_actions(images, ["allow" if a == "allow" else "blackout" for a in actions])

@@ -25,7 +25,7 @@ _DIFFUSERS_ADJUSTMENT = DIFFUSERS_ADJUSTMENT
 
 
 @dataclass(frozen=True, eq=False)
-class Scores:
+class Scores(rule.FiredScores):
     """Per-image scores of one batch; every tensor lives on the embeddings' device."""
 
     cosines: torch.Tensor  # [B, C] float32
@@ -39,16 +39,6 @@ class Scores:
     # maximum cosine. None when every image was judged on one view.
     concept_views: torch.Tensor | None = None  # [B, C] int64
     special_views: torch.Tensor | None = None  # [B, S] int64
-
-    @property
-    def fired(self) -> torch.Tensor:
-        """[B, C] bool: concepts that fired."""
-        return self.scores > 0
-
-    @property
-    def special_fired(self) -> torch.Tensor:
-        """[B, S] bool: special-care concepts that fired."""
-        return self.special_scores > 0
 
 
 def score(

@@ -245,6 +245,22 @@ def test_preprocessor_config_is_read(tmp_path):
     assert ClipEncoder.from_pretrained(folder).digest != before
 
 
+def test_an_unreadable_or_odd_json_file_names_the_model_and_the_file(tmp_path):
+    folder = make_safety_checker(tmp_path / "checker")
+    preprocessor = folder / "preprocessor_config.json"
+    preprocessor.write_text("{not json")
+    with pytest.raises(EncoderError, match=r"^model .*: cannot read .*preprocessor_config\.json: "):
+        ClipEncoder.from_pretrained(folder)
+    preprocessor.write_text("[1, 2]")
+    with pytest.raises(EncoderError) as err:
+        ClipEncoder.from_pretrained(folder)
+    assert str(err.value) == f"{preprocessor}: not a preprocessing config (expected a JSON object)"
+    preprocessor.unlink()
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(EncoderError, match=r"config\.json does not hold a JSON object$"):
+        ClipEncoder.from_pretrained(folder)
+
+
 def test_vision_only_clip_checkpoint(tmp_path, pixels):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

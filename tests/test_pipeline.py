@@ -255,6 +255,28 @@ def test_bad_input_fails_closed(setup, images, error):
     assert all(float(np.abs(np.asarray(image)).max()) == 0 for image in out)
 
 
+def test_error_decisions_that_cannot_be_recorded_are_said_so(setup, monkeypatch, caplog):
+    """Judging fails and recording its error decisions fails too: the images are still blacked
+    out, the decisions still returned, and their ids listed as not recorded."""
+    ours = install(setup, "blur")
+
+    def unrecordable(*args, **kwargs):
+        raise RuntimeError("database and spool both gone")
+
+    monkeypatch.setattr(ours.moderator, "fail", unrecordable)
+    images = [torch.rand(2, 8, 8)] * 2  # two channels: judging fails
+    with caplog.at_level("ERROR", logger="moderation.integrations.diffusers"):
+        out, flags = ours(clip_input=torch.zeros(2, 3, 224, 224), images=images)
+    assert flags == [True, True]
+    assert [d.action for d in ours.last_decisions] == ["blackout"] * 2
+    assert ours.last_unrecorded == [d.decision_id for d in ours.last_decisions]
+    assert all(float(np.abs(np.asarray(image)).max()) == 0 for image in out)
+    said = [r.getMessage() for r in caplog.records if r.name == "moderation.integrations.diffusers"]
+    assert said[-1] == "moderation: 2 error decisions were NOT recorded: " + ", ".join(
+        ours.last_unrecorded
+    )
+
+
 def test_pil_and_uint8_lists_are_acted_on(setup):
     """Lists of PIL images or uint8 arrays (callers other than diffusers) keep their form."""
     from PIL import Image

@@ -22,20 +22,7 @@ from moderation.review import ReviewError
 from moderation.storage import db
 from moderation.storage.models import DecisionRow
 from moderation.synthetic import make_tiny_pipeline
-
-PROMPT = "a photo of a dolphin"
-
-
-def generate(pipe, output_type="np"):
-    return pipe(
-        PROMPT,
-        num_inference_steps=2,
-        num_images_per_prompt=2,
-        height=64,
-        width=64,
-        output_type=output_type,
-        generator=torch.Generator().manual_seed(0),
-    )
+from tests.test_pipeline import PROMPT, generate
 
 
 def write_policy(path, direction, threshold, action, on_error="blackout"):

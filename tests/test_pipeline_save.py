@@ -25,7 +25,8 @@ from moderation.storage import db
 from moderation.storage.models import DecisionRow
 from moderation.synthetic import build_safety_checker, make_tiny_pipeline
 from policy.compiled import CompiledPolicy
-from tests.test_pipeline_log import generate, write_policy
+from tests.test_pipeline import generate
+from tests.test_pipeline_log import write_policy
 
 CHECKER_FILES = [
     "config.json",

@@ -32,3 +32,14 @@ def test_bench_images_are_distinct_224_pngs():
     images = serve.bench_images(3)
     assert len(set(images)) == 3
     assert all(Image.open(BytesIO(b)).size == (224, 224) for b in images)
+
+
+def test_request_bodies_carry_each_png_as_a_data_url():
+    import base64
+
+    pngs = serve.bench_images(2)
+    bodies = serve.request_bodies(pngs)
+    urls = [body["input"][0]["image_url"]["url"] for body in bodies]
+    assert [body["input"][0]["type"] for body in bodies] == ["image_url"] * 2
+    assert all(url.startswith("data:image/png;base64,") for url in urls)
+    assert [base64.b64decode(url.split(",", 1)[1]) for url in urls] == pngs

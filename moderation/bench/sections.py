@@ -150,7 +150,7 @@ def run_end_to_end(
 
 def ours_stages(moderator: Any, images: torch.Tensor, timed: dict[str, Any]) -> dict[str, float]:
     """Median ms of each step of Moderator.moderate but the encoder (which is the floor)."""
-    from moderation.actions import apply_actions
+    from moderation.actions import apply_actions, policy_settings
     from moderation.decision import decide
     from moderation.images import clip_preprocess, to_image_batch
     from moderation.scoring import score
@@ -158,11 +158,7 @@ def ours_stages(moderator: Any, images: torch.Tensor, timed: dict[str, Any]) -> 
     encoder, policy = moderator.encoder, moderator.policy
     settings = {"size": encoder.image_size, "mean": encoder.image_mean, "std": encoder.image_std}
     metas = [{} for _ in range(images.shape[0])]
-    act = {
-        "blur_radius": policy.blur_radius,
-        "pixelate_block": policy.pixelate_block,
-        "review_placeholder": policy.review_placeholder,
-    }
+    act = policy_settings(policy)
 
     def convert(_: Any) -> Any:
         return to_image_batch(images, device=encoder.device, value_range="-1,1")

@@ -45,6 +45,21 @@ def bench_images(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def request_bodies(pngs: list[bytes]) -> list[dict[str, Any]]:
+    """One `/v1/moderations` request body per PNG (a data URL, OpenAI's input shape)."""
+    return [
+        {
+            "input": [
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(p).decode()},
+                }
+            ]
+        }  # fmt: skip
+        for p in pngs
+    ]
+
+
 def _moderator(size: str, db_url: str, folder: Path):
     from moderation.bench.models import load_models
     from moderation.engine import Moderator
@@ -215,17 +230,7 @@ def run_serve_bench(
 
     requests = requests or {c: max(4 * c, 64) for c in concurrencies}
     pngs = bench_images(64)
-    bodies = [
-        {
-            "input": [
-                {
-                    "type": "image_url",
-                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(p).decode()},
-                }
-            ]
-        }  # fmt: skip
-        for p in pngs
-    ]
+    bodies = request_bodies(pngs)
     rows = []
     with tempfile.TemporaryDirectory(prefix="moderation-bench-serve-") as tmp:
         folder = Path(tmp)
@@ -290,17 +295,7 @@ def run_load(
     from moderation.storage import DecisionLog
 
     pngs = bench_images(64)
-    bodies = [
-        {
-            "input": [
-                {
-                    "type": "image_url",
-                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(p).decode()},
-                }
-            ]
-        }  # fmt: skip
-        for p in pngs
-    ]
+    bodies = request_bodies(pngs)
     with (
         tempfile.TemporaryDirectory(prefix="moderation-load-") as tmp,
         temporary_pg_database(pg_server, "moderation_load") as url,

@@ -14,7 +14,7 @@ Public entry points (the CLI, the HTTP API and the web desk call these):
   None when there is no such item.
 
 The shape is documented in docs/decision-document.md and docs/decision.schema.json. The
-builder itself is moderation.document (below the review package, which uses it too).
+builder itself is moderation.kernel.document (below the review package, which uses it too).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 from sqlalchemy import select
@@ -91,30 +93,28 @@ def verdict(
 def renew_lease(
     request: Request, item_id: ItemId, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
 ):
-    desk = desk_of(request)
-    with desk.engine.connect() as conn:
-        if visible_item(conn, viewer, item_id) is None:
-            return _missing(request, viewer, item_id)
-    try:
-        renew(desk.queue, item_id, viewer.name, token)
-    except ModerationError as err:
-        return error_page(request, viewer, 409, str(err))
-    return see_other(f"/items/{item_id}?note=renewed")
+    return _on_claim(request, viewer, item_id, renew, token, f"/items/{item_id}?note=renewed")
 
 
 @router.post("/items/{item_id}/release")
 def release(
     request: Request, item_id: ItemId, token: str = Form(""), viewer: Viewer = Depends(csrf_checked)
 ):
+    return _on_claim(request, viewer, item_id, release_claim, token, "/?note=released")
+
+
+def _on_claim(request: Request, viewer: Viewer, item_id: int, act: Callable, token: str, done: str):
+    """`act(queue, item_id, viewer, token)` (leases.renew, leases.release_claim) on an item the viewer may see (else 404), then to `done`; a refusal
+    (ModerationError: not the owner, lease expired, wrong token) is a 409 page."""
     desk = desk_of(request)
     with desk.engine.connect() as conn:
         if visible_item(conn, viewer, item_id) is None:
             return _missing(request, viewer, item_id)
     try:
-        release_claim(desk.queue, item_id, viewer.name, token)
+        act(desk.queue, item_id, viewer.name, token)
     except ModerationError as err:
         return error_page(request, viewer, 409, str(err))
-    return see_other("/?note=released")
+    return see_other(done)
 
 
 @router.get("/items/{item_id}/image")

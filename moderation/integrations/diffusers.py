@@ -24,11 +24,12 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from moderation.decision import Decision, error_decisions
+from moderation.decision import Decision
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.pipeline import ModeratedPipeline
 from moderation.integrations.slot import (
+    HoldsModerator,
     SlotClass,
     caller_block,
     caller_metadata,
@@ -50,8 +51,13 @@ __all__ = ["PolicySafetyChecker", "moderate_pipeline"]
 logger = logging.getLogger(__name__)
 
 
-class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
+class PolicySafetyChecker(ModelMixin, HoldsModerator, metaclass=SlotClass):
     """A drop-in `safety_checker`: same call and return as diffusers', decisions from a policy."""
+
+    unlogged_warning = (
+        "moderation: %d images need review but this checker logs no decisions, so no "
+        "reviewer will see them: build it with db=URL or call checker.log_to(URL)"
+    )
 
     main_input_name = "clip_input"
     stands_in_for = (
@@ -347,51 +353,12 @@ class PolicySafetyChecker(ModelMixin, metaclass=SlotClass):
         self.last_unrecorded = list(result.unrecorded)  # the engine has said so in its log
         return result.decisions
 
-    def _fail(self, count: int, message: str, metadata: Any) -> list[Decision]:
-        """Error decisions for the whole batch, recorded like any other decision."""
-        # The caller's metadata may be what failed (wrong length, not storable): then without it.
-        for attempt in (metadata, None):
-            try:
-                return self.moderator.fail([message] * count, metadata=attempt)
-            except Exception:
-                logger.exception("moderation: recording %d error decisions failed", count)
-        decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
-        self.last_unrecorded = [d.decision_id for d in decisions]
-        logger.error(
-            "moderation: %d error decisions were NOT recorded: %s",
-            count,
-            ", ".join(d.decision_id for d in decisions),
-        )
-        return decisions
-
     def _act(self, images: Any, indices: list[int], actions: list[str]) -> Any:
         try:
             return act_in_place(images, indices, actions, self.policy)
         except Exception:  # fail closed: black out whatever should not be shown as it is
             logger.exception("applying actions failed; blacking out every flagged image")
             return blackout_in_place(images, indices)
-
-    def _warn_if_unreviewed(self, decisions: list[Decision]) -> None:
-        waiting = sum(d.needs_review for d in decisions)
-        if waiting and self.moderator.log is None and not self._warned_unlogged:
-            self._warned_unlogged = True
-            logger.warning(
-                "moderation: %d images need review but this checker logs no decisions, so no "
-                "reviewer will see them: build it with db=URL or call checker.log_to(URL)",
-                waiting,
-            )
-
-    # -- review ------------------------------------------------------------------------------
-
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        from moderation.review.release import release_from_log
-
-        return release_from_log(self.moderator.log, decision_id)
-
-    def close(self) -> None:
-        """Flush and close the decision log."""
-        self.moderator.close()
 
 
 def _reason(decision: Decision) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from moderation.actions import apply_actions
-from moderation.decision import Decision, error_decisions
+from moderation.actions import apply_actions, policy_settings
+from moderation.decision import Decision
 from moderation.engine import Moderator
 from moderation.errors import ModerationError
 from moderation.integrations.outputs import (
@@ -34,7 +34,7 @@ from moderation.integrations.outputs import (
     convert,
     form_of,
 )
-from moderation.integrations.slot import caller_block, caller_metadata
+from moderation.integrations.slot import HoldsModerator, caller_block, caller_metadata
 from moderation.integrations.video import FRAME_BATCH, act_on_videos, judge_videos
 from policy.compiled import CompiledPolicy
 
@@ -58,8 +58,13 @@ _OWN = frozenset(
 )
 
 
-class ModeratedPipeline:
+class ModeratedPipeline(HoldsModerator):
     """A diffusers pipeline whose every output is judged by a policy before the caller gets it."""
+
+    unlogged_warning = (
+        "moderation: %d outputs need review but this pipeline logs no decisions, so no "
+        "reviewer will see them: wrap it with db=URL"
+    )
 
     def __init__(
         self,
@@ -245,22 +250,6 @@ class ModeratedPipeline:
         self._warn_if_unreviewed(decisions)
         return decisions, self._act(decoded, form, actions)
 
-    def _fail(self, count: int, message: str, metas: Any) -> list[Decision]:
-        """Error decisions (the policy's on_error) for every output, recorded like any other."""
-        for attempt in (metas, None):  # the metadata may be what failed: then without it
-            try:
-                return self.moderator.fail([message] * count, metadata=attempt)
-            except Exception:
-                logger.exception("moderation: recording %d error decisions failed", count)
-        decisions = error_decisions(self.policy, [{} for _ in range(count)], message)
-        self.last_unrecorded = [d.decision_id for d in decisions]
-        logger.error(
-            "moderation: %d error decisions were NOT recorded: %s",
-            count,
-            ", ".join(d.decision_id for d in decisions),
-        )
-        return decisions
-
     def _act(self, decoded: torch.Tensor, form: OutputForm, actions: list[str]) -> torch.Tensor:
         """The actions applied in the decoded tensor's own range; allowed outputs untouched."""
         if all(a == "allow" for a in actions):
@@ -271,14 +260,7 @@ class ModeratedPipeline:
             if form.video:
                 acted = act_on_videos(unit, actions, self.policy)
             else:
-                p = self.policy
-                acted = apply_actions(
-                    unit,
-                    actions,
-                    blur_radius=p.blur_radius,
-                    pixelate_block=p.pixelate_block,
-                    review_placeholder=p.review_placeholder,
-                )
+                acted = apply_actions(unit, actions, **policy_settings(self.policy))
         except Exception:  # fail closed: black out whatever should not be shown as it is
             logger.exception("applying actions failed; blacking out every flagged output")
             keep = torch.tensor([a == "allow" for a in actions], device=unit.device)
@@ -286,28 +268,6 @@ class ModeratedPipeline:
             acted = torch.where(keep.view(shape), unit, torch.zeros_like(unit))
         out = acted * 2 - 1 if signed else acted
         return out.to(decoded.dtype)
-
-    def _warn_if_unreviewed(self, decisions: list[Decision]) -> None:
-        waiting = sum(d.needs_review for d in decisions)
-        if waiting and self.moderator.log is None and not self._warned_unlogged:
-            self._warned_unlogged = True
-            logger.warning(
-                "moderation: %d outputs need review but this pipeline logs no decisions, so no "
-                "reviewer will see them: wrap it with db=URL",
-                waiting,
-            )
-
-    # -- review -----------------------------------------------------------------------------
-
-    def release(self, decision_id: str) -> bytes:
-        """The held original (PNG bytes) of a reviewed decision, once a reviewer approved it."""
-        from moderation.review.release import release_from_log
-
-        return release_from_log(self.moderator.log, decision_id)
-
-    def close(self) -> None:
-        """Flush and close the decision log."""
-        self.moderator.close()
 
 
 def _prompts(pipe: Any, args: tuple, kwargs: dict[str, Any], count: int) -> list[Any]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moderation.actions import apply_actions
+from moderation.actions import apply_actions, policy_settings
 from moderation.errors import ModerationError
 from moderation.image_files import ImageInputError
 from policy.compiled import CompiledPolicy
@@ -99,9 +99,7 @@ def act_in_place(images, indices: list[int], actions: list[str], policy: Compile
     acted = apply_actions(
         [_unit(images[i]) for i in rows],
         [a for _, a in others],
-        blur_radius=policy.blur_radius,
-        pixelate_block=policy.pixelate_block,
-        review_placeholder=policy.review_placeholder,
+        **policy_settings(policy),
     )  # N x [3, H, W] in [0, 1]
     for i, image in zip(rows, acted, strict=True):
         images[i] = _like_item(image, images[i])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moderation.actions import apply_actions
+from moderation.actions import apply_actions, policy_settings
 from moderation.decision import Decision
 from moderation.engine import ModerationResult, Moderator
 from moderation.images import to_image_batch
@@ -101,11 +101,8 @@ def act_on_videos(videos: torch.Tensor, actions: list[str], policy: Any) -> torc
     for b, action in enumerate(actions):
         if action == "allow":
             continue
-        out[b] = apply_actions(
-            videos[b].float(),
-            [action] * videos.shape[1],
-            blur_radius=policy.blur_radius,
-            pixelate_block=policy.pixelate_block,
-            review_placeholder=policy.review_placeholder,
-        ).to(videos.dtype)
+        frames = [action] * videos.shape[1]
+        out[b] = apply_actions(videos[b].float(), frames, **policy_settings(policy)).to(
+            videos.dtype
+        )
     return out

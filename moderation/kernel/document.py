@@ -137,25 +137,20 @@ def live_facts(d: Decision, *, recorded: bool | None) -> Facts:
 
 def policy_summary(p: Any) -> dict[str, Any]:
     """`policy` of a compiled policy."""
-    return {
-        "name": p.name,
-        "version": p.version,
-        "digest": p.digest,
-        "model": p.model,
-        "compat": p.compat,
-        "adjustment": float(p.adjustment),
-        "escalate": p.escalate,
-        "review_band": float(p.review_band),
-    }
+    return _summary(p, p.model)
 
 
 def row_policy_summary(p: Any) -> dict[str, Any]:
     """`policy` of a `policies` row."""
+    return _summary(p, p.model_id)
+
+
+def _summary(p: Any, model: str) -> dict[str, Any]:
     return {
         "name": p.name,
         "version": p.version,
         "digest": p.digest,
-        "model": p.model_id,
+        "model": model,
         "compat": p.compat,
         "adjustment": float(p.adjustment or 0.0),
         "escalate": p.escalate,
@@ -339,13 +334,7 @@ def document(
         "policy": dict(f.policy),
         "verdict": f.verdict,
         "action": f.action,
-        "action_reason": {
-            "rule": why.reason,
-            "concept": why.reason_concept,
-            "text": rule.reason_text(
-                why.reason, why.reason_concept, action=f.action, error=f.error
-            ),
-        },
+        "action_reason": action_reason(f, why),
         "fired": list(f.fired),
         "margin": f.margin,
         "top_concept": f.top_concept,
@@ -379,6 +368,15 @@ def document(
     return finite(doc)
 
 
+def action_reason(f: Facts, why: Ruled) -> dict[str, Any]:
+    """`action_reason` of a decision's document and of its shadows' summaries."""
+    return {
+        "rule": why.reason,
+        "concept": why.reason_concept,
+        "text": rule.reason_text(why.reason, why.reason_concept, action=f.action, error=f.error),
+    }
+
+
 def live_document(
     decision: Decision,
     *,
@@ -403,13 +401,7 @@ def shadow_summary(f: Facts) -> dict[str, Any]:
             "policy": dict(f.policy),
             "verdict": f.verdict,
             "action": f.action,
-            "action_reason": {
-                "rule": why.reason,
-                "concept": why.reason_concept,
-                "text": rule.reason_text(
-                    why.reason, why.reason_concept, action=f.action, error=f.error
-                ),
-            },
+            "action_reason": action_reason(f, why),
             "fired": list(f.fired),
             "special_hits": list(f.special_hits),
             "margin": f.margin,

@@ -121,8 +121,26 @@ def rules_of(policy: CompiledPolicy, device: Any = None) -> Rules:
     return found
 
 
+class FiredScores:
+    """Which concepts fired, said once for every holder of scores (`scoring.Scores`, `Outcome`):
+    those whose score is above 0."""
+
+    scores: torch.Tensor  # [B, C]
+    special_scores: torch.Tensor  # [B, S]
+
+    @property
+    def fired(self) -> torch.Tensor:
+        """[B, C] bool: concepts that fired."""
+        return self.scores > 0
+
+    @property
+    def special_fired(self) -> torch.Tensor:
+        """[B, S] bool: special-care concepts that fired."""
+        return self.special_scores > 0
+
+
 @dataclass(frozen=True, eq=False)
-class Outcome:
+class Outcome(FiredScores):
     """What the rule concludes, per image and policy ([B, K]); per column on demand."""
 
     rules: Rules
@@ -135,16 +153,6 @@ class Outcome:
     reason_concept: torch.Tensor  # [B, K] int64: the concept named by the reason, or -1
     any_fired: torch.Tensor  # [B, K] bool
     hit: torch.Tensor  # [B, K] bool: a special-care concept fired
-
-    @property
-    def fired(self) -> torch.Tensor:
-        """[B, C] bool: concepts that fired."""
-        return self.scores > 0
-
-    @property
-    def special_fired(self) -> torch.Tensor:
-        """[B, S] bool: special-care concepts that fired."""
-        return self.special_scores > 0
 
     @property
     def in_band(self) -> torch.Tensor:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moderation.decision import action_ranks
+from moderation.kernel.document import policy_summary
 from moderation.lifecycle import history
 from moderation.lifecycle.history import Filters, HistoryError
 from moderation.lifecycle.report import ReportBuilder, human_codes
@@ -76,12 +77,9 @@ def load_candidate(path: str | Path, *, model: str | None = None) -> CompiledPol
 
 
 def candidate_summary(policy: CompiledPolicy) -> dict[str, Any]:
-    return {
-        "name": policy.name,
-        "version": policy.version,
-        "digest": policy.digest,
-        "model": policy.model,
-    }
+    """The candidate in a report: its name, version, digest and model (as in its documents)."""
+    summary = policy_summary(policy)
+    return {key: summary[key] for key in ("name", "version", "digest", "model")}
 
 
 @dataclass

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, and_, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.errors import ModerationError
+from moderation.review.queries import newest_item
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
 from moderation.times import iso, parse_time
 
@@ -107,13 +108,7 @@ def logged_policies(conn: Connection, value: str | None = None) -> dict[str, Any
 
 def latest_review_status(decision_id: Any) -> Any:
     """The status of a decision's newest review item (NULL without one), as a scalar subquery."""
-    return (
-        select(ReviewItem.status)
-        .where(ReviewItem.decision_id == decision_id)
-        .order_by(ReviewItem.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
+    return newest_item(decision_id, ReviewItem.status).scalar_subquery()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, select
 
 from moderation.kernel.logged import logged_document
 from moderation.review.labels import decision_and_policy, item_labels
+from moderation.review.queries import newest_item
 from moderation.storage.models import ReviewEvent, ReviewItem
 from moderation.times import iso, utc
 from policy.vocabulary import DECIDED
@@ -101,12 +102,8 @@ def event_view(event: Any) -> dict[str, Any]:
 def decision_labels(conn: Connection, decision_id: str) -> dict[str, Any] | None:
     """The labels of a decision's latest verdict, with the item they came from (None when no
     verdict stands: never reviewed, or its newest item awaits one after a reopen)."""
-    item = conn.execute(
-        select(ReviewItem.id, ReviewItem.status, ReviewItem.labels, ReviewItem.reviewer)
-        .where(ReviewItem.decision_id == decision_id)
-        .order_by(ReviewItem.id.desc())
-        .limit(1)
-    ).first()
+    columns = (ReviewItem.id, ReviewItem.status, ReviewItem.labels, ReviewItem.reviewer)
+    item = conn.execute(newest_item(decision_id, *columns)).first()
     if item is None or item.status not in DECIDED:
         return None
     decision, policy = decision_and_policy(conn, decision_id)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal, or_, select
+from sqlalchemy import Select, and_, exists, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.storage.models import DecisionRow, PolicyRow, ReviewItem
@@ -141,3 +141,14 @@ def item_view(row: Any, now: datetime | None = None) -> ReviewItemView:
         if utc(expires) <= now:
             data["status"] = "pending"
     return ReviewItemView(**data)
+
+
+def newest_item(decision_id: Any, *columns: Any) -> Select:
+    """`columns` of a decision's newest review item (the one whose verdict stands, or that
+    awaits one after a reopen); `decision_id` a value or a column (for a subquery)."""
+    return (
+        select(*columns)
+        .where(ReviewItem.decision_id == decision_id)
+        .order_by(ReviewItem.id.desc())
+        .limit(1)
+    )

@@ -36,6 +36,7 @@ from moderation.review.queries import (
     claimable_at,
     fired_contains,
     item_view,
+    newest_item,
     status_is,
 )
 from moderation.review.report import EXPORT_FORMATS, export_decisions, queue_stats
@@ -401,12 +402,8 @@ class ReviewQueue:
             decision = conn.execute(
                 select(DecisionRow.held_path).where(DecisionRow.id == decision_id)
             ).first()
-            item = conn.execute(
-                select(ReviewItem.id, ReviewItem.status, ReviewItem.reviewer, ReviewItem.reason)
-                .where(ReviewItem.decision_id == decision_id)
-                .order_by(ReviewItem.id.desc())
-                .limit(1)
-            ).first()
+            columns = (ReviewItem.id, ReviewItem.status, ReviewItem.reviewer, ReviewItem.reason)
+            item = conn.execute(newest_item(decision_id, *columns)).first()
         if decision is None:
             raise ReviewError(f"no decision {decision_id} in {display_url(self.url)}")
         check_release(decision_id, decision.held_path, item)

@@ -60,6 +60,12 @@ def _counts(conn: Connection, query: Any) -> dict[str, int]:
     return {str(key): int(n) for key, n in conn.execute(query).all()}
 
 
+def _live_counts(conn: Connection, column: Any) -> dict[str, int]:
+    """Live decisions counted by `column`, in its order."""
+    query = select(column, func.count()).where(LIVE).group_by(column).order_by(column)
+    return _counts(conn, query)
+
+
 def queue_stats(conn: Connection, now: datetime) -> dict[str, Any]:
     """Queue depth per status, expired leases, oldest pending item, decisions by concept/action."""
     by_status = _counts(conn, select(ReviewItem.status, func.count()).group_by(ReviewItem.status))
@@ -97,20 +103,8 @@ def queue_stats(conn: Connection, now: datetime) -> dict[str, Any]:
         },
         "decisions": {
             "total": int(total),
-            "by_action": _counts(
-                conn,
-                select(DecisionRow.action, func.count())
-                .where(LIVE)
-                .group_by(DecisionRow.action)
-                .order_by(DecisionRow.action),
-            ),
-            "by_verdict": _counts(
-                conn,
-                select(DecisionRow.verdict, func.count())
-                .where(LIVE)
-                .group_by(DecisionRow.verdict)
-                .order_by(DecisionRow.verdict),
-            ),
+            "by_action": _live_counts(conn, DecisionRow.action),
+            "by_verdict": _live_counts(conn, DecisionRow.verdict),
             "by_concept": by_concept,
         },
     }
