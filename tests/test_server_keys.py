@@ -105,6 +105,7 @@ def test_the_serve_command_serves(tmp_path, tiny_clip_dir):
         "    threshold: 0.0\n    action: blur\n"
     )
     url = f"sqlite:///{tmp_path / 'm.db'}"
+    run("db", "upgrade", "--db", url)  # as docs/serving.md starts: keys live in the database
     key = run("api-key", "create", "web", "--db", url).stdout.strip()
     port = free_port()
     env = {**os.environ, "MODERATION_SPOOL_DIR": str(tmp_path / "spool")}
