@@ -33,7 +33,7 @@ CALIB = """\
 # A policy for the calibration walk-through: concepts are basis vectors of tiny-clip's space.
 policy: calib
 version: 1
-model: tiny-clip
+model: {model}
 defaults: {{threshold: 0.3, action: review, severity: high}}
 review_band: 0.02
 on_error: blackout
@@ -180,7 +180,7 @@ def prepare(folder: Path) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     quiet_tiny_clip(folder / "tiny-clip")
     vectors = {f"e{k}": basis(k) for k in (NUDITY, GORE, MINOR)}
-    (folder / "calib.yaml").write_text(CALIB.format(**vectors), encoding="utf-8")
+    (folder / "calib.yaml").write_text(CALIB.format(model="tiny-clip", **vectors), encoding="utf-8")
     (folder / "logos.yaml").write_text(LOGOS, encoding="utf-8")
     write_images(folder)
     count = write_log(folder)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moderation.demo_calibration import CALIB
 from moderation.engine import Moderator
 from moderation.storage.log import DecisionLog
 from policy import compile_policy, load_policy
@@ -27,34 +28,8 @@ def basis(k: int) -> list[float]:
     return [1.0 if i == k else 0.0 for i in range(DIM)]
 
 
-POLICY = """\
-# A policy for calibration tests: concepts are basis vectors.
-policy: calib
-version: 1
-model: {model}
-defaults: {{threshold: 0.3, action: review, severity: high}}
-review_band: 0.02
-on_error: blackout
-
-concepts:
-  # thresholds are guesses until calibrated
-  - name: nudity
-    embedding: {e0}
-    threshold: 0.3   # calibrate me
-    action: review
-
-  - name: gore
-    embedding: {e1}
-    severity: critical
-
-special_care:
-  adjustment: 0.01
-  escalate: review
-  concepts:
-    - name: minor
-      embedding: {e2}
-      threshold: 0.25
-"""
+# The calibration walk-through's policy (docs/calibration.md), with the test's model folder.
+POLICY = CALIB
 
 
 def write_policy(folder: Path, model: str | Path, text: str = POLICY) -> Path:
