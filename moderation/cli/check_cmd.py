@@ -24,7 +24,9 @@ from moderation.cli.options import (
     json_option,
     model_options,
     out_option,
+    policy_option,
     regular_target,
+    shadow_option,
     top_option,
     writing,
 )
@@ -39,22 +41,8 @@ TABLE_FIRED = 3
 
 @main.command("check", short_help="Check image files or folders against a policy.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--policy",
-    "-p",
-    "policy_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Policy YAML, or a compiled .safetensors artifact.",
-)
-@click.option(
-    "--shadow",
-    "shadow_paths",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Candidate policy (YAML or artifact) scored beside --policy on the same embeddings and "
-    "logged as shadow decisions, never acted on (repeatable).",
-)
+@policy_option
+@shadow_option
 @model_options
 @db_option
 @click.option("--no-log", is_flag=True, help="Do not log decisions to the database.")

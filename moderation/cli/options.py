@@ -33,6 +33,23 @@ model_option = click.option(
     metavar="MODEL",
     help="CLIP or safety-checker checkpoint (folder or hub id); default: the policy's model.",
 )
+# The policy a command judges with, and the candidates it scores beside it (check, serve).
+policy_option = click.option(
+    "--policy",
+    "-p",
+    "policy_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Policy YAML, or a compiled .safetensors artifact.",
+)
+shadow_option = click.option(
+    "--shadow",
+    "shadow_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Candidate policy (YAML or artifact) scored beside --policy on the same embeddings and "
+    "logged as shadow decisions, never acted on (repeatable).",
+)
 TIME_FORMATS = (
     "an ISO date or datetime (UTC unless it says), or a span back from now such as 12h or 7d"
 )

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import click
 
 from moderation.cli.app import main
-from moderation.cli.options import clean, command_errors, db_option, model_options
+from moderation.cli.options import (
+    clean,
+    command_errors,
+    db_option,
+    model_options,
+    policy_option,
+    shadow_option,
+)
 
 
 @main.command("serve", short_help="Serve the policy over HTTP (OpenAI-compatible moderations).")
-@click.option(
-    "--policy",
-    "-p",
-    "policy_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Policy YAML, or a compiled .safetensors artifact.",
-)
-@click.option(
-    "--shadow",
-    "shadow_paths",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Candidate policy scored beside --policy and logged, never acted on (repeatable).",
-)
+@policy_option
+@shadow_option
 @model_options
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
