@@ -17,13 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from moderation.kernel import rule
+from moderation.storage.blobs import F32, I16, decode_array
+from moderation.times import iso
 from policy.vocabulary import ACTIONS
 
 if TYPE_CHECKING:
@@ -83,14 +85,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
-
-
-def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat()
 
 
 def live_facts(d: Decision, *, recorded: bool | None) -> Facts:
@@ -159,11 +153,12 @@ def _summary(p: Any, model: str) -> dict[str, Any]:
 
 
 def floats(blob: bytes | None) -> np.ndarray:
-    return np.frombuffer(blob or b"", dtype="<f4")
+    """A logged float32 column (empty for a missing blob)."""
+    return decode_array(blob or b"", F32)
 
 
 def _indexes(blob: bytes | None) -> list[int] | None:
-    return None if not blob else np.frombuffer(blob, dtype="<i2").astype(int).tolist()
+    return None if not blob else decode_array(blob, I16).astype(int).tolist()
 
 
 def _view_list(array: Any, views: Any, n: int) -> list[int] | None:

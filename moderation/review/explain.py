@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Connection, select
 
 from moderation.kernel.logged import logged_document
@@ -15,13 +14,6 @@ from moderation.review.queries import newest_item
 from moderation.storage.models import ReviewEvent, ReviewItem
 from moderation.times import iso, utc
 from policy.vocabulary import DECIDED
-
-
-def floats(blob: bytes | None) -> list[float]:
-    """float32 little-endian bytes as Python floats ([] for a missing or empty blob)."""
-    if not blob:
-        return []
-    return [float(x) for x in np.frombuffer(blob, dtype="<f4")]
 
 
 def item_view(item: Any, policy: Any, decision: Any) -> dict[str, Any]:
